@@ -1,0 +1,1 @@
+"""najimi's four gRPC services; `python -m services` runs them all for development."""

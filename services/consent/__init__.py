@@ -1,0 +1,1 @@
+"""The consent service: vocabulary, notices, consent state, receipts, audit, change feed."""

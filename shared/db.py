@@ -1,0 +1,151 @@
+"""Storage: one schema per service, SQLite (WAL) by default, PostgreSQL when configured.
+
+SQLAlchemy Core runs in worker threads so the asyncio event loop never blocks on I/O.
+Schema versions are Alembic migrations under services/<service>/migrations/; they run
+at start-up, before the service reports SERVING.
+
+Timestamps are stored as integer microseconds since the Unix epoch (UTC): the same
+type, ordering and precision on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine
+
+T = TypeVar("T")
+
+
+def to_micros(value: dt.datetime) -> int:
+    return (
+        int(value.timestamp() * 1_000_000)
+        if value.tzinfo
+        else int(value.replace(tzinfo=dt.UTC).timestamp() * 1_000_000)
+    )
+
+
+def now_micros() -> int:
+    return to_micros(dt.datetime.now(dt.UTC))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Plain postgresql:// URLs use psycopg 3, the driver najimi ships with."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_engine(url: str, schema: str) -> Engine:
+    url = sqlalchemy_url(url)
+    if is_sqlite(url):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL survives a killed process; only power loss may lose a commit.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            # A writer takes the write lock up front, so it never fails half-way on a busy lock.
+            write = connection.get_execution_options().get("write", True)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    with sa.create_engine(url).connect() as bootstrap:
+        bootstrap.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        bootstrap.commit()
+    return sa.create_engine(
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_pre_ping=True,
+        connect_args={"options": f"-csearch_path={schema}"},
+    )
+
+
+class Database:
+    """A service's database: migrations, and transactions run off the event loop."""
+
+    def __init__(self, url: str, schema: str, migrations: Path | None = None):
+        self.url = sqlalchemy_url(url)
+        self.schema = schema
+        self.engine = create_engine(url, schema)
+        self._migrations = migrations
+        # SQLite takes one writer at a time: a single thread queues writes without lock
+        # contention, while readers run beside it (WAL).
+        writers = 1 if is_sqlite(self.url) else 8
+        self._writer = ThreadPoolExecutor(writers, thread_name_prefix=f"{schema}-db-write")
+        self._reader = ThreadPoolExecutor(8, thread_name_prefix=f"{schema}-db-read")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return is_sqlite(self.url)
+
+    def migrate(self) -> None:
+        """Brings the schema to the newest Alembic revision."""
+        if self._migrations is None:
+            return
+        config = Config()
+        config.set_main_option("script_location", str(self._migrations))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            try:
+                return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+            except sa.exc.DBAPIError:
+                return None
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Runs `work` in one transaction, committed before this returns."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self.transaction, work, True)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Runs `work` in a read-only snapshot, beside any writer."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.transaction, work, False)
+
+    def transaction(self, work: Callable[[Connection], T], write: bool = True) -> T:
+        """Runs `work` in one transaction on the calling thread (for scripts and tests)."""
+        with self.engine.connect().execution_options(write=write) as connection, connection.begin():
+            return work(connection)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def run_migrations_online() -> None:
+    """The body of every service's migrations/env.py: migrate on the connection given."""
+    from alembic import context
+
+    connection = context.config.attributes["connection"]
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()

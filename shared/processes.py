@@ -1,0 +1,96 @@
+"""Starting service processes and waiting until they serve (dev launcher and tests).
+
+A child logs a "listening" line with its port as soon as it has bound, so a caller can
+start a service on port 0 and learn the port; readiness then comes from the standard
+health service (Watch until SERVING), never from waiting a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class ServiceProcess:
+    """One `python -m services.<name>` child whose log lines are kept and echoed to a file."""
+
+    def __init__(self, service: str, env: Mapping[str, str], log_path: Path, echo: bool = False):
+        self.service = service
+        self.log_path = log_path
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._echo = echo
+        self.port = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env={**os.environ, **env, "NAJIMI_LOG_FORMAT": "json"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        with self.log_path.open("a") as log_file:
+            for line in self.process.stderr:
+                self.lines.append(line)
+                log_file.write(line)
+                log_file.flush()
+                if self._echo:
+                    sys.stderr.write(f"[{self.service}] {line}")
+                if not self._listening.is_set() and '"listening"' in line:
+                    self.port = int(json.loads(line)["port"])
+                    self._listening.set()
+        self._listening.set()  # the process ended: wake anyone waiting
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Blocks until the service's health says SERVING; raises if it dies or times out."""
+        if not self._listening.wait(timeout) or not self.port:
+            raise RuntimeError(f"{self.service} did not start:\n{''.join(self.lines[-30:])}")
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True
+            )
+            try:
+                for reply in watch:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as error:
+                raise RuntimeError(
+                    f"{self.service} never became SERVING: {error}\n{''.join(self.lines[-30:])}"
+                ) from error
+            finally:
+                watch.cancel()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then waits for the exit code (SIGKILL only if the grace period is overrun)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._reader.join(5)

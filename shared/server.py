@@ -1,0 +1,170 @@
+"""Server bootstrap shared by every service.
+
+`create_server(settings, app)` builds a grpc.aio server with the standard health
+service (NOT_SERVING until the app has started), server reflection, the RPC
+interceptor and limits, and returns it with its bound port, so a test can start a
+service in-process on port 0. `serve(app_factory, service)` is a service's `main`:
+it also handles SIGTERM/SIGINT (NOT_SERVING first, then a graceful stop, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared import auth, errors
+from shared.interceptors import RpcInterceptor
+from shared.log import configure_logging, get_logger
+from shared.metrics import serve_metrics
+from shared.settings import Settings, load_settings
+
+log = get_logger("najimi.server")
+
+
+@dataclass
+class Registration:
+    """One gRPC service of an app: its descriptor, servicer, and who may call each RPC."""
+
+    descriptor: ServiceDescriptor
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    access: Mapping[str, auth.AccessRule]
+
+    def policy(self) -> dict[str, auth.AccessRule]:
+        missing = [m.name for m in self.descriptor.methods if m.name not in self.access]
+        unknown = set(self.access) - {m.name for m in self.descriptor.methods}
+        if missing or unknown:
+            raise RuntimeError(
+                f"{self.descriptor.full_name}: access rules missing for {missing}, unknown for {sorted(unknown)}"
+            )
+        return {f"/{self.descriptor.full_name}/{name}": rule for name, rule in self.access.items()}
+
+
+@dataclass
+class App:
+    """What a service contributes: its gRPC services and its start/stop work."""
+
+    name: str
+    registrations: list[Registration]
+    start: Callable[[], Awaitable[None]] | None = None
+    stop: Callable[[], Awaitable[None]] | None = None
+    token_resolvers: list[auth.TokenResolver] = field(default_factory=list)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [r.descriptor.full_name for r in self.registrations]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    app: App
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.app.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.app.stop is not None:
+            await self.app.stop()
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert_file:
+        return None
+    if not settings.tls_key_file:
+        raise SystemExit("najimi: NAJIMI_TLS_KEY_FILE is required with NAJIMI_TLS_CERT_FILE")
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def create_server(settings: Settings, app: App, port: int | None = None) -> RunningServer:
+    """Builds and starts the server (health NOT_SERVING); call `start_app` to become ready."""
+    errors.ERROR_DOMAIN = f"{app.name}.najimi"
+    static_tokens = auth.StaticTokens.from_file(settings.effective_token_hashes_file)
+    authenticator = auth.Authenticator([static_tokens.resolve, *app.token_resolvers])
+    policy: dict[str, auth.AccessRule] = {}
+    for registration in app.registrations:
+        policy.update(registration.policy())
+    server = grpc.aio.server(
+        interceptors=[RpcInterceptor(app.name, authenticator, policy)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for registration in app.registrations:
+        registration.add_to_server(registration.servicer, server)
+    reflection.enable_server_reflection(
+        [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.host}:{settings.grpc_port if port is None else port}"
+    credentials = _credentials(settings)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    running = RunningServer(server, bound, health_servicer, app)
+    await running.set_serving(False)
+    await server.start()
+    return running
+
+
+async def start_app(running: RunningServer) -> None:
+    """Runs the app's start-up work (migrations, caches), then reports SERVING."""
+    if running.app.start is not None:
+        await running.app.start()
+    await running.set_serving(True)
+
+
+async def _serve(settings: Settings, app: App) -> None:
+    running = await create_server(settings, app)
+    serve_metrics(settings.host, settings.effective_metrics_port)
+    log.info("listening", service=app.name, port=running.port, metrics_port=settings.effective_metrics_port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    starting = asyncio.create_task(start_app(running))
+    waiting = asyncio.create_task(stopping.wait())
+    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        log.error("start_failed", service=app.name, exc_info=starting.exception())
+        await running.stop(0)
+        raise SystemExit(1)
+    await waiting
+    log.info("stopping", service=app.name, grace_seconds=settings.grace_seconds)
+    if not starting.done():
+        starting.cancel()
+    await running.health.enter_graceful_shutdown()
+    if settings.shutdown_delay_seconds:
+        await asyncio.sleep(settings.shutdown_delay_seconds)  # let load balancers see NOT_SERVING
+    await running.stop(settings.grace_seconds)
+    log.info("stopped", service=app.name)
+
+
+def serve(build_app: Callable[[Settings], App], service: str) -> None:
+    """A service's entry point: settings from the environment, then serve until SIGTERM."""
+    settings = load_settings(service)
+    configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(_serve(settings, build_app(settings)))

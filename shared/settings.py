@@ -1,0 +1,107 @@
+"""Configuration from NAJIMI_* environment variables, validated at start-up.
+
+One typed settings object per process. A bad value stops the process with a message
+that names the variable (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The suite's services and their default gRPC ports.
+DEFAULT_PORTS: dict[str, int] = {
+    "profile": 50051,
+    "recommendation": 50052,
+    "replenishment": 50053,
+    "consent": 50054,
+}
+SERVICE_NAMES = tuple(DEFAULT_PORTS)
+
+
+class Settings(BaseSettings):
+    """Settings shared by every service. Each field is read from NAJIMI_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="NAJIMI_", extra="ignore", frozen=True)
+
+    service: str = Field("", description="Which service this process runs (set by its entry point).")
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in a container.")
+    port: int | None = Field(
+        None, ge=0, le=65535, description="gRPC port; unset means the service's default, 0 any free port."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus port; unset means gRPC port + 1000, 0 disables it."
+    )
+    data_dir: Path = Field(Path("data"), description="Directory for SQLite files and development tokens.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means a SQLite file <data_dir>/<service>.db."
+    )
+    token_hashes_file: Path | None = Field(
+        None,
+        description="JSON file of principal -> SHA-256 token hash; default <data_dir>/token-hashes.json.",
+    )
+    service_token: str = Field("", description="Bearer token this service presents when it calls others.")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_concurrent_rpcs: int = Field(1000, ge=1, le=1_000_000)
+    grace_seconds: float = Field(10.0, ge=0, le=300, description="Graceful-stop period after SIGTERM.")
+    shutdown_delay_seconds: float = Field(
+        0.0, ge=0, le=60, description="Time spent NOT_SERVING before the graceful stop begins."
+    )
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(None, description="When set, clients must present a certificate.")
+    consent_address: str = "127.0.0.1:50054"
+    profile_address: str = "127.0.0.1:50051"
+    recommendation_address: str = "127.0.0.1:50052"
+    replenishment_address: str = "127.0.0.1:50053"
+    client_timeout_seconds: float = Field(
+        5.0, gt=0, le=300, description="Default deadline of outgoing calls."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+    @field_validator("service")
+    @classmethod
+    def _known_service(cls, value: str) -> str:
+        if value and value not in DEFAULT_PORTS:
+            raise ValueError(f"must be one of {', '.join(SERVICE_NAMES)}")
+        return value
+
+    @property
+    def grpc_port(self) -> int:
+        return DEFAULT_PORTS.get(self.service, 0) if self.port is None else self.port
+
+    @property
+    def effective_metrics_port(self) -> int:
+        if self.metrics_port is None:
+            return self.grpc_port + 1000 if self.grpc_port else 0
+        return self.metrics_port
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / (self.service + '.db')}"
+
+    @property
+    def effective_token_hashes_file(self) -> Path:
+        return self.token_hashes_file or self.data_dir / "token-hashes.json"
+
+
+def load_settings(service: str, **overrides: object) -> Settings:
+    """Reads the environment for `service`; on a bad value, exits naming the variable."""
+    try:
+        return Settings(service=service, **overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = [f"  NAJIMI_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()]
+        print("najimi: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,79 @@
+"""Checks on request fields shared by every service; each failure names its field."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable
+
+from shared.errors import FieldViolation, InvalidArgument
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class Violations:
+    """Collects every problem of one request, so the caller hears of all of them at once."""
+
+    def __init__(self) -> None:
+        self.found: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.found.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise InvalidArgument.of(self.found)
+
+    def require_id(self, field: str, value: str, pattern: re.Pattern[str] = RESOURCE_ID) -> None:
+        if not value:
+            self.add(field, "is required")
+        elif not pattern.match(value):
+            self.add(field, f"must match {pattern.pattern}")
+
+    def require_request_id(self, field: str, value: str) -> None:
+        self.require_id(field, value, REQUEST_ID)
+
+    def require_text(self, field: str, value: str, max_length: int = 256) -> None:
+        if not value.strip():
+            self.add(field, "is required")
+        elif len(value) > max_length:
+            self.add(field, f"must be at most {max_length} characters")
+
+    def limit_text(self, field: str, value: str, max_length: int = 256) -> None:
+        if len(value) > max_length:
+            self.add(field, f"must be at most {max_length} characters")
+
+    def require_one_of(self, field: str, value: str, allowed: Iterable[str]) -> None:
+        allowed = set(allowed)
+        if value not in allowed:
+            self.add(field, f"must be one of {', '.join(sorted(allowed))}")
+
+
+def page_size_of(value: int, field: str = "page_size") -> int:
+    """AIP-158: 0 means the default; 1..MAX_PAGE_SIZE as asked; anything else is invalid."""
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    if value < 0 or value > MAX_PAGE_SIZE:
+        raise InvalidArgument(field, f"must be between 0 and {MAX_PAGE_SIZE}")
+    return value
+
+
+def encode_page_token(position: dict[str, object]) -> str:
+    """An opaque token for the next page: the position after the last row returned."""
+    return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode()
+
+
+def decode_page_token(token: str, field: str = "page_token") -> dict[str, object]:
+    if not token:
+        return {}
+    try:
+        position = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except ValueError:
+        raise InvalidArgument(field, "is not a token this service issued") from None
+    if not isinstance(position, dict):
+        raise InvalidArgument(field, "is not a token this service issued")
+    return position
