@@ -22,7 +22,18 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
+from shared.errors import Aborted
+
 T = TypeVar("T")
+WRITE_ATTEMPTS = 4
+# SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
+RACE_SQLSTATES = {"23505", "40001", "40P01"}
+
+
+def _lost_a_race(error: sa.exc.DBAPIError) -> bool:
+    if isinstance(error, sa.exc.IntegrityError) and "UNIQUE constraint failed" in str(error.orig):
+        return True  # SQLite
+    return getattr(error.orig, "sqlstate", None) in RACE_SQLSTATES
 
 
 def to_micros(value: dt.datetime) -> int:
@@ -123,8 +134,21 @@ class Database:
                 return None
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        """Runs `work` in one transaction, committed before this returns."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self.transaction, work, True)
+        """Runs `work` in one transaction, committed before this returns.
+
+        A transaction that loses a race (a unique key another writer just took, a
+        serialization failure or deadlock on PostgreSQL) is run again from the start,
+        where it sees the winner's data (e.g. the stored response of an idempotent
+        request); after WRITE_ATTEMPTS losses the caller gets ABORTED.
+        """
+        loop = asyncio.get_running_loop()
+        for _attempt in range(WRITE_ATTEMPTS):
+            try:
+                return await loop.run_in_executor(self._writer, self.transaction, work, True)
+            except sa.exc.DBAPIError as error:
+                if not _lost_a_race(error):
+                    raise
+        raise Aborted("the write kept conflicting with concurrent writes; retry", reason="CONCURRENT_WRITE")
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """Runs `work` in a read-only snapshot, beside any writer."""

@@ -14,7 +14,10 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-ERROR_DOMAIN = "najimi.dev"
+ERROR_DOMAIN = "najimi.dev"  # set to "<service>.najimi" by the server at start-up
+# Details travel in trailing metadata, which clients cap at 8 KiB by default; the
+# message repeats the list, so keep both well under half of that.
+MAX_LISTED_VIOLATION_BYTES = 1500
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,23 @@ class InvalidArgument(DomainError):
 
     @classmethod
     def of(cls, violations: list[FieldViolation]) -> InvalidArgument:
+        """One error for many violations, listing as many as fit in gRPC's metadata limits."""
+        listed, size = [], 0
+        for violation in violations:
+            size += len(violation.field) + len(violation.description) + 8
+            if size > MAX_LISTED_VIOLATION_BYTES:
+                break
+            listed.append(violation)
+        if len(listed) < len(violations):
+            # Reported under the top-level field of the first violation left out, e.g. "items".
+            top = violations[len(listed)].field.split("[")[0].split(".")[0]
+            left = len(violations) - len(listed)
+            listed.append(
+                FieldViolation(top, f"{left} more violations are not listed; fix these and send again")
+            )
         error = cls(violations[0].field, violations[0].description)
-        error.violations = list(violations)
-        error.message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        error.violations = listed
+        error.message = "; ".join(f"{v.field}: {v.description}" for v in listed)
         error.args = (error.message,)
         return error
 

@@ -18,7 +18,10 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     global _configured
     json_output = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json_output
+        # Plain tracebacks: a rich one would print local variables, which may hold PII.
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[

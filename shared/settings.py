@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The suite's services and their default gRPC ports.
@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         description="JSON file of principal -> SHA-256 token hash; default <data_dir>/token-hashes.json.",
     )
     service_token: str = Field("", description="Bearer token this service presents when it calls others.")
+    profile_pii_key: SecretStr = Field(
+        SecretStr(""),
+        description="Profile's PII master key, base64 of 32 bytes; empty: a generated key file.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)

@@ -73,7 +73,9 @@ def decode_page_token(token: str, field: str = "page_token") -> dict[str, object
     try:
         position = json.loads(base64.urlsafe_b64decode(token.encode()))
     except ValueError:
-        raise InvalidArgument(field, "is not a token this service issued") from None
+        raise InvalidArgument(
+            field, "is not a token this service issued", reason="INVALID_PAGE_TOKEN"
+        ) from None
     if not isinstance(position, dict):
-        raise InvalidArgument(field, "is not a token this service issued")
+        raise InvalidArgument(field, "is not a token this service issued", reason="INVALID_PAGE_TOKEN")
     return position

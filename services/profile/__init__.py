@@ -1,0 +1,1 @@
+"""The profile service: customers, identities, events, traits and the interaction feed."""

@@ -1,0 +1,297 @@
+"""The profile service's tables and queries (SQLAlchemy Core).
+
+PII is encrypted here, at the boundary to storage: display name, e-mail, phone and
+birth year go to `*_ciphertext` columns, identifier values are encrypted and looked up
+by keyed hash, and stored idempotent responses (which may hold unmasked PII for a
+caller allowed to read it) are encrypted too. Nothing else in the service sees a
+ciphertext.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.profile.customers import Attribute, Customer, Profile, updated_profile
+from services.profile.identity import Identifier, Identity
+from services.profile.pii import PiiProtector
+from shared import idempotency
+from shared.db import Database, now_micros
+from shared.errors import Aborted, AlreadyExists, NotFound
+
+metadata = sa.MetaData()
+
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("customer_id", sa.String(64), primary_key=True),
+    sa.Column("display_name_ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("email_ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("phone_ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("birth_year_ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("gender", sa.String(16), nullable=False),
+    sa.Column("region", sa.String(8), nullable=False),
+    sa.Column("language_code", sa.String(35), nullable=False),
+    sa.Column("signup_time_us", sa.BigInteger, nullable=False),
+    sa.Column("attributes", sa.Text, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+)
+
+identities = sa.Table(
+    "identities",
+    metadata,
+    sa.Column("identity_id", sa.String(40), primary_key=True),
+    sa.Column("customer_id", sa.String(64), sa.ForeignKey("customers.customer_id"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("issuer", sa.String(64), nullable=False),
+    sa.Column("lookup_hash", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("value_ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("link_time_us", sa.BigInteger, nullable=False),
+    sa.Column("linked_by", sa.String(160), nullable=False),
+)
+
+# The PII columns of `customers`, each encrypted under the context "customers/<id>/<column>".
+PII_FIELDS = ("display_name", "email", "phone", "birth_year")
+
+# Renders the response of a creating RPC, so it can be stored with the request id.
+RenderCreated = Callable[[Customer, list[Identity]], bytes]
+
+
+def _attributes_json(attributes: dict[str, Attribute]) -> str:
+    return json.dumps(
+        {
+            key: {"kind": a.kind, "value": a.value, "data_category": a.data_category}
+            for key, a in attributes.items()
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def _attributes_of(text: str) -> dict[str, Attribute]:
+    return {key: Attribute(**value) for key, value in json.loads(text).items()}
+
+
+def new_identity_id() -> str:
+    return "idn_" + secrets.token_hex(16)
+
+
+class ProfileStore:
+    def __init__(self, database: Database, protector: PiiProtector):
+        self.db = database
+        self.pii = protector
+
+    # -- encryption at the storage boundary ---------------------------------------------
+
+    def _customer_row(self, customer: Customer) -> dict[str, Any]:
+        profile = customer.profile
+        plain = {
+            "display_name": profile.display_name,
+            "email": profile.email,
+            "phone": profile.phone,
+            "birth_year": "" if profile.birth_year is None else str(profile.birth_year),
+        }
+        row: dict[str, Any] = {
+            f"{name}_ciphertext": self.pii.encrypt_text(
+                plain[name], f"customers/{customer.customer_id}/{name}"
+            )
+            for name in PII_FIELDS
+        }
+        row.update(
+            customer_id=customer.customer_id,
+            gender=profile.gender,
+            region=profile.region,
+            language_code=profile.language_code,
+            signup_time_us=profile.signup_time_us,
+            attributes=_attributes_json(profile.attributes),
+            revision=customer.revision,
+            create_time_us=customer.create_time_us,
+            update_time_us=customer.update_time_us,
+        )
+        return row
+
+    def _customer_of(self, row: sa.Row) -> Customer:
+        plain = {
+            name: self.pii.decrypt_text(
+                getattr(row, f"{name}_ciphertext"), f"customers/{row.customer_id}/{name}"
+            )
+            for name in PII_FIELDS
+        }
+        profile = Profile(
+            display_name=plain["display_name"],
+            email=plain["email"],
+            phone=plain["phone"],
+            birth_year=int(plain["birth_year"]) if plain["birth_year"] else None,
+            gender=row.gender,
+            region=row.region,
+            language_code=row.language_code,
+            signup_time_us=row.signup_time_us,
+            attributes=_attributes_of(row.attributes),
+        )
+        return Customer(row.customer_id, profile, row.create_time_us, row.update_time_us, row.revision)
+
+    def _identity_row(self, identity: Identity) -> dict[str, Any]:
+        return {
+            "identity_id": identity.identity_id,
+            "customer_id": identity.customer_id,
+            "kind": identity.identifier.kind,
+            "issuer": identity.identifier.issuer,
+            "lookup_hash": self.pii.lookup_hash(identity.identifier.lookup_key),
+            "value_ciphertext": self.pii.encrypt(
+                identity.identifier.value.encode(), f"identities/{identity.identity_id}/value"
+            ),
+            "verified": identity.verified,
+            "link_time_us": identity.link_time_us,
+            "linked_by": identity.linked_by,
+        }
+
+    def _stored_response_context(self, principal: str, rpc: str, request_id: str) -> str:
+        return f"idempotency/{principal}/{rpc}/{request_id}"
+
+    # -- customers ---------------------------------------------------------------------
+
+    async def create_customer(
+        self,
+        *,
+        principal: str,
+        request_id: str,
+        customer_id: str,
+        profile: Profile,
+        identifiers: list[Identifier],
+        render: RenderCreated,
+    ) -> bytes:
+        """Creates the customer and links its identifiers in one transaction; returns the
+        rendered response, or the first one stored for this (principal, request id).
+
+        Raises AlreadyExists when `customer_id` (chosen by the caller) is taken, or an
+        identifier is linked to another customer; nothing is created then.
+        """
+        rpc = "CreateCustomer"
+        context = self._stored_response_context(principal, rpc, request_id)
+
+        def first_result(connection: Connection) -> bytes | None:
+            stored = idempotency.recall(connection, principal, rpc, request_id)
+            return self.pii.decrypt(stored, context) if stored is not None else None
+
+        def conflict(connection: Connection) -> AlreadyExists | None:
+            """Why the customer cannot be created, if it cannot."""
+            taken = connection.execute(
+                sa.select(customers.c.customer_id).where(customers.c.customer_id == customer_id)
+            ).first()
+            if taken is not None:
+                # A server-assigned id has 128 random bits: only one the caller chose collides.
+                return AlreadyExists("customer_id is taken by another customer", reason="CUSTOMER_ID_TAKEN")
+            hashes = [self.pii.lookup_hash(identifier.lookup_key) for identifier in identifiers]
+            if not hashes:
+                return None
+            linked = dict(
+                connection.execute(
+                    sa.select(identities.c.lookup_hash, identities.c.customer_id).where(
+                        identities.c.lookup_hash.in_(hashes)
+                    )
+                ).all()
+            )
+            for index, digest in enumerate(hashes):
+                if digest in linked:
+                    return AlreadyExists(
+                        f"identities[{index}] is already linked to another customer",
+                        reason="IDENTITY_LINKED_ELSEWHERE",
+                        metadata={"field": f"identities[{index}]", "customer_id": linked[digest]},
+                    )
+            return None
+
+        def create(connection: Connection) -> bytes:
+            first = first_result(connection)
+            if first is not None:
+                return first
+            problem = conflict(connection)
+            if problem is not None:
+                # On PostgreSQL each statement sees the latest commits: the conflict may be a
+                # copy of this very request that committed since we looked, so look again.
+                first = first_result(connection)
+                if first is not None:
+                    return first
+                raise problem
+            now = now_micros()
+            # signup_time defaults to the creation time.
+            created_profile = (
+                profile if profile.signup_time_us is not None else replace(profile, signup_time_us=now)
+            )
+            customer = Customer(customer_id, created_profile, now, now, 1)
+            connection.execute(customers.insert().values(self._customer_row(customer)))
+            linked_identities = [
+                Identity(new_identity_id(), customer_id, identifier, False, now, principal)
+                for identifier in identifiers
+            ]
+            if linked_identities:
+                connection.execute(identities.insert(), [self._identity_row(i) for i in linked_identities])
+            response = render(customer, linked_identities)
+            idempotency.remember(connection, principal, rpc, request_id, self.pii.encrypt(response, context))
+            return response
+
+        try:
+            return await self.db.write(create)
+        except sa.exc.IntegrityError:
+            # A concurrent request took the request id, customer id or an identifier between
+            # our checks and our inserts (PostgreSQL runs writers in parallel). Running again
+            # sees what it committed: the stored response, or the conflict as a domain error.
+            return await self.db.write(create)
+
+    async def get_customer(self, customer_id: str) -> Customer | None:
+        def query(connection: Connection) -> Customer | None:
+            row = connection.execute(
+                sa.select(customers).where(customers.c.customer_id == customer_id)
+            ).first()
+            return self._customer_of(row) if row is not None else None
+
+        return await self.db.read(query)
+
+    async def update_customer(self, customer_id: str, given: Profile, mask: list[str], etag: str) -> Customer:
+        """Applies `mask` of `given` to the customer; `etag`, when set, must be the current one.
+
+        Raises NotFound for an unknown customer, Aborted when the etag is stale.
+        """
+
+        def update(connection: Connection) -> Customer:
+            # FOR UPDATE: concurrent updates of one customer queue up instead of losing one.
+            row = connection.execute(
+                sa.select(customers).where(customers.c.customer_id == customer_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"customer {customer_id} not found", reason="CUSTOMER_NOT_FOUND")
+            current = self._customer_of(row)
+            if etag and etag != current.etag:
+                raise Aborted("customer.etag is stale: read the customer again", reason="ETAG_MISMATCH")
+            profile = updated_profile(current.profile, given, mask, current.create_time_us)
+            changed = replace(
+                current, profile=profile, update_time_us=now_micros(), revision=current.revision + 1
+            )
+            values = self._customer_row(changed)
+            del values["customer_id"], values["create_time_us"]
+            connection.execute(
+                customers.update().where(customers.c.customer_id == customer_id).values(values)
+            )
+            return changed
+
+        return await self.db.write(update)
+
+    async def list_customers(self, after: str, updated_after_us: int | None, limit: int) -> list[Customer]:
+        """Up to `limit` customers with ids after `after`, ordered by id (keyset paging)."""
+
+        def query(connection: Connection) -> list[Customer]:
+            select = sa.select(customers).where(customers.c.customer_id > after)
+            if updated_after_us is not None:
+                select = select.where(customers.c.update_time_us >= updated_after_us)
+            rows = connection.execute(select.order_by(customers.c.customer_id).limit(limit))
+            return [self._customer_of(row) for row in rows]
+
+        return await self.db.read(query)

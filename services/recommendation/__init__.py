@@ -1,0 +1,1 @@
+"""The recommendation service: item catalog, LightFM model training and registry, serving."""

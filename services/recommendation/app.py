@@ -1,0 +1,43 @@
+"""Wires the recommendation service together: settings -> store -> servicers -> App."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from najimi.recommendation.v1 import recommendation_service_pb2, recommendation_service_pb2_grpc
+
+from services.recommendation.servicer import ACCESS, RecommendationServicer
+from services.recommendation.store import RecommendationStore
+from shared.data_subject import unimplemented_data_subject_registration
+from shared.db import Database
+from shared.server import App, Registration
+from shared.settings import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build_app(settings: Settings) -> App:
+    database = Database(settings.effective_database_url, "recommendation", MIGRATIONS)
+    store = RecommendationStore(database)
+
+    async def start() -> None:
+        await asyncio.to_thread(database.migrate)
+
+    async def stop() -> None:
+        database.close()
+
+    return App(
+        name="recommendation",
+        registrations=[
+            Registration(
+                recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
+                recommendation_service_pb2_grpc.add_RecommendationServiceServicer_to_server,
+                RecommendationServicer(store, max_response_bytes=settings.max_message_bytes * 3 // 4),
+                ACCESS,
+            ),
+            unimplemented_data_subject_registration(),
+        ],
+        start=start,
+        stop=stop,
+    )

@@ -1,0 +1,1 @@
+"""The replenishment service: devices and slots, device tokens, telemetry, forecasts, orders."""

@@ -1,0 +1,53 @@
+"""Wires the replenishment service together: settings -> store -> servicers -> App."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_service_pb2_grpc
+
+from services.replenishment.devices import device_token_resolver
+from services.replenishment.servicer import ACCESS, DEVICE_ACCESS, DeviceServicer, ReplenishmentServicer
+from services.replenishment.store import ReplenishmentStore
+from shared.data_subject import unimplemented_data_subject_registration
+from shared.db import Database
+from shared.server import App, Registration
+from shared.settings import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICES = replenishment_service_pb2.DESCRIPTOR.services_by_name
+
+
+def build_app(settings: Settings) -> App:
+    database = Database(settings.effective_database_url, "replenishment", MIGRATIONS)
+    store = ReplenishmentStore(database)
+
+    async def start() -> None:
+        await asyncio.to_thread(database.migrate)
+
+    async def stop() -> None:
+        database.close()
+
+    return App(
+        name="replenishment",
+        registrations=[
+            Registration(
+                SERVICES["ReplenishmentService"],
+                replenishment_service_pb2_grpc.add_ReplenishmentServiceServicer_to_server,
+                ReplenishmentServicer(store),
+                ACCESS,
+            ),
+            Registration(
+                SERVICES["DeviceService"],
+                replenishment_service_pb2_grpc.add_DeviceServiceServicer_to_server,
+                DeviceServicer(store),
+                DEVICE_ACCESS,
+            ),
+            unimplemented_data_subject_registration(),
+        ],
+        start=start,
+        stop=stop,
+        # Devices authenticate with the tokens issued at registration (principal device:<id>).
+        token_resolvers=[device_token_resolver(store.device_token)],
+    )

@@ -1,0 +1,5 @@
+"""Alembic environment of the replenishment schema; the shared runner does the work."""
+
+from shared.db import run_migrations_online
+
+run_migrations_online()
