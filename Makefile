@@ -43,8 +43,8 @@ test-postgres: $(STAMP)
 	NAJIMI_TEST_REQUIRE_POSTGRES=1 $(PY) -m pytest -m postgres $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check services shared tests bench
-	$(BIN)/ruff format --check services shared tests bench
+	$(BIN)/ruff check services shared tests $(wildcard bench)
+	$(BIN)/ruff format --check services shared tests $(wildcard bench)
 	$(BIN)/mypy services shared
 	cd protos && ../$(BIN)/buf lint
 
@@ -56,7 +56,7 @@ protos-check: $(STAMP)
 	$(PY) -m shared.protogen --check $(GEN)
 
 bench: $(STAMP)
-	@for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(wildcard bench/*_bench.py); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data
