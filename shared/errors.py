@@ -103,6 +103,11 @@ class FailedPrecondition(DomainError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class OutOfRange(DomainError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
 class Aborted(DomainError):
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"

@@ -49,6 +49,21 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Profile's PII master key, base64 of 32 bytes; empty: a generated key file.",
     )
+    consent_signing_key: SecretStr = Field(
+        SecretStr(""),
+        description="Ed25519 private key (base64 of the 32-byte seed) signing consent receipts.",
+    )
+    consent_audit_key: SecretStr = Field(
+        SecretStr(""), description="HMAC key (base64, 32 bytes) for customer references in the audit log."
+    )
+    consent_retired_public_keys: str = Field(
+        "", description="JSON object key_id -> base64 Ed25519 public key of retired signing keys."
+    )
+    consent_controller_name: str = "najimi demo shop"
+    consent_controller_contact: str = "Data Protection Officer"
+    consent_controller_email: str = "privacy@example.com"
+    consent_jurisdiction: str = Field("EU", description="Default jurisdiction of consent receipts.")
+    consent_policy_url: str = "https://example.com/privacy"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)

@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
+from google.protobuf import timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
 
-from services.consent.store import ConsentStore, DataCategory, Purpose
-from services.consent.vocabulary import check_labels, check_vocabulary_name
+from services.consent import audit
+from services.consent.decisions import (
+    MAX_DECISIONS,
+    DecisionInput,
+    Recorder,
+    check_common,
+    check_decision,
+    current_row,
+    purpose_consent,
+    record_decisions,
+)
+from services.consent.feed import ChangeFeed
+from services.consent.notices import NoticeSchedule
+from services.consent.receipts import ReceiptSigner, receipt_from_stored
+from services.consent.store import (
+    ConsentStore,
+    DataCategory,
+    DataUse,
+    Purpose,
+    allocate_revision,
+    changes_after,
+    consent_history,
+    current_revision,
+    insert_change,
+    notice_of,
+    notices,
+    receipts,
+)
+from services.consent.vocabulary import Vocabulary, check_labels, check_vocabulary_name, insert_purpose
 from shared.auth import ADMIN, SERVICES, AccessRule, current_principal
+from shared.db import now_micros
+from shared.errors import InvalidArgument, NotFound, OutOfRange
 from shared.idempotency import once
 from shared.proto_time import duration_of, timestamp_of
 from shared.validation import Violations, decode_page_token, encode_page_token, page_size_of
@@ -43,6 +76,9 @@ ACCESS: dict[str, AccessRule] = {
     "GetDataSubjectRequest": SERVICES,
     "ListDataSubjectRequests": SERVICES,
 }
+MAX_BATCH_CHECKS = 1000
+MAX_NOTICE_TEXT = 65536
+DEFAULT_HEARTBEAT_SECONDS = 5.0
 
 
 def data_category_message(category: DataCategory) -> pb.DataCategory:
@@ -55,7 +91,7 @@ def data_category_message(category: DataCategory) -> pb.DataCategory:
     )
 
 
-def purpose_message(purpose: Purpose) -> pb.Purpose:
+def purpose_message(purpose: Purpose, current_notice_version: int = 0) -> pb.Purpose:
     return pb.Purpose(
         name=purpose.name,
         display_name=purpose.display_name,
@@ -66,40 +102,92 @@ def purpose_message(purpose: Purpose) -> pb.Purpose:
             for u in purpose.data_uses
         ],
         consent_validity=duration_of(purpose.consent_validity_seconds),
+        current_notice_version=current_notice_version,
         created_at=timestamp_of(purpose.created_at_us),
     )
 
 
-def _page(request: Any) -> tuple[str, int]:
-    size = page_size_of(request.page_size)
-    after = decode_page_token(request.page_token).get("after", "")
-    return str(after), size
+def _page(request: Any) -> tuple[dict[str, object], int]:
+    return decode_page_token(request.page_token), page_size_of(request.page_size)
 
 
-def _next_token(names: list[str], size: int) -> str:
-    return encode_page_token({"after": names[-1]}) if len(names) == size else ""
+def _next_token(position: dict[str, object] | None) -> str:
+    return encode_page_token(position) if position else ""
+
+
+def _micros(stamp: timestamp_pb2.Timestamp, present: bool) -> int | None:
+    return stamp.ToMicroseconds() if present else None
+
+
+def _history_record(row: sa.Row) -> pb.ConsentRecord:
+    return pb.ConsentRecord(
+        revision=row.revision,
+        purpose=row.purpose,
+        decision=row.decision,
+        granted_data_categories=json.loads(row.categories),
+        withdrawn_data_categories=json.loads(row.withdrawn_categories),
+        notice_version=row.notice_version,
+        collection_method=row.collection_method,
+        jurisdiction=row.jurisdiction,
+        given_at=timestamp_of(row.given_at_us),
+        expires_at=timestamp_of(row.expires_at_us),
+        receipt_id=row.receipt_id,
+        actor=row.actor,
+    )
 
 
 class ConsentServicer(pb_grpc.ConsentServiceServicer):
-    def __init__(self, store: ConsentStore):
+    def __init__(
+        self,
+        store: ConsentStore,
+        feed: ChangeFeed,
+        signer: ReceiptSigner,
+        audit_key: bytes,
+        vocabulary: Vocabulary,
+    ):
         self.store = store
+        self.db = store.db
+        self.feed = feed
+        self.signer = signer
+        self.audit_key = audit_key
+        self.vocabulary = vocabulary
+
+    async def reload_vocabulary(self) -> None:
+        self.vocabulary = await self.db.read(Vocabulary.load)
+
+    async def _create_once(
+        self, rpc: str, request_id: str, carry_out: Callable[[Connection], bytes]
+    ) -> bytes:
+        principal = str(current_principal())
+        return await self.db.write(lambda connection: once(connection, principal, rpc, request_id, carry_out))
+
+    def _recorder(self, request_id: str) -> Recorder:
+        return Recorder(str(current_principal()), request_id, now_micros(), self.signer, self.audit_key)
+
+    # Vocabulary -------------------------------------------------------------------------
 
     async def ListPurposes(self, request: pb.ListPurposesRequest, context: grpc.aio.ServicerContext) -> Any:
-        after, size = _page(request)
-        found = await self.store.list_purposes(after, size)
+        position, size = _page(request)
+        found = await self.store.list_purposes(str(position.get("after", "")), size)
+        now = now_micros()
+
+        def versions(connection: Connection) -> dict[str, int]:
+            return {p.name: NoticeSchedule.load(connection, p.name).in_effect(now) for p in found}
+
+        current = await self.db.read(versions)
         return pb.ListPurposesResponse(
-            purposes=[purpose_message(p) for p in found],
-            next_page_token=_next_token([p.name for p in found], size),
+            purposes=[purpose_message(p, current[p.name]) for p in found],
+            next_page_token=_next_token({"after": found[-1].name} if len(found) == size else None),
         )
 
     async def ListDataCategories(
         self, request: pb.ListDataCategoriesRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        after, size = _page(request)
-        found = await self.store.list_data_categories(after, size)
+        position, size = _page(request)
+        found = await self.store.list_data_categories(str(position.get("after", "")), size)
         return pb.ListDataCategoriesResponse(
             data_categories=[data_category_message(c) for c in found],
-            next_page_token=_next_token([c.name for c in found], size),
+            next_page_token=_next_token({"after": found[-1].name} if len(found) == size else None),
         )
 
     async def CreateDataCategory(
@@ -111,17 +199,604 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         check_vocabulary_name(violations, "data_category.name", category.name)
         check_labels(violations, "data_category", category.display_name, category.description)
         violations.raise_if_any()
+        recorder = self._recorder(request.request_id)
 
         def create(connection: Connection) -> bytes:
             stored = self.store.insert_data_category(
                 connection, category.name, category.display_name, category.description, category.sensitive
             )
+            audit.append_entry(
+                connection,
+                ref_key=self.audit_key,
+                actor=recorder.actor,
+                action=pb.AUDIT_ACTION_DATA_CATEGORY_CREATED,
+                customer_id="",
+                request_id=recorder.request_id,
+                details={"data_category": stored.name},
+                now_us=recorder.now_us,
+            )
             return pb.CreateDataCategoryResponse(
                 data_category=data_category_message(stored)
             ).SerializeToString()
 
-        principal = str(current_principal())
-        response = await self.store.db.write(
-            lambda connection: once(connection, principal, "CreateDataCategory", request.request_id, create)
-        )
+        response = await self._create_once("CreateDataCategory", request.request_id, create)
+        await self.reload_vocabulary()
         return pb.CreateDataCategoryResponse.FromString(response)
+
+    async def CreatePurpose(self, request: pb.CreatePurposeRequest, context: grpc.aio.ServicerContext) -> Any:
+        given = request.purpose
+        violations = Violations()
+        violations.require_request_id("request_id", request.request_id)
+        check_vocabulary_name(violations, "purpose.name", given.name)
+        check_labels(violations, "purpose", given.display_name, given.description)
+        if not given.data_categories:
+            violations.add("purpose.data_categories", "must name at least one data category")
+        for index, use in enumerate(given.data_uses):
+            violations.require_text(f"purpose.data_uses[{index}].service", use.service, 64)
+            violations.require_text(f"purpose.data_uses[{index}].description", use.description, 2000)
+            for c_index, category in enumerate(use.data_categories):
+                if category not in given.data_categories:
+                    violations.add(
+                        f"purpose.data_uses[{index}].data_categories[{c_index}]",
+                        "must be one of the purpose's categories",
+                    )
+        validity = given.consent_validity.seconds if given.HasField("consent_validity") else None
+        if validity is not None and validity <= 0:
+            violations.add("purpose.consent_validity", "must be positive")
+        violations.raise_if_any()
+        recorder = self._recorder(request.request_id)
+        purpose = Purpose(
+            name=given.name,
+            display_name=given.display_name,
+            description=given.description,
+            data_categories=list(dict.fromkeys(given.data_categories)),
+            data_uses=[DataUse(u.service, list(u.data_categories), u.description) for u in given.data_uses],
+            consent_validity_seconds=validity,
+            created_at_us=recorder.now_us,
+        )
+
+        def create(connection: Connection) -> bytes:
+            known = set(Vocabulary.load(connection).categories)
+            stored = insert_purpose(connection, purpose, known)
+            audit.append_entry(
+                connection,
+                ref_key=self.audit_key,
+                actor=recorder.actor,
+                action=pb.AUDIT_ACTION_PURPOSE_CREATED,
+                customer_id="",
+                request_id=recorder.request_id,
+                details={"purpose": stored.name},
+                now_us=recorder.now_us,
+            )
+            return pb.CreatePurposeResponse(purpose=purpose_message(stored)).SerializeToString()
+
+        response = await self._create_once("CreatePurpose", request.request_id, create)
+        await self.reload_vocabulary()
+        return pb.CreatePurposeResponse.FromString(response)
+
+    # Notices ----------------------------------------------------------------------------
+
+    async def CreatePrivacyNotice(
+        self, request: pb.CreatePrivacyNoticeRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        notice = request.notice
+        violations = Violations()
+        violations.require_request_id("request_id", request.request_id)
+        self.vocabulary.check_purpose(violations, "notice.purpose", notice.purpose)
+        if not notice.text and not notice.url:
+            violations.add("notice.text", "text or url is required")
+        violations.limit_text("notice.text", notice.text, MAX_NOTICE_TEXT)
+        if notice.url and not notice.url.startswith("https://"):
+            violations.add("notice.url", "must be an https URL")
+        violations.limit_text("notice.url", notice.url, 2048)
+        violations.limit_text("notice.change_summary", notice.change_summary, 2000)
+        violations.limit_text("notice.language_code", notice.language_code, 35)
+        recorder = self._recorder(request.request_id)
+        effective = _micros(notice.effective_at, notice.HasField("effective_at")) or recorder.now_us
+        if effective < recorder.now_us - 60_000_000:
+            violations.add("notice.effective_at", "must not lie in the past")
+        violations.raise_if_any()
+
+        def create(connection: Connection) -> bytes:
+            schedule = NoticeSchedule.load(connection, notice.purpose)
+            latest = schedule.latest()
+            if latest is not None and effective < latest.effective_at_us:
+                raise InvalidArgument(
+                    "notice.effective_at", "must not be before the previous version's effective_at"
+                )
+            version = (latest.version if latest else 0) + 1
+            connection.execute(
+                notices.insert().values(
+                    purpose=notice.purpose,
+                    version=version,
+                    text=notice.text,
+                    url=notice.url,
+                    material=notice.material,
+                    effective_at_us=effective,
+                    language_code=notice.language_code or "en",
+                    change_summary=notice.change_summary,
+                    created_at_us=recorder.now_us,
+                )
+            )
+            revision = 0
+            if notice.material:
+                revision = allocate_revision(connection)
+                insert_change(
+                    connection,
+                    pb.ConsentChange(
+                        revision=revision,
+                        kind=pb.CONSENT_CHANGE_KIND_NOTICE,
+                        purpose=notice.purpose,
+                        status=pb.CONSENT_STATUS_NEEDS_RENEWAL,
+                        notice_version=version,
+                        changed_at=timestamp_of(recorder.now_us),
+                        effective_at=timestamp_of(effective),
+                    ),
+                )
+            audit.append_entry(
+                connection,
+                ref_key=self.audit_key,
+                actor=recorder.actor,
+                action=pb.AUDIT_ACTION_PRIVACY_NOTICE_CREATED,
+                customer_id="",
+                request_id=recorder.request_id,
+                details={
+                    "purpose": notice.purpose,
+                    "version": version,
+                    "material": notice.material,
+                    "revision": revision,
+                },
+                now_us=recorder.now_us,
+            )
+            row = connection.execute(
+                sa.select(notices).where(notices.c.purpose == notice.purpose, notices.c.version == version)
+            ).one()
+            return pb.CreatePrivacyNoticeResponse(
+                notice=notice_of(row), revision=revision
+            ).SerializeToString()
+
+        response = pb.CreatePrivacyNoticeResponse.FromString(
+            await self._create_once("CreatePrivacyNotice", request.request_id, create)
+        )
+        await self.feed.refresh()
+        return response
+
+    async def GetPrivacyNotice(
+        self, request: pb.GetPrivacyNoticeRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        self.vocabulary.check_purpose(violations, "purpose", request.purpose)
+        if request.version < 0:
+            violations.add("version", "must not be negative")
+        violations.raise_if_any()
+        now = now_micros()
+
+        def get(connection: Connection) -> pb.PrivacyNotice:
+            version = request.version or NoticeSchedule.load(connection, request.purpose).in_effect(now)
+            row = connection.execute(
+                sa.select(notices).where(notices.c.purpose == request.purpose, notices.c.version == version)
+            ).first()
+            if row is None:
+                raise NotFound(
+                    f"{request.purpose} has no notice version {request.version or 'in effect'}",
+                    reason="NOTICE_NOT_FOUND",
+                )
+            return notice_of(row)
+
+        return pb.GetPrivacyNoticeResponse(notice=await self.db.read(get))
+
+    async def ListPrivacyNotices(
+        self, request: pb.ListPrivacyNoticesRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        if request.purpose:
+            self.vocabulary.check_purpose(violations, "purpose", request.purpose)
+        violations.raise_if_any()
+        position, size = _page(request)
+        after = (str(position.get("purpose", "")), int(position.get("version", 0)))  # type: ignore[call-overload]
+
+        def page(connection: Connection) -> list[sa.Row]:
+            query = sa.select(notices)
+            if request.purpose:
+                query = query.where(notices.c.purpose == request.purpose)
+            if position:
+                query = query.where(
+                    sa.or_(
+                        notices.c.purpose > after[0],
+                        sa.and_(notices.c.purpose == after[0], notices.c.version < after[1]),
+                    )
+                )
+            return list(
+                connection.execute(query.order_by(notices.c.purpose, notices.c.version.desc()).limit(size))
+            )
+
+        rows = await self.db.read(page)
+        last = {"purpose": rows[-1].purpose, "version": rows[-1].version} if len(rows) == size else None
+        return pb.ListPrivacyNoticesResponse(
+            notices=[notice_of(r) for r in rows], next_page_token=_next_token(last)
+        )
+
+    # Decisions --------------------------------------------------------------------------
+
+    async def _decide(
+        self,
+        rpc: str,
+        customer_id: str,
+        decisions: list[DecisionInput],
+        method: int,
+        jurisdiction: str,
+        request_id: str,
+        fields: Callable[[int], str],
+    ) -> tuple[list[pb.PurposeConsent], pb.ConsentReceipt]:
+        violations = Violations()
+        check_common(violations, customer_id, method, jurisdiction, request_id)
+        recorder = self._recorder(request_id)
+
+        def carry_out(connection: Connection) -> bytes:
+            for index, decision in enumerate(decisions):
+                check_decision(connection, violations, fields(index), decision, recorder.now_us)
+            violations.raise_if_any()
+            after, receipt = record_decisions(
+                connection, recorder, customer_id, decisions, method, jurisdiction
+            )
+            return pb.SetConsentsResponse(consents=after, receipt=receipt).SerializeToString()
+
+        violations.raise_if_any()
+        result = pb.SetConsentsResponse.FromString(await self._create_once(rpc, request_id, carry_out))
+        await self.feed.refresh()
+        return list(result.consents), result.receipt
+
+    async def GrantConsent(self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext) -> Any:
+        decision = DecisionInput(
+            request.purpose,
+            True,
+            tuple(request.data_categories),
+            request.notice_version,
+            _micros(request.expires_at, request.HasField("expires_at")),
+        )
+        after, receipt = await self._decide(
+            "GrantConsent",
+            request.customer_id,
+            [decision],
+            request.collection_method,
+            request.jurisdiction,
+            request.request_id,
+            lambda _: "",
+        )
+        return pb.GrantConsentResponse(consent=after[0], receipt=receipt)
+
+    async def WithdrawConsent(
+        self, request: pb.WithdrawConsentRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        decision = DecisionInput(request.purpose, False, tuple(request.data_categories))
+        after, receipt = await self._decide(
+            "WithdrawConsent",
+            request.customer_id,
+            [decision],
+            request.collection_method,
+            request.jurisdiction,
+            request.request_id,
+            lambda _: "",
+        )
+        return pb.WithdrawConsentResponse(consent=after[0], receipt=receipt)
+
+    async def SetConsents(self, request: pb.SetConsentsRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        if not 1 <= len(request.decisions) <= MAX_DECISIONS:
+            violations.add("decisions", f"must hold 1 to {MAX_DECISIONS} decisions")
+        seen: set[str] = set()
+        for index, given in enumerate(request.decisions):
+            if given.decision not in (pb.CONSENT_DECISION_GRANTED, pb.CONSENT_DECISION_WITHDRAWN):
+                violations.add(f"decisions[{index}].decision", "must be GRANTED or WITHDRAWN")
+            if given.purpose in seen:
+                violations.add(f"decisions[{index}].purpose", "is decided twice")
+            seen.add(given.purpose)
+        violations.raise_if_any()
+        decisions = [
+            DecisionInput(
+                d.purpose,
+                d.decision == pb.CONSENT_DECISION_GRANTED,
+                tuple(d.data_categories),
+                d.notice_version,
+                _micros(d.expires_at, d.HasField("expires_at")),
+            )
+            for d in request.decisions
+        ]
+        after, receipt = await self._decide(
+            "SetConsents",
+            request.customer_id,
+            decisions,
+            request.collection_method,
+            request.jurisdiction,
+            request.request_id,
+            lambda index: f"decisions[{index}].",
+        )
+        return pb.SetConsentsResponse(consents=after, receipt=receipt)
+
+    # Reading consent ----------------------------------------------------------------------
+
+    async def GetConsentState(
+        self, request: pb.GetConsentStateRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id)
+        for index, name in enumerate(request.purposes):
+            self.vocabulary.check_purpose(violations, f"purposes[{index}]", name)
+        violations.raise_if_any()
+        wanted = sorted(set(request.purposes) or set(self.vocabulary.purposes))
+        now = now_micros()
+
+        def read(connection: Connection) -> pb.GetConsentStateResponse:
+            revision = current_revision(connection)
+            states = [
+                purpose_consent(
+                    current_row(connection, request.customer_id, name),
+                    name,
+                    NoticeSchedule.load(connection, name),
+                    now,
+                )
+                for name in wanted
+            ]
+            return pb.GetConsentStateResponse(
+                customer_id=request.customer_id, consents=states, revision=revision
+            )
+
+        return await self.db.read(read)
+
+    async def ListConsentHistory(
+        self, request: pb.ListConsentHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id)
+        if request.purpose:
+            self.vocabulary.check_purpose(violations, "purpose", request.purpose)
+        violations.raise_if_any()
+        position, size = _page(request)
+
+        def page(connection: Connection) -> list[sa.Row]:
+            query = sa.select(consent_history).where(consent_history.c.customer_id == request.customer_id)
+            if request.purpose:
+                query = query.where(consent_history.c.purpose == request.purpose)
+            if position:
+                query = query.where(consent_history.c.revision < int(position.get("before", 0)))  # type: ignore[call-overload]
+            return list(connection.execute(query.order_by(consent_history.c.revision.desc()).limit(size)))
+
+        rows = await self.db.read(page)
+        return pb.ListConsentHistoryResponse(
+            records=[_history_record(r) for r in rows],
+            next_page_token=_next_token({"before": rows[-1].revision} if len(rows) == size else None),
+        )
+
+    def _checked(
+        self, violations: Violations, prefix: str, customer_id: str, purpose: str, categories: Any
+    ) -> None:
+        violations.require_id(f"{prefix}customer_id", customer_id)
+        self.vocabulary.check_purpose(violations, f"{prefix}purpose", purpose)
+        self.vocabulary.check_categories(violations, f"{prefix}data_categories", categories)
+
+    async def CheckConsent(self, request: pb.CheckConsentRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        self._checked(violations, "", request.customer_id, request.purpose, request.data_categories)
+        violations.raise_if_any()
+        decision = self.feed.index.check(
+            request.customer_id, request.purpose, request.data_categories, now_micros()
+        )
+        return pb.CheckConsentResponse(
+            allowed=decision.allowed,
+            allowed_data_categories=decision.allowed_categories,
+            denied_data_categories=decision.denied_categories,
+            reason=decision.reason,  # type: ignore[arg-type]
+            decided_at_revision=decision.revision,
+            expires_at=timestamp_of(decision.expires_at_us),
+        )
+
+    async def BatchCheckConsent(
+        self, request: pb.BatchCheckConsentRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        if not 1 <= len(request.checks) <= MAX_BATCH_CHECKS:
+            violations.add("checks", f"must hold 1 to {MAX_BATCH_CHECKS} checks")
+        for index, check in enumerate(request.checks):
+            self._checked(
+                violations, f"checks[{index}].", check.customer_id, check.purpose, check.data_categories
+            )
+        violations.raise_if_any()
+        now = now_micros()
+        index = self.feed.index  # one index, one revision, no await in between: a consistent answer
+        results = []
+        for check in request.checks:
+            decision = index.check(check.customer_id, check.purpose, check.data_categories, now)
+            results.append(
+                pb.ConsentCheckResult(
+                    customer_id=check.customer_id,
+                    purpose=check.purpose,
+                    allowed=decision.allowed,
+                    allowed_data_categories=decision.allowed_categories,
+                    denied_data_categories=decision.denied_categories,
+                    reason=decision.reason,  # type: ignore[arg-type]
+                    decided_at_revision=decision.revision,
+                    expires_at=timestamp_of(decision.expires_at_us),
+                )
+            )
+        return pb.BatchCheckConsentResponse(results=results, revision=index.revision)
+
+    async def ExplainDataUse(
+        self, request: pb.ExplainDataUseRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id)
+        violations.raise_if_any()
+        now = now_micros()
+        vocabulary = self.vocabulary
+
+        def explain(connection: Connection) -> pb.ExplainDataUseResponse:
+            revision = current_revision(connection)
+            explanations = []
+            for name in sorted(vocabulary.purposes):
+                purpose = vocabulary.purposes[name]
+                schedule = NoticeSchedule.load(connection, name)
+                state = purpose_consent(
+                    current_row(connection, request.customer_id, name), name, schedule, now
+                )
+                allowed = state.status == pb.CONSENT_STATUS_GRANTED
+                usable = set(state.granted_data_categories) if allowed else set()
+                uses = [
+                    pb.ServiceDataUse(
+                        service=u.service,
+                        data_categories=[c for c in u.data_categories if c in usable],
+                        description=u.description,
+                    )
+                    for u in purpose.data_uses
+                    if usable & set(u.data_categories)
+                ]
+                explanations.append(
+                    pb.DataUseExplanation(
+                        purpose=name,
+                        display_name=purpose.display_name,
+                        description=purpose.description,
+                        allowed=allowed,
+                        status=state.status,
+                        data_categories=[
+                            data_category_message(vocabulary.categories[c])
+                            for c in sorted(usable)
+                            if c in vocabulary.categories
+                        ],
+                        data_uses=uses,
+                        notice_version=state.notice_version,
+                        notice_url=schedule.url_of(state.notice_version),
+                        expires_at=state.expires_at if allowed and state.HasField("expires_at") else None,
+                    )
+                )
+            return pb.ExplainDataUseResponse(
+                customer_id=request.customer_id, purposes=explanations, revision=revision
+            )
+
+        return await self.db.read(explain)
+
+    # Receipts and audit ---------------------------------------------------------------------
+
+    async def GetConsentReceipt(
+        self, request: pb.GetConsentReceiptRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("receipt_id", request.receipt_id)
+        violations.raise_if_any()
+
+        def get(connection: Connection) -> sa.Row | None:
+            return connection.execute(
+                sa.select(receipts).where(receipts.c.receipt_id == request.receipt_id)
+            ).first()
+
+        row = await self.db.read(get)
+        if row is None:
+            raise NotFound(f"receipt {request.receipt_id} not found", reason="RECEIPT_NOT_FOUND")
+        return pb.GetConsentReceiptResponse(
+            receipt=receipt_from_stored(row.payload, row.signature, row.key_id)
+        )
+
+    async def VerifyReceipt(self, request: pb.VerifyReceiptRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not request.HasField("receipt"):
+            raise InvalidArgument("receipt", "is required")
+        return self.signer.verify(request.receipt)
+
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        if request.customer_id:
+            violations.require_id("customer_id", request.customer_id)
+        if request.start_sequence < 0:
+            violations.add("start_sequence", "must not be negative")
+        violations.raise_if_any()
+        position, size = _page(request)
+        start = int(position.get("next", request.start_sequence))  # type: ignore[call-overload]
+        ref = audit.customer_ref(self.audit_key, request.customer_id) if request.customer_id else None
+        entries = await self.db.read(
+            lambda c: audit.list_entries(c, customer_ref=ref, start_sequence=start, limit=size)
+        )
+        return pb.ListAuditEntriesResponse(
+            entries=entries,
+            next_page_token=_next_token({"next": entries[-1].sequence + 1} if len(entries) == size else None),
+        )
+
+    async def VerifyAuditLog(
+        self, request: pb.VerifyAuditLogRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        if request.start_sequence < 0:
+            violations.add("start_sequence", "must not be negative")
+        if request.end_sequence < 0 or (
+            request.end_sequence and request.end_sequence < request.start_sequence
+        ):
+            violations.add("end_sequence", "must be 0 (to the end) or at least start_sequence")
+        violations.raise_if_any()
+        return await self.db.read(
+            lambda c: audit.verify_chain(c, request.start_sequence, request.end_sequence)
+        )
+
+    # Change feed --------------------------------------------------------------------------
+
+    def _feed_filter(self, request: Any) -> frozenset[str]:
+        violations = Violations()
+        if request.since_revision < 0:
+            violations.add("since_revision", "must not be negative")
+        for index, name in enumerate(request.purposes):
+            if name not in self.vocabulary.purposes:
+                violations.add(f"purposes[{index}]", "is not a known purpose")
+        violations.raise_if_any()
+        if request.since_revision > self.feed.revision:
+            raise OutOfRange(
+                f"since_revision {request.since_revision} is ahead of the current revision {self.feed.revision}",
+                reason="REVISION_AHEAD",
+            )
+        return frozenset(request.purposes)
+
+    async def ListConsentChanges(
+        self, request: pb.ListConsentChangesRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        purposes = self._feed_filter(request)
+        position, size = _page(request)
+        since = int(position.get("since", request.since_revision))  # type: ignore[call-overload]
+
+        def page(connection: Connection) -> tuple[list[pb.ConsentChange], int]:
+            return changes_after(connection, since, size, purposes), current_revision(connection)
+
+        found, head = await self.db.read(page)
+        return pb.ListConsentChangesResponse(
+            changes=found,
+            next_page_token=_next_token({"since": found[-1].revision} if len(found) == size else None),
+            current_revision=head,
+        )
+
+    async def WatchConsentChanges(
+        self, request: pb.WatchConsentChangesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchConsentChangesResponse]:
+        purposes = self._feed_filter(request)
+        interval = (
+            request.heartbeat_interval.ToTimedelta().total_seconds()
+            if request.HasField("heartbeat_interval")
+            else DEFAULT_HEARTBEAT_SECONDS
+        )
+        if not 1 <= interval <= 60:
+            raise InvalidArgument("heartbeat_interval", "must be 1 to 60 seconds")
+        cursor = request.since_revision
+        first = True
+        while True:
+            # Everything up to the feed's revision is committed; send what matches, then a heartbeat.
+            head = self.feed.revision
+            sent = False
+            while True:
+                page = await self.db.read(lambda c, after=cursor: changes_after(c, after, 1000, purposes))
+                for change in page:
+                    yield pb.WatchConsentChangesResponse(change=change)
+                    cursor = max(cursor, change.revision)
+                    sent = True
+                if len(page) < 1000:
+                    break
+            cursor = max(cursor, head)
+            if first or not sent:
+                yield pb.WatchConsentChangesResponse(
+                    heartbeat=pb.WatchHeartbeat(current_revision=cursor, sent_at=timestamp_of(now_micros()))
+                )
+            first = False
+            await self.feed.wait_beyond(cursor, interval)

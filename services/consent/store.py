@@ -6,10 +6,12 @@ import json
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from najimi.consent.v1 import consent_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from shared.db import Database, now_micros
 from shared.errors import AlreadyExists
+from shared.proto_time import timestamp_of
 
 metadata = sa.MetaData()
 
@@ -113,3 +115,173 @@ class ConsentStore:
         category = DataCategory(name, display_name, description, sensitive, now_micros())
         connection.execute(data_categories.insert().values(**category.__dict__))
         return category
+
+
+notices = sa.Table(
+    "notices",
+    metadata,
+    sa.Column("purpose", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("material", sa.Boolean, nullable=False),
+    sa.Column("effective_at_us", sa.BigInteger, nullable=False),
+    sa.Column("language_code", sa.String(35), nullable=False),
+    sa.Column("change_summary", sa.Text, nullable=False),
+    sa.Column("created_at_us", sa.BigInteger, nullable=False),
+)
+
+consents = sa.Table(
+    "consents",
+    metadata,
+    sa.Column("customer_id", sa.String(128), primary_key=True),
+    sa.Column("purpose", sa.String(128), primary_key=True),
+    sa.Column("decision", sa.SmallInteger, nullable=False),
+    sa.Column("categories", sa.Text, nullable=False),
+    sa.Column("notice_version", sa.Integer, nullable=False),
+    sa.Column("collection_method", sa.SmallInteger, nullable=False),
+    sa.Column("jurisdiction", sa.String(64), nullable=False),
+    sa.Column("given_at_us", sa.BigInteger, nullable=False),
+    sa.Column("expires_at_us", sa.BigInteger, nullable=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("receipt_id", sa.String(64), nullable=False),
+    sa.Column("expiry_published", sa.Boolean, nullable=False),
+)
+
+consent_history = sa.Table(
+    "consent_history",
+    metadata,
+    sa.Column("revision", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("purpose", sa.String(128), nullable=False),
+    sa.Column("decision", sa.SmallInteger, nullable=False),
+    sa.Column("categories", sa.Text, nullable=False),
+    sa.Column("withdrawn_categories", sa.Text, nullable=False),
+    sa.Column("notice_version", sa.Integer, nullable=False),
+    sa.Column("collection_method", sa.SmallInteger, nullable=False),
+    sa.Column("jurisdiction", sa.String(64), nullable=False),
+    sa.Column("given_at_us", sa.BigInteger, nullable=False),
+    sa.Column("expires_at_us", sa.BigInteger, nullable=True),
+    sa.Column("receipt_id", sa.String(64), nullable=False),
+    sa.Column("actor", sa.String(160), nullable=False),
+)
+
+changes = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("revision", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.SmallInteger, nullable=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("purpose", sa.String(128), nullable=False),
+    sa.Column("status", sa.SmallInteger, nullable=False),
+    sa.Column("categories", sa.Text, nullable=False),
+    sa.Column("notice_version", sa.Integer, nullable=False),
+    sa.Column("expires_at_us", sa.BigInteger, nullable=True),
+    sa.Column("changed_at_us", sa.BigInteger, nullable=False),
+    sa.Column("effective_at_us", sa.BigInteger, nullable=True),
+)
+
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("receipt_id", sa.String(64), primary_key=True),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("issued_at_us", sa.BigInteger, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+)
+
+feed_head = sa.Table(
+    "feed_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("audit_sequence", sa.BigInteger, nullable=False),
+    sa.Column("audit_head_hash", sa.LargeBinary, nullable=False),
+)
+
+
+def allocate_revision(connection: Connection) -> int:
+    """The next global revision. The row lock it takes is held to commit, so revisions
+    commit in order: a reader that has seen revision N has seen everything below it."""
+    connection.execute(
+        feed_head.update().where(feed_head.c.id == 1).values(revision=feed_head.c.revision + 1)
+    )
+    return int(connection.execute(sa.select(feed_head.c.revision).where(feed_head.c.id == 1)).scalar_one())
+
+
+def current_revision(connection: Connection) -> int:
+    return int(connection.execute(sa.select(feed_head.c.revision).where(feed_head.c.id == 1)).scalar_one())
+
+
+def insert_change(connection: Connection, change: pb.ConsentChange) -> None:
+    connection.execute(
+        changes.insert().values(
+            revision=change.revision,
+            kind=change.kind,
+            customer_id=change.customer_id,
+            purpose=change.purpose,
+            status=change.status,
+            categories=json.dumps(list(change.granted_data_categories)),
+            notice_version=change.notice_version,
+            expires_at_us=change.expires_at.ToMicroseconds() if change.HasField("expires_at") else None,
+            changed_at_us=change.changed_at.ToMicroseconds(),
+            effective_at_us=change.effective_at.ToMicroseconds() if change.HasField("effective_at") else None,
+        )
+    )
+
+
+def change_of(row: sa.Row) -> pb.ConsentChange:
+    return pb.ConsentChange(
+        revision=row.revision,
+        kind=row.kind,  # type: ignore[arg-type]
+        customer_id=row.customer_id,
+        purpose=row.purpose,
+        status=row.status,  # type: ignore[arg-type]
+        granted_data_categories=json.loads(row.categories),
+        notice_version=row.notice_version,
+        expires_at=timestamp_of(row.expires_at_us),
+        changed_at=timestamp_of(row.changed_at_us),
+        effective_at=timestamp_of(row.effective_at_us),
+    )
+
+
+def changes_after(
+    connection: Connection, since_revision: int, limit: int, purposes_filter: frozenset[str] = frozenset()
+) -> list[pb.ConsentChange]:
+    query = sa.select(changes).where(changes.c.revision > since_revision)
+    if purposes_filter:
+        query = query.where(
+            sa.or_(changes.c.purpose.in_(purposes_filter), changes.c.kind == pb.CONSENT_CHANGE_KIND_ERASURE)
+        )
+    rows = connection.execute(query.order_by(changes.c.revision).limit(limit))
+    return [change_of(row) for row in rows]
+
+
+def notice_of(row: sa.Row) -> pb.PrivacyNotice:
+    return pb.PrivacyNotice(
+        purpose=row.purpose,
+        version=row.version,
+        text=row.text,
+        url=row.url,
+        material=row.material,
+        effective_at=timestamp_of(row.effective_at_us),
+        language_code=row.language_code,
+        change_summary=row.change_summary,
+        created_at=timestamp_of(row.created_at_us),
+    )
+
+
+def load_purpose(connection: Connection, name: str) -> Purpose | None:
+    row = connection.execute(sa.select(purposes).where(purposes.c.name == name)).first()
+    return _purpose(row) if row else None
+
+
+def load_purposes(connection: Connection) -> list[Purpose]:
+    return [_purpose(row) for row in connection.execute(sa.select(purposes).order_by(purposes.c.name))]
+
+
+def load_data_categories(connection: Connection) -> list[DataCategory]:
+    rows = connection.execute(sa.select(data_categories).order_by(data_categories.c.name))
+    return [DataCategory(**row._mapping) for row in rows]

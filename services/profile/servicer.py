@@ -24,7 +24,7 @@ from services.profile.customers import (
 )
 from services.profile.identity import PII_KINDS, Identifier, Identity, check_identifiers, normalised
 from services.profile.masking import mask_email, mask_name, mask_phone
-from services.profile.store import ProfileStore
+from services.profile.store import ProfileStore, erased_error
 from shared.auth import AccessRule, Principal, allow, current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, Unimplemented
@@ -254,6 +254,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         require_supported_purpose(request.purpose, principal)
         customer = await self.store.get_customer(request.customer_id)
         if customer is None:
+            if await self.store.is_erased(request.customer_id):
+                raise erased_error(request.customer_id)
             raise NotFound(f"customer {request.customer_id} not found", reason="CUSTOMER_NOT_FOUND")
         return pb.GetCustomerResponse(customer=customer_message(customer, may_read_pii(principal)))
 

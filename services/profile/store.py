@@ -9,10 +9,11 @@ ciphertext.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +24,7 @@ from services.profile.identity import Identifier, Identity
 from services.profile.pii import PiiProtector
 from shared import idempotency
 from shared.db import Database, now_micros
-from shared.errors import Aborted, AlreadyExists, NotFound
+from shared.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
 
 metadata = sa.MetaData()
 
@@ -59,6 +60,25 @@ identities = sa.Table(
     sa.Column("linked_by", sa.String(160), nullable=False),
 )
 
+# One row per erased customer id: all that erasure keeps (migration 0002).
+erasures = sa.Table(
+    "erasures",
+    metadata,
+    sa.Column("customer_id", sa.String(128), primary_key=True),
+    sa.Column("erased_at_us", sa.BigInteger, nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False),
+)
+
+# Which customer each stored idempotent response is about, so erasure deletes it too.
+customer_requests = sa.Table(
+    "customer_requests",
+    metadata,
+    sa.Column("principal", sa.String(160), primary_key=True),
+    sa.Column("rpc", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+)
+
 # The PII columns of `customers`, each encrypted under the context "customers/<id>/<column>".
 PII_FIELDS = ("display_name", "email", "phone", "birth_year")
 
@@ -83,6 +103,50 @@ def _attributes_of(text: str) -> dict[str, Attribute]:
 
 def new_identity_id() -> str:
     return "idn_" + secrets.token_hex(16)
+
+
+def lock_customer_id(connection: Connection, customer_id: str) -> None:
+    """Queues this transaction behind any other that holds the same customer id, until commit.
+
+    Creating and erasing a customer take it, so a customer cannot be created beside its own
+    erasure on PostgreSQL (which runs writers in parallel, each statement seeing only what
+    was committed before it). SQLite runs one writer at a time and needs no lock.
+    """
+    if connection.dialect.name == "postgresql":
+        digest = hashlib.sha256(f"najimi.profile.customer/{customer_id}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def erasure_of(connection: Connection, customer_id: str) -> sa.Row | None:
+    """The erasure tombstone of `customer_id`, if the customer was erased."""
+    return connection.execute(sa.select(erasures).where(erasures.c.customer_id == customer_id)).first()
+
+
+def erased_error(customer_id: str) -> NotFound:
+    return NotFound(f"customer {customer_id} was erased", reason="CUSTOMER_ERASED")
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response stored for a retry of an idempotent request about a customer, decrypted."""
+
+    principal: str
+    rpc: str
+    request_id: str
+    created_at_us: int
+    response: bytes
+
+
+@dataclass(frozen=True)
+class HeldData:
+    """Everything this service holds about one customer id, PII decrypted."""
+
+    customer: Customer | None = None
+    identities: list[Identity] = field(default_factory=list)
+    stored_responses: list[StoredResponse] = field(default_factory=list)
+    erased_at_us: int | None = None
+    erasure_request_id: str = ""
 
 
 class ProfileStore:
@@ -154,6 +218,17 @@ class ProfileStore:
             "linked_by": identity.linked_by,
         }
 
+    def _identity_of(self, row: sa.Row) -> Identity:
+        value = self.pii.decrypt(row.value_ciphertext, f"identities/{row.identity_id}/value").decode()
+        return Identity(
+            row.identity_id,
+            row.customer_id,
+            Identifier(row.kind, value, row.issuer),
+            bool(row.verified),
+            row.link_time_us,
+            row.linked_by,
+        )
+
     def _stored_response_context(self, principal: str, rpc: str, request_id: str) -> str:
         return f"idempotency/{principal}/{rpc}/{request_id}"
 
@@ -182,8 +257,13 @@ class ProfileStore:
             stored = idempotency.recall(connection, principal, rpc, request_id)
             return self.pii.decrypt(stored, context) if stored is not None else None
 
-        def conflict(connection: Connection) -> AlreadyExists | None:
+        def conflict(connection: Connection) -> DomainError | None:
             """Why the customer cannot be created, if it cannot."""
+            if erasure_of(connection, customer_id) is not None:
+                return FailedPrecondition(
+                    "customer_id names an erased customer and cannot be used again",
+                    reason="CUSTOMER_ERASED",
+                )
             taken = connection.execute(
                 sa.select(customers.c.customer_id).where(customers.c.customer_id == customer_id)
             ).first()
@@ -210,6 +290,7 @@ class ProfileStore:
             return None
 
         def create(connection: Connection) -> bytes:
+            lock_customer_id(connection, customer_id)
             first = first_result(connection)
             if first is not None:
                 return first
@@ -236,6 +317,11 @@ class ProfileStore:
                 connection.execute(identities.insert(), [self._identity_row(i) for i in linked_identities])
             response = render(customer, linked_identities)
             idempotency.remember(connection, principal, rpc, request_id, self.pii.encrypt(response, context))
+            connection.execute(
+                customer_requests.insert().values(
+                    principal=principal, rpc=rpc, request_id=request_id, customer_id=customer_id
+                )
+            )
             return response
 
         try:
@@ -267,6 +353,8 @@ class ProfileStore:
                 sa.select(customers).where(customers.c.customer_id == customer_id).with_for_update()
             ).first()
             if row is None:
+                if erasure_of(connection, customer_id) is not None:
+                    raise erased_error(customer_id)
                 raise NotFound(f"customer {customer_id} not found", reason="CUSTOMER_NOT_FOUND")
             current = self._customer_of(row)
             if etag and etag != current.etag:
@@ -295,3 +383,81 @@ class ProfileStore:
             return [self._customer_of(row) for row in rows]
 
         return await self.db.read(query)
+
+    async def is_erased(self, customer_id: str) -> bool:
+        return await self.db.read(lambda connection: erasure_of(connection, customer_id) is not None)
+
+    # -- data-subject requests (services/profile/data_subject.py) -----------------------
+
+    def held_data(self, connection: Connection, customer_id: str) -> HeldData:
+        """Everything held about `customer_id`, decrypted, read in the caller's transaction."""
+        row = connection.execute(sa.select(customers).where(customers.c.customer_id == customer_id)).first()
+        linked = connection.execute(
+            sa.select(identities)
+            .where(identities.c.customer_id == customer_id)
+            .order_by(identities.c.link_time_us, identities.c.identity_id)
+        )
+        stored = connection.execute(
+            sa.select(idempotency.idempotency)
+            .join(
+                customer_requests,
+                sa.and_(
+                    customer_requests.c.principal == idempotency.idempotency.c.principal,
+                    customer_requests.c.rpc == idempotency.idempotency.c.rpc,
+                    customer_requests.c.request_id == idempotency.idempotency.c.request_id,
+                ),
+            )
+            .where(customer_requests.c.customer_id == customer_id)
+            .order_by(idempotency.idempotency.c.created_at_us, idempotency.idempotency.c.request_id)
+        )
+        erasure = erasure_of(connection, customer_id)
+        return HeldData(
+            customer=self._customer_of(row) if row is not None else None,
+            identities=[self._identity_of(identity) for identity in linked],
+            stored_responses=[
+                StoredResponse(
+                    s.principal,
+                    s.rpc,
+                    s.request_id,
+                    s.created_at_us,
+                    self.pii.decrypt(
+                        s.response, self._stored_response_context(s.principal, s.rpc, s.request_id)
+                    ),
+                )
+                for s in stored
+            ],
+            erased_at_us=erasure.erased_at_us if erasure is not None else None,
+            erasure_request_id=erasure.request_id if erasure is not None else "",
+        )
+
+    def erase(self, connection: Connection, customer_id: str, request_id: str, now_us: int) -> dict[str, int]:
+        """Deletes every row about `customer_id` in the caller's transaction and leaves a
+        tombstone (the first erasure's, if there is one); returns how many rows of each kind
+        were deleted."""
+        lock_customer_id(connection, customer_id)
+        requests = connection.execute(
+            sa.select(
+                customer_requests.c.principal, customer_requests.c.rpc, customer_requests.c.request_id
+            ).where(customer_requests.c.customer_id == customer_id)
+        ).all()
+        stored = 0
+        for principal, rpc, stored_request_id in requests:
+            stored += connection.execute(
+                idempotency.idempotency.delete().where(
+                    idempotency.idempotency.c.principal == principal,
+                    idempotency.idempotency.c.rpc == rpc,
+                    idempotency.idempotency.c.request_id == stored_request_id,
+                )
+            ).rowcount
+        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id == customer_id))
+        erased_identities = connection.execute(
+            identities.delete().where(identities.c.customer_id == customer_id)
+        ).rowcount
+        erased_customers = connection.execute(
+            customers.delete().where(customers.c.customer_id == customer_id)
+        ).rowcount
+        if erasure_of(connection, customer_id) is None:
+            connection.execute(
+                erasures.insert().values(customer_id=customer_id, erased_at_us=now_us, request_id=request_id)
+            )
+        return {"customers": erased_customers, "identities": erased_identities, "stored_responses": stored}

@@ -136,11 +136,3 @@ async def test_only_admin_manages_the_vocabulary(start_service):
         )
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-
-
-async def test_an_rpc_not_built_yet_says_unimplemented_and_names_itself(start_service):
-    consent = await start_service("consent")
-    stub = pb_grpc.ConsentServiceStub(consent.channel)
-    error = await rpc_error(stub.GrantConsent(pb.GrantConsentRequest(), metadata=consent.auth()))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "GrantConsent" in (error.details() or "")

@@ -9,8 +9,6 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
-from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
-from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
 from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
@@ -447,14 +445,6 @@ async def test_unimplemented_rpcs_and_options_say_so(start_service):
         )
     )
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "purpose" in error.details()
-
-    data_subject = privacy_grpc.DataSubjectServiceStub(profile.channel)
-    error = await rpc_error(
-        data_subject.ExportCustomerData(
-            privacy_pb.ExportCustomerDataRequest(), metadata=profile.auth("admin")
-        )
-    )
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "ExportCustomerData" in error.details()
 
 
 async def test_principals_not_allowed_are_denied(start_service):

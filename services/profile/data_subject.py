@@ -1,0 +1,204 @@
+"""najimi.privacy.v1.DataSubjectService of the profile service: a customer's export and erasure.
+
+Export is for the data subject, so PII is decrypted (the caller is the consent service
+or admin, carrying out the subject's request). The document (a google.protobuf.Struct)
+has one shape whether or not the customer is known:
+
+    {"customer_id": ..., "held": {"customer": {...} | null, "identities": [...],
+     "stored_responses": [...], "erasure": {...} | null}, "not_held_yet": {...}}
+
+An export is a read: a retry with the same request_id reads the data again instead of
+keeping a second copy of everything (the proto's "same document" holds while the data is
+unchanged; exported_at says when it was taken).
+
+Erasure deletes the customer, its identities and the stored responses of requests about
+it (a retry of CreateCustomer must not bring them back) in one transaction, and keeps an
+erasure tombstone (table `erasures`): the id then reads as CUSTOMER_ERASED and cannot be
+created again. An id never seen is tombstoned too, since it names the data subject. The
+erasure is idempotent by request_id: a retry returns the first result.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
+from najimi.profile.v1 import profile_service_pb2 as pb
+from sqlalchemy.engine import Connection
+
+from services.profile.customers import Attribute, Customer
+from services.profile.identity import Identity
+from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
+from services.profile.store import HeldData, ProfileStore, StoredResponse
+from shared import idempotency
+from shared.auth import current_principal
+from shared.db import now_micros
+from shared.errors import InvalidArgument
+from shared.proto_time import timestamp_of
+from shared.validation import Violations
+
+SERVICE = "profile"
+ERASE = "EraseCustomerData"
+# Struct numbers are doubles: integers beyond this are exported as decimal strings.
+MAX_EXACT_INTEGER = 2**53
+# Stored responses by RPC, for the export to show them as JSON.
+STORED_RESPONSE_TYPES: dict[str, Any] = {"CreateCustomer": pb.CreateCustomerResponse}
+NOT_HELD_YET = {
+    "events": "behavioural events from web, app, store and devices are not collected by this version",
+    "traits": "computed traits (RFM, category affinity, purchase cadence, churn risk) are not computed yet",
+}
+
+
+def check_request(customer_id: str, request_id: str) -> None:
+    violations = Violations()
+    violations.require_id("customer_id", customer_id)
+    violations.require_request_id("request_id", request_id)
+    violations.raise_if_any()
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every integer a double cannot hold exactly turned into a decimal string."""
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= MAX_EXACT_INTEGER else str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    return [json_safe(item) for item in value]
+
+
+def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(json_safe(document))
+    return struct
+
+
+def rfc3339(micros: int | None) -> str | None:
+    stamp = timestamp_of(micros)
+    return stamp.ToJsonString() if stamp is not None else None
+
+
+def attribute_document(attribute: Attribute) -> dict[str, Any]:
+    value: Any = attribute.value
+    if attribute.kind == "timestamp":
+        value = rfc3339(int(value))
+    return {"kind": attribute.kind, "value": value, "data_category": attribute.data_category}
+
+
+def customer_document(customer: Customer) -> dict[str, Any]:
+    profile = customer.profile
+    return {
+        "customer_id": customer.customer_id,
+        "display_name": profile.display_name,
+        "email": profile.email,
+        "phone": profile.phone,
+        "birth_year": profile.birth_year,
+        "gender": pb.Gender.Name(GENDER_VALUES.get(profile.gender, pb.GENDER_UNSPECIFIED)),
+        "region": profile.region,
+        "language_code": profile.language_code,
+        "signup_time": rfc3339(profile.signup_time_us),
+        "attributes": {key: attribute_document(a) for key, a in sorted(profile.attributes.items())},
+        "create_time": rfc3339(customer.create_time_us),
+        "update_time": rfc3339(customer.update_time_us),
+        "revision": customer.revision,
+    }
+
+
+def identity_document(identity: Identity) -> dict[str, Any]:
+    identifier = identity.identifier
+    return {
+        "identity_id": identity.identity_id,
+        "type": pb.IdentifierType.Name(IDENTIFIER_TYPES[identifier.kind]),
+        "issuer": identifier.issuer,
+        "value": identifier.value,
+        "verified": identity.verified,
+        "link_time": rfc3339(identity.link_time_us),
+        "linked_by": identity.linked_by,
+    }
+
+
+def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
+    message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
+    response: Any = None
+    if message_type is not None:
+        response = json_format.MessageToDict(message_type.FromString(stored.response))
+    return {
+        "rpc": stored.rpc,
+        "request_id": stored.request_id,
+        "caller": stored.principal,
+        "stored_at": rfc3339(stored.created_at_us),
+        "response": response,
+    }
+
+
+def export_document(customer_id: str, held: HeldData) -> dict[str, Any]:
+    return {
+        "customer_id": customer_id,
+        "held": {
+            "customer": customer_document(held.customer) if held.customer is not None else None,
+            "identities": [identity_document(identity) for identity in held.identities],
+            "stored_responses": [stored_response_document(s) for s in held.stored_responses],
+            "erasure": (
+                {"erased_at": rfc3339(held.erased_at_us), "request_id": held.erasure_request_id}
+                if held.erased_at_us is not None
+                else None
+            ),
+        },
+        "not_held_yet": NOT_HELD_YET,
+    }
+
+
+def erasure_response(customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
+    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
+    first = json.loads(stored)
+    if first["customer_id"] != customer_id:
+        raise InvalidArgument(
+            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
+        )
+    return privacy_pb.EraseCustomerDataResponse(
+        service=SERVICE, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
+    )
+
+
+class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
+    def __init__(self, store: ProfileStore):
+        self.store = store
+
+    async def ExportCustomerData(
+        self, request: privacy_pb.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        check_request(request.customer_id, request.request_id)
+        exported_at = now_micros()
+        held = await self.store.db.read(
+            lambda connection: self.store.held_data(connection, request.customer_id)
+        )
+        return privacy_pb.ExportCustomerDataResponse(
+            service=SERVICE,
+            exported_at=timestamp_of(exported_at),
+            document=struct_of(export_document(request.customer_id, held)),
+        )
+
+    async def EraseCustomerData(
+        self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        check_request(request.customer_id, request.request_id)
+        customer_id, request_id = request.customer_id, request.request_id
+        principal = str(current_principal())
+
+        def carry_out(connection: Connection) -> bytes:
+            erased_at = now_micros()
+            counts = self.store.erase(connection, customer_id, request_id, erased_at)
+            # Kept in plain text: it holds the (pseudonymous) id and counts, no PII.
+            return json.dumps(
+                {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
+            ).encode()
+
+        def erase(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
+            stored = idempotency.once(connection, principal, ERASE, request_id, carry_out)
+            return erasure_response(customer_id, stored)
+
+        return await self.store.db.write(erase)

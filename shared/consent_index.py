@@ -1,0 +1,149 @@
+"""The consent decision, made locally from the change feed.
+
+A ConsentIndex holds, per customer and purpose, the last decision of the consent
+change feed (DESIGN.md §2), plus each purpose's material notice versions. It answers
+"may this customer's data be used for this purpose and these categories?" with a
+dictionary lookup. The consent service answers CheckConsent from one, and every other
+service keeps one fed by list-then-watch (shared/consent_cache.py).
+
+Validity needs no job to run: expiry and material notices are compared with the
+clock at decision time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from najimi.consent.v1 import consent_service_pb2 as pb
+
+GRANTED = pb.CONSENT_STATUS_GRANTED
+WITHDRAWN = pb.CONSENT_STATUS_WITHDRAWN
+EXPIRED = pb.CONSENT_STATUS_EXPIRED
+NEEDS_RENEWAL = pb.CONSENT_STATUS_NEEDS_RENEWAL
+NOT_GIVEN = pb.CONSENT_STATUS_NOT_GIVEN
+
+REASON_OF_STATUS = {
+    WITHDRAWN: pb.CONSENT_CHECK_REASON_WITHDRAWN,
+    EXPIRED: pb.CONSENT_CHECK_REASON_EXPIRED,
+    NEEDS_RENEWAL: pb.CONSENT_CHECK_REASON_NEEDS_RENEWAL,
+    NOT_GIVEN: pb.CONSENT_CHECK_REASON_NOT_GIVEN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRecord:
+    """The last decision of one customer on one purpose."""
+
+    granted: bool
+    categories: frozenset[str]
+    notice_version: int
+    expires_at_us: int | None
+    revision: int
+    changed_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    status: int
+    reason: int
+    allowed_categories: tuple[str, ...]
+    denied_categories: tuple[str, ...]
+    revision: int
+    expires_at_us: int | None
+
+
+class ConsentIndex:
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, ConsentRecord]] = {}
+        # purpose -> [(effective_at_us, material version)], in revision order
+        self._material: dict[str, list[tuple[int, int]]] = {}
+        self.revision = 0
+
+    def apply(self, change: pb.ConsentChange) -> None:
+        """Applies one feed entry; entries at or below the current revision are ignored."""
+        if change.revision and change.revision <= self.revision:
+            return
+        kind = change.kind
+        if kind in (pb.CONSENT_CHANGE_KIND_CONSENT, pb.CONSENT_CHANGE_KIND_EXPIRED):
+            expires = change.expires_at.ToMicroseconds() if change.HasField("expires_at") else None
+            self._records.setdefault(change.customer_id, {})[change.purpose] = ConsentRecord(
+                granted=change.status in (GRANTED, EXPIRED, NEEDS_RENEWAL),
+                categories=frozenset(change.granted_data_categories),
+                notice_version=change.notice_version,
+                expires_at_us=expires,
+                revision=change.revision,
+                changed_at_us=change.changed_at.ToMicroseconds(),
+            )
+        elif kind == pb.CONSENT_CHANGE_KIND_NOTICE:
+            effective = (
+                change.effective_at.ToMicroseconds()
+                if change.HasField("effective_at")
+                else change.changed_at.ToMicroseconds()
+            )
+            self._material.setdefault(change.purpose, []).append((effective, change.notice_version))
+        elif kind == pb.CONSENT_CHANGE_KIND_ERASURE:
+            self._records.pop(change.customer_id, None)
+        self.revision = max(self.revision, change.revision)
+
+    def put(self, customer_id: str, purpose: str, record: ConsentRecord) -> None:
+        """Sets a record directly (loading an index from stored state rather than the feed)."""
+        self._records.setdefault(customer_id, {})[purpose] = record
+
+    def add_material_notice(self, purpose: str, effective_at_us: int, version: int) -> None:
+        self._material.setdefault(purpose, []).append((effective_at_us, version))
+
+    def apply_all(self, changes: Iterable[pb.ConsentChange]) -> None:
+        for change in changes:
+            self.apply(change)
+
+    def record(self, customer_id: str, purpose: str) -> ConsentRecord | None:
+        return self._records.get(customer_id, {}).get(purpose)
+
+    def purposes_of(self, customer_id: str) -> dict[str, ConsentRecord]:
+        return dict(self._records.get(customer_id, {}))
+
+    def material_version(self, purpose: str, now_us: int) -> int:
+        """The newest material notice version of `purpose` in effect at `now_us` (0: none)."""
+        versions = [version for effective, version in self._material.get(purpose, ()) if effective <= now_us]
+        return max(versions, default=0)
+
+    def pending_material(self, purpose: str, now_us: int) -> tuple[int, int] | None:
+        """The earliest (effective_at_us, version) of a material notice not yet in effect."""
+        pending = [(effective, v) for effective, v in self._material.get(purpose, ()) if effective > now_us]
+        return min(pending, default=None)
+
+    def status(self, record: ConsentRecord | None, purpose: str, now_us: int) -> int:
+        """WITHDRAWN, EXPIRED, NEEDS_RENEWAL (first that applies), else GRANTED; NOT_GIVEN if none."""
+        if record is None:
+            return NOT_GIVEN
+        if not record.granted:
+            return WITHDRAWN
+        if record.expires_at_us is not None and record.expires_at_us <= now_us:
+            return EXPIRED
+        if record.notice_version < self.material_version(purpose, now_us):
+            return NEEDS_RENEWAL
+        return GRANTED
+
+    def check(self, customer_id: str, purpose: str, categories: Iterable[str], now_us: int) -> Decision:
+        """May the customer's data of `categories` be used for `purpose` at `now_us`?"""
+        record = self._records.get(customer_id, {}).get(purpose)
+        asked = tuple(dict.fromkeys(categories))
+        status = self.status(record, purpose, now_us)
+        if status != GRANTED or record is None:
+            return Decision(False, status, REASON_OF_STATUS[status], (), asked, self.revision, None)
+        if not asked:
+            return Decision(
+                True,
+                status,
+                pb.CONSENT_CHECK_REASON_ALLOWED,
+                tuple(sorted(record.categories)),
+                (),
+                self.revision,
+                record.expires_at_us,
+            )
+        allowed = tuple(c for c in asked if c in record.categories)
+        denied = tuple(c for c in asked if c not in record.categories)
+        reason = pb.CONSENT_CHECK_REASON_CATEGORY_NOT_GRANTED if denied else pb.CONSENT_CHECK_REASON_ALLOWED
+        return Decision(not denied, status, reason, allowed, denied, self.revision, record.expires_at_us)
