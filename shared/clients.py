@@ -33,12 +33,7 @@ RETRY_POLICY = {
 }
 
 
-class _CallDefaults(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _CallDefaults:
     """Adds the bearer token to every call and a deadline to calls that have none."""
 
     def __init__(self, token: str, timeout: float | None):
@@ -55,15 +50,25 @@ class _CallDefaults(
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files each interceptor under the first call type it implements, so each call
+# type gets an interceptor class of its own.
+class _UnaryUnaryDefaults(_CallDefaults, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details, False), request)
 
+
+class _UnaryStreamDefaults(_CallDefaults, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details, True), request)
 
+
+class _StreamUnaryDefaults(_CallDefaults, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details, False), request_iterator)
 
+
+class _StreamStreamDefaults(_CallDefaults, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details, True), request_iterator)
 
@@ -72,7 +77,10 @@ def open_channel(
     address: str, token: str = "", timeout: float | None = 5.0, root_certificates: bytes | None = None
 ) -> grpc.aio.Channel:
     options = [("grpc.service_config", json.dumps(RETRY_POLICY)), ("grpc.enable_retries", 1)]
-    interceptors = [_CallDefaults(token, timeout)]
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        kind(token, timeout)
+        for kind in (_UnaryUnaryDefaults, _UnaryStreamDefaults, _StreamUnaryDefaults, _StreamStreamDefaults)
+    ]
     if root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates)
         return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)

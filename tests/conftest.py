@@ -78,10 +78,11 @@ async def start_service(
             "replenishment": "services.replenishment.app",
         }
         build_app = importlib.import_module(builders[name]).build_app
+        port = overrides.pop("port", 0)
         settings = load_settings(
             name, data_dir=tmp_path, database_url=database_url or "", metrics_port=0, **overrides
         )
-        running = await create_server(settings, build_app(settings), port=0)
+        running = await create_server(settings, build_app(settings), port=port)
         await start_app(running)
         service = InProcessService(
             running, grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"), dev_tokens

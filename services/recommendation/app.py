@@ -7,9 +7,10 @@ from pathlib import Path
 
 from najimi.recommendation.v1 import recommendation_service_pb2, recommendation_service_pb2_grpc
 
+from services.recommendation.data_subject import RecommendationDataSubjectServicer
 from services.recommendation.servicer import ACCESS, RecommendationServicer
 from services.recommendation.store import RecommendationStore
-from shared.data_subject import unimplemented_data_subject_registration
+from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.server import App, Registration
 from shared.settings import Settings
@@ -36,7 +37,7 @@ def build_app(settings: Settings) -> App:
                 RecommendationServicer(store, max_response_bytes=settings.max_message_bytes * 3 // 4),
                 ACCESS,
             ),
-            unimplemented_data_subject_registration(),
+            data_subject_registration(RecommendationDataSubjectServicer(store)),
         ],
         start=start,
         stop=stop,

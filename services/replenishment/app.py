@@ -7,10 +7,11 @@ from pathlib import Path
 
 from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_service_pb2_grpc
 
+from services.replenishment.data_subject import ReplenishmentDataSubjectServicer
 from services.replenishment.devices import device_token_resolver
 from services.replenishment.servicer import ACCESS, DEVICE_ACCESS, DeviceServicer, ReplenishmentServicer
 from services.replenishment.store import ReplenishmentStore
-from shared.data_subject import unimplemented_data_subject_registration
+from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.server import App, Registration
 from shared.settings import Settings
@@ -44,7 +45,7 @@ def build_app(settings: Settings) -> App:
                 DeviceServicer(store),
                 DEVICE_ACCESS,
             ),
-            unimplemented_data_subject_registration(),
+            data_subject_registration(ReplenishmentDataSubjectServicer(store)),
         ],
         start=start,
         stop=stop,

@@ -216,7 +216,12 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
             return pb.RegisterDeviceResponse(device=device_message(device)).SerializeToString()
 
         stored, created = await self.store.once(
-            str(current_principal()), "RegisterDevice", request.request_id, registration.digest(), register
+            str(current_principal()),
+            "RegisterDevice",
+            request.request_id,
+            registration.digest(),
+            register,
+            customer_id=registration.customer_id,
         )
         response = pb.RegisterDeviceResponse.FromString(stored)
         if created:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -12,7 +13,7 @@ from services.replenishment.devices import Device, DeviceState, Registration
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from shared.db import Database, now_micros
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from shared.idempotency import recall, remember
+from shared.idempotency import idempotency, recall, remember
 
 metadata = sa.MetaData()
 
@@ -73,6 +74,28 @@ request_digests = sa.Table(
     sa.Column("request_id", sa.String(64), primary_key=True),
     sa.Column("digest", sa.String(64), nullable=False),
 )
+
+# Which customer each remembered request is about (migration 0002), so that erasing a
+# customer also deletes the stored responses that copy its devices.
+customer_requests = sa.Table(
+    "customer_requests",
+    metadata,
+    sa.Column("principal", sa.String(160), primary_key=True),
+    sa.Column("rpc", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """The response remembered for a retry of an idempotent request about a customer."""
+
+    principal: str
+    rpc: str
+    request_id: str
+    created_at_us: int
+    response: bytes
 
 
 def _slot_row(device_id: str, settings: SlotSettings, now: int) -> dict[str, object]:
@@ -146,6 +169,11 @@ def _device(row: sa.Row, device_slots: tuple[Slot, ...]) -> Device:
     )
 
 
+def _request_key(table: sa.Table, principal: str, rpc: str, request_id: str) -> sa.ColumnElement[bool]:
+    """Selects one remembered request in `idempotency`, `request_digests` or `customer_requests`."""
+    return sa.and_(table.c.principal == principal, table.c.rpc == rpc, table.c.request_id == request_id)
+
+
 def _load_device(connection: Connection, device_id: str) -> Device:
     row = connection.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
     if row is None:
@@ -167,10 +195,12 @@ class ReplenishmentStore:
         request_id: str,
         digest: str,
         carry_out: Callable[[Connection], bytes],
+        customer_id: str | None = None,
     ) -> tuple[bytes, bool]:
         """The first response for this request id, and whether this call produced it.
 
-        `carry_out` runs in the same transaction that remembers the request. The request
+        `carry_out` runs in the same transaction that remembers the request, and
+        `customer_id` names the customer the response is about, if any. The request
         id is claimed first, so a concurrent copy of the request waits for this one, then
         fails on the key, and Database.write runs it again: it then recalls the winner's
         response instead of tripping over the device the winner created.
@@ -199,6 +229,12 @@ class ReplenishmentStore:
             )
             response = carry_out(connection)
             remember(connection, principal, rpc, request_id, response)
+            if customer_id is not None:
+                connection.execute(
+                    customer_requests.insert().values(
+                        principal=principal, rpc=rpc, request_id=request_id, customer_id=customer_id
+                    )
+                )
             return response, True
 
         return await self.db.write(work)
@@ -288,3 +324,70 @@ class ReplenishmentStore:
             raise Unavailable(
                 "device tokens cannot be checked right now; retry", reason="TOKEN_STORE_UNAVAILABLE"
             ) from error
+
+    # -- data-subject requests (services/replenishment/data_subject.py) ------------------
+
+    def customer_devices(self, connection: Connection, customer_id: str) -> list[Device]:
+        """The customer's devices (retired ones too) with their slots, oldest first."""
+        device_ids = connection.execute(
+            sa.select(devices.c.device_id)
+            .where(devices.c.customer_id == customer_id)
+            .order_by(devices.c.create_time_us, devices.c.device_id)
+        ).scalars()
+        return [_load_device(connection, device_id) for device_id in device_ids]
+
+    def stored_responses(self, connection: Connection, customer_id: str) -> list[StoredResponse]:
+        rows = connection.execute(
+            sa.select(idempotency)
+            .join(
+                customer_requests,
+                sa.and_(
+                    customer_requests.c.principal == idempotency.c.principal,
+                    customer_requests.c.rpc == idempotency.c.rpc,
+                    customer_requests.c.request_id == idempotency.c.request_id,
+                ),
+            )
+            .where(customer_requests.c.customer_id == customer_id)
+            .order_by(idempotency.c.created_at_us, idempotency.c.request_id)
+        )
+        return [
+            StoredResponse(row.principal, row.rpc, row.request_id, row.created_at_us, bytes(row.response))
+            for row in rows
+        ]
+
+    def erase_customer(self, connection: Connection, customer_id: str) -> dict[str, int]:
+        """Deletes the customer's devices, their slots and the stored responses about the
+        customer in the caller's transaction; returns how many rows of each kind went."""
+        # Locked, then deleted by id: a device registered meanwhile (PostgreSQL runs writers
+        # in parallel) is neither half-deleted nor in the way; it is newer than the erasure.
+        device_ids = list(
+            connection.execute(
+                sa.select(devices.c.device_id)
+                .where(devices.c.customer_id == customer_id)
+                .order_by(devices.c.device_id)
+                .with_for_update()
+            ).scalars()
+        )
+        erased_slots = erased_devices = 0
+        if device_ids:
+            erased_slots = connection.execute(
+                slots.delete().where(slots.c.device_id.in_(device_ids))
+            ).rowcount
+            erased_devices = connection.execute(
+                devices.delete().where(devices.c.device_id.in_(device_ids))
+            ).rowcount
+        requests = connection.execute(
+            sa.select(
+                customer_requests.c.principal, customer_requests.c.rpc, customer_requests.c.request_id
+            ).where(customer_requests.c.customer_id == customer_id)
+        ).all()
+        stored = 0
+        for principal, rpc, request_id in requests:
+            stored += connection.execute(
+                idempotency.delete().where(_request_key(idempotency, principal, rpc, request_id))
+            ).rowcount
+            connection.execute(
+                request_digests.delete().where(_request_key(request_digests, principal, rpc, request_id))
+            )
+        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id == customer_id))
+        return {"devices": erased_devices, "slots": erased_slots, "stored_responses": stored}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
-from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc
 
@@ -107,15 +105,3 @@ async def test_batch_recommend_is_unimplemented_and_says_so(start_service):
     error = await rpc_error(consume())
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "RecommendationService/BatchRecommend" in (error.details() or "")
-
-
-async def test_data_subject_requests_are_unimplemented_here_yet(start_service):
-    service = await start_service("recommendation")
-    stub = privacy_grpc.DataSubjectServiceStub(service.channel)
-    error = await rpc_error(
-        stub.ExportCustomerData(
-            privacy_pb.ExportCustomerDataRequest(customer_id="c-1"), metadata=service.auth("service:consent")
-        )
-    )
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "ExportCustomerData" in (error.details() or "")

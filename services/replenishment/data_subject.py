@@ -1,0 +1,220 @@
+"""najimi.privacy.v1.DataSubjectService of the replenishment service: a customer's export and erasure.
+
+What this service holds about a customer: their devices (retired ones too) with their
+slots, and the stored responses of RegisterDevice calls for them (kept for retries).
+Device tokens are never exported: only their hashes are stored, and those are secrets
+of the device, not data about the customer. The document has one shape whether or not
+the customer is known:
+
+    {"customer_id": ..., "held": {"devices": [...], "stored_responses": [...]},
+     "not_held_yet": {...}}
+
+An export is a read: a retry with the same request_id reads the data again rather than
+keeping a second copy of it (the document is the same while the data is unchanged).
+
+Erasure deletes the devices, their slots (their tokens with them) and those stored
+responses in one transaction; it is idempotent by request_id (a retry returns the first
+result). The service keeps no tombstone: the customer may register devices again later.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, json_format, struct_pb2
+from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
+from najimi.replenishment.v1 import replenishment_service_pb2 as pb
+from sqlalchemy.engine import Connection
+
+from services.replenishment.devices import Device
+from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
+from services.replenishment.slots import Slot
+from services.replenishment.store import ReplenishmentStore, StoredResponse
+from shared import idempotency
+from shared.auth import current_principal
+from shared.db import now_micros
+from shared.errors import InvalidArgument
+from shared.proto_time import timestamp_of
+from shared.validation import Violations
+
+SERVICE = "replenishment"
+ERASE = "EraseCustomerData"
+# Struct numbers are doubles: integers beyond this are exported as decimal strings.
+MAX_EXACT_INTEGER = 2**53
+# Stored responses by RPC, for the export to show them as JSON.
+STORED_RESPONSE_TYPES: dict[str, Any] = {"RegisterDevice": pb.RegisterDeviceResponse}
+NOT_HELD_YET = {
+    "telemetry": "consumption readings are not collected by this version",
+    "forecasts": "depletion forecasts are not computed by this version",
+    "orders": "replenishment orders are not placed by this version",
+}
+
+
+def check_request(customer_id: str, request_id: str) -> None:
+    violations = Violations()
+    violations.require_id("customer_id", customer_id)
+    violations.require_request_id("request_id", request_id)
+    violations.raise_if_any()
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every integer a double cannot hold exactly turned into a decimal string."""
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= MAX_EXACT_INTEGER else str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    return [json_safe(item) for item in value]
+
+
+def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(json_safe(document))
+    return struct
+
+
+def rfc3339(micros: int | None) -> str | None:
+    stamp = timestamp_of(micros)
+    return stamp.ToJsonString() if stamp is not None else None
+
+
+def duration_text(micros: int | None) -> str | None:
+    """A duration as in protobuf's JSON mapping, e.g. "172800s"."""
+    if micros is None:
+        return None
+    duration = duration_pb2.Duration()
+    duration.FromMicroseconds(micros)
+    return duration.ToJsonString()
+
+
+def slot_document(slot: Slot) -> dict[str, Any]:
+    settings = slot.settings
+    assert settings.policy is not None
+    limits = settings.limits
+    return {
+        "slot_id": settings.slot_id,
+        "display_name": settings.display_name,
+        "item_id": settings.item_id,
+        "capacity": settings.capacity,
+        "unit": settings.unit,
+        "reorder_quantity": settings.reorder_quantity,
+        "unit_price_micros": settings.unit_price_micros,
+        "currency_code": settings.currency_code,
+        "policy": pb.SlotPolicy.Name(POLICY_VALUES[settings.policy]),
+        "lead_time": duration_text(settings.lead_time_us),
+        "service_level": settings.service_level,
+        "fallback_reorder_level": settings.fallback_reorder_level,
+        "limits": {
+            "max_orders_per_period": limits.max_orders_per_period,
+            "period": duration_text(limits.period_us),
+            "max_spend_micros": limits.max_spend_micros,
+            "currency_code": limits.currency_code,
+        },
+        "create_time": rfc3339(slot.create_time_us),
+        "update_time": rfc3339(slot.update_time_us),
+    }
+
+
+def device_document(device: Device) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id,
+        "manufacturer": device.manufacturer,
+        "model": device.model,
+        "kind": device.kind,
+        "serial_number": device.serial_number,
+        "display_name": device.display_name,
+        "firmware_version": device.firmware_version,
+        "attributes": dict(sorted(device.attributes.items())),
+        "state": pb.DeviceState.Name(DEVICE_STATES[device.state]),
+        "slots": [slot_document(slot) for slot in device.slots],
+        "create_time": rfc3339(device.create_time_us),
+        "update_time": rfc3339(device.update_time_us),
+        "deregister_time": rfc3339(device.deregister_time_us),
+        "token_create_time": rfc3339(device.token_create_time_us),
+        "last_seen_time": rfc3339(device.last_seen_time_us),
+    }
+
+
+def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
+    message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
+    response: Any = None
+    if message_type is not None:
+        response = json_format.MessageToDict(message_type.FromString(stored.response))
+    return {
+        "rpc": stored.rpc,
+        "request_id": stored.request_id,
+        "caller": stored.principal,
+        "stored_at": rfc3339(stored.created_at_us),
+        "response": response,
+    }
+
+
+def export_document(customer_id: str, devices: list[Device], stored: list[StoredResponse]) -> dict[str, Any]:
+    return {
+        "customer_id": customer_id,
+        "held": {
+            "devices": [device_document(device) for device in devices],
+            "stored_responses": [stored_response_document(s) for s in stored],
+        },
+        "not_held_yet": NOT_HELD_YET,
+    }
+
+
+def erasure_response(customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
+    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
+    first = json.loads(stored)
+    if first["customer_id"] != customer_id:
+        raise InvalidArgument(
+            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
+        )
+    return privacy_pb.EraseCustomerDataResponse(
+        service=SERVICE, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
+    )
+
+
+class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
+    def __init__(self, store: ReplenishmentStore):
+        self.store = store
+
+    async def ExportCustomerData(
+        self, request: privacy_pb.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        check_request(request.customer_id, request.request_id)
+        customer_id = request.customer_id
+        exported_at = now_micros()
+
+        def read(connection: Connection) -> dict[str, Any]:
+            return export_document(
+                customer_id,
+                self.store.customer_devices(connection, customer_id),
+                self.store.stored_responses(connection, customer_id),
+            )
+
+        document = await self.store.db.read(read)
+        return privacy_pb.ExportCustomerDataResponse(
+            service=SERVICE, exported_at=timestamp_of(exported_at), document=struct_of(document)
+        )
+
+    async def EraseCustomerData(
+        self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        check_request(request.customer_id, request.request_id)
+        customer_id, request_id = request.customer_id, request.request_id
+        principal = str(current_principal())
+
+        def carry_out(connection: Connection) -> bytes:
+            erased_at = now_micros()
+            counts = self.store.erase_customer(connection, customer_id)
+            return json.dumps(
+                {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
+            ).encode()
+
+        def erase(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
+            stored = idempotency.once(connection, principal, ERASE, request_id, carry_out)
+            return erasure_response(customer_id, stored)
+
+        return await self.store.db.write(erase)
