@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import struct_pb2
 from najimi.privacy.v1 import data_subject_service_pb2, data_subject_service_pb2_grpc
 
 from shared.auth import allow
+from shared.proto_time import timestamp_of
 from shared.server import Registration
+from shared.validation import Violations
+
+# A Struct holds numbers as doubles: larger integers are exported as decimal strings.
+MAX_EXACT_INTEGER = 2**53
 
 DATA_SUBJECT_ACCESS = {
     "ExportCustomerData": allow("service:consent"),
@@ -31,3 +37,33 @@ def data_subject_registration(servicer: Any) -> Registration:
 def unimplemented_data_subject_registration() -> Registration:
     """Until a service implements export and erasure, both answer UNIMPLEMENTED."""
     return data_subject_registration(data_subject_service_pb2_grpc.DataSubjectServiceServicer())
+
+
+def check_request(customer_id: str, request_id: str) -> None:
+    """Both fields of an export or erasure request are required and well formed."""
+    violations = Violations()
+    violations.require_id("customer_id", customer_id)
+    violations.require_request_id("request_id", request_id)
+    violations.raise_if_any()
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every integer a double cannot hold exactly turned into a decimal string."""
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= MAX_EXACT_INTEGER else str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    return [json_safe(item) for item in value]
+
+
+def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(json_safe(document))
+    return struct
+
+
+def rfc3339(micros: int | None) -> str | None:
+    stamp = timestamp_of(micros)
+    return stamp.ToJsonString() if stamp is not None else None

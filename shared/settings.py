@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     consent_controller_email: str = "privacy@example.com"
     consent_jurisdiction: str = Field("EU", description="Default jurisdiction of consent receipts.")
     consent_policy_url: str = "https://example.com/privacy"
+    data_subject_services: str = Field(
+        "profile,recommendation,replenishment",
+        description="Services (besides consent) whose DataSubjectService a data-subject request calls.",
+    )
+    data_subject_max_attempts: int = Field(
+        8, ge=1, le=100, description="Calls to a service before its part fails."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
@@ -90,12 +97,23 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
         return value
 
+    @field_validator("data_subject_services")
+    @classmethod
+    def _known_services(cls, value: str) -> str:
+        unknown = [name for name in value.split(",") if name and name not in DEFAULT_PORTS]
+        if unknown:
+            raise ValueError(f"unknown services: {', '.join(unknown)}")
+        return value
+
     @field_validator("service")
     @classmethod
     def _known_service(cls, value: str) -> str:
         if value and value not in DEFAULT_PORTS:
             raise ValueError(f"must be one of {', '.join(SERVICE_NAMES)}")
         return value
+
+    def address_of(self, service: str) -> str:
+        return str(getattr(self, f"{service}_address"))
 
     @property
     def grpc_port(self) -> int:

@@ -7,44 +7,44 @@ from pathlib import Path
 
 from najimi.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 
+from services.consent.audit import audit_key
+from services.consent.data_subject import ConsentDataSubjectServicer
+from services.consent.expiry import ExpiryPublisher
 from services.consent.feed import ChangeFeed
 from services.consent.receipts import ReceiptSigner
 from services.consent.servicer import ACCESS, ConsentServicer
 from services.consent.store import ConsentStore
+from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary
-from shared.data_subject import unimplemented_data_subject_registration
+from shared.data_subject import data_subject_registration
 from shared.db import Database
-from shared.keys import configured_key
 from shared.server import App, Registration
 from shared.settings import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def audit_key(settings: Settings) -> bytes:
-    """The key of the audit log's customer references: configured, or a generated dev key file."""
-    return configured_key(
-        settings.consent_audit_key.get_secret_value(),
-        "NAJIMI_CONSENT_AUDIT_KEY",
-        settings.data_dir,
-        "consent-audit.key",
-    )
-
-
 def build_app(settings: Settings) -> App:
     database = Database(settings.effective_database_url, "consent", MIGRATIONS)
     store = ConsentStore(database)
     feed = ChangeFeed(database)
+    ref_key = audit_key(settings)
+    requests = DataSubjectRequests(database, feed, settings, ref_key)
+    expiries = ExpiryPublisher(database, feed, ref_key)
     servicer = ConsentServicer(
-        store, feed, ReceiptSigner.from_settings(settings), audit_key(settings), Vocabulary({}, {})
+        store, feed, ReceiptSigner.from_settings(settings), ref_key, Vocabulary({}, {}), requests
     )
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
         await servicer.reload_vocabulary()
         await feed.start()
+        requests.start()
+        expiries.start()
 
     async def stop() -> None:
+        await expiries.stop()
+        await requests.stop()
         await feed.stop()
         database.close()
 
@@ -57,7 +57,7 @@ def build_app(settings: Settings) -> App:
                 servicer,
                 ACCESS,
             ),
-            unimplemented_data_subject_registration(),
+            data_subject_registration(ConsentDataSubjectServicer(database, feed, ref_key)),
         ],
         start=start,
         stop=stop,

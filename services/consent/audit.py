@@ -18,7 +18,10 @@ file consent-audit.key, see shared/keys.py), is inside the hash from the start.
 number, address or free text a customer typed: it is inside the hash, so it can
 never be erased. Record what changed with vocabulary names, revisions, versions,
 counts and server-made ids, e.g. {"purpose": "analytics", "revision": 42}.
-`append_entry` refuses details that name the customer id.
+`append_entry` refuses details with a member named customer_id (a programming
+error); it cannot recognise personal data in general, so callers must not pass any.
+It does not compare values with the customer id: an opaque id may equal a purpose
+name, and such a customer's consent must still be recorded.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ GENESIS_HASH = bytes(32)
 ERASED_PREFIX = "erased:"
 # The fields outside the hash.
 UNHASHED_FIELDS = frozenset({"customer_id", "hash"})
+# Member names details may not use: the customer id belongs in the entry's customer_id.
+CUSTOMER_ID_MEMBERS = frozenset({"customer_id", "customerId"})
 # Rows fetched at a time while verifying, so a long log is streamed, not loaded.
 VERIFY_BATCH = 1000
 
@@ -110,11 +115,11 @@ def append_entry(
     Takes the feed_head row lock first (an UPDATE), which serialises appends on
     PostgreSQL: sequences are handed out in commit order, without gaps, and each
     entry links to the one committed before it. `details` must never hold personal
-    data (see the module docstring); details naming the customer id are refused
-    with ValueError.
+    data (see the module docstring); details with a member named customer_id are
+    refused with ValueError.
     """
-    if customer_id and _mentions(details, customer_id):
-        raise ValueError("audit details must not hold the customer id (use customer_id/customer_ref)")
+    if _names_a_customer(details):
+        raise ValueError("audit details must not hold a customer id (the entry's customer_id carries it)")
     entry = pb.AuditEntry(
         actor=actor,
         action=action,
@@ -329,15 +334,10 @@ def _head(connection: Connection) -> tuple[int, bytes]:
     return int(row.audit_sequence), bytes(row.audit_head_hash)
 
 
-def _mentions(value: Any, customer_id: str) -> bool:
-    """Whether a JSON-like value holds `customer_id` as a string or names a customer id member."""
-    if isinstance(value, str):
-        return value == customer_id
+def _names_a_customer(value: Any) -> bool:
+    """Whether a JSON-like value has an object member named customer_id (at any depth)."""
     if isinstance(value, Mapping):
-        return any(
-            key in ("customer_id", "customerId") or key == customer_id or _mentions(item, customer_id)
-            for key, item in value.items()
-        )
+        return any(key in CUSTOMER_ID_MEMBERS or _names_a_customer(item) for key, item in value.items())
     if isinstance(value, list | tuple):
-        return any(_mentions(item, customer_id) for item in value)
+        return any(_names_a_customer(item) for item in value)
     return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -41,6 +42,7 @@ from services.consent.store import (
     notices,
     receipts,
 )
+from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary, check_labels, check_vocabulary_name, insert_purpose
 from shared.auth import ADMIN, SERVICES, AccessRule, current_principal
 from shared.db import now_micros
@@ -144,6 +146,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         signer: ReceiptSigner,
         audit_key: bytes,
         vocabulary: Vocabulary,
+        requests: DataSubjectRequests,
     ):
         self.store = store
         self.db = store.db
@@ -151,6 +154,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self.signer = signer
         self.audit_key = audit_key
         self.vocabulary = vocabulary
+        self.requests = requests
 
     async def reload_vocabulary(self) -> None:
         self.vocabulary = await self.db.read(Vocabulary.load)
@@ -596,9 +600,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         violations = Violations()
         if not 1 <= len(request.checks) <= MAX_BATCH_CHECKS:
             violations.add("checks", f"must hold 1 to {MAX_BATCH_CHECKS} checks")
-        for index, check in enumerate(request.checks):
+        for position, check in enumerate(request.checks):
             self._checked(
-                violations, f"checks[{index}].", check.customer_id, check.purpose, check.data_categories
+                violations, f"checks[{position}].", check.customer_id, check.purpose, check.data_categories
             )
         violations.raise_if_any()
         now = now_micros()
@@ -786,7 +790,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             head = self.feed.revision
             sent = False
             while True:
-                page = await self.db.read(lambda c, after=cursor: changes_after(c, after, 1000, purposes))
+                page = await self.db.read(
+                    functools.partial(
+                        changes_after, since_revision=cursor, limit=1000, purposes_filter=purposes
+                    )
+                )
                 for change in page:
                     yield pb.WatchConsentChangesResponse(change=change)
                     cursor = max(cursor, change.revision)
@@ -800,3 +808,53 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 )
             first = False
             await self.feed.wait_beyond(cursor, interval)
+
+    # Data-subject requests ------------------------------------------------------------------
+
+    async def CreateDataSubjectRequest(
+        self, request: pb.CreateDataSubjectRequestRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id)
+        if request.type not in (pb.DATA_SUBJECT_REQUEST_TYPE_EXPORT, pb.DATA_SUBJECT_REQUEST_TYPE_ERASE):
+            violations.add("type", "must be EXPORT or ERASE")
+        violations.require_request_id("request_id", request.request_id)
+        violations.raise_if_any()
+        created = await self.requests.create(
+            current_principal(), request.customer_id, request.type, request.request_id
+        )
+        return pb.CreateDataSubjectRequestResponse(data_subject_request=created)
+
+    async def GetDataSubjectRequest(
+        self, request: pb.GetDataSubjectRequestRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("data_subject_request_id", request.data_subject_request_id)
+        violations.raise_if_any()
+        found = await self.requests.get(current_principal(), request.data_subject_request_id)
+        return pb.GetDataSubjectRequestResponse(data_subject_request=found)
+
+    async def ListDataSubjectRequests(
+        self, request: pb.ListDataSubjectRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        if request.customer_id:
+            violations.require_id("customer_id", request.customer_id)
+        if request.type not in pb.DataSubjectRequestType.values():
+            violations.add("type", "is not a DataSubjectRequestType")
+        if request.state not in pb.DataSubjectRequestState.values():
+            violations.add("state", "is not a DataSubjectRequestState")
+        violations.raise_if_any()
+        position, size = _page(request)
+        after = (int(position["at"]), str(position["id"])) if position else None  # type: ignore[call-overload]
+        found = await self.requests.list(
+            current_principal(), request.customer_id, request.type, request.state, after, size
+        )
+        last = (
+            {"at": found[-1].created_at.ToMicroseconds(), "id": found[-1].data_subject_request_id}
+            if len(found) == size
+            else None
+        )
+        return pb.ListDataSubjectRequestsResponse(
+            data_subject_requests=found, next_page_token=_next_token(last)
+        )

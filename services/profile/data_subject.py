@@ -24,7 +24,7 @@ import json
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
@@ -36,50 +36,19 @@ from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
 from services.profile.store import HeldData, ProfileStore, StoredResponse
 from shared import idempotency
 from shared.auth import current_principal
+from shared.data_subject import check_request, rfc3339, struct_of
 from shared.db import now_micros
 from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
-from shared.validation import Violations
 
 SERVICE = "profile"
 ERASE = "EraseCustomerData"
-# Struct numbers are doubles: integers beyond this are exported as decimal strings.
-MAX_EXACT_INTEGER = 2**53
 # Stored responses by RPC, for the export to show them as JSON.
 STORED_RESPONSE_TYPES: dict[str, Any] = {"CreateCustomer": pb.CreateCustomerResponse}
 NOT_HELD_YET = {
     "events": "behavioural events from web, app, store and devices are not collected by this version",
     "traits": "computed traits (RFM, category affinity, purchase cadence, churn risk) are not computed yet",
 }
-
-
-def check_request(customer_id: str, request_id: str) -> None:
-    violations = Violations()
-    violations.require_id("customer_id", customer_id)
-    violations.require_request_id("request_id", request_id)
-    violations.raise_if_any()
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every integer a double cannot hold exactly turned into a decimal string."""
-    if isinstance(value, bool) or value is None or isinstance(value, float | str):
-        return value
-    if isinstance(value, int):
-        return value if abs(value) <= MAX_EXACT_INTEGER else str(value)
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    return [json_safe(item) for item in value]
-
-
-def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(json_safe(document))
-    return struct
-
-
-def rfc3339(micros: int | None) -> str | None:
-    stamp = timestamp_of(micros)
-    return stamp.ToJsonString() if stamp is not None else None
 
 
 def attribute_document(attribute: Attribute) -> dict[str, Any]:

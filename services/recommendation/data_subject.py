@@ -27,10 +27,10 @@ from sqlalchemy.engine import Connection
 from services.recommendation.store import RecommendationStore
 from shared import idempotency
 from shared.auth import current_principal
+from shared.data_subject import check_request
 from shared.db import now_micros
 from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
-from shared.validation import Violations
 
 SERVICE = "recommendation"
 ERASE = "EraseCustomerData"
@@ -38,13 +38,6 @@ NOT_HELD_YET = {
     "interactions": "customer interactions are not copied from profile by this version",
     "model": "no model is trained yet; a trained one holds only a latent vector derived from consented data",
 }
-
-
-def check_request(customer_id: str, request_id: str) -> None:
-    violations = Violations()
-    violations.require_id("customer_id", customer_id)
-    violations.require_request_id("request_id", request_id)
-    violations.raise_if_any()
 
 
 def export_document(customer_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
 from shared.settings import SERVICE_NAMES
+from tests.postgres import free_port
 
 
 class Suite:
@@ -21,11 +22,13 @@ class Suite:
         self.extra_env = extra_env or {}
         self.tokens = ensure_dev_tokens(data_dir)
         self.processes: dict[str, ServiceProcess] = {}
+        # Each service gets its port up front, so every one can be told where the others are.
+        self.ports = {name: free_port() for name in SERVICE_NAMES}
 
     def env_for(self, name: str) -> dict[str, str]:
         env = {
             "NAJIMI_DATA_DIR": str(self.data_dir),
-            "NAJIMI_PORT": "0",
+            "NAJIMI_PORT": str(self.ports[name]),
             "NAJIMI_METRICS_PORT": "0",
             "NAJIMI_SERVICE_TOKEN": self.tokens[f"service:{name}"],
             "NAJIMI_GRACE_SECONDS": "5",
@@ -33,9 +36,8 @@ class Suite:
         }
         if self.database_url:
             env["NAJIMI_DATABASE_URL"] = self.database_url
-        # Consent starts first, so the others can be told where it is.
-        for started, process in self.processes.items():
-            env[f"NAJIMI_{started.upper()}_ADDRESS"] = process.address
+        for other, port in self.ports.items():
+            env[f"NAJIMI_{other.upper()}_ADDRESS"] = f"127.0.0.1:{port}"
         return env
 
     def start(self, name: str, **env: str) -> ServiceProcess:

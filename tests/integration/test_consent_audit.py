@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -47,7 +48,9 @@ def database(database_url: str) -> Iterator[Database]:
     database.close()
 
 
-def append(database: Database, index: int, customer_id: str = "", **details: Any) -> pb.AuditEntry:
+def append(
+    database: Database, index: int, customer_id: str = "", details: dict[str, Any] | None = None
+) -> pb.AuditEntry:
     def work(connection: Connection) -> pb.AuditEntry:
         return append_entry(
             connection,
@@ -100,7 +103,7 @@ def test_appended_entries_form_a_valid_chain(database):
     entries = fill(database)
     assert [e.sequence for e in entries] == [1, 2, 3, 4, 5, 6]
     assert entries[0].prev_hash == GENESIS_HASH
-    assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:], strict=False))
+    assert all(later.prev_hash == earlier.hash for earlier, later in itertools.pairwise(entries))
     assert head(database) == (6, entries[-1].hash)
 
     answer = verify(database)
@@ -113,7 +116,9 @@ def test_appended_entries_form_a_valid_chain(database):
 
 
 def test_the_hash_follows_the_documented_rule(database):
-    entry = append(database, 1, "alice", purpose="analytics", revision=42, categories=["user.contact"])
+    entry = append(
+        database, 1, "alice", {"purpose": "analytics", "revision": 42, "categories": ["user.contact"]}
+    )
     canonical = (
         '{"action":"AUDIT_ACTION_CONSENT_GRANTED","actor":"service:storefront",'
         f'"customerRef":"{customer_ref(KEY, "alice")}",'
@@ -245,7 +250,11 @@ EDITS: dict[str, tuple[Callable[[Database], None], int, int]] = {
         4,
         SEQUENCE_GAP,
     ),
-    "entry rewritten with a matching hash": (lambda db: rewrite(db, 3, actor="admin"), 4, PREV_HASH_MISMATCH),
+    "entry rewritten with a matching hash": (
+        lambda db: rewrite(db, 3, actor="system"),
+        4,
+        PREV_HASH_MISMATCH,
+    ),
     "last entry rewritten with a matching hash": (
         lambda db: rewrite(db, 6, details='{"purpose":"marketing"}'),
         6,
@@ -257,7 +266,7 @@ EDITS: dict[str, tuple[Callable[[Database], None], int, int]] = {
 
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_a_row_edited_directly_breaks_the_chain_at_that_entry(database, edit):
-    entries = fill(database)
+    fill(database)
     change, broken, reason = EDITS[edit]
     change(database)
     answer = verify(database)
@@ -266,12 +275,12 @@ def test_a_row_edited_directly_breaks_the_chain_at_that_entry(database, edit):
     assert answer.detail
     # The intact entries before it are reported, with the last one's hash.
     assert answer.entries_checked == broken - 1 == answer.last_sequence
-    assert answer.head_hash == (entries[broken - 2].hash if broken > 1 else b"")
+    assert answer.head_hash == (stored_row(database, broken - 1)["hash"] if broken > 1 else b"")
 
 
 def test_a_range_is_verified_from_the_trusted_prev_hash_of_its_first_entry(database):
     entries = fill(database)
-    execute(database, "UPDATE audit_log SET actor = 'admin' WHERE sequence = 5")
+    execute(database, "UPDATE audit_log SET actor = 'system' WHERE sequence = 5")
     assert verify(database, 2, 4) == pb.VerifyAuditLogResponse(
         valid=True, entries_checked=3, reason=VALID, last_sequence=4, head_hash=entries[3].hash
     )
@@ -311,18 +320,21 @@ def test_listing_pages_by_sequence_and_filters_by_customer(database):
     bob = database.transaction(
         lambda c: list_entries(c, customer_ref=customer_ref(KEY, "bob"), start_sequence=0, limit=100)
     )
-    assert [e.sequence for e in bob] == [2, 5, 8] and {e.customer_id for e in bob} == {"bob"}
+    assert [e.sequence for e in bob] == [1, 4, 7] and {e.customer_id for e in bob} == {"bob"}
     nobody = database.transaction(lambda c: list_entries(c, customer_ref="", start_sequence=0, limit=100))
-    assert [e.sequence for e in nobody] == [3, 6, 9]
+    assert [e.sequence for e in nobody] == [2, 5, 8]
 
 
-@pytest.mark.parametrize(
-    "details", [{"customer": "alice"}, {"ids": ["x", "alice"]}, {"customer_id": "someone"}, {"alice": 1}]
-)
-def test_details_naming_the_customer_are_refused(database, details):
+@pytest.mark.parametrize("details", [{"customer_id": "alice"}, {"parts": [{"customerId": "x"}]}])
+def test_details_with_a_customer_id_member_are_refused(database, details):
     with pytest.raises(ValueError):
-        append(database, 1, "alice", **details)
+        append(database, 1, "alice", details)
     assert verify(database).entries_checked == 0 and head(database) == (0, bytes(32))
+
+
+def test_a_customer_whose_id_equals_a_detail_is_still_recorded(database):
+    entry = append(database, 1, "analytics", {"purpose": "analytics", "analytics": 1})
+    assert entry.customer_id == "analytics" and verify(database).valid
 
 
 def test_a_failed_transaction_appends_nothing(database):
