@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -38,8 +39,9 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     _configured = True
 
 
-def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+def get_logger(name: str) -> Any:
+    """A logger for `name`. It is lazy: created on its first use, so a module-level logger
+    follows the configuration the process sets at start-up (level, format)."""
     if not _configured:
         configure_logging()
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name).bind(logger=name)
-    return logger
+    return structlog.wrap_logger(None, logger_factory_args=(), logger_name=name)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import auth, errors
-from shared.interceptors import RpcInterceptor
+from shared.interceptors import RpcInterceptor, WrappingServer
 from shared.log import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.settings import Settings, load_settings
@@ -56,6 +56,9 @@ class App:
     registrations: list[Registration]
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
+    # Called when the server begins to stop: end long-lived streams (watches) so that
+    # callers reconnect elsewhere instead of holding the graceful stop to its limit.
+    drain: Callable[[], Awaitable[None]] | None = None
     token_resolvers: list[auth.TokenResolver] = field(default_factory=list)
 
     @property
@@ -79,6 +82,8 @@ class RunningServer:
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.app.drain is not None:
+            await self.app.drain()
         await self.server.stop(grace)
         if self.app.stop is not None:
             await self.app.stop()
@@ -105,8 +110,8 @@ async def create_server(settings: Settings, app: App, port: int | None = None) -
     policy: dict[str, auth.AccessRule] = {}
     for registration in app.registrations:
         policy.update(registration.policy())
+    interceptor = RpcInterceptor(app.name, authenticator, policy, settings.access_log)
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor(app.name, authenticator, policy)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -117,7 +122,7 @@ async def create_server(settings: Settings, app: App, port: int | None = None) -
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for registration in app.registrations:
-        registration.add_to_server(registration.servicer, server)
+        registration.add_to_server(registration.servicer, WrappingServer(server, interceptor))
     reflection.enable_server_reflection(
         [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(True, description="One log line per RPC (at level info).")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     max_concurrent_rpcs: int = Field(1000, ge=1, le=1_000_000)
     grace_seconds: float = Field(10.0, ge=0, le=300, description="Graceful-stop period after SIGTERM.")

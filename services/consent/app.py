@@ -61,4 +61,5 @@ def build_app(settings: Settings) -> App:
         ],
         start=start,
         stop=stop,
+        drain=feed.close_watches,
     )

@@ -56,6 +56,7 @@ class ChangeFeed:
         self._changed = asyncio.Condition()
         self._refreshing = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self.closing = False
 
     @property
     def revision(self) -> int:
@@ -64,6 +65,12 @@ class ChangeFeed:
     async def start(self) -> None:
         self.index = await self.db.read(_load_index)
         self._poller = asyncio.create_task(self._poll())
+
+    async def close_watches(self) -> None:
+        """Ends every watch stream (they return OK; callers resume from their last revision)."""
+        self.closing = True
+        async with self._changed:
+            self._changed.notify_all()
 
     async def stop(self) -> None:
         if self._poller is not None:

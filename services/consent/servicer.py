@@ -808,6 +808,8 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 )
             first = False
             await self.feed.wait_beyond(cursor, interval)
+            if self.feed.closing:
+                return  # the server is stopping: the caller watches again, from its last revision
 
     # Data-subject requests ------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import signal
 import urllib.request
 
@@ -128,3 +129,19 @@ def test_invalid_configuration_stops_the_process_naming_the_variable(tmp_path):
     assert process.process.wait(timeout=60) == 2
     process.terminate()
     assert any("NAJIMI_PORT" in line for line in process.lines)
+
+
+def test_sigterm_ends_watch_streams_instead_of_waiting_out_the_grace_period(tmp_path):
+    suite = Suite(tmp_path, extra_env={"NAJIMI_GRACE_SECONDS": "30"})
+    process = suite.start("consent")
+    with grpc.insecure_channel(process.address) as channel:
+        watch = consent_grpc.ConsentServiceStub(channel).WatchConsentChanges(
+            consent_pb.WatchConsentChangesRequest(), metadata=suite.auth("service:profile"), timeout=60
+        )
+        messages = iter(watch)
+        assert next(messages).HasField("heartbeat")  # the replay is done: the watch is live
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        assert list(messages) == [] and watch.code() == grpc.StatusCode.OK  # ended, not cut off
+    assert process.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10  # well inside the 30 s grace period

@@ -297,3 +297,124 @@ async def test_devices_and_non_admins_are_kept_out(start_service):
         )
     )
     assert notice.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_admin_adds_a_purpose_that_customers_can_then_consent_to(start_service):
+    consent = await start_service("consent")
+    stub = pb_grpc.ConsentServiceStub(consent.channel)
+    created = await stub.CreatePurpose(
+        pb.CreatePurposeRequest(
+            request_id="p-1",
+            purpose=pb.Purpose(
+                name="personalize.store_layout",
+                display_name="Store layout",
+                description="We arrange your local store by what customers like you buy.",
+                data_categories=[PURCHASES, "user.behavior.store_visits"],
+                data_uses=[
+                    pb.ServiceDataUse(service="profile", data_categories=[PURCHASES], description="Counts.")
+                ],
+            ),
+        ),
+        metadata=consent.auth(),
+    )
+    assert created.purpose.name == "personalize.store_layout"
+    unknown = await rpc_error(
+        stub.CreatePurpose(
+            pb.CreatePurposeRequest(
+                request_id="p-2",
+                purpose=pb.Purpose(
+                    name="x.y", display_name="X", description="Y", data_categories=["user.nope"]
+                ),
+            ),
+            metadata=consent.auth(),
+        )
+    )
+    assert (
+        unknown.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and error_reason(unknown) == "UNKNOWN_DATA_CATEGORY"
+    )
+    no_notice = await rpc_error(
+        stub.GrantConsent(
+            grant(purpose="personalize.store_layout", categories=[PURCHASES]), metadata=consent.auth()
+        )
+    )
+    assert "notice_version" in field_violations(no_notice)  # consent needs a notice first
+    await stub.CreatePrivacyNotice(
+        pb.CreatePrivacyNoticeRequest(
+            notice=pb.PrivacyNotice(purpose="personalize.store_layout", text="How we use it.", material=True),
+            request_id="n-1",
+        ),
+        metadata=consent.auth(),
+    )
+    granted = await stub.GrantConsent(
+        grant(purpose="personalize.store_layout", categories=[PURCHASES], request_id="g-layout"),
+        metadata=consent.auth(),
+    )
+    assert granted.consent.status == pb.CONSENT_STATUS_GRANTED
+
+
+async def test_a_receipt_altered_in_any_byte_fails_verification(start_service):
+    consent = await start_service("consent")
+    stub = pb_grpc.ConsentServiceStub(consent.channel)
+    receipt = (await stub.GrantConsent(grant(), metadata=consent.auth())).receipt
+    assert (await stub.VerifyReceipt(pb.VerifyReceiptRequest(receipt=receipt), metadata=consent.auth())).valid
+    for position in range(0, len(receipt.payload), max(1, len(receipt.payload) // 25)):
+        altered = pb.ConsentReceipt()
+        altered.CopyFrom(receipt)
+        payload = bytearray(receipt.payload)
+        payload[position] ^= 0x01
+        altered.payload = bytes(payload)
+        verdict = await stub.VerifyReceipt(pb.VerifyReceiptRequest(receipt=altered), metadata=consent.auth())
+        assert not verdict.valid, position
+    widened = pb.ConsentReceipt()
+    widened.CopyFrom(receipt)
+    widened.purposes[0].data_categories.append("user.contact")
+    assert not (
+        await stub.VerifyReceipt(pb.VerifyReceiptRequest(receipt=widened), metadata=consent.auth())
+    ).valid
+
+
+async def test_data_subject_requests_are_checked_and_private_to_their_creator(start_service):
+    consent = await start_service("consent", data_subject_services="")
+    stub = pb_grpc.ConsentServiceStub(consent.channel)
+    for request, field in [
+        (
+            pb.CreateDataSubjectRequestRequest(
+                customer_id="", type=pb.DATA_SUBJECT_REQUEST_TYPE_EXPORT, request_id="r"
+            ),
+            "customer_id",
+        ),
+        (pb.CreateDataSubjectRequestRequest(customer_id="c", request_id="r"), "type"),
+        (
+            pb.CreateDataSubjectRequestRequest(customer_id="c", type=pb.DATA_SUBJECT_REQUEST_TYPE_ERASE),
+            "request_id",
+        ),
+    ]:
+        error = await rpc_error(stub.CreateDataSubjectRequest(request, metadata=consent.auth()))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in field_violations(error)
+    created = (
+        await stub.CreateDataSubjectRequest(
+            pb.CreateDataSubjectRequestRequest(
+                customer_id="c-1", type=pb.DATA_SUBJECT_REQUEST_TYPE_EXPORT, request_id="mine"
+            ),
+            metadata=consent.auth("service:crm"),
+        )
+    ).data_subject_request
+    assert [s.service for s in created.services] == ["consent"]
+    hidden = await rpc_error(
+        stub.GetDataSubjectRequest(
+            pb.GetDataSubjectRequestRequest(data_subject_request_id=created.data_subject_request_id),
+            metadata=consent.auth("service:storefront"),
+        )
+    )
+    assert hidden.code() == grpc.StatusCode.NOT_FOUND
+    listed = await stub.ListDataSubjectRequests(
+        pb.ListDataSubjectRequestsRequest(customer_id="c-1"), metadata=consent.auth("service:crm")
+    )
+    assert [r.data_subject_request_id for r in listed.data_subject_requests] == [
+        created.data_subject_request_id
+    ]
+    others = await stub.ListDataSubjectRequests(
+        pb.ListDataSubjectRequestsRequest(), metadata=consent.auth("service:storefront")
+    )
+    assert not others.data_subject_requests
