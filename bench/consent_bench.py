@@ -16,7 +16,8 @@ consent service exiting non-zero on SIGTERM, whose last log lines are then print
    (list-then-watch on the server) has applied that revision and denies.
 
 Options: --no-pin leaves CPU placement to the scheduler; --calls, --concurrency,
---revocations change the sizes.
+--revocations change the sizes; --only-checks runs only CheckConsent rounds (no floor, no
+figures 2 and 3), to profile the server on that load alone (e.g. py-spy on the printed pid).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         kinds = {"health": health_call, "check": check_call}
+        kinds = {kind: kinds[kind] for kind in args.kinds.split(",")}
         for call in kinds.values():  # warm-up: connection, code paths, caches
             await drive(call, args.warmup, args.concurrency)
 
@@ -201,6 +203,7 @@ def run_client(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--cpus", default="")
+    parser.add_argument("--kinds", default="health,check")
     args = parser.parse_args(argv)
     if args.cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
@@ -264,6 +267,8 @@ def measure_load(
         f"--rounds={ROUNDS}",
         f"--concurrency={args.concurrency}",
     ]
+    if args.only_checks:
+        command.append("--kinds=check")
     if split is not None:
         command.append("--cpus=" + ",".join(str(c) for c in sorted(split[1])))
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
@@ -418,6 +423,15 @@ async def bench(args: argparse.Namespace) -> None:
                 # 1. The floor and CheckConsent, from a separate client process.
                 lines_before = len(server.lines)
                 load = await asyncio.to_thread(measure_load, server, storefront, args, split)
+                if args.only_checks:
+                    check = load["check"]
+                    print(
+                        f"\nCheckConsent only: {check['per_second']:.0f} calls/s, p50 {check['p50_ms']:.2f} ms, "
+                        f"p99 {check['p99_ms']:.2f} ms, server CPU "
+                        f"{1e6 * (check['server_cpu_s'] or 0) / check['calls']:.0f} µs/call, "
+                        f"allowed in {check['allowed']} of {check['calls']}"
+                    )
+                    return
                 lines_logged = len(server.lines) - lines_before
                 health, check = load["health"], load["check"]
                 share = 100.0 * check["per_second"] / health["per_second"]
@@ -512,6 +526,8 @@ async def bench(args: argparse.Namespace) -> None:
                 tail = [line for line in server.lines if '"event": "rpc"' not in line][-40:]
                 print(f"\nconsent service exited with {exit_code} on SIGTERM; its last log lines:")
                 print("".join(tail), end="")
+                if args.only_checks:  # the figures below are not measured: fail here
+                    sys.exit(1)
 
     revocation_ok = revoked["failures"] == 0 and revoked["p99_ms"] <= TARGET_REVOCATION_P99_MS
     rows = [
@@ -564,6 +580,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=CALLS, help="measured calls per kind")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="unary calls in flight")
     parser.add_argument("--revocations", type=int, default=REVOCATIONS)
+    parser.add_argument(
+        "--only-checks",
+        action="store_true",
+        help="only CheckConsent rounds (no floor, no cache or revocation figures): for profiling",
+    )
     args = parser.parse_args()
     asyncio.run(bench(args))
 

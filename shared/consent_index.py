@@ -126,6 +126,13 @@ class ConsentIndex:
             return NEEDS_RENEWAL
         return GRANTED
 
+    def collection_allowed(self, customer_id: str, category: str, now_us: int) -> bool:
+        """May data of `category` be collected at all: does any valid consent grant it?"""
+        for purpose, record in self._records.get(customer_id, {}).items():
+            if category in record.categories and self.status(record, purpose, now_us) == GRANTED:
+                return True
+        return False
+
     def check(self, customer_id: str, purpose: str, categories: Iterable[str], now_us: int) -> Decision:
         """May the customer's data of `categories` be used for `purpose` at `now_us`?"""
         record = self._records.get(customer_id, {}).get(purpose)

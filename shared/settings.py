@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     profile_address: str = "127.0.0.1:50051"
     recommendation_address: str = "127.0.0.1:50052"
     replenishment_address: str = "127.0.0.1:50053"
+    consent_max_staleness_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Consent state older than this is not acted on (fail closed)."
+    )
     client_timeout_seconds: float = Field(
         5.0, gt=0, le=300, description="Default deadline of outgoing calls."
     )

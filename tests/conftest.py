@@ -124,3 +124,23 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             detail.Unpack(info)
             return info.reason
     return ""
+
+
+@pytest.fixture
+async def consented_profile(start_service, dev_tokens):
+    """consented_profile(database_url=None) -> (profile, consent): a profile service whose
+    consent cache follows a real consent service and has synced with it."""
+
+    async def start(database_url: str | None = None) -> tuple[InProcessService, InProcessService]:
+        consent = await start_service("consent", database_url)
+        profile = await start_service(
+            "profile",
+            database_url,
+            consent_address=f"127.0.0.1:{consent.running.port}",
+            service_token=dev_tokens["service:profile"],
+        )
+        cache = profile.running.app.registrations[0].servicer.consent
+        assert await cache.wait_synced(10), "profile's consent cache did not sync"
+        return profile, consent
+
+    return start

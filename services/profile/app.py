@@ -20,6 +20,7 @@ from services.profile.data_subject import ProfileDataSubjectServicer
 from services.profile.pii import KEY_BYTES, PiiProtector
 from services.profile.servicer import ACCESS, ProfileServicer
 from services.profile.store import ProfileStore
+from shared.consent_cache import ConsentCache
 from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.keys import configured_key
@@ -46,11 +47,18 @@ def build_app(settings: Settings) -> App:
     protector = PiiProtector(pii_master_key(settings))
     database = Database(settings.effective_database_url, "profile", MIGRATIONS)
     store = ProfileStore(database, protector)
+    # The consent state this service obeys: a local cache of the consent change feed.
+    consent = ConsentCache(settings.consent_address, settings.service_token)
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
+        # Listed and watched in the background: until the cache is fresh, calls that
+        # depend on consent fail closed (UNAVAILABLE), so profile serves even while
+        # consent is down.
+        consent.start()
 
     async def stop() -> None:
+        await consent.stop()
         database.close()
 
     return App(
@@ -61,7 +69,7 @@ def build_app(settings: Settings) -> App:
                 profile_service_pb2_grpc.add_ProfileServiceServicer_to_server,
                 # RPCs not implemented yet are not overridden: the generated base answers
                 # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
-                ProfileServicer(store),  # type: ignore[abstract]
+                ProfileServicer(store, consent, settings),  # type: ignore[abstract]
                 ACCESS,
             ),
             data_subject_registration(ProfileDataSubjectServicer(store)),

@@ -26,9 +26,11 @@ from services.profile.identity import PII_KINDS, Identifier, Identity, check_ide
 from services.profile.masking import mask_email, mask_name, mask_phone
 from services.profile.store import ProfileStore, erased_error
 from shared.auth import AccessRule, Principal, allow, current_principal
+from shared.consent_cache import ConsentCache
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, Unimplemented
 from shared.proto_time import timestamp_of
+from shared.settings import Settings
 from shared.validation import Violations, decode_page_token, encode_page_token, page_size_of
 
 # Who may call each RPC (the proto's "Callers:" lines); anything absent is refused.
@@ -209,8 +211,10 @@ def require_supported_purpose(purpose: str, principal: Principal) -> None:
 
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
-    def __init__(self, store: ProfileStore):
+    def __init__(self, store: ProfileStore, consent: ConsentCache, settings: Settings):
         self.store = store
+        self.consent = consent  # the consent state every consent-dependent RPC obeys
+        self.settings = settings
 
     async def CreateCustomer(
         self, request: pb.CreateCustomerRequest, context: grpc.aio.ServicerContext

@@ -44,6 +44,8 @@ customers = sa.Table(
     sa.Column("revision", sa.Integer, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    # Set when the customer was merged into another: the id stays as an alias of it.
+    sa.Column("merged_into", sa.String(128), nullable=True),
 )
 
 identities = sa.Table(
@@ -61,6 +63,43 @@ identities = sa.Table(
 )
 
 # One row per erased customer id: all that erasure keeps (migration 0002).
+event_head = sa.Table(
+    "event_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+
+# Every accepted event once; `payload` is its serialized najimi.profile.v1.Event (with
+# resolved_customer_id, data_category and received_at filled in). See migration 0003.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("event_type", sa.SmallInteger, nullable=False),
+    sa.Column("channel", sa.SmallInteger, nullable=False),
+    sa.Column("data_category", sa.String(64), nullable=False),
+    sa.Column("occurred_at_us", sa.BigInteger, nullable=False),
+    sa.Column("received_at_us", sa.BigInteger, nullable=False),
+    sa.Column("value_micros", sa.BigInteger, nullable=False),
+    sa.Column("currency_code", sa.String(3), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+)
+
+merges = sa.Table(
+    "merges",
+    metadata,
+    sa.Column("source_customer_id", sa.String(128), primary_key=True),
+    sa.Column("target_customer_id", sa.String(128), nullable=False),
+    sa.Column("merged_at_us", sa.BigInteger, nullable=False),
+    sa.Column("merged_by", sa.String(160), nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("moved", sa.Text, nullable=False),
+    sa.Column("conflicts", sa.Text, nullable=False),
+)
+
 erasures = sa.Table(
     "erasures",
     metadata,
