@@ -132,7 +132,9 @@ async def consented_profile(start_service, dev_tokens):
     consent cache follows a real consent service and has synced with it."""
 
     async def start(database_url: str | None = None) -> tuple[InProcessService, InProcessService]:
-        consent = await start_service("consent", database_url)
+        # SQLite: one file per service (a file is one schema); PostgreSQL: a schema per service.
+        shared_database = database_url if database_url and database_url.startswith("postgresql") else None
+        consent = await start_service("consent", shared_database)
         profile = await start_service(
             "profile",
             database_url,

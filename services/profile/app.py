@@ -17,6 +17,7 @@ from pathlib import Path
 from najimi.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 
 from services.profile.data_subject import ProfileDataSubjectServicer
+from services.profile.events import EventIngestor
 from services.profile.pii import KEY_BYTES, PiiProtector
 from services.profile.servicer import ACCESS, ProfileServicer
 from services.profile.store import ProfileStore
@@ -49,6 +50,7 @@ def build_app(settings: Settings) -> App:
     store = ProfileStore(database, protector)
     # The consent state this service obeys: a local cache of the consent change feed.
     consent = ConsentCache(settings.consent_address, settings.service_token)
+    ingestor = EventIngestor(database, protector, consent, settings.consent_max_staleness_seconds)
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
@@ -69,7 +71,7 @@ def build_app(settings: Settings) -> App:
                 profile_service_pb2_grpc.add_ProfileServiceServicer_to_server,
                 # RPCs not implemented yet are not overridden: the generated base answers
                 # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
-                ProfileServicer(store, consent, settings),  # type: ignore[abstract]
+                ProfileServicer(store, consent, settings, ingestor),  # type: ignore[abstract]
                 ACCESS,
             ),
             data_subject_registration(ProfileDataSubjectServicer(store)),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -23,6 +24,7 @@ from services.profile.customers import (
     updated_profile,
 )
 from services.profile.identity import PII_KINDS, Identifier, Identity, check_identifiers, normalised
+from services.profile.interactions import InteractionFeed, cursor_of
 from services.profile.masking import mask_email, mask_name, mask_phone
 from services.profile.store import ProfileStore, erased_error
 from shared.auth import AccessRule, Principal, allow, current_principal
@@ -32,6 +34,11 @@ from shared.errors import InvalidArgument, NotFound, Unimplemented
 from shared.proto_time import timestamp_of
 from shared.settings import Settings
 from shared.validation import Violations, decode_page_token, encode_page_token, page_size_of
+
+MAX_EVENTS_PER_CALL = 1000  # the documented batch limit of IngestEvents and StreamEvents
+
+if TYPE_CHECKING:
+    from services.profile.events import EventIngestor
 
 # Who may call each RPC (the proto's "Callers:" lines); anything absent is refused.
 _WRITERS = allow("service:storefront", "service:store", "service:crm")
@@ -139,6 +146,11 @@ def identifier_of(identifier: pb.Identifier) -> Identifier:
     )
 
 
+def _check_batch_size(count: int) -> None:
+    if not 1 <= count <= MAX_EVENTS_PER_CALL:
+        raise InvalidArgument("events", f"must hold 1 to {MAX_EVENTS_PER_CALL} events, not {count}")
+
+
 # -- domain -> protobuf ---------------------------------------------------------------
 
 
@@ -211,10 +223,63 @@ def require_supported_purpose(purpose: str, principal: Principal) -> None:
 
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
-    def __init__(self, store: ProfileStore, consent: ConsentCache, settings: Settings):
+    def __init__(
+        self,
+        store: ProfileStore,
+        consent: ConsentCache,
+        settings: Settings,
+        ingestor: EventIngestor | None = None,
+    ):
+        self.ingestor = ingestor  # events: checked, resolved, consented, committed once
         self.store = store
         self.consent = consent  # the consent state every consent-dependent RPC obeys
         self.settings = settings
+        # The recommender's feed; the ingestor wakes its watchers after each commit (app.py).
+        self.interactions = InteractionFeed(store.db, consent, settings.consent_max_staleness_seconds)
+
+    async def ListInteractions(
+        self, request: pb.ListInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        size = 0
+        try:
+            size = page_size_of(request.page_size)
+        except InvalidArgument as error:
+            violations.found += error.violations
+        try:
+            # A page token is a cursor too; when set, since_cursor is ignored (the proto).
+            if request.page_token:
+                since = cursor_of(request.page_token, "page_token")
+            else:
+                since = cursor_of(request.since_cursor, "since_cursor")
+        except InvalidArgument as error:
+            violations.found += error.violations
+        violations.raise_if_any()
+        page = await self.interactions.page(since, size)
+        resume = page.resume.encode()
+        return pb.ListInteractionsResponse(
+            entries=page.entries, next_page_token="" if page.caught_up else resume, resume_cursor=resume
+        )
+
+    async def WatchInteractions(
+        self, request: pb.WatchInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchInteractionsResponse]:
+        since = cursor_of(request.since_cursor, "since_cursor")
+        async for entries, resume in self.interactions.watch(since):
+            yield pb.WatchInteractionsResponse(entries=entries, resume_cursor=resume.encode())
+
+    async def IngestEvents(self, request: pb.IngestEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        _check_batch_size(len(request.events))
+        assert self.ingestor is not None
+        return pb.IngestEventsResponse(results=await self.ingestor.ingest(request.events))
+
+    async def StreamEvents(
+        self, requests: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        assert self.ingestor is not None
+        async for message in requests:
+            _check_batch_size(len(message.events))
+            yield pb.StreamEventsResponse(results=await self.ingestor.ingest(message.events))
 
     async def CreateCustomer(
         self, request: pb.CreateCustomerRequest, context: grpc.aio.ServicerContext

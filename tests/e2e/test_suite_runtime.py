@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import signal
+import time
 import urllib.request
 
 import grpc
