@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from services.profile.identity import check_identifier
 from services.profile.pii import PiiProtector
 from services.profile.servicer import identifier_of
-from services.profile.store import customers, event_head, events, identities
+from services.profile.store import allocate_seqs, customers, events, identities
 from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
 from shared.errors import Unavailable
@@ -204,13 +204,9 @@ def _resolve(connection: Connection, ids: set[str], hashes: set[bytes]) -> dict[
     return resolved
 
 
-def _insert(connection: Connection, rows: list[dict[str, object]]) -> set[str]:
-    """Stores the rows under the next seqs (commit order = seq order); returns the event ids
-    that were new (the others were already there)."""
-    connection.execute(
-        event_head.update().where(event_head.c.id == 1).values(seq=event_head.c.seq + len(rows))
-    )
-    last = int(connection.execute(sa.select(event_head.c.seq).where(event_head.c.id == 1)).scalar_one())
+def _insert(connection: Connection, rows: list[dict[str, object]], last: int) -> set[str]:
+    """Stores the rows under the seqs ending at `last`; returns the event ids that were new
+    (the others were already there)."""
     for offset, row in enumerate(rows):
         row["seq"] = last - len(rows) + 1 + offset
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
@@ -220,6 +216,18 @@ def _insert(connection: Connection, rows: list[dict[str, object]]) -> set[str]:
         .returning(events.c.event_id)
     )
     return {row.event_id for row in connection.execute(statement, rows)}
+
+
+def _still_live(connection: Connection, owners: set[str]) -> bool:
+    """Are all these customers still there and not merged away?"""
+    if not owners:
+        return True
+    rows = connection.execute(
+        sa.select(customers.c.customer_id).where(
+            customers.c.customer_id.in_(owners), customers.c.merged_into.is_(None)
+        )
+    ).all()
+    return len(rows) == len(owners)
 
 
 class EventIngestor:
@@ -234,32 +242,10 @@ class EventIngestor:
         """Calls `listener` after each commit of new events (to wake followers of the events)."""
         self._listeners.append(listener)
 
-    async def ingest(self, batch: Sequence[pb.Event]) -> list[pb.EventResult]:
-        """One result per event, in order; raises UNAVAILABLE when consent state is too stale."""
-        if self.consent.staleness > self.max_staleness:
-            raise Unavailable(
-                "consent state is not fresh enough to collect events; retry later",
-                reason="CONSENT_STATE_STALE",
-            )
-        now = now_micros()
-        results: list[pb.EventResult] = [pb.EventResult(event_id=e.event_id) for e in batch]
-        pending: list[_Pending] = []
-        for position, event in enumerate(batch):
-            problems = check_event(event, now)
-            if problems:
-                results[position].status = pb.EVENT_RESULT_STATUS_INVALID
-                results[position].violations.extend(problems)
-                continue
-            if event.WhichOneof("customer") == "customer_id":
-                key: str | bytes = event.customer_id
-            else:
-                key = self.pii.lookup_hash(identifier_of(event.identifier).lookup_key)
-            pending.append(_Pending(position, event, key))
-        if not pending:
-            return results
-        ids = {p.customer_key for p in pending if isinstance(p.customer_key, str)}
-        hashes = {p.customer_key for p in pending if isinstance(p.customer_key, bytes)}
-        owners = await self.db.read(lambda c: _resolve(c, ids, hashes))  # type: ignore[arg-type]
+    def _decide(
+        self, pending: list[_Pending], owners: dict[str | bytes, str], results: list[pb.EventResult], now: int
+    ) -> tuple[list[_Pending], list[dict[str, object]]]:
+        """Sets UNKNOWN_CUSTOMER and REJECTED_CONSENT results; returns the rest and their rows."""
         index = self.consent.index
         rows: list[dict[str, object]] = []
         accepted: list[_Pending] = []
@@ -294,16 +280,58 @@ class EventIngestor:
                 }
             )
             accepted.append(item)
-        if rows:
-            new = await self.db.write(lambda c: _insert(c, [dict(r) for r in rows]))
-            for item in accepted:
-                result = results[item.position]
-                result.customer_id = item.customer_id
-                if item.event.event_id in new:
-                    new.discard(item.event.event_id)  # a second copy in this batch is a duplicate
-                    result.status = pb.EVENT_RESULT_STATUS_ACCEPTED
-                else:
-                    result.status = pb.EVENT_RESULT_STATUS_DUPLICATE
+        return accepted, rows
+
+    async def ingest(self, batch: Sequence[pb.Event]) -> list[pb.EventResult]:
+        """One result per event, in order; raises UNAVAILABLE when consent state is too stale."""
+        if self.consent.staleness > self.max_staleness:
+            raise Unavailable(
+                "consent state is not fresh enough to collect events; retry later",
+                reason="CONSENT_STATE_STALE",
+            )
+        now = now_micros()
+        results: list[pb.EventResult] = [pb.EventResult(event_id=e.event_id) for e in batch]
+        pending: list[_Pending] = []
+        for position, event in enumerate(batch):
+            problems = check_event(event, now)
+            if problems:
+                results[position].status = pb.EVENT_RESULT_STATUS_INVALID
+                results[position].violations.extend(problems)
+                continue
+            if event.WhichOneof("customer") == "customer_id":
+                key: str | bytes = event.customer_id
+            else:
+                key = self.pii.lookup_hash(identifier_of(event.identifier).lookup_key)
+            pending.append(_Pending(position, event, key))
+        if not pending:
+            return results
+        ids = {p.customer_key for p in pending if isinstance(p.customer_key, str)}
+        hashes = {p.customer_key for p in pending if isinstance(p.customer_key, bytes)}
+        owners = await self.db.read(lambda c: _resolve(c, ids, hashes))  # type: ignore[arg-type]
+        accepted, rows = self._decide(pending, owners, results, now)
+
+        def collect(connection: Connection) -> tuple[list[_Pending], set[str]]:
+            nonlocal accepted, rows
+            # Under the event order lock no merge or erasure can change owners; if one did
+            # since the read above, resolve again here (rare) before storing anything.
+            allocate_seqs(connection, 0)
+            if not _still_live(connection, {item.customer_id for item in accepted}):
+                fresh = _resolve(connection, ids, hashes)  # type: ignore[arg-type]
+                accepted, rows = self._decide(pending, fresh, results, now)
+            if not rows:
+                return accepted, set()
+            return accepted, _insert(connection, rows, allocate_seqs(connection, len(rows)))
+
+        accepted, new = await self.db.write(collect)
+        for item in accepted:
+            result = results[item.position]
+            result.customer_id = item.customer_id
+            if item.event.event_id in new:
+                new.discard(item.event.event_id)  # a second copy in this batch is a duplicate
+                result.status = pb.EVENT_RESULT_STATUS_ACCEPTED
+            else:
+                result.status = pb.EVENT_RESULT_STATUS_DUPLICATE
+        if accepted:
             for listener in self._listeners:
                 listener()
         return results
