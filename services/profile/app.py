@@ -51,15 +51,25 @@ def build_app(settings: Settings) -> App:
     # The consent state this service obeys: a local cache of the consent change feed.
     consent = ConsentCache(settings.consent_address, settings.service_token)
     ingestor = EventIngestor(database, protector, consent, settings.consent_max_staleness_seconds)
+    # RPCs not implemented yet are not overridden: the generated base answers
+    # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
+    servicer = ProfileServicer(store, consent, settings, ingestor)  # type: ignore[abstract]
+    # Committed events wake the interaction feed's watchers at once (it also polls).
+    ingestor.on_commit(servicer.interactions.notify)
+    # ... and the trait worker, which follows them into the trait aggregates (it polls too).
+    ingestor.on_commit(servicer.trait_worker.notify)
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
+        servicer.trait_worker.start()
         # Listed and watched in the background: until the cache is fresh, calls that
         # depend on consent fail closed (UNAVAILABLE), so profile serves even while
         # consent is down.
         consent.start()
 
     async def stop() -> None:
+        await servicer.interactions.stop()
+        await servicer.trait_worker.stop()
         await consent.stop()
         database.close()
 
@@ -69,13 +79,14 @@ def build_app(settings: Settings) -> App:
             Registration(
                 profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"],
                 profile_service_pb2_grpc.add_ProfileServiceServicer_to_server,
-                # RPCs not implemented yet are not overridden: the generated base answers
-                # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
-                ProfileServicer(store, consent, settings, ingestor),  # type: ignore[abstract]
+                servicer,
                 ACCESS,
             ),
             data_subject_registration(ProfileDataSubjectServicer(store)),
         ],
         start=start,
         stop=stop,
+        # Watch streams end (UNAVAILABLE) when the server begins to stop, so followers
+        # reconnect elsewhere instead of holding the graceful stop to its limit.
+        drain=servicer.interactions.close_watches,
     )

@@ -79,6 +79,10 @@ class Customer:
     create_time_us: int
     update_time_us: int
     revision: int
+    # Set when merged into another customer (the profile is then empty: a tombstone).
+    merged_into: str = ""
+    # The customers merged into this one, oldest merge first.
+    merged_from: tuple[str, ...] = ()
 
     @property
     def etag(self) -> str:

@@ -5,16 +5,21 @@ or admin, carrying out the subject's request). The document (a google.protobuf.S
 has one shape whether or not the customer is known:
 
     {"customer_id": ..., "held": {"customer": {...} | null, "identities": [...],
-     "stored_responses": [...], "erasure": {...} | null}, "not_held_yet": {...}}
+     "stored_responses": [...], "events": [...], "traits": {...} | null, "erasure": {...} | null},
+     "not_held_yet": {...}}
+
+Events are exported as stored (the proto's JSON of each Event, search queries included:
+they are the subject's data), and traits as computed at export time from all that is
+held (the proto's JSON of Traits), whatever the customer consents to today.
 
 An export is a read: a retry with the same request_id reads the data again instead of
 keeping a second copy of everything (the proto's "same document" holds while the data is
 unchanged; exported_at says when it was taken).
 
-Erasure deletes the customer, its identities and the stored responses of requests about
-it (a retry of CreateCustomer must not bring them back) in one transaction, and keeps an
-erasure tombstone (table `erasures`): the id then reads as CUSTOMER_ERASED and cannot be
-created again. An id never seen is tombstoned too, since it names the data subject. The
+Erasure deletes the customer, its identities, its events, its trait aggregates and the
+stored responses of requests about it (a retry of CreateCustomer must not bring them
+back) in one transaction, and keeps an erasure tombstone (table `erasures`): the id then
+reads as CUSTOMER_ERASED and cannot be created again. An id never seen is tombstoned too, since it names the data subject. The
 erasure is idempotent by request_id: a retry returns the first result.
 """
 
@@ -30,10 +35,12 @@ from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
+from services.profile import trait_store, traits
 from services.profile.customers import Attribute, Customer
 from services.profile.identity import Identity
 from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
 from services.profile.store import HeldData, ProfileStore, StoredResponse
+from services.profile.trait_rpcs import traits_message
 from shared import idempotency
 from shared.auth import current_principal
 from shared.data_subject import check_request, rfc3339, struct_of
@@ -44,11 +51,12 @@ from shared.proto_time import timestamp_of
 SERVICE = "profile"
 ERASE = "EraseCustomerData"
 # Stored responses by RPC, for the export to show them as JSON.
-STORED_RESPONSE_TYPES: dict[str, Any] = {"CreateCustomer": pb.CreateCustomerResponse}
-NOT_HELD_YET = {
-    "events": "behavioural events from web, app, store and devices are not collected by this version",
-    "traits": "computed traits (RFM, category affinity, purchase cadence, churn risk) are not computed yet",
+STORED_RESPONSE_TYPES: dict[str, Any] = {
+    "CreateCustomer": pb.CreateCustomerResponse,
+    "LinkIdentity": pb.LinkIdentityResponse,
+    "MergeCustomers": pb.MergeCustomersResponse,
 }
+NOT_HELD_YET: dict[str, str] = {}
 
 
 def attribute_document(attribute: Attribute) -> dict[str, Any]:
@@ -104,13 +112,36 @@ def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
     }
 
 
-def export_document(customer_id: str, held: HeldData) -> dict[str, Any]:
+def event_document(payload: bytes) -> dict[str, Any]:
+    """One stored event as the proto's JSON (field names as in the proto, 64-bit integers as
+    strings), with what the service added: resolved_customer_id, data_category, received_at."""
+    return json_format.MessageToDict(pb.Event.FromString(payload), preserving_proto_field_name=True)
+
+
+def traits_document(
+    customer_id: str, aggregates: traits.CustomerAggregates, now_us: int
+) -> dict[str, Any] | None:
+    """The traits computed from everything held of the customer (the subject sees what can
+    be derived from their data, whatever they consent to today), as the proto's JSON; None
+    when nothing is held."""
+    if not (aggregates.orders or aggregates.item_purchases or aggregates.affinities):
+        return None
+    computed = traits.compute_traits(customer_id, aggregates, now_us, traits.TRAIT_INPUTS)
+    return json_format.MessageToDict(traits_message(computed), preserving_proto_field_name=True)
+
+
+def export_document(
+    customer_id: str, held: HeldData, held_traits: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "customer_id": customer_id,
         "held": {
             "customer": customer_document(held.customer) if held.customer is not None else None,
             "identities": [identity_document(identity) for identity in held.identities],
             "stored_responses": [stored_response_document(s) for s in held.stored_responses],
+            # In commit order; events moved here from customers merged into this one included.
+            "events": [event_document(payload) for payload in held.events],
+            "traits": held_traits,
             "erasure": (
                 {"erased_at": rfc3339(held.erased_at_us), "request_id": held.erasure_request_id}
                 if held.erased_at_us is not None
@@ -142,13 +173,19 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     ) -> Any:
         check_request(request.customer_id, request.request_id)
         exported_at = now_micros()
-        held = await self.store.db.read(
-            lambda connection: self.store.held_data(connection, request.customer_id)
-        )
+
+        def read(connection: Connection) -> tuple[HeldData, traits.CustomerAggregates]:
+            return (
+                self.store.held_data(connection, request.customer_id),
+                trait_store.load_aggregates(connection, request.customer_id),
+            )
+
+        held, aggregates = await self.store.db.read(read)
+        held_traits = traits_document(request.customer_id, aggregates, exported_at)
         return privacy_pb.ExportCustomerDataResponse(
             service=SERVICE,
             exported_at=timestamp_of(exported_at),
-            document=struct_of(export_document(request.customer_id, held)),
+            document=struct_of(export_document(request.customer_id, held, held_traits)),
         )
 
     async def EraseCustomerData(
@@ -161,6 +198,9 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
         def carry_out(connection: Connection) -> bytes:
             erased_at = now_micros()
             counts = self.store.erase(connection, customer_id, request_id, erased_at)
+            # The trait aggregates computed from the customer's events (aliases have none:
+            # a merge drops them, see trait_store.rebuild).
+            counts["traits"] = trait_store.erase_traits(connection, customer_id)
             # Kept in plain text: it holds the (pseudonymous) id and counts, no PII.
             return json.dumps(
                 {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}

@@ -9,7 +9,12 @@ from services.profile.customers import check_email, check_phone
 from shared.validation import Violations
 
 MAX_IDENTITIES_PER_REQUEST = 100
+# LinkIdentity refuses more (RESOURCE_EXHAUSTED); a merge may exceed it, since the
+# identifiers it moves belong to the same person already.
+MAX_IDENTITIES_PER_CUSTOMER = 1000
 MAX_IDENTIFIER_VALUE = 256
+# Server-assigned identity ids ("idn_" and 32 hex digits; store.new_identity_id).
+IDENTITY_ID = re.compile(r"^[A-Za-z0-9_]{1,40}$")
 ISSUER = re.compile(r"^[a-z0-9._-]{1,64}$")
 KINDS = ("email", "phone", "loyalty_card", "device_id", "cookie_id", "external_id")
 # Kinds that are PII: masked in responses like Customer.email and Customer.phone.
@@ -36,6 +41,17 @@ class Identity:
     verified: bool
     link_time_us: int
     linked_by: str
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The live customer a subject (identifier or customer id) belongs to today."""
+
+    customer_id: str
+    # The merged-away ids passed through on the way, in order.
+    merged_customer_ids: list[str]
+    # The matching identity, when an identifier was resolved.
+    identity: Identity | None = None
 
 
 def normalised(identifier: Identifier) -> Identifier:

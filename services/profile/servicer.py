@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
+from services.profile import identity_store, trait_rpcs
 from services.profile.customers import (
     CUSTOMER_ID,
     Attribute,
@@ -23,10 +24,20 @@ from services.profile.customers import (
     new_customer_id,
     updated_profile,
 )
-from services.profile.identity import PII_KINDS, Identifier, Identity, check_identifiers, normalised
+from services.profile.identity import (
+    IDENTITY_ID,
+    PII_KINDS,
+    Identifier,
+    Identity,
+    check_identifier,
+    check_identifiers,
+    normalised,
+)
 from services.profile.interactions import InteractionFeed, cursor_of
 from services.profile.masking import mask_email, mask_name, mask_phone
+from services.profile.merges import PII_EMAIL, PII_NAME, PII_PHONE, Conflict, MergeOutcome
 from services.profile.store import ProfileStore, erased_error
+from services.profile.trait_worker import TraitWorker
 from shared.auth import AccessRule, Principal, allow, current_principal
 from shared.consent_cache import ConsentCache
 from shared.db import now_micros
@@ -171,9 +182,18 @@ def attribute_message(attribute: Attribute) -> pb.AttributeValue:
 
 
 def customer_message(customer: Customer, reveal_pii: bool) -> pb.Customer:
+    if customer.merged_into:
+        # A merged customer is a tombstone: its id, its times and where it went.
+        return pb.Customer(
+            customer_id=customer.customer_id,
+            create_time=timestamp_of(customer.create_time_us),
+            update_time=timestamp_of(customer.update_time_us),
+            merged_into=customer.merged_into,
+        )
     profile = customer.profile
     masked = not reveal_pii
     return pb.Customer(
+        merged_from=customer.merged_from,
         customer_id=customer.customer_id,
         display_name=mask_name(profile.display_name) if masked else profile.display_name,
         email=mask_email(profile.email) if masked and profile.email else profile.email,
@@ -209,6 +229,57 @@ def identity_message(identity: Identity, reveal_pii: bool) -> pb.Identity:
     )
 
 
+_CONFLICT_MASKS = {PII_NAME: mask_name, PII_EMAIL: mask_email, PII_PHONE: mask_phone}
+
+
+def conflict_message(conflict: Conflict, reveal_pii: bool) -> pb.AttributeConflict:
+    def shown(value: str) -> str:
+        if reveal_pii or not conflict.pii or not value:
+            return value
+        return _CONFLICT_MASKS[conflict.pii](value)
+
+    return pb.AttributeConflict(
+        field=conflict.field,
+        source_value=shown(conflict.source_value),
+        target_value=shown(conflict.target_value),
+    )
+
+
+def merge_response(outcome: MergeOutcome, reveal_pii: bool) -> pb.MergeCustomersResponse:
+    return pb.MergeCustomersResponse(
+        customer=customer_message(outcome.target, reveal_pii),
+        moved_identity_count=outcome.moved_identities,
+        moved_event_count=outcome.moved_events,
+        filled_attribute_count=outcome.filled,
+        conflicts=[conflict_message(conflict, reveal_pii) for conflict in outcome.conflicts],
+        merge_time=timestamp_of(outcome.merged_at_us),
+    )
+
+
+def required_identifier(message: Any, field_name: str, violations: Violations) -> Identifier:
+    """The normalised identifier in `message.<field_name>`; violations when missing or malformed."""
+    if not message.HasField(field_name):
+        violations.add(field_name, "is required")
+        return Identifier("", "")
+    identifier = identifier_of(getattr(message, field_name))
+    check_identifier(violations, field_name, identifier)
+    return identifier
+
+
+def identity_position_of(position: object) -> tuple[int, str]:
+    """The (link time, identity id) a ListIdentities page token continues after."""
+    if (
+        isinstance(position, list)
+        and len(position) == 2
+        and type(position[0]) is int
+        and -(2**63) <= position[0] < 2**63
+        and isinstance(position[1], str)
+        and IDENTITY_ID.match(position[1])
+    ):
+        return position[0], position[1]
+    raise InvalidArgument("page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN")
+
+
 def may_read_pii(principal: Principal) -> bool:
     return str(principal) in PII_READERS
 
@@ -236,16 +307,18 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         self.settings = settings
         # The recommender's feed; the ingestor wakes its watchers after each commit (app.py).
         self.interactions = InteractionFeed(store.db, consent, settings.consent_max_staleness_seconds)
+        # Keeps the trait aggregates current by following the events (started in app.py).
+        self.trait_worker = TraitWorker(store.db)
 
     async def ListInteractions(
         self, request: pb.ListInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        violations = Violations()
+        problems: list[InvalidArgument] = []
         size = 0
         try:
             size = page_size_of(request.page_size)
         except InvalidArgument as error:
-            violations.found += error.violations
+            problems.append(error)
         try:
             # A page token is a cursor too; when set, since_cursor is ignored (the proto).
             if request.page_token:
@@ -253,8 +326,11 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             else:
                 since = cursor_of(request.since_cursor, "since_cursor")
         except InvalidArgument as error:
-            violations.found += error.violations
-        violations.raise_if_any()
+            problems.append(error)
+        if len(problems) == 1:
+            raise problems[0]  # with its own reason (e.g. INVALID_CURSOR)
+        if problems:
+            raise InvalidArgument.of([v for problem in problems for v in problem.violations])
         page = await self.interactions.page(since, size)
         resume = page.resume.encode()
         return pb.ListInteractionsResponse(
@@ -266,7 +342,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
     ) -> AsyncIterator[pb.WatchInteractionsResponse]:
         since = cursor_of(request.since_cursor, "since_cursor")
         async for entries, resume in self.interactions.watch(since):
-            yield pb.WatchInteractionsResponse(entries=entries, resume_cursor=resume.encode())
+            yield pb.WatchInteractionsResponse(entries=entries, resume_cursor=resume)
 
     async def IngestEvents(self, request: pb.IngestEventsRequest, context: grpc.aio.ServicerContext) -> Any:
         _check_batch_size(len(request.events))
@@ -280,6 +356,16 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         async for message in requests:
             _check_batch_size(len(message.events))
             yield pb.StreamEventsResponse(results=await self.ingestor.ingest(message.events))
+
+    # -- timeline and traits (services/profile/trait_rpcs.py) -------------------------------
+
+    async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        staleness = self.settings.consent_max_staleness_seconds
+        return await trait_rpcs.list_events(self.store.db, self.consent, staleness, request)
+
+    async def GetTraits(self, request: pb.GetTraitsRequest, context: grpc.aio.ServicerContext) -> Any:
+        staleness = self.settings.consent_max_staleness_seconds
+        return await trait_rpcs.get_traits(self.store.db, self.consent, staleness, request)
 
     async def CreateCustomer(
         self, request: pb.CreateCustomerRequest, context: grpc.aio.ServicerContext
@@ -373,7 +459,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if position and position.get("filters") != filters:
             raise InvalidArgument("page_token", "was issued for other filters; send the first page's filters")
         after = str(position.get("after", ""))
-        found = await self.store.list_customers(after, updated_after, size)
+        found = await self.store.list_customers(after, updated_after, size, request.show_merged)
         reveal = may_read_pii(principal)
         next_token = (
             encode_page_token({"after": found[-1].customer_id, "filters": filters})
@@ -383,3 +469,138 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         return pb.ListCustomersResponse(
             customers=[customer_message(c, reveal) for c in found], next_page_token=next_token
         )
+
+    # -- identities and merges (services/profile/identity_store.py, merges.py) ---------
+
+    async def LinkIdentity(self, request: pb.LinkIdentityRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_request_id("request_id", request.request_id)
+        violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+        identifier = required_identifier(request, "identifier", violations)
+        violations.raise_if_any()
+        principal = current_principal()
+        reveal = may_read_pii(principal)
+
+        def render(identity: Identity) -> bytes:
+            return pb.LinkIdentityResponse(identity=identity_message(identity, reveal)).SerializeToString()
+
+        response = await identity_store.link_identity(
+            self.store,
+            principal=str(principal),
+            request_id=request.request_id,
+            customer_id=request.customer_id,
+            identifier=identifier,
+            verified=request.verified,
+            render=render,
+        )
+        return pb.LinkIdentityResponse.FromString(response)
+
+    async def UnlinkIdentity(
+        self, request: pb.UnlinkIdentityRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+        which = request.WhichOneof("identity")
+        identity_id, identifier = None, None
+        if which == "identity_id":
+            violations.require_id("identity_id", request.identity_id, IDENTITY_ID)
+            identity_id = request.identity_id
+        elif which == "identifier":
+            identifier = required_identifier(request, "identifier", violations)
+        else:
+            violations.add("identity_id", "one of identity_id or identifier is required")
+        violations.raise_if_any()
+        removed = await identity_store.unlink_identity(
+            self.store, request.customer_id, identity_id, identifier
+        )
+        return pb.UnlinkIdentityResponse(
+            identity=identity_message(removed, may_read_pii(current_principal()))
+        )
+
+    async def ListIdentities(
+        self, request: pb.ListIdentitiesRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+        kinds = set()
+        for index, value in enumerate(request.types):
+            if value in IDENTIFIER_KINDS:
+                kinds.add(IDENTIFIER_KINDS[value])
+            else:
+                violations.add(
+                    f"types[{index}]", "must be one of the IdentifierType values other than UNSPECIFIED"
+                )
+        violations.raise_if_any()
+        size = page_size_of(request.page_size)
+        # The filters travel in the token, so a token cannot be replayed with other filters.
+        filters = {"customer_id": request.customer_id, "types": sorted(kinds)}
+        position = decode_page_token(request.page_token)
+        after = None
+        if position:
+            if position.get("filters") != filters:
+                raise InvalidArgument(
+                    "page_token", "was issued for other filters; send the first page's filters"
+                )
+            after = identity_position_of(position.get("after"))
+        found = await identity_store.list_identities(
+            self.store, request.customer_id, sorted(kinds), after, size
+        )
+        next_token = (
+            encode_page_token({"after": [found[-1].link_time_us, found[-1].identity_id], "filters": filters})
+            if len(found) == size
+            else ""
+        )
+        reveal = may_read_pii(current_principal())
+        return pb.ListIdentitiesResponse(
+            identities=[identity_message(identity, reveal) for identity in found], next_page_token=next_token
+        )
+
+    async def ResolveIdentity(
+        self, request: pb.ResolveIdentityRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        which = request.WhichOneof("subject")
+        customer_id, identifier = None, None
+        if which == "customer_id":
+            violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+            customer_id = request.customer_id
+        elif which == "identifier":
+            identifier = required_identifier(request, "identifier", violations)
+        else:
+            violations.add("identifier", "one of identifier or customer_id is required")
+        violations.raise_if_any()
+        resolution = await identity_store.resolve(self.store, customer_id, identifier)
+        response = pb.ResolveIdentityResponse(
+            customer_id=resolution.customer_id, merged_customer_ids=resolution.merged_customer_ids
+        )
+        if resolution.identity is not None:
+            response.identity.CopyFrom(
+                identity_message(resolution.identity, may_read_pii(current_principal()))
+            )
+        return response
+
+    async def MergeCustomers(
+        self, request: pb.MergeCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_request_id("request_id", request.request_id)
+        violations.require_id("source_customer_id", request.source_customer_id, CUSTOMER_ID)
+        violations.require_id("target_customer_id", request.target_customer_id, CUSTOMER_ID)
+        violations.raise_if_any()
+        if request.source_customer_id == request.target_customer_id:
+            raise InvalidArgument(
+                "target_customer_id",
+                "must differ from source_customer_id: a customer cannot be merged into itself",
+                reason="MERGE_INTO_ITSELF",
+            )
+        principal = current_principal()
+        reveal = may_read_pii(principal)
+        response = await identity_store.merge_customers(
+            self.store,
+            principal=str(principal),
+            request_id=request.request_id,
+            source_id=request.source_customer_id,
+            target_id=request.target_customer_id,
+            render=lambda outcome: merge_response(outcome, reveal).SerializeToString(),
+        )
+        return pb.MergeCustomersResponse.FromString(response)

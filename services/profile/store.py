@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from services.profile.customers import Attribute, Customer, Profile, updated_profile
 from services.profile.identity import Identifier, Identity
+from services.profile.merges import customer_merged_error
 from services.profile.pii import PiiProtector
 from shared import idempotency
 from shared.db import Database, now_micros
@@ -87,6 +88,18 @@ events = sa.Table(
     sa.Column("currency_code", sa.String(3), nullable=False),
     sa.Column("payload", sa.LargeBinary, nullable=False),
 )
+
+
+def allocate_seqs(connection: Connection, count: int) -> int:
+    """Takes the event_head row lock (held to commit) and `count` more seqs; returns the last.
+
+    Whatever changes who owns events (ingestion, merges, erasure) takes this lock first,
+    so events commit in seq order and no event lands on a customer that a concurrent
+    merge or erasure is taking away. `count` 0 takes only the lock.
+    """
+    connection.execute(event_head.update().where(event_head.c.id == 1).values(seq=event_head.c.seq + count))
+    return int(connection.execute(sa.select(event_head.c.seq).where(event_head.c.id == 1)).scalar_one())
+
 
 merges = sa.Table(
     "merges",
@@ -166,6 +179,33 @@ def erased_error(customer_id: str) -> NotFound:
     return NotFound(f"customer {customer_id} was erased", reason="CUSTOMER_ERASED")
 
 
+def merged_from_of(connection: Connection, customer_ids: list[str]) -> dict[str, tuple[str, ...]]:
+    """The ids merged directly into each of `customer_ids`, oldest merge first."""
+    found: dict[str, list[str]] = {}
+    if customer_ids:
+        rows = connection.execute(
+            sa.select(merges.c.target_customer_id, merges.c.source_customer_id)
+            .where(merges.c.target_customer_id.in_(customer_ids))
+            .order_by(merges.c.merged_at_us, merges.c.source_customer_id)
+        )
+        for target, source in rows:
+            found.setdefault(target, []).append(source)
+    return {customer_id: tuple(sources) for customer_id, sources in found.items()}
+
+
+def aliases_of(connection: Connection, customer_id: str) -> list[str]:
+    """Every id merged into `customer_id`, directly or through a chain of merges."""
+    aliases: list[str] = []
+    frontier = [customer_id]
+    while frontier:
+        sources = connection.execute(
+            sa.select(merges.c.source_customer_id).where(merges.c.target_customer_id.in_(frontier))
+        ).scalars()
+        frontier = [source for source in sources if source != customer_id and source not in aliases]
+        aliases.extend(frontier)
+    return aliases
+
+
 @dataclass(frozen=True)
 class StoredResponse:
     """A response stored for a retry of an idempotent request about a customer, decrypted."""
@@ -184,6 +224,8 @@ class HeldData:
     customer: Customer | None = None
     identities: list[Identity] = field(default_factory=list)
     stored_responses: list[StoredResponse] = field(default_factory=list)
+    # The customer's events (moved ones included) as stored: serialized najimi Events, in seq order.
+    events: list[bytes] = field(default_factory=list)
     erased_at_us: int | None = None
     erasure_request_id: str = ""
 
@@ -240,7 +282,14 @@ class ProfileStore:
             signup_time_us=row.signup_time_us,
             attributes=_attributes_of(row.attributes),
         )
-        return Customer(row.customer_id, profile, row.create_time_us, row.update_time_us, row.revision)
+        return Customer(
+            row.customer_id,
+            profile,
+            row.create_time_us,
+            row.update_time_us,
+            row.revision,
+            merged_into=row.merged_into or "",
+        )
 
     def _identity_row(self, identity: Identity) -> dict[str, Any]:
         return {
@@ -376,7 +425,10 @@ class ProfileStore:
             row = connection.execute(
                 sa.select(customers).where(customers.c.customer_id == customer_id)
             ).first()
-            return self._customer_of(row) if row is not None else None
+            if row is None:
+                return None
+            merged_from = merged_from_of(connection, [customer_id]).get(customer_id, ())
+            return replace(self._customer_of(row), merged_from=merged_from)
 
         return await self.db.read(query)
 
@@ -395,7 +447,12 @@ class ProfileStore:
                 if erasure_of(connection, customer_id) is not None:
                     raise erased_error(customer_id)
                 raise NotFound(f"customer {customer_id} not found", reason="CUSTOMER_NOT_FOUND")
+            if row.merged_into:
+                raise customer_merged_error(customer_id, row.merged_into)
             current = self._customer_of(row)
+            current = replace(
+                current, merged_from=merged_from_of(connection, [customer_id]).get(customer_id, ())
+            )
             if etag and etag != current.etag:
                 raise Aborted("customer.etag is stale: read the customer again", reason="ETAG_MISMATCH")
             profile = updated_profile(current.profile, given, mask, current.create_time_us)
@@ -411,15 +468,24 @@ class ProfileStore:
 
         return await self.db.write(update)
 
-    async def list_customers(self, after: str, updated_after_us: int | None, limit: int) -> list[Customer]:
-        """Up to `limit` customers with ids after `after`, ordered by id (keyset paging)."""
+    async def list_customers(
+        self, after: str, updated_after_us: int | None, limit: int, show_merged: bool = False
+    ) -> list[Customer]:
+        """Up to `limit` customers with ids after `after`, ordered by id (keyset paging);
+        customers merged into others only when `show_merged`."""
 
         def query(connection: Connection) -> list[Customer]:
             select = sa.select(customers).where(customers.c.customer_id > after)
             if updated_after_us is not None:
                 select = select.where(customers.c.update_time_us >= updated_after_us)
-            rows = connection.execute(select.order_by(customers.c.customer_id).limit(limit))
-            return [self._customer_of(row) for row in rows]
+            if not show_merged:
+                select = select.where(customers.c.merged_into.is_(None))
+            found = [
+                self._customer_of(row)
+                for row in connection.execute(select.order_by(customers.c.customer_id).limit(limit))
+            ]
+            merged_from = merged_from_of(connection, [c.customer_id for c in found])
+            return [replace(c, merged_from=merged_from.get(c.customer_id, ())) for c in found]
 
         return await self.db.read(query)
 
@@ -465,19 +531,30 @@ class ProfileStore:
                 )
                 for s in stored
             ],
+            events=list(
+                connection.execute(
+                    sa.select(events.c.payload)
+                    .where(events.c.customer_id == customer_id)
+                    .order_by(events.c.seq)
+                ).scalars()
+            ),
             erased_at_us=erasure.erased_at_us if erasure is not None else None,
             erasure_request_id=erasure.request_id if erasure is not None else "",
         )
 
     def erase(self, connection: Connection, customer_id: str, request_id: str, now_us: int) -> dict[str, int]:
-        """Deletes every row about `customer_id` in the caller's transaction and leaves a
-        tombstone (the first erasure's, if there is one); returns how many rows of each kind
-        were deleted."""
+        """Deletes every row about `customer_id` and its aliases (the customers merged into it,
+        directly or through a chain) in the caller's transaction and leaves a tombstone for each
+        id (the first erasure's, if there is one); returns how many rows of each kind were
+        deleted (aliases count as customers)."""
+        allocate_seqs(connection, 0)  # no event can be stored for this customer meanwhile
         lock_customer_id(connection, customer_id)
+        # A merge into this customer takes the same lock: none can add an alias from here on.
+        erased_ids = [customer_id, *aliases_of(connection, customer_id)]
         requests = connection.execute(
             sa.select(
                 customer_requests.c.principal, customer_requests.c.rpc, customer_requests.c.request_id
-            ).where(customer_requests.c.customer_id == customer_id)
+            ).where(customer_requests.c.customer_id.in_(erased_ids))
         ).all()
         stored = 0
         for principal, rpc, stored_request_id in requests:
@@ -488,15 +565,34 @@ class ProfileStore:
                     idempotency.idempotency.c.request_id == stored_request_id,
                 )
             ).rowcount
-        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id == customer_id))
+        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id.in_(erased_ids)))
         erased_identities = connection.execute(
-            identities.delete().where(identities.c.customer_id == customer_id)
+            identities.delete().where(identities.c.customer_id.in_(erased_ids))
         ).rowcount
         erased_customers = connection.execute(
-            customers.delete().where(customers.c.customer_id == customer_id)
+            customers.delete().where(customers.c.customer_id.in_(erased_ids))
         ).rowcount
-        if erasure_of(connection, customer_id) is None:
-            connection.execute(
-                erasures.insert().values(customer_id=customer_id, erased_at_us=now_us, request_id=request_id)
+        # The merge records name the erased ids (and hold values of their attributes).
+        connection.execute(
+            merges.delete().where(
+                sa.or_(
+                    merges.c.source_customer_id.in_(erased_ids), merges.c.target_customer_id.in_(erased_ids)
+                )
             )
-        return {"customers": erased_customers, "identities": erased_identities, "stored_responses": stored}
+        )
+        for erased_id in erased_ids:
+            if erasure_of(connection, erased_id) is None:
+                connection.execute(
+                    erasures.insert().values(
+                        customer_id=erased_id, erased_at_us=now_us, request_id=request_id
+                    )
+                )
+        erased_events = connection.execute(
+            events.delete().where(events.c.customer_id.in_(erased_ids))
+        ).rowcount
+        return {
+            "customers": erased_customers,
+            "identities": erased_identities,
+            "stored_responses": stored,
+            "events": erased_events,
+        }

@@ -434,11 +434,6 @@ async def test_unimplemented_rpcs_and_options_say_so(start_service):
     profile = await start_service("profile")
     stub = pb_grpc.ProfileServiceStub(profile.channel)
     error = await rpc_error(
-        stub.LinkIdentity(pb.LinkIdentityRequest(request_id="r"), metadata=profile.auth("admin"))
-    )
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "LinkIdentity" in error.details()
-
-    error = await rpc_error(
         stub.GetCustomer(
             pb.GetCustomerRequest(customer_id="c", purpose="personalize.recommendations"),
             metadata=profile.auth("service:recommendation"),

@@ -15,9 +15,18 @@ from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from shared.db import Database
 from tests.conftest import error_reason, field_violations, rpc_error
+from tests.integration.test_profile_interactions import (
+    BROWSING,
+    PURCHASES,
+    event,
+    purchase,
+    start_suite,
+    view,
+)
 
 CUSTOMER_ID = "CRM:000123"
 EMAIL = "Taro.Yamada@example.com"
+SEARCHES = "user.behavior.search_history"
 
 
 def _customer() -> pb.Customer:
@@ -129,7 +138,8 @@ async def test_export_returns_everything_held_with_pii_decrypted(start_service, 
     )
     assert stored["response"]["customer"]["customerId"] == CUSTOMER_ID
     assert held["erasure"] is None
-    assert set(document["not_held_yet"]) == {"events", "traits"}
+    assert document["not_held_yet"] == {}
+    assert held["events"] == [] and held["traits"] is None
 
     # Admin may export too; the same data gives the same document.
     again = await data_subject.ExportCustomerData(_export(request_id="dsr-2"), metadata=profile.auth("admin"))
@@ -145,6 +155,8 @@ async def test_an_unknown_customer_exports_an_empty_document(start_service, data
         "customer": None,
         "identities": [],
         "stored_responses": [],
+        "events": [],
+        "traits": None,
         "erasure": None,
     }
 
@@ -156,12 +168,24 @@ async def test_erasure_removes_the_customer_and_keeps_a_tombstone(start_service,
 
     erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
     assert erased.service == "profile" and erased.erased_at.seconds > 1_700_000_000
-    assert dict(erased.erased_records) == {"customers": 1, "identities": 2, "stored_responses": 1}
+    assert dict(erased.erased_records) == {
+        "customers": 1,
+        "identities": 2,
+        "stored_responses": 1,
+        "events": 0,
+        "traits": 0,
+    }
     # A retry returns the first result and erases nothing more.
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     # A new erasure of an erased customer succeeds with nothing left to erase.
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=consent)
-    assert dict(later.erased_records) == {"customers": 0, "identities": 0, "stored_responses": 0}
+    assert dict(later.erased_records) == {
+        "customers": 0,
+        "identities": 0,
+        "stored_responses": 0,
+        "events": 0,
+        "traits": 0,
+    }
     assert later.erased_at.ToMicroseconds() > erased.erased_at.ToMicroseconds()
 
     admin = profile.auth("admin")
@@ -207,7 +231,13 @@ async def test_erasure_removes_the_customer_and_keeps_a_tombstone(start_service,
 async def test_erasing_an_unknown_customer_succeeds_with_zero_counts(start_service, database_url):
     profile, stub, data_subject = await _profile(start_service, database_url)
     erased = await data_subject.EraseCustomerData(_erase("cus_never_seen"), metadata=profile.auth("admin"))
-    assert dict(erased.erased_records) == {"customers": 0, "identities": 0, "stored_responses": 0}
+    assert dict(erased.erased_records) == {
+        "customers": 0,
+        "identities": 0,
+        "stored_responses": 0,
+        "events": 0,
+        "traits": 0,
+    }
     # The id names an erased data subject: it cannot be created afterwards.
     error = await rpc_error(_create(profile, stub, customer_id="cus_never_seen"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(error) == "CUSTOMER_ERASED"
@@ -279,3 +309,63 @@ async def test_bad_input_is_invalid_argument_naming_the_field(start_service, cus
         error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert set(field_violations(error)) == fields
+
+
+async def test_export_and_erasure_cover_the_customers_events_and_traits(consented_profile, database_url):
+    suite = await start_suite(consented_profile, database_url, customers_=("c-other",))
+    profile, stub = suite.profile, suite.stub
+    data_subject = privacy_grpc.DataSubjectServiceStub(profile.channel)
+    consent = profile.auth("service:consent")
+    await _create(profile, stub)
+    await suite.grant(CUSTOMER_ID, categories=(PURCHASES, BROWSING, SEARCHES))
+    await suite.grant("c-other")
+    statuses = await suite.ingest(
+        view("e-1", CUSTOMER_ID),
+        purchase("e-2", CUSTOMER_ID, items=("b", "c")),
+        event("e-3", CUSTOMER_ID, pb.EVENT_TYPE_SEARCH, search_query="decaf beans"),
+        view("e-4", "c-other"),
+    )
+    assert statuses == [pb.EVENT_RESULT_STATUS_ACCEPTED] * 4
+    worker = profile.running.app.registrations[0].servicer.trait_worker
+    assert await worker.wait_until_processed(timeout=10)
+
+    exported = await data_subject.ExportCustomerData(_export(), metadata=consent)
+    held = json_format.MessageToDict(exported.document)["held"]
+    assert [e["event_id"] for e in held["events"]] == ["e-1", "e-2", "e-3"]  # commit order
+    bought = held["events"][1]
+    assert bought["customer_id"] == bought["resolved_customer_id"] == CUSTOMER_ID
+    assert bought["event_type"] == "EVENT_TYPE_PURCHASE" and bought["channel"] == "CHANNEL_WEB"
+    assert bought["data_category"] == PURCHASES and bought["received_at"].endswith("Z")
+    assert bought["value_micros"] == "1980000000" and bought["currency_code"] == "JPY"
+    assert [item["item_id"] for item in bought["items"]] == ["b", "c"]
+    assert held["events"][2]["search_query"] == "decaf beans"
+    # Traits, computed from everything held (the customer has not consented to profiling).
+    traits = held["traits"]
+    assert traits["customer_id"] == CUSTOMER_ID
+    assert traits["frequency"]["purchase_count"] == 1 and traits["recency"]["explanation"]
+    assert traits["data_categories_used"] == [BROWSING, PURCHASES]
+    assert {tuple(a["category_path"]) for a in traits["category_affinities"]} == {("kitchen", "coffee")}
+    # The export is the subject's own data: it does not depend on what they consent to now.
+    await suite.withdraw(CUSTOMER_ID)
+    again = await data_subject.ExportCustomerData(_export(request_id="dsr-2"), metadata=consent)
+    assert json_format.MessageToDict(again.document)["held"]["events"] == held["events"]
+    assert json_format.MessageToDict(again.document)["held"]["traits"]["frequency"] == traits["frequency"]
+
+    erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
+    records = dict(erased.erased_records)
+    assert records.pop("traits") > 0  # aggregate rows
+    assert records == {"customers": 1, "identities": 2, "stored_responses": 1, "events": 3}
+    assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
+    after = await data_subject.ExportCustomerData(_export(request_id="dsr-3"), metadata=consent)
+    assert json_format.MessageToDict(after.document)["held"]["events"] == []
+    assert json_format.MessageToDict(after.document)["held"]["traits"] is None
+    tables = _tables(database_url)
+    assert [(row["event_id"], row["customer_id"]) for row in tables["events"]] == [("e-4", "c-other")]
+    # Nothing names the customer but the tombstone and the erasure requests' records.
+    for name, rows in tables.items():
+        for row in rows:
+            if any(CUSTOMER_ID in str(value) for value in row.values()):
+                assert name == "erasures" or (name == "idempotency" and row["rpc"] == "EraseCustomerData")
+    # The other customer's data is untouched, in the feed too.
+    entries, _ = await suite.list_all()
+    assert [(e.interaction.event_id, e.interaction.customer_id) for e in entries] == [("e-4", "c-other")]

@@ -1,0 +1,260 @@
+"""ListEvents and GetTraits: request checks, the consent gate and protobuf rendering.
+
+ProfileServicer (servicer.py) delegates both RPCs here. Consent is decided from the
+local consent cache and fails closed: when it is staler than
+NAJIMI_CONSENT_MAX_STALENESS_SECONDS both RPCs answer UNAVAILABLE (reason
+CONSENT_STATE_STALE) rather than show data the customer may have withdrawn.
+
+- ListEvents leaves out events whose data category the customer no longer consents to
+  for any purpose (the same test as collection: ConsentIndex.collection_allowed).
+- GetTraits uses only the data categories the customer grants to personalize.profiling;
+  without a valid profiling consent it returns no trait at all, listing every trait
+  input category it holds events of in data_categories_withheld.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from najimi.profile.v1 import profile_service_pb2 as pb
+from sqlalchemy.engine import Connection
+
+from services.profile import trait_store, traits
+from services.profile.customers import CUSTOMER_ID
+from services.profile.trait_store import EventQuery
+from shared.consent_cache import ConsentCache
+from shared.db import Database, now_micros
+from shared.errors import InvalidArgument, Unavailable
+from shared.proto_time import timestamp_of
+from shared.validation import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    Violations,
+    decode_page_token,
+    encode_page_token,
+)
+
+# The data categories events can belong to (the proto's EventType comments).
+EVENT_DATA_CATEGORIES = (
+    "user.behavior.browsing_history",
+    "user.behavior.search_history",
+    "user.behavior.purchase_history",
+    "user.behavior.store_visits",
+    "user.device.telemetry",
+)
+KNOWN_EVENT_TYPES = frozenset(pb.EventType.values()) - {pb.EVENT_TYPE_UNSPECIFIED}
+KNOWN_CHANNELS = frozenset(pb.Channel.values()) - {pb.CHANNEL_UNSPECIFIED}
+
+# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _micros_of(stamp: timestamp_pb2.Timestamp, violations: Violations, path: str) -> int:
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        violations.add(path, "is not a valid timestamp")
+        return 0
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
+
+
+def _limit_of(value: int, default: int, maximum: int, violations: Violations, path: str) -> int:
+    if value == 0:
+        return default
+    if not 1 <= value <= maximum:
+        violations.add(path, f"must be between 0 and {maximum}")
+    return value
+
+
+def _stale() -> Unavailable:
+    return Unavailable("the consent state is too old to act on; retry shortly", reason="CONSENT_STATE_STALE")
+
+
+# -- ListEvents ------------------------------------------------------------------------------
+
+
+def event_query_of(request: pb.ListEventsRequest) -> EventQuery:
+    """The page of the timeline `request` asks for; INVALID_ARGUMENT naming each bad field."""
+    violations = Violations()
+    violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+    for index, event_type in enumerate(request.event_types):
+        if event_type not in KNOWN_EVENT_TYPES:
+            violations.add(f"event_types[{index}]", "must be a known event type")
+    for index, channel in enumerate(request.channels):
+        if channel not in KNOWN_CHANNELS:
+            violations.add(f"channels[{index}]", "must be a known channel")
+    start = (
+        _micros_of(request.start_time, violations, "start_time") if request.HasField("start_time") else None
+    )
+    end = _micros_of(request.end_time, violations, "end_time") if request.HasField("end_time") else None
+    if start is not None and end is not None and end <= start:
+        violations.add("end_time", "must be after start_time")
+    size = _limit_of(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, violations, "page_size")
+    violations.raise_if_any()
+
+    event_types = tuple(sorted({int(t) for t in request.event_types}))
+    channels = tuple(sorted({int(c) for c in request.channels}))
+    filters: dict[str, object] = {
+        "customer_id": request.customer_id,
+        "event_types": list(event_types),
+        "channels": list(channels),
+        "start": start,
+        "end": end,
+    }
+    position = decode_page_token(request.page_token)
+    after = None
+    if position:
+        if position.get("filters") != filters:
+            raise InvalidArgument("page_token", "was issued for other filters; send the first page's filters")
+        mark = position.get("after")
+        if not (isinstance(mark, list) and len(mark) == 2 and all(type(v) is int for v in mark)):
+            raise InvalidArgument(
+                "page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN"
+            )
+        after = (mark[0], mark[1])
+    return EventQuery(
+        customer_id=request.customer_id,
+        event_types=event_types,
+        channels=channels,
+        start_us=start,
+        end_us=end,
+        after=after,
+        limit=size,
+        filters=filters,
+    )
+
+
+def visible_event_categories(consent: ConsentCache, customer_id: str, max_staleness: float) -> list[str]:
+    """The event data categories the customer still consents to for some purpose."""
+    if consent.staleness > max_staleness:
+        raise _stale()
+    now = now_micros()
+    return [c for c in EVENT_DATA_CATEGORIES if consent.index.collection_allowed(customer_id, c, now)]
+
+
+async def list_events(
+    database: Database, consent: ConsentCache, max_staleness: float, request: pb.ListEventsRequest
+) -> pb.ListEventsResponse:
+    query = event_query_of(request)
+    await database.read(lambda connection: trait_store.require_live_customer(connection, query.customer_id))
+    categories = visible_event_categories(consent, query.customer_id, max_staleness)
+    # One more than the page: whether a next page exists, without an empty last page.
+    wider = replace(query, limit=query.limit + 1)
+    found = await database.read(lambda connection: trait_store.list_events(connection, wider, categories))
+    page = found[: query.limit]
+    token = ""
+    if len(found) > query.limit:
+        last = page[-1]
+        token = encode_page_token({"after": [last.occurred_at_us, last.seq], "filters": query.filters})
+    return pb.ListEventsResponse(events=[entry.event for entry in page], next_page_token=token)
+
+
+# -- GetTraits ---------------------------------------------------------------------------------
+
+
+def _duration(micros: int) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMicroseconds(micros)
+    return duration
+
+
+def traits_message(found: traits.Traits) -> pb.Traits:
+    message = pb.Traits(
+        customer_id=found.customer_id,
+        computed_at=timestamp_of(found.computed_at_us),
+        data_categories_used=found.data_categories_used,
+        data_categories_withheld=found.data_categories_withheld,
+    )
+    if found.recency is not None:
+        message.recency.CopyFrom(
+            pb.RecencyTrait(
+                last_purchase_time=timestamp_of(found.recency.last_purchase_us),
+                days_since_last_purchase=found.recency.days_since,
+                explanation=found.recency.explanation,
+            )
+        )
+    if found.frequency is not None:
+        message.frequency.CopyFrom(
+            pb.FrequencyTrait(
+                purchase_count=found.frequency.purchase_count,
+                window=_duration(found.frequency.window_us),
+                explanation=found.frequency.explanation,
+            )
+        )
+    if found.monetary is not None:
+        message.monetary.CopyFrom(
+            pb.MonetaryTrait(
+                total_micros=found.monetary.total_micros,
+                currency_code=found.monetary.currency_code,
+                window=_duration(found.monetary.window_us),
+                explanation=found.monetary.explanation,
+            )
+        )
+    message.category_affinities.extend(
+        pb.CategoryAffinity(
+            category_path=list(a.category_path),
+            score=a.score,
+            half_life=_duration(a.half_life_us),
+            explanation=a.explanation,
+        )
+        for a in found.affinities
+    )
+    message.item_cadences.extend(
+        pb.ItemCadence(
+            item_id=c.item_id,
+            mean_interval=_duration(c.mean_interval_us),
+            interval_stddev=_duration(c.interval_stddev_us),
+            purchase_count=c.purchase_count,
+            last_purchase_time=timestamp_of(c.last_purchase_us),
+            next_expected_time=timestamp_of(c.next_expected_us),
+            explanation=c.explanation,
+        )
+        for c in found.cadences
+    )
+    if found.churn is not None:
+        message.churn_risk.CopyFrom(
+            pb.ChurnRisk(score=found.churn.score, explanation=found.churn.explanation)
+        )
+    return message
+
+
+async def get_traits(
+    database: Database, consent: ConsentCache, max_staleness: float, request: pb.GetTraitsRequest
+) -> pb.GetTraitsResponse:
+    violations = Violations()
+    violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
+    window = traits.DEFAULT_WINDOW_US
+    if request.HasField("window"):
+        seconds, nanos = request.window.seconds, request.window.nanos
+        window = seconds * 1_000_000 + nanos // 1000 if 0 <= nanos < 1_000_000_000 else -1
+        if not traits.MIN_WINDOW_US <= window <= traits.MAX_WINDOW_US:
+            violations.add("window", "must be between 1 and 730 days")
+    max_categories = _limit_of(
+        request.max_categories, traits.DEFAULT_MAX_CATEGORIES, traits.MAX_LIMIT, violations, "max_categories"
+    )
+    max_items = _limit_of(
+        request.max_items, traits.DEFAULT_MAX_ITEMS, traits.MAX_LIMIT, violations, "max_items"
+    )
+    violations.raise_if_any()
+
+    customer_id = request.customer_id
+
+    def read(connection: Connection) -> traits.CustomerAggregates:
+        trait_store.require_live_customer(connection, customer_id)
+        return trait_store.load_aggregates(connection, customer_id)
+
+    aggregates = await database.read(read)
+    decision = consent.check_fresh(customer_id, traits.PROFILING, (), max_staleness)
+    if decision is None:
+        raise _stale()
+    # Without a valid consent to profiling, nothing personal is computed.
+    usable = decision.allowed_categories if decision.allowed else ()
+    computed = traits.compute_traits(
+        customer_id,
+        aggregates,
+        now_micros(),
+        usable,
+        window_us=window,
+        max_categories=max_categories,
+        max_items=max_items,
+    )
+    return pb.GetTraitsResponse(traits=traits_message(computed))

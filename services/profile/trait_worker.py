@@ -1,0 +1,115 @@
+"""The trait worker: keeps the trait aggregates current by following `events` by seq.
+
+One asyncio task per profile process. Each pass reads up to BATCH events after the
+cursor and turns them into aggregate rows in a read transaction, then adds them and
+moves the cursor in a short write transaction (services/profile/trait_store.py); passes
+follow each other at once while there is a backlog. When caught up it waits
+for `notify()` (the ingestion code calls it after committing events) or POLL_SECONDS,
+whichever comes first, so events committed by another replica are picked up too.
+
+Several replicas may run a worker against one PostgreSQL database: the cursor row lock
+makes their passes take turns, and each event is still added once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+
+from services.profile import trait_store
+from shared.db import Database
+from shared.log import get_logger
+
+log = get_logger("najimi.profile.traits")
+
+POLL_SECONDS = 0.5
+BATCH = 2000
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class TraitWorker:
+    def __init__(self, database: Database, poll_seconds: float = POLL_SECONDS, batch: int = BATCH):
+        self.database = database
+        self.poll_seconds = poll_seconds
+        self.batch = batch
+        # The seq the aggregates are known to be current to (the cursor after the last pass).
+        self.position = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="trait-worker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def notify(self) -> None:
+        """Says that events were committed: the worker looks at once. Safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def wait_until_processed(self, seq: int | None = None, timeout: float = 10.0) -> bool:
+        """Waits until the aggregates include every event up to `seq` (default: the newest
+        committed event); False on timeout."""
+        if seq is None:
+            seq = await self.database.read(trait_store.event_head_seq)
+        self.notify()
+        try:
+            async with asyncio.timeout(timeout), self._progress:
+                await self._progress.wait_for(lambda: self.position >= seq)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                batch = await self.database.read(
+                    lambda connection: trait_store.read_batch(connection, self.batch)
+                )
+                written = batch.last == batch.cursor or await self.database.write(
+                    functools.partial(trait_store.write_batch, batch=batch)
+                )
+                failures = 0
+            except Exception as error:
+                # The database may be restarting; keep trying, never end the worker.
+                failures += 1
+                log.warning("trait_worker_failed", error=type(error).__name__, failures=failures)
+                delay = min(MAX_BACKOFF_SECONDS, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                await self._sleep_or_wake(delay)
+                continue
+            if not written:
+                continue  # another replica, a rebuild or an erasure came first: read again
+            async with self._progress:
+                self.position = batch.last
+                self._progress.notify_all()
+            if batch.event_count >= self.batch:
+                continue  # a backlog: the next batch at once
+            await self._sleep_or_wake(self.poll_seconds)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the wake-up does, and stop() would then wait forever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
