@@ -430,7 +430,7 @@ class ProfileStore:
             merged_from = merged_from_of(connection, [customer_id]).get(customer_id, ())
             return replace(self._customer_of(row), merged_from=merged_from)
 
-        return await self.db.read(query)
+        return await self.db.lookup(query)
 
     async def update_customer(self, customer_id: str, given: Profile, mask: list[str], etag: str) -> Customer:
         """Applies `mask` of `given` to the customer; `etag`, when set, must be the current one.
