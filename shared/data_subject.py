@@ -5,12 +5,19 @@ Only the consent service (carrying out data-subject requests) and admin may call
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import struct_pb2
 from najimi.privacy.v1 import data_subject_service_pb2, data_subject_service_pb2_grpc
+from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+from sqlalchemy.engine import Connection
 
-from shared.auth import allow
+from shared.auth import allow, current_principal
+from shared.db import Database, now_micros
+from shared.errors import InvalidArgument
+from shared.idempotency import once
 from shared.proto_time import timestamp_of
 from shared.server import Registration
 from shared.validation import Violations
@@ -67,3 +74,43 @@ def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
 def rfc3339(micros: int | None) -> str | None:
     stamp = timestamp_of(micros)
     return stamp.ToJsonString() if stamp is not None else None
+
+
+# What a service erases: (connection, customer_id, request_id, erased_at_us) -> count per kind.
+Erasure = Callable[[Connection, str, str, int], dict[str, int]]
+
+
+def erasure_response(service: str, customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
+    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
+    first = json.loads(stored)
+    if first["customer_id"] != customer_id:
+        raise InvalidArgument(
+            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
+        )
+    return privacy_pb.EraseCustomerDataResponse(
+        service=service, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
+    )
+
+
+async def erase_once(
+    database: Database, service: str, request: privacy_pb.EraseCustomerDataRequest, erase: Erasure
+) -> privacy_pb.EraseCustomerDataResponse:
+    """EraseCustomerData for any service: checked, carried out once per request id in one
+    transaction, and answered with the first result on a retry."""
+    check_request(request.customer_id, request.request_id)
+    customer_id, request_id = request.customer_id, request.request_id
+    principal = str(current_principal())
+
+    def carry_out(connection: Connection) -> bytes:
+        erased_at = now_micros()
+        counts = erase(connection, customer_id, request_id, erased_at)
+        # Kept in plain text: it holds the (pseudonymous) id and counts, no personal data.
+        return json.dumps(
+            {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
+        ).encode()
+
+    def run(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
+        stored = once(connection, principal, "EraseCustomerData", request_id, carry_out)
+        return erasure_response(service, customer_id, stored)
+
+    return await database.write(run)

@@ -11,10 +11,8 @@ from sqlalchemy.engine import Connection
 
 from services.consent.customer_data import erase_customer, export_customer
 from services.consent.feed import ChangeFeed
-from shared.auth import current_principal
-from shared.data_subject import check_request, struct_of
+from shared.data_subject import check_request, erase_once, struct_of
 from shared.db import Database, now_micros
-from shared.idempotency import once
 from shared.proto_time import timestamp_of
 
 
@@ -37,18 +35,11 @@ class ConsentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     async def EraseCustomerData(
         self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        check_request(request.customer_id, request.request_id)
-        now = now_micros()
-        principal = str(current_principal())
+        def erase(
+            connection: Connection, customer_id: str, request_id: str, erased_at: int
+        ) -> dict[str, int]:
+            return erase_customer(connection, customer_id, self.ref_key, request_id, erased_at)
 
-        def erase(connection: Connection) -> bytes:
-            erased = erase_customer(connection, request.customer_id, self.ref_key, request.request_id, now)
-            return privacy_pb.EraseCustomerDataResponse(
-                service="consent", erased_at=timestamp_of(now), erased_records=erased
-            ).SerializeToString()
-
-        stored = await self.db.write(
-            lambda c: once(c, principal, "EraseCustomerData", request.request_id, erase)
-        )
-        await self.feed.refresh()
-        return privacy_pb.EraseCustomerDataResponse.FromString(stored)
+        response = await erase_once(self.db, "consent", request, erase)
+        await self.feed.refresh()  # the ERASURE change: this replica's checks forget the customer now
+        return response

@@ -25,7 +25,6 @@ erasure is idempotent by request_id: a retry returns the first result.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grpc
@@ -41,15 +40,11 @@ from services.profile.identity import Identity
 from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
 from services.profile.store import HeldData, ProfileStore, StoredResponse
 from services.profile.trait_rpcs import traits_message
-from shared import idempotency
-from shared.auth import current_principal
-from shared.data_subject import check_request, rfc3339, struct_of
+from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
-from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
 
 SERVICE = "profile"
-ERASE = "EraseCustomerData"
 # Stored responses by RPC, for the export to show them as JSON.
 STORED_RESPONSE_TYPES: dict[str, Any] = {
     "CreateCustomer": pb.CreateCustomerResponse,
@@ -152,18 +147,6 @@ def export_document(
     }
 
 
-def erasure_response(customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
-    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
-    first = json.loads(stored)
-    if first["customer_id"] != customer_id:
-        raise InvalidArgument(
-            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
-        )
-    return privacy_pb.EraseCustomerDataResponse(
-        service=SERVICE, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
-    )
-
-
 class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     def __init__(self, store: ProfileStore):
         self.store = store
@@ -191,23 +174,13 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     async def EraseCustomerData(
         self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        check_request(request.customer_id, request.request_id)
-        customer_id, request_id = request.customer_id, request.request_id
-        principal = str(current_principal())
-
-        def carry_out(connection: Connection) -> bytes:
-            erased_at = now_micros()
+        def erase(
+            connection: Connection, customer_id: str, request_id: str, erased_at: int
+        ) -> dict[str, int]:
             counts = self.store.erase(connection, customer_id, request_id, erased_at)
             # The trait aggregates computed from the customer's events (aliases have none:
             # a merge drops them, see trait_store.rebuild).
             counts["traits"] = trait_store.erase_traits(connection, customer_id)
-            # Kept in plain text: it holds the (pseudonymous) id and counts, no PII.
-            return json.dumps(
-                {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
-            ).encode()
+            return counts
 
-        def erase(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
-            stored = idempotency.once(connection, principal, ERASE, request_id, carry_out)
-            return erasure_response(customer_id, stored)
-
-        return await self.store.db.write(erase)
+        return await erase_once(self.store.db, SERVICE, request, erase)

@@ -15,7 +15,6 @@ issues that add training and serving also extend this export and erasure to cove
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grpc
@@ -25,15 +24,11 @@ from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from sqlalchemy.engine import Connection
 
 from services.recommendation.store import RecommendationStore
-from shared import idempotency
-from shared.auth import current_principal
-from shared.data_subject import check_request
+from shared.data_subject import check_request, erase_once
 from shared.db import now_micros
-from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
 
 SERVICE = "recommendation"
-ERASE = "EraseCustomerData"
 NOT_HELD_YET = {
     "interactions": "customer interactions are not copied from profile by this version",
     "model": "no model is trained yet; a trained one holds only a latent vector derived from consented data",
@@ -48,18 +43,6 @@ def export_document(customer_id: str) -> dict[str, Any]:
 def erase_customer(connection: Connection, customer_id: str) -> dict[str, int]:
     """Deletes what is held about the customer: nothing yet, so no kind has a count."""
     return {}
-
-
-def erasure_response(customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
-    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
-    first = json.loads(stored)
-    if first["customer_id"] != customer_id:
-        raise InvalidArgument(
-            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
-        )
-    return privacy_pb.EraseCustomerDataResponse(
-        service=SERVICE, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
-    )
 
 
 class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
@@ -79,19 +62,9 @@ class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer)
     async def EraseCustomerData(
         self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        check_request(request.customer_id, request.request_id)
-        customer_id, request_id = request.customer_id, request.request_id
-        principal = str(current_principal())
-
-        def carry_out(connection: Connection) -> bytes:
-            erased_at = now_micros()
-            counts = erase_customer(connection, customer_id)
-            return json.dumps(
-                {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
-            ).encode()
-
-        def erase(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
-            stored = idempotency.once(connection, principal, ERASE, request_id, carry_out)
-            return erasure_response(customer_id, stored)
-
-        return await self.store.db.write(erase)
+        return await erase_once(
+            self.store.db,
+            SERVICE,
+            request,
+            lambda connection, customer_id, *_: erase_customer(connection, customer_id),
+        )

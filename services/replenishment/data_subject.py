@@ -19,7 +19,6 @@ result). The service keeps no tombstone: the customer may register devices again
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grpc
@@ -33,15 +32,11 @@ from services.replenishment.devices import Device
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
 from services.replenishment.store import ReplenishmentStore, StoredResponse
-from shared import idempotency
-from shared.auth import current_principal
-from shared.data_subject import check_request, rfc3339, struct_of
+from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
-from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
 
 SERVICE = "replenishment"
-ERASE = "EraseCustomerData"
 # Stored responses by RPC, for the export to show them as JSON.
 STORED_RESPONSE_TYPES: dict[str, Any] = {"RegisterDevice": pb.RegisterDeviceResponse}
 NOT_HELD_YET = {
@@ -133,18 +128,6 @@ def export_document(customer_id: str, devices: list[Device], stored: list[Stored
     }
 
 
-def erasure_response(customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
-    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
-    first = json.loads(stored)
-    if first["customer_id"] != customer_id:
-        raise InvalidArgument(
-            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
-        )
-    return privacy_pb.EraseCustomerDataResponse(
-        service=SERVICE, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
-    )
-
-
 class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     def __init__(self, store: ReplenishmentStore):
         self.store = store
@@ -171,19 +154,9 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     async def EraseCustomerData(
         self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        check_request(request.customer_id, request.request_id)
-        customer_id, request_id = request.customer_id, request.request_id
-        principal = str(current_principal())
-
-        def carry_out(connection: Connection) -> bytes:
-            erased_at = now_micros()
-            counts = self.store.erase_customer(connection, customer_id)
-            return json.dumps(
-                {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
-            ).encode()
-
-        def erase(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
-            stored = idempotency.once(connection, principal, ERASE, request_id, carry_out)
-            return erasure_response(customer_id, stored)
-
-        return await self.store.db.write(erase)
+        return await erase_once(
+            self.store.db,
+            SERVICE,
+            request,
+            lambda connection, customer_id, *_: self.store.erase_customer(connection, customer_id),
+        )
