@@ -16,8 +16,9 @@ consent service exiting non-zero on SIGTERM, whose last log lines are then print
    (list-then-watch on the server) has applied that revision and denies.
 
 Options: --no-pin leaves CPU placement to the scheduler; --calls, --concurrency,
---revocations change the sizes; --only-checks runs only CheckConsent rounds (no floor, no
-figures 2 and 3), to profile the server on that load alone (e.g. py-spy on the printed pid).
+--revocations change the sizes; --only check (or health) runs only that kind's rounds (no
+share of the floor, no figures 2 and 3), to profile the server on that load alone (py-spy or
+perf on the printed pid).
 """
 
 from __future__ import annotations
@@ -267,8 +268,8 @@ def measure_load(
         f"--rounds={ROUNDS}",
         f"--concurrency={args.concurrency}",
     ]
-    if args.only_checks:
-        command.append("--kinds=check")
+    if args.only:
+        command.append(f"--kinds={args.only}")
     if split is not None:
         command.append("--cpus=" + ",".join(str(c) for c in sorted(split[1])))
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
@@ -423,13 +424,12 @@ async def bench(args: argparse.Namespace) -> None:
                 # 1. The floor and CheckConsent, from a separate client process.
                 lines_before = len(server.lines)
                 load = await asyncio.to_thread(measure_load, server, storefront, args, split)
-                if args.only_checks:
-                    check = load["check"]
+                if args.only:
+                    only = load[args.only]
                     print(
-                        f"\nCheckConsent only: {check['per_second']:.0f} calls/s, p50 {check['p50_ms']:.2f} ms, "
-                        f"p99 {check['p99_ms']:.2f} ms, server CPU "
-                        f"{1e6 * (check['server_cpu_s'] or 0) / check['calls']:.0f} µs/call, "
-                        f"allowed in {check['allowed']} of {check['calls']}"
+                        f"\n{args.only} only: {only['per_second']:.0f} calls/s, p50 {only['p50_ms']:.2f} ms, "
+                        f"p99 {only['p99_ms']:.2f} ms, server CPU "
+                        f"{1e6 * (only['server_cpu_s'] or 0) / only['calls']:.0f} µs/call"
                     )
                     return
                 lines_logged = len(server.lines) - lines_before
@@ -526,7 +526,7 @@ async def bench(args: argparse.Namespace) -> None:
                 tail = [line for line in server.lines if '"event": "rpc"' not in line][-40:]
                 print(f"\nconsent service exited with {exit_code} on SIGTERM; its last log lines:")
                 print("".join(tail), end="")
-                if args.only_checks:  # the figures below are not measured: fail here
+                if args.only:  # the figures below are not measured: fail here
                     sys.exit(1)
 
     revocation_ok = revoked["failures"] == 0 and revoked["p99_ms"] <= TARGET_REVOCATION_P99_MS
@@ -581,9 +581,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="unary calls in flight")
     parser.add_argument("--revocations", type=int, default=REVOCATIONS)
     parser.add_argument(
-        "--only-checks",
-        action="store_true",
-        help="only CheckConsent rounds (no floor, no cache or revocation figures): for profiling",
+        "--only",
+        choices=("health", "check"),
+        help="only this kind's rounds (no share, no cache or revocation figures): for profiling",
     )
     args = parser.parse_args()
     asyncio.run(bench(args))
