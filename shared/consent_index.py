@@ -54,6 +54,11 @@ class Decision:
     expires_at_us: int | None
 
 
+def _newest_in_effect(material: Iterable[tuple[int, int]], now_us: int) -> int:
+    """The newest version among (effective_at_us, version) notices in effect at `now_us` (0: none)."""
+    return max((version for effective, version in material if effective <= now_us), default=0)
+
+
 class ConsentIndex:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, ConsentRecord]] = {}
@@ -106,8 +111,7 @@ class ConsentIndex:
 
     def material_version(self, purpose: str, now_us: int) -> int:
         """The newest material notice version of `purpose` in effect at `now_us` (0: none)."""
-        versions = [version for effective, version in self._material.get(purpose, ()) if effective <= now_us]
-        return max(versions, default=0)
+        return _newest_in_effect(self._material.get(purpose, ()), now_us)
 
     def pending_material(self, purpose: str, now_us: int) -> tuple[int, int] | None:
         """The earliest (effective_at_us, version) of a material notice not yet in effect."""
@@ -122,7 +126,8 @@ class ConsentIndex:
             return WITHDRAWN
         if record.expires_at_us is not None and record.expires_at_us <= now_us:
             return EXPIRED
-        if record.notice_version < self.material_version(purpose, now_us):
+        material = self._material.get(purpose)  # most purposes have none: no generator to run
+        if record.notice_version < (_newest_in_effect(material, now_us) if material else 0):
             return NEEDS_RENEWAL
         return GRANTED
 
@@ -135,22 +140,48 @@ class ConsentIndex:
 
     def check(self, customer_id: str, purpose: str, categories: Iterable[str], now_us: int) -> Decision:
         """May the customer's data of `categories` be used for `purpose` at `now_us`?"""
-        record = self._records.get(customer_id, {}).get(purpose)
-        asked = tuple(dict.fromkeys(categories))
+        return Decision(*self.decide(customer_id, purpose, categories, now_us))
+
+    def decide(
+        self, customer_id: str, purpose: str, categories: Iterable[str], now_us: int
+    ) -> tuple[bool, int, int, tuple[str, ...], tuple[str, ...], int, int | None]:
+        """check() as a plain tuple in Decision's field order, for a hot path that only reads it."""
+        purposes = self._records.get(customer_id)
+        record = purposes.get(purpose) if purposes is not None else None
+        asked = tuple(categories)
+        if len(asked) > 1:
+            asked = tuple(dict.fromkeys(asked))  # each category once, in the order asked
         status = self.status(record, purpose, now_us)
         if status != GRANTED or record is None:
-            return Decision(False, status, REASON_OF_STATUS[status], (), asked, self.revision, None)
+            return False, status, REASON_OF_STATUS[status], (), asked, self.revision, None
+        granted = record.categories
         if not asked:
-            return Decision(
+            allowed = tuple(sorted(granted))
+            return (
                 True,
                 status,
                 pb.CONSENT_CHECK_REASON_ALLOWED,
-                tuple(sorted(record.categories)),
+                allowed,
                 (),
                 self.revision,
                 record.expires_at_us,
             )
-        allowed = tuple(c for c in asked if c in record.categories)
-        denied = tuple(c for c in asked if c not in record.categories)
-        reason = pb.CONSENT_CHECK_REASON_CATEGORY_NOT_GRANTED if denied else pb.CONSENT_CHECK_REASON_ALLOWED
-        return Decision(not denied, status, reason, allowed, denied, self.revision, record.expires_at_us)
+        if granted.issuperset(asked):  # the usual answer: everything asked is granted
+            return (
+                True,
+                status,
+                pb.CONSENT_CHECK_REASON_ALLOWED,
+                asked,
+                (),
+                self.revision,
+                record.expires_at_us,
+            )
+        return (
+            False,
+            status,
+            pb.CONSENT_CHECK_REASON_CATEGORY_NOT_GRANTED,
+            tuple(c for c in asked if c in granted),
+            tuple(c for c in asked if c not in granted),
+            self.revision,
+            record.expires_at_us,
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,8 @@ def to_micros(value: dt.datetime) -> int:
 
 
 def now_micros() -> int:
-    return to_micros(dt.datetime.now(dt.UTC))
+    """Microseconds since the Unix epoch, now (what to_micros(datetime.now(UTC)) gives, cheaper)."""
+    return time.time_ns() // 1_000
 
 
 def sqlalchemy_url(url: str) -> str:

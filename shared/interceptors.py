@@ -6,17 +6,21 @@ unexpected to INTERNAL with no stack trace sent), one structured access-log line
 the per-RPC metrics.
 
 It sits on every call, so what can be worked out once per method (the access rule,
-the metric children) is, and per call it does only what must be done per call
-(measured in bench/consent_bench.py).
+the metric children, whether the handler is a coroutine) is, and per call it does only
+what must be done per call (measured in bench/consent_bench.py): a service or admin
+token is found without an await, the request id comes from random bytes fetched in
+blocks, and the two log-context variables are set directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
-import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -26,6 +30,49 @@ from shared import auth, errors, metrics
 from shared.log import get_logger
 
 log = get_logger("najimi.access")
+
+_REQUEST_IDS_PER_FETCH = 256
+_request_ids: deque[str] = deque()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_request_ids.clear)  # a forked child never reuses its parent's ids
+
+
+def new_request_id() -> str:
+    """16 hex digits from os.urandom; the bytes are fetched for 256 ids at a time."""
+    try:
+        return _request_ids.popleft()
+    except IndexError:
+        block = os.urandom(8 * _REQUEST_IDS_PER_FETCH).hex()
+        _request_ids.extend(block[start : start + 16] for start in range(16, len(block), 16))
+        return block[:16]
+
+
+def _scan(metadata: Any) -> tuple[str, str | bytes | None]:
+    """In one pass: the request id (the caller's first x-request-id, else a new one) and
+    the first authorization value (None if there is none)."""
+    request_id: str | None = None
+    authorization = None
+    for key, value in metadata:
+        if key == "authorization":
+            if authorization is None:
+                authorization = value
+        elif key == "x-request-id" and request_id is None:
+            request_id = str(value)
+    return request_id or new_request_id(), authorization
+
+
+def _log_context_vars() -> tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]]:
+    """The variables behind structlog's context-local `request_id` and `principal`.
+
+    Setting them is what bind_contextvars does, minus its per-call bookkeeping; its
+    merge_contextvars processor reads them into every log line of the RPC as before.
+    """
+    tokens = structlog.contextvars.bind_contextvars(request_id=None, principal=None)
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens["request_id"].var, tokens["principal"].var
+
+
+_REQUEST_ID_VAR, _PRINCIPAL_VAR = _log_context_vars()
 
 
 def _code_of(error: BaseException | None, context: grpc.aio.ServicerContext) -> str:
@@ -49,25 +96,30 @@ class _Method:
         self.method = method
         self.short = method.rsplit("/", 1)[-1]
         self.rule = interceptor.policy.get(method)
+        self.authenticator = interceptor.authenticator
+        self.access_log = interceptor.access_log
         self.latency = metrics.RPC_LATENCY.labels(interceptor.service, self.short)
         self._counts: dict[str, Any] = {}
 
     async def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         """Authenticates and authorises the caller; returns (request id, peer)."""
-        metadata = context.invocation_metadata() or ()
-        request_id = next((str(v) for k, v in metadata if k == "x-request-id"), "") or os.urandom(8).hex()
+        request_id, authorization = _scan(context.invocation_metadata() or ())
         try:
-            principal = await self.interceptor.authenticator.authenticate(metadata)
+            digest = auth.hash_token(auth.token_of(authorization))
+            principal = self.authenticator.static_principal(digest)
+            if principal is None:
+                principal = await self.authenticator.resolve(digest)
             auth.authorize(principal, self.rule, self.short)
         except errors.DomainError as denied:
             metrics.AUTH_DENIALS.labels(self.interceptor.service, denied.code.name).inc()
-            structlog.contextvars.bind_contextvars(request_id=request_id)
+            _REQUEST_ID_VAR.set(request_id)
             raise
         auth.set_current_principal(principal)
         # Each RPC runs in a task of its own, so these bindings end with it.
-        structlog.contextvars.bind_contextvars(request_id=request_id, principal=str(principal))
+        _REQUEST_ID_VAR.set(request_id)
+        _PRINCIPAL_VAR.set(str(principal))
         # The peer is read now, while the call is surely alive (reading it after the end crashed).
-        return request_id, context.peer() if self.interceptor.access_log else ""
+        return request_id, context.peer() if self.access_log else ""
 
     async def fail(self, context: grpc.aio.ServicerContext, error: BaseException, request_id: str) -> None:
         if isinstance(error, errors.DomainError):
@@ -82,7 +134,7 @@ class _Method:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def finish(self, started: float, code: str, peer: str) -> None:
-        elapsed = time.perf_counter() - started
+        elapsed = perf_counter() - started
         counter = self._counts.get(code)
         if counter is None:
             counter = self._counts[code] = metrics.RPC_REQUESTS.labels(
@@ -90,16 +142,20 @@ class _Method:
             )
         counter.inc()
         self.latency.observe(elapsed)
-        if self.interceptor.access_log:
+        if self.access_log:
             log.info("rpc", method=self.method, code=code, duration_ms=round(elapsed * 1000, 3), peer=peer)
 
     def unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        is_coroutine = inspect.iscoroutinefunction(behavior)
+
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
+            started = perf_counter()
             request_id, peer = "", ""
             outcome: BaseException | None = None
             try:
                 request_id, peer = await self.admit(context)
+                if is_coroutine:
+                    return await behavior(request, context)
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             except asyncio.CancelledError as cancelled:
@@ -117,7 +173,7 @@ class _Method:
 
     def streaming(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
+            started = perf_counter()
             request_id, peer = "", ""
             outcome: BaseException | None = None
             try:

@@ -106,7 +106,7 @@ async def create_server(settings: Settings, app: App, port: int | None = None) -
     """Builds and starts the server (health NOT_SERVING); call `start_app` to become ready."""
     errors.ERROR_DOMAIN = f"{app.name}.najimi"
     static_tokens = auth.StaticTokens.from_file(settings.effective_token_hashes_file)
-    authenticator = auth.Authenticator([static_tokens.resolve, *app.token_resolvers])
+    authenticator = auth.Authenticator(app.token_resolvers, static=static_tokens)
     policy: dict[str, auth.AccessRule] = {}
     for registration in app.registrations:
         policy.update(registration.policy())

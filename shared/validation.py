@@ -15,6 +15,11 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
+def is_valid_id(value: str, pattern: re.Pattern[str] = RESOURCE_ID) -> bool:
+    """What Violations.require_id accepts (for a hot path that only collects on failure)."""
+    return bool(value) and pattern.match(value) is not None
+
+
 class Violations:
     """Collects every problem of one request, so the caller hears of all of them at once."""
 
@@ -31,7 +36,7 @@ class Violations:
     def require_id(self, field: str, value: str, pattern: re.Pattern[str] = RESOURCE_ID) -> None:
         if not value:
             self.add(field, "is required")
-        elif not pattern.match(value):
+        elif not is_valid_id(value, pattern):
             self.add(field, f"must match {pattern.pattern}")
 
     def require_request_id(self, field: str, value: str) -> None:

@@ -49,7 +49,7 @@ from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, OutOfRange
 from shared.idempotency import once
 from shared.proto_time import duration_of, timestamp_of
-from shared.validation import Violations, decode_page_token, encode_page_token, page_size_of
+from shared.validation import Violations, decode_page_token, encode_page_token, is_valid_id, page_size_of
 
 # Who may call each RPC (see the proto's comments); anything absent is refused.
 ACCESS: dict[str, AccessRule] = {
@@ -578,21 +578,39 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self.vocabulary.check_purpose(violations, f"{prefix}purpose", purpose)
         self.vocabulary.check_categories(violations, f"{prefix}data_categories", categories)
 
+    def _check_is_valid(self, customer_id: str, purpose: str, categories: Any) -> bool:
+        """True exactly when _checked would find nothing: the usual case, decided without
+        collecting violations (on False, _checked runs and says what is wrong)."""
+        vocabulary = self.vocabulary
+        if purpose not in vocabulary.purposes or not is_valid_id(customer_id):
+            return False
+        known = vocabulary.categories
+        for name in categories:
+            if name not in known:
+                return False
+        return True
+
     async def CheckConsent(self, request: pb.CheckConsentRequest, context: grpc.aio.ServicerContext) -> Any:
-        violations = Violations()
-        self._checked(violations, "", request.customer_id, request.purpose, request.data_categories)
-        violations.raise_if_any()
-        decision = self.feed.index.check(
-            request.customer_id, request.purpose, request.data_categories, now_micros()
+        customer_id, purpose = request.customer_id, request.purpose
+        categories = tuple(request.data_categories)
+        if not self._check_is_valid(customer_id, purpose, categories):
+            violations = Violations()
+            self._checked(violations, "", customer_id, purpose, categories)
+            violations.raise_if_any()
+        allowed, _, reason, granted, denied, revision, expires_at_us = self.feed.index.decide(
+            customer_id, purpose, categories, now_micros()
         )
-        return pb.CheckConsentResponse(
-            allowed=decision.allowed,
-            allowed_data_categories=decision.allowed_categories,
-            denied_data_categories=decision.denied_categories,
-            reason=decision.reason,  # type: ignore[arg-type]
-            decided_at_revision=decision.revision,
-            expires_at=timestamp_of(decision.expires_at_us),
+        response = pb.CheckConsentResponse(
+            allowed=allowed,
+            allowed_data_categories=granted,
+            reason=reason,  # type: ignore[arg-type]
+            decided_at_revision=revision,
         )
+        if denied:
+            response.denied_data_categories.extend(denied)
+        if expires_at_us is not None:
+            response.expires_at.FromMicroseconds(expires_at_us)
+        return response
 
     async def BatchCheckConsent(
         self, request: pb.BatchCheckConsentRequest, context: grpc.aio.ServicerContext
