@@ -6,7 +6,7 @@ unexpected to INTERNAL with no stack trace sent), one structured access-log line
 the per-RPC metrics.
 
 It sits on every call, so what can be worked out once per method (the access rule,
-the metric children, whether the handler is a coroutine) is, and per call it does only
+the metric figures, whether the handler is a coroutine) is, and per call it does only
 what must be done per call (measured in bench/consent_bench.py): a service or admin
 token is found without an await, the request id comes from random bytes fetched in
 blocks, and the two log-context variables are set directly.
@@ -98,8 +98,7 @@ class _Method:
         self.rule = interceptor.policy.get(method)
         self.authenticator = interceptor.authenticator
         self.access_log = interceptor.access_log
-        self.latency = metrics.RPC_LATENCY.labels(interceptor.service, self.short)
-        self._counts: dict[str, Any] = {}
+        self.stats = metrics.RPC_METRICS.stats(interceptor.service, self.short)
 
     async def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         """Authenticates and authorises the caller; returns (request id, peer)."""
@@ -135,13 +134,7 @@ class _Method:
 
     def finish(self, started: float, code: str, peer: str) -> None:
         elapsed = perf_counter() - started
-        counter = self._counts.get(code)
-        if counter is None:
-            counter = self._counts[code] = metrics.RPC_REQUESTS.labels(
-                self.interceptor.service, self.short, code
-            )
-        counter.inc()
-        self.latency.observe(elapsed)
+        self.stats.observe(code, elapsed)
         if self.access_log:
             log.info("rpc", method=self.method, code=code, duration_ms=round(elapsed * 1000, 3), peer=peer)
 
