@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Profile's PII master key, base64 of 32 bytes; empty: a generated key file.",
     )
+    profile_customer_cache_size: int = Field(
+        50_000,
+        ge=0,
+        description="GetCustomer answers (masked) a profile replica keeps in memory; 0 keeps none.",
+    )
     consent_signing_key: SecretStr = Field(
         SecretStr(""),
         description="Ed25519 private key (base64 of the 32-byte seed) signing consent receipts.",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from najimi.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 
+from services.profile.customer_cache import CustomerCache
+from services.profile.customer_changes import CustomerChangeListener
 from services.profile.data_subject import ProfileDataSubjectServicer
 from services.profile.events import EventIngestor
 from services.profile.pii import KEY_BYTES, PiiProtector
@@ -47,7 +49,13 @@ def pii_master_key(settings: Settings) -> bytes:
 def build_app(settings: Settings) -> App:
     protector = PiiProtector(pii_master_key(settings))
     database = Database(settings.effective_database_url, "profile", MIGRATIONS)
-    store = ProfileStore(database, protector)
+    customer_cache = CustomerCache(settings.profile_customer_cache_size)
+    store = ProfileStore(database, protector, customer_cache)
+    # On PostgreSQL other replicas change customers too: their changes reach this
+    # replica's cache as notices (customer_changes.py); SQLite belongs to this process.
+    changes = (
+        None if database.is_sqlite else CustomerChangeListener(database.engine.url, "profile", customer_cache)
+    )
     # The consent state this service obeys: a local cache of the consent change feed.
     consent = ConsentCache(settings.consent_address, settings.service_token)
     ingestor = EventIngestor(database, protector, consent, settings.consent_max_staleness_seconds)
@@ -61,6 +69,8 @@ def build_app(settings: Settings) -> App:
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
+        if changes is not None:
+            changes.start()
         servicer.trait_worker.start()
         # Listed and watched in the background: until the cache is fresh, calls that
         # depend on consent fail closed (UNAVAILABLE), so profile serves even while
@@ -71,6 +81,8 @@ def build_app(settings: Settings) -> App:
         await servicer.interactions.stop()
         await servicer.trait_worker.stop()
         await consent.stop()
+        if changes is not None:
+            await asyncio.to_thread(changes.stop)
         database.close()
 
     return App(

@@ -183,4 +183,9 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
             counts["traits"] = trait_store.erase_traits(connection, customer_id)
             return counts
 
-        return await erase_once(self.store.db, SERVICE, request, erase)
+        try:
+            return await erase_once(self.store.db, SERVICE, request, erase)
+        finally:
+            # The erased ids include aliases, and the merges that named them are gone, which
+            # changes other customers' merged_from: rare enough to drop every cached answer.
+            self.store.customer_cache.clear()

@@ -185,7 +185,7 @@ async def link_identity(
 
     # A concurrent link of the same identifier or request id makes this transaction lose a
     # unique key; Database.write runs it again, and it sees the winner.
-    return await store.db.write(link)
+    return await store.write_customers([customer_id], link)
 
 
 async def unlink_identity(
@@ -209,7 +209,7 @@ async def unlink_identity(
         _touch(connection, customer_id, now_micros())
         return store._identity_of(row)
 
-    return await store.db.write(unlink)
+    return await store.write_customers([customer_id], unlink)
 
 
 async def list_identities(
@@ -362,7 +362,7 @@ async def merge_customers(
             )
         return store.pii.decrypt(stored, context)
 
-    return await store.db.write(merge)
+    return await store.write_customers([source_id, target_id], merge)
 
 
 def _outcome_of_record(

@@ -407,12 +407,22 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         violations.raise_if_any()
         principal = current_principal()
         require_supported_purpose(request.purpose, principal)
+        reveal_pii = may_read_pii(principal)
+        cache = self.store.customer_cache  # masked answers only (customer_cache.py)
+        if not reveal_pii:
+            cached = cache.get(request.customer_id)
+            if cached is not None:
+                return cached
+        generation = cache.generation  # taken before the read: see CustomerCache.put
         customer = await self.store.get_customer(request.customer_id)
         if customer is None:
             if await self.store.is_erased(request.customer_id):
                 raise erased_error(request.customer_id)
             raise NotFound(f"customer {request.customer_id} not found", reason="CUSTOMER_NOT_FOUND")
-        return pb.GetCustomerResponse(customer=customer_message(customer, may_read_pii(principal)))
+        response = pb.GetCustomerResponse(customer=customer_message(customer, reveal_pii))
+        if not reveal_pii:
+            cache.put(request.customer_id, response, generation)
+        return response
 
     async def UpdateCustomer(
         self, request: pb.UpdateCustomerRequest, context: grpc.aio.ServicerContext

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.profile.customer_cache import CustomerCache
 from services.profile.customers import Attribute, Customer, Profile, updated_profile
 from services.profile.identity import Identifier, Identity
 from services.profile.merges import customer_merged_error
@@ -230,10 +231,28 @@ class HeldData:
     erasure_request_id: str = ""
 
 
+T = TypeVar("T")
+
+
 class ProfileStore:
-    def __init__(self, database: Database, protector: PiiProtector):
+    def __init__(
+        self, database: Database, protector: PiiProtector, customer_cache: CustomerCache | None = None
+    ):
         self.db = database
         self.pii = protector
+        # GetCustomer's masked answers (customer_cache.py); none kept unless one is given.
+        self.customer_cache = customer_cache if customer_cache is not None else CustomerCache(0)
+
+    async def write_customers(self, customer_ids: Iterable[str] | None, work: Callable[[Connection], T]) -> T:
+        """Database.write for a change of these customers' rows (None: of any customer): once
+        it has committed, or failed, and so may or may not have, their cached answers go."""
+        try:
+            return await self.db.write(work)
+        finally:
+            if customer_ids is None:
+                self.customer_cache.clear()
+            else:
+                self.customer_cache.invalidate(customer_ids)
 
     # -- encryption at the storage boundary ---------------------------------------------
 
@@ -466,7 +485,7 @@ class ProfileStore:
             )
             return changed
 
-        return await self.db.write(update)
+        return await self.write_customers([customer_id], update)
 
     async def list_customers(
         self, after: str, updated_after_us: int | None, limit: int, show_merged: bool = False
