@@ -27,10 +27,20 @@ from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from shared.clients import open_channel
 from shared.consent_index import ConsentIndex, Decision
 from shared.db import now_micros
+from shared.errors import Unavailable
 from shared.log import get_logger
 
 log = get_logger("najimi.consent_cache")
 LIST_PAGE = 1000
+# An unknown purpose is looked up again (ListPurposes) at most this often: an admin's new
+# purpose is seen within it, and a caller repeating a wrong one does not reach consent.
+VOCABULARY_REFRESH_SECONDS = 5.0
+VOCABULARY_TIMEOUT_SECONDS = 5.0
+
+
+def consent_state_stale() -> Unavailable:
+    """The error of a call that must fail closed because the consent state is too old."""
+    return Unavailable("the consent state is too old to act on; retry shortly", reason="CONSENT_STATE_STALE")
 
 
 class ConsentCache:
@@ -53,6 +63,9 @@ class ConsentCache:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._known_purposes: frozenset[str] = frozenset()
+        self._purposes_listed_at = -VOCABULARY_REFRESH_SECONDS
+        self._listing_purposes = asyncio.Lock()
 
     # What callers use --------------------------------------------------------------------
 
@@ -75,6 +88,38 @@ class ConsentCache:
         if self.staleness > max_staleness:
             return None
         return self.check(customer_id, purpose, categories)
+
+    async def knows_purpose(self, purpose: str) -> bool:
+        """Is `purpose` in the consent vocabulary? A known purpose is answered from memory
+        (purposes are never removed); an unknown one from a ListPurposes at most
+        VOCABULARY_REFRESH_SECONDS old. Raises Unavailable when consent cannot be asked."""
+        if purpose in self._known_purposes:
+            return True
+        async with self._listing_purposes:  # concurrent askers share one listing
+            if time.monotonic() - self._purposes_listed_at >= VOCABULARY_REFRESH_SECONDS:
+                self._known_purposes = await self._list_purposes()
+                self._purposes_listed_at = time.monotonic()
+        return purpose in self._known_purposes
+
+    async def _list_purposes(self) -> frozenset[str]:
+        names: set[str] = set()
+        channel = open_channel(self.address, self._token, timeout=VOCABULARY_TIMEOUT_SECONDS)
+        try:
+            stub = pb_grpc.ConsentServiceStub(channel)
+            token = ""
+            while True:
+                page = await stub.ListPurposes(pb.ListPurposesRequest(page_size=1000, page_token=token))
+                names.update(purpose.name for purpose in page.purposes)
+                token = page.next_page_token
+                if not token:
+                    return frozenset(names)
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(
+                f"cannot read the consent vocabulary ({error.code().name}); retry",
+                reason="CONSENT_UNAVAILABLE",
+            ) from None
+        finally:
+            await channel.close()
 
     async def wait_synced(self, timeout: float) -> bool:
         """Waits until the first full list has been applied; False on timeout."""

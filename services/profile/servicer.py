@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -38,10 +38,11 @@ from services.profile.masking import mask_email, mask_name, mask_phone
 from services.profile.merges import PII_EMAIL, PII_NAME, PII_PHONE, Conflict, MergeOutcome
 from services.profile.store import ProfileStore, erased_error
 from services.profile.trait_worker import TraitWorker
+from services.profile.withholding import withheld_view
 from shared.auth import AccessRule, Principal, allow, current_principal
-from shared.consent_cache import ConsentCache
+from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import now_micros
-from shared.errors import InvalidArgument, NotFound, Unimplemented
+from shared.errors import InvalidArgument, NotFound
 from shared.proto_time import timestamp_of
 from shared.settings import Settings
 from shared.validation import Violations, decode_page_token, encode_page_token, page_size_of
@@ -284,13 +285,10 @@ def may_read_pii(principal: Principal) -> bool:
     return str(principal) in PII_READERS
 
 
-def require_supported_purpose(purpose: str, principal: Principal) -> None:
-    """A purpose-bound reader must name a purpose; purpose-bound reads are not served yet."""
+def require_purpose_if_bound(purpose: str, principal: Principal) -> None:
+    """A purpose-bound reader must name the purpose it reads customers for."""
     if not purpose and str(principal) in PURPOSE_BOUND_READERS:
         raise InvalidArgument("purpose", f"is required for {principal}", reason="PURPOSE_REQUIRED")
-    if purpose:
-        # Purpose-bound reads need the customer's consent state (the consent cache).
-        raise Unimplemented("reading customers for a purpose is not implemented yet")
 
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
@@ -406,23 +404,54 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             check_vocabulary_name(violations, "purpose", request.purpose)
         violations.raise_if_any()
         principal = current_principal()
-        require_supported_purpose(request.purpose, principal)
+        require_purpose_if_bound(request.purpose, principal)
         reveal_pii = may_read_pii(principal)
+        if request.purpose:
+            view = await self._view_for(request.purpose)
+            answer = await self._customer_answer(request.customer_id, reveal_pii)
+            return pb.GetCustomerResponse(customer=view(answer.customer))
+        return await self._customer_answer(request.customer_id, reveal_pii)
+
+    async def _customer_answer(self, customer_id: str, reveal_pii: bool) -> pb.GetCustomerResponse:
+        """GetCustomer's answer (PII masked unless `reveal_pii`), from the cache when it has it."""
         cache = self.store.customer_cache  # masked answers only (customer_cache.py)
         if not reveal_pii:
-            cached = cache.get(request.customer_id)
+            cached: pb.GetCustomerResponse | None = cache.get(customer_id)
             if cached is not None:
                 return cached
         generation = cache.generation  # taken before the read: see CustomerCache.put
-        customer = await self.store.get_customer(request.customer_id)
+        customer = await self.store.get_customer(customer_id)
         if customer is None:
-            if await self.store.is_erased(request.customer_id):
-                raise erased_error(request.customer_id)
-            raise NotFound(f"customer {request.customer_id} not found", reason="CUSTOMER_NOT_FOUND")
+            if await self.store.is_erased(customer_id):
+                raise erased_error(customer_id)
+            raise NotFound(f"customer {customer_id} not found", reason="CUSTOMER_NOT_FOUND")
         response = pb.GetCustomerResponse(customer=customer_message(customer, reveal_pii))
         if not reveal_pii:
-            cache.put(request.customer_id, response, generation)
+            cache.put(customer_id, response, generation)
         return response
+
+    async def _view_for(self, purpose: str) -> Callable[[pb.Customer], pb.Customer]:
+        """How a customer read for `purpose` looks (withholding.py), by the consent cache:
+        UNAVAILABLE when the consent state is too old (fail closed), INVALID_ARGUMENT when
+        the purpose is not in the consent vocabulary."""
+        consent = self.consent
+        if consent.staleness > self.settings.consent_max_staleness_seconds:
+            raise consent_state_stale()
+        if not await consent.knows_purpose(purpose):
+            raise InvalidArgument(
+                "purpose",
+                "is not a purpose of the consent vocabulary (ListPurposes)",
+                reason="UNKNOWN_PURPOSE",
+            )
+
+        def view(customer: pb.Customer) -> pb.Customer:
+            if customer.merged_into:
+                return customer  # a tombstone holds no data of any category
+            return withheld_view(
+                customer, lambda held: consent.check(customer.customer_id, purpose, held).allowed_categories
+            )
+
+        return view
 
     async def UpdateCustomer(
         self, request: pb.UpdateCustomerRequest, context: grpc.aio.ServicerContext
@@ -458,7 +487,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         violations.raise_if_any()
         size = page_size_of(request.page_size)
         principal = current_principal()
-        require_supported_purpose(request.purpose, principal)
+        require_purpose_if_bound(request.purpose, principal)
+        view = await self._view_for(request.purpose) if request.purpose else None
         # The filters travel in the token, so a token cannot be replayed with other filters.
         filters = {
             "updated_after": updated_after,
@@ -476,8 +506,9 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             if len(found) == size
             else ""
         )
+        page = [customer_message(c, reveal) for c in found]
         return pb.ListCustomersResponse(
-            customers=[customer_message(c, reveal) for c in found], next_page_token=next_token
+            customers=page if view is None else [view(c) for c in page], next_page_token=next_token
         )
 
     # -- identities and merges (services/profile/identity_store.py, merges.py) ---------

@@ -23,9 +23,9 @@ from sqlalchemy.engine import Connection
 from services.profile import trait_store, traits
 from services.profile.customers import CUSTOMER_ID
 from services.profile.trait_store import EventQuery
-from shared.consent_cache import ConsentCache
+from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument
 from shared.proto_time import timestamp_of
 from shared.validation import (
     DEFAULT_PAGE_SIZE,
@@ -63,10 +63,6 @@ def _limit_of(value: int, default: int, maximum: int, violations: Violations, pa
     if not 1 <= value <= maximum:
         violations.add(path, f"must be between 0 and {maximum}")
     return value
-
-
-def _stale() -> Unavailable:
-    return Unavailable("the consent state is too old to act on; retry shortly", reason="CONSENT_STATE_STALE")
 
 
 # -- ListEvents ------------------------------------------------------------------------------
@@ -126,7 +122,7 @@ def event_query_of(request: pb.ListEventsRequest) -> EventQuery:
 def visible_event_categories(consent: ConsentCache, customer_id: str, max_staleness: float) -> list[str]:
     """The event data categories the customer still consents to for some purpose."""
     if consent.staleness > max_staleness:
-        raise _stale()
+        raise consent_state_stale()
     now = now_micros()
     return [c for c in EVENT_DATA_CATEGORIES if consent.index.collection_allowed(customer_id, c, now)]
 
@@ -245,7 +241,7 @@ async def get_traits(
     aggregates = await database.read(read)
     decision = consent.check_fresh(customer_id, traits.PROFILING, (), max_staleness)
     if decision is None:
-        raise _stale()
+        raise consent_state_stale()
     # Without a valid consent to profiling, nothing personal is computed.
     usable = decision.allowed_categories if decision.allowed else ()
     computed = traits.compute_traits(

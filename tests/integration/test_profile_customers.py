@@ -430,18 +430,6 @@ async def test_bad_get_input_and_unknown_customers(start_service):
     assert error.code() == grpc.StatusCode.NOT_FOUND and error_reason(error) == "CUSTOMER_NOT_FOUND"
 
 
-async def test_unimplemented_rpcs_and_options_say_so(start_service):
-    profile = await start_service("profile")
-    stub = pb_grpc.ProfileServiceStub(profile.channel)
-    error = await rpc_error(
-        stub.GetCustomer(
-            pb.GetCustomerRequest(customer_id="c", purpose="personalize.recommendations"),
-            metadata=profile.auth("service:recommendation"),
-        )
-    )
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "purpose" in error.details()
-
-
 async def test_principals_not_allowed_are_denied(start_service):
     profile = await start_service("profile")
     stub = pb_grpc.ProfileServiceStub(profile.channel)
