@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,12 +21,20 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from shared.errors import Aborted
+from shared.log import get_logger
 
 T = TypeVar("T")
+log = get_logger("najimi.db")
 WRITE_ATTEMPTS = 4
+# SQLite: how often (at most) a background thread checkpoints the WAL into the database
+# file after writes, and how many WAL pages a committing writer lets pile up before it
+# checkpoints itself (only when the background checkpoints fall that far behind).
+CHECKPOINT_SECONDS = 0.5
+WAL_AUTOCHECKPOINT_PAGES = 20_000
 # SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
 RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
@@ -79,6 +87,9 @@ def create_engine(url: str, schema: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Checkpoints run in Database's own thread (Database.write): a checkpoint syncs
+            # the file, and a writer doing it would hold the one write lock meanwhile.
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             cursor.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -100,6 +111,48 @@ def create_engine(url: str, schema: str) -> Engine:
     )
 
 
+def insert_rows(
+    connection: Connection,
+    table: sa.Table,
+    rows: Sequence[Sequence[Any]],
+    conflict: Callable[[Any], Any] | None = None,
+) -> int:
+    """Inserts `rows` (tuples in `table`'s column order) in the caller's transaction; returns
+    how many rows the statement inserted or updated.
+
+    `conflict` adds an ON CONFLICT clause to the dialect's insert (SQLite's or PostgreSQL's,
+    which share that API). The statement is compiled once and goes to the driver as it is:
+    SQLAlchemy's per-row parameter handling would cost more than the database's work on
+    large batches. SQLite runs it once per row (executemany on one prepared statement);
+    PostgreSQL gets one INSERT ... SELECT FROM unnest(one array per column): a single
+    statement and round trip for all the rows.
+    """
+    if not rows:
+        return 0
+    names = [column.name for column in table.columns]
+    statement: Any
+    if connection.dialect.name == "postgresql":
+        arrays = sa.func.unnest(
+            *(sa.bindparam(column.name, type_=postgresql.ARRAY(column.type)) for column in table.columns)
+        )
+        statement = postgresql.insert(table).from_select(
+            names, sa.select(sa.literal_column("*")).select_from(arrays)
+        )
+        if conflict is not None:
+            statement = conflict(statement)
+        columns = zip(*rows, strict=True)
+        parameters: Any = {name: list(column) for name, column in zip(names, columns, strict=True)}
+    else:
+        statement = sqlite.insert(table)
+        if conflict is not None:
+            statement = conflict(statement)
+        parameters = rows
+    compiled = statement.compile(dialect=connection.dialect)
+    if compiled.positiontup is not None and list(compiled.positiontup) != names:
+        raise ValueError(f"insert_rows: the statement's parameters are not {table.name}'s columns")
+    return int(connection.exec_driver_sql(str(compiled), parameters).rowcount)
+
+
 class Database:
     """A service's database: migrations, and transactions run off the event loop."""
 
@@ -113,6 +166,11 @@ class Database:
         writers = 1 if is_sqlite(self.url) else 8
         self._writer = ThreadPoolExecutor(writers, thread_name_prefix=f"{schema}-db-write")
         self._reader = ThreadPoolExecutor(8, thread_name_prefix=f"{schema}-db-read")
+        self._checkpointer = (
+            ThreadPoolExecutor(1, thread_name_prefix=f"{schema}-db-checkpoint") if writers == 1 else None
+        )
+        self._checkpointing = False
+        self._next_checkpoint = 0.0  # time.monotonic() before which no checkpoint starts
 
     @property
     def is_sqlite(self) -> bool:
@@ -146,10 +204,13 @@ class Database:
         loop = asyncio.get_running_loop()
         for _attempt in range(WRITE_ATTEMPTS):
             try:
-                return await loop.run_in_executor(self._writer, self.transaction, work, True)
+                result = await loop.run_in_executor(self._writer, self.transaction, work, True)
             except sa.exc.DBAPIError as error:
                 if not _lost_a_race(error):
                     raise
+            else:
+                self._checkpoint_soon()
+                return result
         raise Aborted("the write kept conflicting with concurrent writes; retry", reason="CONCURRENT_WRITE")
 
     async def lookup(self, work: Callable[[Connection], T]) -> T:
@@ -169,9 +230,34 @@ class Database:
         with self.engine.connect().execution_options(write=write) as connection, connection.begin():
             return work(connection)
 
+    def _checkpoint_soon(self) -> None:
+        """SQLite: after a write, copies the WAL into the database file in the background
+        (at most every CHECKPOINT_SECONDS), beside readers and the writer."""
+        if self._checkpointer is None or self._checkpointing or time.monotonic() < self._next_checkpoint:
+            return
+        self._checkpointing = True
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
+        self._checkpointer.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            # On the driver connection, outside any transaction: PASSIVE copies what no
+            # reader still needs and never waits for a lock, so it delays nobody.
+            connection = self.engine.raw_connection()
+            try:
+                connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # type: ignore[union-attr]
+            finally:
+                connection.close()
+        except Exception as error:  # the next write tries again; the writer's own checkpoint remains
+            log.warning("wal_checkpoint_failed", error=type(error).__name__)
+        finally:
+            self._checkpointing = False
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown(wait=True)
         self.engine.dispose()
 
 

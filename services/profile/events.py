@@ -1,26 +1,33 @@
 """Event ingestion: every channel's events, checked, resolved to a customer, filtered by
 consent at the point of collection, and committed once (event_id is unique).
 
-One call's events are handled together: one query resolves all their customers, one
-transaction stores all the accepted ones, so a batch of 1000 costs about what one
-event does. An event is answered ACCEPTED or DUPLICATE only once it is committed.
+One call's events are handled together: one query resolves all their customers, and
+the calls that are ready at the same time are stored in one transaction (one lock of
+the event order, one multi-row insert, one commit), so a batch of 1000 costs about what
+one event does and more calls at once cost less per call. An event is answered ACCEPTED
+or DUPLICATE only once it is committed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import timestamp_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from services.profile.identity import check_identifier
 from services.profile.pii import PiiProtector
 from services.profile.servicer import identifier_of
-from services.profile.store import allocate_seqs, customers, events, identities
+from services.profile.store import allocate_seqs, customers, event_seqs, identities, insert_events
 from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
 from shared.errors import Unavailable
@@ -70,25 +77,34 @@ NEEDS_VALUE = {pb.EVENT_TYPE_PURCHASE, pb.EVENT_TYPE_STORE_PURCHASE}
 NEEDS_STORE = {pb.EVENT_TYPE_STORE_VISIT, pb.EVENT_TYPE_STORE_PURCHASE}
 
 
+CHANNELS = frozenset(pb.Channel.values()) - {pb.CHANNEL_UNSPECIFIED}
+
+
 def _violation(found: list[pb.FieldViolation], field: str, description: str) -> None:
     found.append(pb.FieldViolation(field=field, description=description))
 
 
 def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
-    """Every problem of one event, each with the path of its field within the event."""
+    """Every problem of one event, each with the path of its field within the event.
+
+    It runs for every event ingested, so each field is read once and the checks that
+    cannot apply (an empty optional field) are skipped.
+    """
     found: list[pb.FieldViolation] = []
     if not EVENT_ID.match(event.event_id):
         _violation(found, "event_id", "is required: 1 to 64 characters of [A-Za-z0-9._:-]")
     which = event.WhichOneof("customer")
-    if which is None:
+    if which == "customer_id":
+        if not CUSTOMER_ID.match(event.customer_id):
+            _violation(found, "customer_id", "must be 1 to 128 characters of [A-Za-z0-9._:-]")
+    elif which is None:
         _violation(found, "customer", "customer_id or identifier is required")
-    elif which == "customer_id" and not CUSTOMER_ID.match(event.customer_id):
-        _violation(found, "customer_id", "must be 1 to 128 characters of [A-Za-z0-9._:-]")
-    elif which == "identifier":
+    else:
         checked = Violations()
         check_identifier(checked, "identifier", identifier_of(event.identifier))
         found += [pb.FieldViolation(field=v.field, description=v.description) for v in checked.found]
-    if event.channel not in pb.Channel.values() or event.channel == pb.CHANNEL_UNSPECIFIED:
+    channel = event.channel
+    if channel not in CHANNELS:
         _violation(found, "channel", "must be one of the Channel values other than UNSPECIFIED")
     kind = event.event_type
     if kind not in CATEGORY_OF_TYPE:
@@ -96,37 +112,48 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
     if not event.HasField("occurred_at"):
         _violation(found, "occurred_at", "is required")
     else:
-        occurred = event.occurred_at.ToMicroseconds()
+        occurred = micros_of(event.occurred_at)
         if occurred > now_us + MAX_FUTURE_US:
             _violation(found, "occurred_at", "must not be more than 5 minutes in the future")
         elif occurred < now_us - RETENTION_US:
             _violation(found, "occurred_at", "is older than the 3-year event retention period")
-    if len(event.items) > MAX_ITEMS:
-        _violation(found, "items", f"must hold at most {MAX_ITEMS} items")
-    if kind in NEEDS_ITEMS and not event.items:
-        _violation(found, "items", "is required for this event type")
-    for index, item in enumerate(event.items[:MAX_ITEMS]):
-        _check_item(found, f"items[{index}]", item)
-    if kind == pb.EVENT_TYPE_SEARCH and not event.search_query.strip():
+    items = event.items
+    if not items:
+        if kind in NEEDS_ITEMS:
+            _violation(found, "items", "is required for this event type")
+    else:
+        if len(items) > MAX_ITEMS:
+            _violation(found, "items", f"must hold at most {MAX_ITEMS} items")
+        for index, item in enumerate(items):
+            if index == MAX_ITEMS:
+                break
+            _check_item(found, index, item)
+    search_query = event.search_query
+    if kind == pb.EVENT_TYPE_SEARCH and not search_query.strip():
         _violation(found, "search_query", "is required for SEARCH")
-    if len(event.search_query) > 512:
+    if len(search_query) > 512:
         _violation(found, "search_query", "must be at most 512 characters")
     if kind == pb.EVENT_TYPE_RATING:
-        if len(event.items) != 1:
+        if len(items) != 1:
             _violation(found, "items", "must hold exactly one item for RATING")
         if not 1.0 <= event.rating_value <= 5.0:
             _violation(found, "rating_value", "must be from 1.0 to 5.0 for RATING")
-    if event.value_micros < 0:
+    value = event.value_micros
+    if value < 0:
         _violation(found, "value_micros", "must not be negative")
-    if (event.value_micros or kind in NEEDS_VALUE) and not CURRENCY.match(event.currency_code):
+    if (value or kind in NEEDS_VALUE) and not CURRENCY.match(event.currency_code):
         _violation(found, "currency_code", "must be an ISO 4217 code such as JPY")
-    if kind in NEEDS_ORDER and not event.order_id:
-        _violation(found, "order_id", "is required for this event type")
-    if len(event.order_id) > 64:
+    order_id = event.order_id
+    if not order_id:
+        if kind in NEEDS_ORDER:
+            _violation(found, "order_id", "is required for this event type")
+    elif len(order_id) > 64:
         _violation(found, "order_id", "must be at most 64 characters")
-    if (kind in NEEDS_STORE or event.channel == pb.CHANNEL_STORE) and not event.store_id:
-        _violation(found, "store_id", "is required for store events")
-    if len(event.store_id) > 64:
+    store_id = event.store_id
+    if not store_id:
+        if kind in NEEDS_STORE or channel == pb.CHANNEL_STORE:
+            _violation(found, "store_id", "is required for store events")
+    elif len(store_id) > 64:
         _violation(found, "store_id", "must be at most 64 characters")
     if event.HasField("properties"):
         keys = event.properties.fields.keys()
@@ -138,27 +165,59 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
     return found
 
 
-def _check_item(found: list[pb.FieldViolation], path: str, item: pb.EventItem) -> None:
-    if not 1 <= len(item.item_id) <= 128:
-        _violation(found, f"{path}.item_id", "is required: 1 to 128 characters")
-    if len(item.category_path) > 8 or any(not 1 <= len(segment) <= 64 for segment in item.category_path):
-        _violation(found, f"{path}.category_path", "must hold at most 8 segments of 1 to 64 characters")
+def _check_item(found: list[pb.FieldViolation], index: int, item: pb.EventItem) -> None:
+    if not 0 < len(item.item_id) <= 128:
+        _violation(found, f"items[{index}].item_id", "is required: 1 to 128 characters")
+    path = item.category_path
+    if path and (len(path) > 8 or min(map(len, path)) == 0 or max(map(len, path)) > 64):
+        _violation(
+            found, f"items[{index}].category_path", "must hold at most 8 segments of 1 to 64 characters"
+        )
     if item.quantity < 0:
-        _violation(found, f"{path}.quantity", "must not be negative")
-    if item.unit_price_micros < 0:
-        _violation(found, f"{path}.unit_price_micros", "must not be negative")
-    if item.unit_price_micros and not CURRENCY.match(item.currency_code):
-        _violation(found, f"{path}.currency_code", "is required when unit_price_micros is set (ISO 4217)")
+        _violation(found, f"items[{index}].quantity", "must not be negative")
+    price = item.unit_price_micros
+    if price:
+        if price < 0:
+            _violation(found, f"items[{index}].unit_price_micros", "must not be negative")
+        if not CURRENCY.match(item.currency_code):
+            _violation(
+                found,
+                f"items[{index}].currency_code",
+                "is required when unit_price_micros is set (ISO 4217)",
+            )
 
 
-@dataclass
-class _Pending:
-    """An event that passed its checks, on its way to a customer and the database."""
+def micros_of(stamp: timestamp_pb2.Timestamp) -> int:
+    """Timestamp.ToMicroseconds, without its method call (it runs per event)."""
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
-    position: int
-    event: pb.Event
-    customer_key: str | bytes  # a customer id, or an identifier's lookup hash
-    customer_id: str = ""
+
+# A stream's messages handled at once (read, checked and on their way to a commit) while
+# earlier ones are being committed; their results still go back in order.
+STREAM_WINDOW = 4
+# Events stored in one transaction at most, when many calls' events are ready together.
+MAX_GROUP_EVENTS = 16_000
+
+
+class _OwnersChanged(Exception):
+    """A merge or an erasure changed who owns some events after they were resolved."""
+
+
+@dataclass(slots=True)
+class _Job:
+    """One call's (or one stream message's) events, from their checks to their commit."""
+
+    results: list[pb.EventResult]
+    # (position in the call, event, customer key) of each event that passed its checks;
+    # the key is a customer id, or an identifier's lookup hash.
+    pending: list[tuple[int, pb.Event, str | bytes]]
+    now: int
+    done: asyncio.Future[None]
+    ready: bool = False  # resolved and decided: its rows wait for the committer
+    # The events to store: their positions, and their rows (EVENT_COLUMNS without seq).
+    positions: list[int] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    owners: set[str] = field(default_factory=set)  # the customers those events belong to
 
 
 def _resolve(connection: Connection, ids: set[str], hashes: set[bytes]) -> dict[str | bytes, str]:
@@ -204,20 +263,6 @@ def _resolve(connection: Connection, ids: set[str], hashes: set[bytes]) -> dict[
     return resolved
 
 
-def _insert(connection: Connection, rows: list[dict[str, object]], last: int) -> set[str]:
-    """Stores the rows under the seqs ending at `last`; returns the event ids that were new
-    (the others were already there)."""
-    for offset, row in enumerate(rows):
-        row["seq"] = last - len(rows) + 1 + offset
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = (
-        dialect.insert(events)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(events.c.event_id)
-    )
-    return {row.event_id for row in connection.execute(statement, rows)}
-
-
 def _still_live(connection: Connection, owners: set[str]) -> bool:
     """Are all these customers still there and not merged away?"""
     if not owners:
@@ -231,107 +276,234 @@ def _still_live(connection: Connection, owners: set[str]) -> bool:
 
 
 class EventIngestor:
+    """Takes calls' events: checks them, resolves their customers, applies consent, and stores
+    the rest once each, answering each event only after its commit.
+
+    Calls are committed in the order they arrive, by one committer: the calls that are
+    ready when it starts a transaction (it runs one at a time) share that transaction. So
+    under load many calls cost one commit and one event order lock between them, and a
+    quiet service commits each call at once.
+    """
+
     def __init__(self, database: Database, pii: PiiProtector, consent: ConsentCache, max_staleness: float):
         self.db = database
         self.pii = pii
         self.consent = consent
         self.max_staleness = max_staleness
         self._listeners: list[Callable[[], None]] = []
+        self._jobs: deque[_Job] = deque()  # in arrival order: the order of their commits
+        self._committer: asyncio.Task[None] | None = None
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Calls `listener` after each commit of new events (to wake followers of the events)."""
         self._listeners.append(listener)
 
-    def _decide(
-        self, pending: list[_Pending], owners: dict[str | bytes, str], results: list[pb.EventResult], now: int
-    ) -> tuple[list[_Pending], list[dict[str, object]]]:
-        """Sets UNKNOWN_CUSTOMER and REJECTED_CONSENT results; returns the rest and their rows."""
-        index = self.consent.index
-        rows: list[dict[str, object]] = []
-        accepted: list[_Pending] = []
-        for item in pending:
-            result = results[item.position]
-            owner = owners.get(item.customer_key)
-            if owner is None:
-                result.status = pb.EVENT_RESULT_STATUS_UNKNOWN_CUSTOMER
-                continue
-            category = CATEGORY_OF_TYPE[item.event.event_type]
-            if not index.collection_allowed(owner, category, now):
-                result.status = pb.EVENT_RESULT_STATUS_REJECTED_CONSENT
-                result.data_category = category
-                continue
-            event = item.event
-            event.resolved_customer_id = owner
-            event.data_category = category
-            event.received_at.FromMicroseconds(now)
-            item.customer_id = owner
-            rows.append(
-                {
-                    "event_id": event.event_id,
-                    "customer_id": owner,
-                    "event_type": event.event_type,
-                    "channel": event.channel,
-                    "data_category": category,
-                    "occurred_at_us": event.occurred_at.ToMicroseconds(),
-                    "received_at_us": now,
-                    "value_micros": event.value_micros,
-                    "currency_code": event.currency_code,
-                    "payload": event.SerializeToString(),
-                }
-            )
-            accepted.append(item)
-        return accepted, rows
-
     async def ingest(self, batch: Sequence[pb.Event]) -> list[pb.EventResult]:
         """One result per event, in order; raises UNAVAILABLE when consent state is too stale."""
+        job = self._checked(batch)
+        if job.pending:
+            await self._collect(job)
+        return job.results
+
+    async def ingest_stream(
+        self, batches: AsyncIterator[Sequence[pb.Event]], window: int = STREAM_WINDOW
+    ) -> AsyncIterator[list[pb.EventResult]]:
+        """The results of each batch of the stream, in order, each once its events are committed.
+
+        Up to `window` batches are taken in at once: the next ones are read and checked
+        while earlier ones commit, and those ready together share a transaction. An error
+        reading the stream (or a batch's error) ends it after the results of every batch
+        before it.
+        """
+        room = asyncio.Semaphore(window)
+        taken: asyncio.Queue[asyncio.Future[list[pb.EventResult]] | BaseException | None] = asyncio.Queue()
+
+        async def take() -> None:
+            try:
+                async for batch in batches:
+                    await room.acquire()
+                    # In arrival order: each batch is checked and queued for its commit
+                    # before the next one is read.
+                    taken.put_nowait(asyncio.ensure_future(self.ingest(batch)))
+            except Exception as error:
+                taken.put_nowait(error)
+            else:
+                taken.put_nowait(None)
+
+        reader = asyncio.create_task(take())
+        try:
+            while (next_one := await taken.get()) is not None:
+                if isinstance(next_one, BaseException):
+                    raise next_one
+                results = await next_one
+                room.release()
+                yield results
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            while not taken.empty():  # not answered: whatever they commit is not acknowledged
+                left = taken.get_nowait()
+                if isinstance(left, asyncio.Future):
+                    left.cancel()
+
+    def _checked(self, batch: Sequence[pb.Event]) -> _Job:
+        """The batch's job: INVALID results set, the rest pending."""
         if self.consent.staleness > self.max_staleness:
             raise Unavailable(
                 "consent state is not fresh enough to collect events; retry later",
                 reason="CONSENT_STATE_STALE",
             )
         now = now_micros()
-        results: list[pb.EventResult] = [pb.EventResult(event_id=e.event_id) for e in batch]
-        pending: list[_Pending] = []
+        results = [pb.EventResult(event_id=event.event_id) for event in batch]
+        pending: list[tuple[int, pb.Event, str | bytes]] = []
         for position, event in enumerate(batch):
             problems = check_event(event, now)
             if problems:
-                results[position].status = pb.EVENT_RESULT_STATUS_INVALID
-                results[position].violations.extend(problems)
-                continue
-            if event.WhichOneof("customer") == "customer_id":
-                key: str | bytes = event.customer_id
+                result = results[position]
+                result.status = pb.EVENT_RESULT_STATUS_INVALID
+                result.violations.extend(problems)
+            elif event.WhichOneof("customer") == "customer_id":
+                pending.append((position, event, event.customer_id))
             else:
                 key = self.pii.lookup_hash(identifier_of(event.identifier).lookup_key)
-            pending.append(_Pending(position, event, key))
-        if not pending:
-            return results
-        ids = {p.customer_key for p in pending if isinstance(p.customer_key, str)}
-        hashes = {p.customer_key for p in pending if isinstance(p.customer_key, bytes)}
-        owners = await self.db.read(lambda c: _resolve(c, ids, hashes))  # type: ignore[arg-type]
-        accepted, rows = self._decide(pending, owners, results, now)
+                pending.append((position, event, key))
+        return _Job(results, pending, now, asyncio.get_running_loop().create_future())
 
-        def collect(connection: Connection) -> tuple[list[_Pending], set[str]]:
-            nonlocal accepted, rows
-            # Under the event order lock no merge or erasure can change owners; if one did
-            # since the read above, resolve again here (rare) before storing anything.
-            allocate_seqs(connection, 0)
-            if not _still_live(connection, {item.customer_id for item in accepted}):
-                fresh = _resolve(connection, ids, hashes)  # type: ignore[arg-type]
-                accepted, rows = self._decide(pending, fresh, results, now)
-            if not rows:
-                return accepted, set()
-            return accepted, _insert(connection, rows, allocate_seqs(connection, len(rows)))
+    async def _collect(self, job: _Job) -> None:
+        """Resolves and decides the job's events, then waits for their commit."""
+        self._jobs.append(job)
+        try:
+            await self._decide(job)
+        except BaseException:
+            self._jobs.remove(job)
+            self._start_committer()  # the next job may be ready
+            raise
+        job.ready = True
+        self._start_committer()
+        await job.done
 
-        accepted, new = await self.db.write(collect)
-        for item in accepted:
-            result = results[item.position]
-            result.customer_id = item.customer_id
-            if item.event.event_id in new:
-                new.discard(item.event.event_id)  # a second copy in this batch is a duplicate
-                result.status = pb.EVENT_RESULT_STATUS_ACCEPTED
+    async def _decide(self, job: _Job) -> None:
+        """Resolves the job's customers, sets the UNKNOWN_CUSTOMER and REJECTED_CONSENT results
+        and fills in the rows of the rest."""
+        ids = {key for _, _, key in job.pending if isinstance(key, str)}
+        hashes = {key for _, _, key in job.pending if isinstance(key, bytes)}
+        owners = await self.db.read(functools.partial(_resolve, ids=ids, hashes=hashes))
+        allowed = self.consent.index.collection_allowed
+        decisions: dict[tuple[str, str], bool] = {}
+        now, results = job.now, job.results
+        seconds, nanos = divmod(now, 1_000_000)
+        job.positions, job.rows, job.owners = positions, rows, accepted_owners = [], [], set()
+        for position, event, key in job.pending:
+            owner = owners.get(key)
+            if owner is None:
+                results[position].status = pb.EVENT_RESULT_STATUS_UNKNOWN_CUSTOMER
+                continue
+            kind = event.event_type
+            category = CATEGORY_OF_TYPE[kind]
+            decision = decisions.get((owner, category))
+            if decision is None:
+                decision = decisions[owner, category] = allowed(owner, category, now)
+            if not decision:
+                result = results[position]
+                result.status = pb.EVENT_RESULT_STATUS_REJECTED_CONSENT
+                result.data_category = category
+                continue
+            event.resolved_customer_id = owner
+            event.data_category = category
+            received = event.received_at
+            received.seconds = seconds
+            received.nanos = nanos * 1_000
+            positions.append(position)
+            accepted_owners.add(owner)
+            rows.append(
+                (
+                    event.event_id,
+                    owner,
+                    kind,
+                    event.channel,
+                    category,
+                    micros_of(event.occurred_at),
+                    now,
+                    event.value_micros,
+                    event.currency_code,
+                    event.SerializeToString(),
+                )
+            )
+
+    def _start_committer(self) -> None:
+        if self._jobs and self._jobs[0].ready and (self._committer is None or self._committer.done()):
+            self._committer = asyncio.create_task(self._commit_ready(), name="event-committer")
+
+    async def _commit_ready(self) -> None:
+        """Commits the ready jobs at the head of the queue, as many at once as are ready (up to
+        MAX_GROUP_EVENTS events), until the head is not ready."""
+        while self._jobs and self._jobs[0].ready:
+            group = [self._jobs.popleft()]
+            count = len(group[0].rows)
+            while self._jobs and self._jobs[0].ready and count + len(self._jobs[0].rows) <= MAX_GROUP_EVENTS:
+                count += len(self._jobs[0].rows)
+                group.append(self._jobs.popleft())
+            try:
+                await self._commit(group)
+            except Exception as error:
+                for job in group:
+                    if not job.done.done():
+                        job.done.set_exception(error)
+            except BaseException:  # cancelled (the service stops): so are the calls waiting
+                for job in group:
+                    job.done.cancel()
+                raise
             else:
-                result.status = pb.EVENT_RESULT_STATUS_DUPLICATE
-        if accepted:
-            for listener in self._listeners:
-                listener()
-        return results
+                for job in group:
+                    if not job.done.done():
+                        job.done.set_result(None)
+
+    async def _commit(self, group: list[_Job]) -> None:
+        """Stores the group's rows in one transaction and sets their results."""
+        while True:
+            rows = [row for job in group for row in job.rows]
+            if not rows:
+                return
+            owners = set().union(*(job.owners for job in group))
+            try:
+                first, seqs = await self.db.write(functools.partial(_store, rows=rows, owners=owners))
+                break
+            except _OwnersChanged:
+                # A merge or erasure came between the resolution and the lock (rare):
+                # resolve and decide again, from fresh results.
+                for job in group:
+                    for position, event, _ in job.pending:
+                        job.results[position] = pb.EventResult(event_id=event.event_id)
+                    await self._decide(job)
+        seq = first
+        for job in group:
+            results = job.results
+            for position, row in zip(job.positions, job.rows, strict=True):
+                result = results[position]
+                result.customer_id = row[1]
+                # New when stored under the seq it was given; a copy stored before (or
+                # earlier in these rows) is a duplicate.
+                new = seqs is None or seqs.get(row[0]) == seq
+                result.status = pb.EVENT_RESULT_STATUS_ACCEPTED if new else pb.EVENT_RESULT_STATUS_DUPLICATE
+                seq += 1
+        for listener in self._listeners:
+            listener()
+
+
+def _store(
+    connection: Connection, rows: list[tuple[Any, ...]], owners: set[str]
+) -> tuple[int, dict[str, int] | None]:
+    """Stores `rows` (EVENT_COLUMNS without seq) under new seqs, in the caller's transaction;
+    returns the first seq and, when some event ids were stored already, the seq each is
+    stored under (None when every row was new)."""
+    # The event order lock first: from here to the commit no merge or erasure can change
+    # who owns these events; if one did since they were resolved, resolve them again.
+    last = allocate_seqs(connection, len(rows))
+    if not _still_live(connection, owners):
+        raise _OwnersChanged
+    first = last - len(rows) + 1
+    stored = insert_events(connection, [(first + offset, *row) for offset, row in enumerate(rows)])
+    if stored == len(rows):
+        return first, None
+    return first, event_seqs(connection, [row[0] for row in rows])

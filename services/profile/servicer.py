@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -351,9 +351,15 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         self, requests: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamEventsResponse]:
         assert self.ingestor is not None
-        async for message in requests:
-            _check_batch_size(len(message.events))
-            yield pb.StreamEventsResponse(results=await self.ingestor.ingest(message.events))
+
+        async def batches() -> AsyncIterator[Sequence[pb.Event]]:
+            async for message in requests:
+                _check_batch_size(len(message.events))
+                yield message.events
+
+        # Several messages are taken in at once; each answer still waits for its commit.
+        async for results in self.ingestor.ingest_stream(batches()):
+            yield pb.StreamEventsResponse(results=results)
 
     # -- timeline and traits (services/profile/trait_rpcs.py) -------------------------------
 

@@ -25,7 +25,7 @@ from services.profile.identity import Identifier, Identity
 from services.profile.merges import customer_merged_error
 from services.profile.pii import PiiProtector
 from shared import idempotency
-from shared.db import Database, now_micros
+from shared.db import Database, insert_rows, now_micros
 from shared.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
 
 metadata = sa.MetaData()
@@ -98,8 +98,38 @@ def allocate_seqs(connection: Connection, count: int) -> int:
     so events commit in seq order and no event lands on a customer that a concurrent
     merge or erasure is taking away. `count` 0 takes only the lock.
     """
-    connection.execute(event_head.update().where(event_head.c.id == 1).values(seq=event_head.c.seq + count))
-    return int(connection.execute(sa.select(event_head.c.seq).where(event_head.c.id == 1)).scalar_one())
+    # One statement (UPDATE ... RETURNING, SQLite 3.35+ and PostgreSQL): one round trip.
+    return int(connection.execute(_ALLOCATE_SEQS, {"count": count}).scalar_one())
+
+
+_ALLOCATE_SEQS = (
+    event_head.update()
+    .where(event_head.c.id == 1)
+    .values(seq=event_head.c.seq + sa.bindparam("count", type_=sa.BigInteger))
+    .returning(event_head.c.seq)
+)
+# The columns of `events` in table order: the order of the tuples insert_events takes.
+EVENT_COLUMNS = tuple(column.name for column in events.columns)
+
+
+def insert_events(connection: Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Stores `rows` (tuples in EVENT_COLUMNS order, seq first), skipping each whose event_id
+    is stored already (before, or earlier in `rows`); returns how many were stored."""
+    return insert_rows(
+        connection, events, rows, lambda insert: insert.on_conflict_do_nothing(index_elements=["event_id"])
+    )
+
+
+def event_seqs(connection: Connection, event_ids: list[str]) -> dict[str, int]:
+    """The seq each of `event_ids` is stored under (absent: not stored)."""
+    found: dict[str, int] = {}
+    for start in range(0, len(event_ids), 5000):  # within SQLite's limit of bound parameters
+        chunk = event_ids[start : start + 5000]
+        rows = connection.execute(
+            sa.select(events.c.event_id, events.c.seq).where(events.c.event_id.in_(chunk))
+        )
+        found.update((row.event_id, int(row.seq)) for row in rows)
+    return found
 
 
 merges = sa.Table(

@@ -34,7 +34,6 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf.message import DecodeError
 from najimi.profile.v1 import profile_service_pb2 as pb
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from services.profile.store import customers, erased_error, erasure_of, event_head, events, merges
@@ -49,6 +48,7 @@ from services.profile.traits import (
     category_key,
     category_path_text,
 )
+from shared.db import insert_rows
 from shared.errors import FailedPrecondition, NotFound
 
 metadata = sa.MetaData()
@@ -147,21 +147,13 @@ def require_live_customer(connection: Connection, customer_id: str) -> None:
 
 def decoded(row: Any) -> StoredEvent:
     """A row of EVENT_COLUMNS with its payload decoded (an undecodable one as an empty Event)."""
+    # The columns but the payload are StoredEvent's fields, in order: taken by position,
+    # cheaper than by name, for every event.
     try:
-        event = pb.Event.FromString(row.payload)
+        event = pb.Event.FromString(row[-1])
     except DecodeError:
         event = pb.Event()
-    return StoredEvent(
-        row.seq,
-        row.customer_id,
-        row.event_type,
-        row.channel,
-        row.data_category,
-        row.occurred_at_us,
-        row.value_micros,
-        row.currency_code,
-        event,
-    )
+    return StoredEvent._make((*row[:-1], event))
 
 
 @dataclass(frozen=True)
@@ -172,7 +164,7 @@ class Batch:
     generation: int  # the cursor row's generation when the batch was read
     last: int  # the cursor after the batch
     event_count: int
-    rows: dict[str, list[dict[str, Any]]]
+    rows: dict[str, list[tuple[Any, ...]]]
 
 
 def event_head_seq(connection: Connection) -> int:
@@ -231,47 +223,29 @@ def _new_generation(connection: Connection) -> int:
 # -- writing aggregates -------------------------------------------------------------------------
 
 
-def _insert(connection: Connection) -> Any:
-    return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-
-
 def _greatest(connection: Connection, *values: Any) -> Any:
     # SQLite's max() with several arguments is the scalar maximum, PostgreSQL's is greatest().
     return (sa.func.greatest if connection.dialect.name == "postgresql" else sa.func.max)(*values)
 
 
-def _execute_many(connection: Connection, statement: Any, rows: list[dict[str, Any]]) -> None:
-    """Runs `statement` once per row through the driver's executemany.
-
-    Compiled once per call: SQLAlchemy's per-row parameter processing would cost as much
-    as the database's work here, and this runs in the write lock (SQLite has one writer).
-    """
-    compiled = statement.compile(dialect=connection.dialect)
-    order = compiled.positiontup
-    parameters: list[Any] = rows if order is None else [tuple(row[name] for name in order) for row in rows]
-    connection.exec_driver_sql(str(compiled), parameters)
-
-
-def _insert_new(connection: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+def _insert_new(connection: Connection, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
     """Inserts `rows`, skipping those whose primary key is there (the same event again)."""
-    if rows:
-        keys = [column.name for column in table.primary_key.columns]
-        _execute_many(
-            connection, _insert(connection)(table).on_conflict_do_nothing(index_elements=keys), rows
-        )
+    keys = [column.name for column in table.primary_key.columns]
+    insert_rows(connection, table, rows, lambda insert: insert.on_conflict_do_nothing(index_elements=keys))
 
 
 def _add_sums(
-    connection: Connection, table: sa.Table, rows: list[dict[str, Any]], sums: tuple[str, ...], latest: str
+    connection: Connection, table: sa.Table, rows: list[tuple[Any, ...]], sums: tuple[str, ...], latest: str
 ) -> None:
     """Inserts `rows`, or adds their `sums` columns to the stored row and keeps the later `latest`."""
-    if not rows:
-        return
-    statement = _insert(connection)(table)
     keys = [column.name for column in table.primary_key.columns]
-    changes: dict[str, Any] = {name: table.c[name] + statement.excluded[name] for name in sums}
-    changes[latest] = _greatest(connection, table.c[latest], statement.excluded[latest])
-    _execute_many(connection, statement.on_conflict_do_update(index_elements=keys, set_=changes), rows)
+
+    def add(insert: Any) -> Any:
+        changes: dict[str, Any] = {name: table.c[name] + insert.excluded[name] for name in sums}
+        changes[latest] = _greatest(connection, table.c[latest], insert.excluded[latest])
+        return insert.on_conflict_do_update(index_elements=keys, set_=changes)
+
+    insert_rows(connection, table, rows, add)
 
 
 def stored_weight(weight: Decayed) -> float:
@@ -290,53 +264,37 @@ def _affinity_of(row: Any) -> AffinityStat:
     )
 
 
-def aggregate_rows(added: dict[str, CustomerAggregates]) -> dict[str, list[dict[str, Any]]]:
-    """The rows that add `added` (customer id -> what new events contribute), by table."""
+def aggregate_rows(added: dict[str, CustomerAggregates]) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows that add `added` (customer id -> what new events contribute), by table, each
+    row a tuple in its table's column order."""
     return {
+        # Order and ItemPurchase hold their tables' columns after customer_id, in order.
         "trait_orders": [
-            {
-                "customer_id": customer_id,
-                "seq": o.seq,
-                "kind": o.kind,
-                "occurred_at_us": o.occurred_at_us,
-                "value_micros": o.value_micros,
-                "currency_code": o.currency_code,
-                "channel": o.channel,
-                "store_id": o.store_id,
-                "data_category": o.data_category,
-            }
-            for customer_id, aggregates in added.items()
-            for o in aggregates.orders
+            (customer_id, *order) for customer_id, aggregates in added.items() for order in aggregates.orders
         ],
         "trait_item_purchases": [
-            {
-                "customer_id": customer_id,
-                "item_id": p.item_id,
-                "seq": p.seq,
-                "occurred_at_us": p.occurred_at_us,
-                "data_category": p.data_category,
-            }
+            (customer_id, *purchase)
             for customer_id, aggregates in added.items()
-            for p in aggregates.item_purchases
+            for purchase in aggregates.item_purchases
         ],
         "trait_affinities": [
-            {
-                "customer_id": customer_id,
-                "category_key": category_key(s.category_path),
-                "kind": s.kind,
-                "category_path": category_path_text(s.category_path),
-                "data_category": s.data_category,
-                "interactions": s.interactions,
-                "weight": stored_weight(s.weight),
-                "last_at_us": s.last_at_us,
-            }
+            (
+                customer_id,
+                category_key(s.category_path),
+                s.kind,
+                category_path_text(s.category_path),
+                s.data_category,
+                s.interactions,
+                stored_weight(s.weight),
+                s.last_at_us,
+            )
             for customer_id, aggregates in added.items()
             for s in aggregates.affinities.values()
         ],
     }
 
 
-def write_rows(connection: Connection, rows: dict[str, list[dict[str, Any]]]) -> None:
+def write_rows(connection: Connection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
     """Adds aggregate rows: every change is an insert or an addition in SQL, without reading
     the stored rows first. The caller holds the cursor row lock."""
     _insert_new(connection, trait_orders, rows["trait_orders"])

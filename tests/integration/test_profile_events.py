@@ -211,6 +211,93 @@ async def test_the_stream_answers_each_message_in_order(consented_profile, datab
     assert len(stored_event_ids(database_url or _sqlite_url(profile))) == 250
 
 
+async def test_a_stream_stores_an_event_repeated_across_its_messages_at_its_first_copy(
+    consented_profile, database_url
+):
+    # The messages are sent without waiting for answers, so the service takes several in
+    # at once; they still commit in the order they came.
+    profile, _, stub, _ = await setup(consented_profile, database_url)
+
+    async def messages():
+        for batch in range(6):
+            yield pb.StreamEventsRequest(events=[view("again"), purchase(f"own-{batch}")])
+
+    answers = [a async for a in stub.StreamEvents(messages(), metadata=profile.auth("service:storefront"))]
+    assert [[r.status for r in a.results] for a in answers] == [
+        [pb.EVENT_RESULT_STATUS_ACCEPTED, pb.EVENT_RESULT_STATUS_ACCEPTED]
+    ] + [[pb.EVENT_RESULT_STATUS_DUPLICATE, pb.EVENT_RESULT_STATUS_ACCEPTED]] * 5
+    assert all(r.customer_id == "c-1" for a in answers for r in a.results)
+    assert stored_event_ids(database_url or _sqlite_url(profile)) == {"again"} | {
+        f"own-{n}" for n in range(6)
+    }
+
+
+async def test_a_bad_message_ends_the_stream_after_the_answers_before_it(consented_profile):
+    profile, _, stub, _ = await setup(consented_profile)
+
+    async def messages():
+        yield pb.StreamEventsRequest(events=[view("first")])
+        yield pb.StreamEventsRequest(events=[view("second")])
+        yield pb.StreamEventsRequest(events=[view(f"h-{n}") for n in range(1001)])
+        yield pb.StreamEventsRequest(events=[view("after")])
+
+    call = stub.StreamEvents(messages(), metadata=profile.auth("service:storefront"))
+    answers = []
+    error = await rpc_error(_collect(call, answers))
+    assert [a.results[0].event_id for a in answers] == ["first", "second"]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "events" in field_violations(error)
+    assert stored_event_ids(_sqlite_url(profile)) == {"first", "second"}
+
+
+async def _collect(call, answers: list) -> None:
+    async for answer in call:
+        answers.append(answer)
+
+
+async def test_events_follow_a_merge_that_lands_between_their_lookup_and_their_commit(
+    consented_profile, database_url
+):
+    profile, consent, stub, cache = await setup(consented_profile, database_url)
+    granted = await consent_grpc.ConsentServiceStub(consent.channel).GrantConsent(
+        grant(customer="c-2", categories=[PURCHASES, BROWSING], request_id="g-c2"), metadata=consent.auth()
+    )
+    assert await cache.wait_for_revision(granted.consent.revision, 5)
+    database = profile.running.app.registrations[0].servicer.ingestor.db
+    read = database.read
+    merged = []
+
+    async def read_then_merge(work):
+        # The customers are looked up; before the events are stored, c-1 is merged into c-2.
+        found = await read(work)
+        if not merged and getattr(work, "func", None) is not None and work.func.__name__ == "_resolve":
+            merged.append(
+                await stub.MergeCustomers(
+                    pb.MergeCustomersRequest(
+                        request_id="m-1", source_customer_id="c-1", target_customer_id="c-2"
+                    ),
+                    metadata=profile.auth("service:storefront"),
+                )
+            )
+        return found
+
+    database.read = read_then_merge
+    reply = await stub.IngestEvents(
+        pb.IngestEventsRequest(events=[view("m-view"), purchase("m-buy")]),
+        metadata=profile.auth("service:crm"),
+    )
+    assert merged
+    assert [(r.status, r.customer_id) for r in reply.results] == [
+        (pb.EVENT_RESULT_STATUS_ACCEPTED, "c-2"),
+        (pb.EVENT_RESULT_STATUS_ACCEPTED, "c-2"),
+    ]
+    stored = Database(database_url or _sqlite_url(profile), "profile")
+    owners = stored.transaction(
+        lambda c: dict(c.execute(sa.select(events_table.c.event_id, events_table.c.customer_id)).all())
+    )
+    stored.close()
+    assert owners == {"m-view": "c-2", "m-buy": "c-2"}
+
+
 async def test_late_and_out_of_order_events_keep_their_time(consented_profile):
     profile, _, stub, _ = await setup(consented_profile)
     old, new = view("late", seconds_ago=86_400 * 40), view("recent", seconds_ago=10)
