@@ -66,6 +66,7 @@ def build_app(settings: Settings) -> App:
     ingestor.on_commit(servicer.interactions.notify)
     # ... and the trait worker, which follows them into the trait aggregates (it polls too).
     ingestor.on_commit(servicer.trait_worker.notify)
+    ingestor.on_stored(servicer.trait_worker.add_committed)  # the events, so it need not read them back
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)

@@ -28,6 +28,8 @@ from services.profile.identity import check_identifier
 from services.profile.pii import PiiProtector
 from services.profile.servicer import identifier_of
 from services.profile.store import allocate_seqs, customers, event_seqs, identities, insert_events
+from services.profile.trait_store import Committed, cursor_generation
+from services.profile.traits import StoredEvent
 from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
 from shared.errors import Unavailable
@@ -217,6 +219,7 @@ class _Job:
     # The events to store: their positions, and their rows (EVENT_COLUMNS without seq).
     positions: list[int] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[pb.Event] = field(default_factory=list)  # as stored (payload), by row
     owners: set[str] = field(default_factory=set)  # the customers those events belong to
 
 
@@ -291,12 +294,18 @@ class EventIngestor:
         self.consent = consent
         self.max_staleness = max_staleness
         self._listeners: list[Callable[[], None]] = []
+        self._stored_listeners: list[Callable[[Committed], None]] = []
         self._jobs: deque[_Job] = deque()  # in arrival order: the order of their commits
         self._committer: asyncio.Task[None] | None = None
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Calls `listener` after each commit of new events (to wake followers of the events)."""
         self._listeners.append(listener)
+
+    def on_stored(self, listener: Callable[[Committed], None]) -> None:
+        """Calls `listener` after each commit with what it stored (the trait worker adds
+        those events from memory instead of reading them back)."""
+        self._stored_listeners.append(listener)
 
     async def ingest(self, batch: Sequence[pb.Event]) -> list[pb.EventResult]:
         """One result per event, in order; raises UNAVAILABLE when consent state is too stale."""
@@ -393,7 +402,12 @@ class EventIngestor:
         decisions: dict[tuple[str, str], bool] = {}
         now, results = job.now, job.results
         seconds, nanos = divmod(now, 1_000_000)
-        job.positions, job.rows, job.owners = positions, rows, accepted_owners = [], [], set()
+        job.positions, job.rows, job.events, job.owners = positions, rows, stored, accepted_owners = (
+            [],
+            [],
+            [],
+            set(),
+        )
         for position, event, key in job.pending:
             owner = owners.get(key)
             if owner is None:
@@ -415,6 +429,7 @@ class EventIngestor:
             received.seconds = seconds
             received.nanos = nanos * 1_000
             positions.append(position)
+            stored.append(event)
             accepted_owners.add(owner)
             rows.append(
                 (
@@ -467,7 +482,9 @@ class EventIngestor:
                 return
             owners = set().union(*(job.owners for job in group))
             try:
-                first, seqs = await self.db.write(functools.partial(_store, rows=rows, owners=owners))
+                first, seqs, generation = await self.db.write(
+                    functools.partial(_store, rows=rows, owners=owners)
+                )
                 break
             except _OwnersChanged:
                 # A merge or erasure came between the resolution and the lock (rare):
@@ -477,26 +494,36 @@ class EventIngestor:
                         job.results[position] = pb.EventResult(event_id=event.event_id)
                     await self._decide(job)
         seq = first
+        new_events: list[StoredEvent] = []
         for job in group:
             results = job.results
-            for position, row in zip(job.positions, job.rows, strict=True):
+            for position, row, event in zip(job.positions, job.rows, job.events, strict=True):
                 result = results[position]
                 result.customer_id = row[1]
                 # New when stored under the seq it was given; a copy stored before (or
                 # earlier in these rows) is a duplicate.
-                new = seqs is None or seqs.get(row[0]) == seq
-                result.status = pb.EVENT_RESULT_STATUS_ACCEPTED if new else pb.EVENT_RESULT_STATUS_DUPLICATE
+                if seqs is None or seqs.get(row[0]) == seq:
+                    result.status = pb.EVENT_RESULT_STATUS_ACCEPTED
+                    _, owner, kind, channel, category, occurred, _, value, currency, _ = row
+                    new_events.append(
+                        StoredEvent(seq, owner, kind, channel, category, occurred, value, currency, event)
+                    )
+                else:
+                    result.status = pb.EVENT_RESULT_STATUS_DUPLICATE
                 seq += 1
+        committed = Committed(first, seq - 1, generation, new_events)
+        for stored_listener in self._stored_listeners:
+            stored_listener(committed)
         for listener in self._listeners:
             listener()
 
 
 def _store(
     connection: Connection, rows: list[tuple[Any, ...]], owners: set[str]
-) -> tuple[int, dict[str, int] | None]:
+) -> tuple[int, dict[str, int] | None, int]:
     """Stores `rows` (EVENT_COLUMNS without seq) under new seqs, in the caller's transaction;
-    returns the first seq and, when some event ids were stored already, the seq each is
-    stored under (None when every row was new)."""
+    returns the first seq; when some event ids were stored already, the seq each is stored
+    under (None when every row was new); and the trait cursor's generation (see Committed)."""
     # The event order lock first: from here to the commit no merge or erasure can change
     # who owns these events; if one did since they were resolved, resolve them again.
     last = allocate_seqs(connection, len(rows))
@@ -504,6 +531,7 @@ def _store(
         raise _OwnersChanged
     first = last - len(rows) + 1
     stored = insert_events(connection, [(first + offset, *row) for offset, row in enumerate(rows)])
+    generation = cursor_generation(connection)
     if stored == len(rows):
-        return first, None
-    return first, event_seqs(connection, [row[0] for row in rows])
+        return first, None, generation
+    return first, event_seqs(connection, [row[0] for row in rows]), generation

@@ -165,6 +165,22 @@ class Batch:
     last: int  # the cursor after the batch
     event_count: int
     rows: dict[str, list[tuple[Any, ...]]]
+    behind: bool = False  # committed events remain after `last`: read again at once
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one ingestion transaction stored, handed to the trait worker in memory so that
+    it need not read and decode the events again: every seq from `first` to `last` was
+    allocated by that transaction, `events` are those it stored (the others were
+    duplicates), and `generation` is the trait cursor's generation it saw under the event
+    order lock. Any later change to those events (a merge moving them, an erasure) moves
+    the generation on, and the worker then reads them from the table instead."""
+
+    first: int
+    last: int
+    generation: int
+    events: list[StoredEvent]
 
 
 def event_head_seq(connection: Connection) -> int:
@@ -176,8 +192,37 @@ def read_cursor(connection: Connection) -> int:
     return int(connection.execute(sa.select(trait_cursor.c.seq).where(trait_cursor.c.id == 1)).scalar_one())
 
 
-def read_batch(connection: Connection, limit: int) -> Batch:
-    """Up to `limit` events after the cursor, as aggregate rows; run in a read transaction."""
+def cursor_generation(connection: Connection) -> int:
+    return int(
+        connection.execute(sa.select(trait_cursor.c.generation).where(trait_cursor.c.id == 1)).scalar_one()
+    )
+
+
+def _from_memory(
+    committed: Iterable[Committed], cursor: int, generation: int, head: int, limit: int
+) -> tuple[list[StoredEvent], int] | None:
+    """The events right after the cursor from `committed` (in seq order), when it holds them
+    all and they are still as stored: their seqs follow on from the cursor without a gap,
+    up to the head at most, and the generation did not move. None when it cannot say."""
+    events: list[StoredEvent] = []
+    last = cursor
+    for stored in committed:
+        if stored.last <= last:
+            continue  # added already
+        if stored.first != last + 1 or stored.generation != generation or stored.last > head:
+            break
+        if events and len(events) + len(stored.events) > limit:
+            break
+        events += stored.events
+        last = stored.last
+    return (events, last) if last > cursor else None
+
+
+def read_batch(connection: Connection, limit: int, committed: Iterable[Committed] = ()) -> Batch:
+    """Up to `limit` events after the cursor, as aggregate rows; run in a read transaction.
+
+    The events come from `committed` (the worker's in-memory copies of this process's
+    recent commits) when it holds those right after the cursor, else from the table."""
     cursor = connection.execute(
         sa.select(trait_cursor.c.seq, trait_cursor.c.generation).where(trait_cursor.c.id == 1)
     ).one()
@@ -185,15 +230,22 @@ def read_batch(connection: Connection, limit: int) -> Batch:
     # transaction), so when fewer than `limit` come back the cursor may move to the head,
     # past seqs that hold no event (duplicates, merges, erased events).
     head = event_head_seq(connection)
-    rows = connection.execute(
-        sa.select(*EVENT_COLUMNS)
-        .where(events.c.seq > cursor.seq, events.c.seq <= head)
-        .order_by(events.c.seq)
-        .limit(limit)
-    ).all()
-    last = int(rows[-1].seq) if len(rows) == limit else max(head, int(cursor.seq))
-    added = aggregates_of(decoded(row) for row in rows)
-    return Batch(int(cursor.seq), int(cursor.generation), last, len(rows), aggregate_rows(added))
+    known = _from_memory(committed, int(cursor.seq), int(cursor.generation), head, limit)
+    if known is not None:
+        stored, last = known
+    else:
+        rows = connection.execute(
+            sa.select(*EVENT_COLUMNS)
+            .where(events.c.seq > cursor.seq, events.c.seq <= head)
+            .order_by(events.c.seq)
+            .limit(limit)
+        ).all()
+        last = int(rows[-1].seq) if len(rows) == limit else max(head, int(cursor.seq))
+        stored = [decoded(row) for row in rows]
+    added = aggregates_of(stored)
+    return Batch(
+        int(cursor.seq), int(cursor.generation), last, len(stored), aggregate_rows(added), last < head
+    )
 
 
 def write_batch(connection: Connection, batch: Batch) -> bool:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import random
+from collections import deque
 
 from services.profile import trait_store
 from shared.db import Database
@@ -34,6 +35,9 @@ log = get_logger("najimi.profile.traits")
 
 POLL_SECONDS = 0.5
 BATCH = 20_000
+# Events of this process's commits kept in memory for the worker, at most; past that it
+# drops them and reads the events from the table.
+MAX_KEPT_EVENTS = 200_000
 QUIET_SECONDS = 0.05
 SETTLE_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 5.0
@@ -52,6 +56,9 @@ class TraitWorker:
         self.batch = batch
         self.settle_seconds = settle_seconds
         self._hurry = False  # someone waits for the aggregates: no settling
+        # This process's recent commits, in seq order, until the aggregates include them.
+        self._committed: deque[trait_store.Committed] = deque()
+        self._kept = 0  # events in _committed
         # The seq the aggregates are known to be current to (the cursor after the last pass).
         self.position = 0
         self._wake = asyncio.Event()
@@ -84,6 +91,19 @@ class TraitWorker:
         else:
             loop.call_soon_threadsafe(self._wake.set)
 
+    def add_committed(self, committed: trait_store.Committed) -> None:
+        """Keeps what an ingestion transaction stored, so the worker need not read it back
+        (the ingestion calls it after each commit, on the event loop)."""
+        if self._kept + len(committed.events) > MAX_KEPT_EVENTS:
+            self._committed.clear()  # far behind: the table has them all
+            self._kept = 0
+        self._committed.append(committed)
+        self._kept += len(committed.events)
+
+    def _forget_added(self) -> None:
+        while self._committed and self._committed[0].last <= self.position:
+            self._kept -= len(self._committed.popleft().events)
+
     async def wait_until_processed(self, seq: int | None = None, timeout: float = 10.0) -> bool:
         """Waits until the aggregates include every event up to `seq` (default: the newest
         committed event); False on timeout."""
@@ -106,7 +126,9 @@ class TraitWorker:
             self._hurry = False
             try:
                 batch = await self.database.read(
-                    lambda connection: trait_store.read_batch(connection, self.batch)
+                    functools.partial(
+                        trait_store.read_batch, limit=self.batch, committed=list(self._committed)
+                    )
                 )
                 written = batch.last == batch.cursor or await self.database.write(
                     functools.partial(trait_store.write_batch, batch=batch)
@@ -124,7 +146,8 @@ class TraitWorker:
             async with self._progress:
                 self.position = batch.last
                 self._progress.notify_all()
-            if batch.event_count >= self.batch:
+            self._forget_added()
+            if batch.behind:
                 continue  # a backlog: the next batch at once
             if await self._sleep_or_wake(self.poll_seconds):
                 await self._settle()

@@ -23,7 +23,7 @@ from services.profile.events import CATEGORY_OF_TYPE
 from services.profile.store import event_head, events
 from services.profile.trait_rpcs import EVENT_DATA_CATEGORIES
 from services.profile.trait_worker import TraitWorker
-from services.profile.traits import DAY_US, date_text
+from services.profile.traits import DAY_US, StoredEvent, date_text
 from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
 from shared.validation import encode_page_token
@@ -427,6 +427,55 @@ def test_a_batch_read_before_a_rewrite_is_read_again(database_url):
         held = database.transaction(lambda c: trait_store.load_aggregates(c, "c-1"), write=False)
         assert sorted(o.seq for o in held.orders) == [1, 2, 3]
         assert held.affinities[(COFFEE, "purchase")].interactions == 3
+    finally:
+        database.close()
+
+
+def test_the_worker_takes_events_from_memory_only_while_they_are_as_stored(database_url):
+    """The events of this process's commits (trait_store.Committed) are used instead of the
+    table only when they follow on from the cursor and no rewrite came since their commit."""
+    database = Database(database_url, "profile", MIGRATIONS)
+    database.migrate()
+    base = now_micros()
+    stored = event("m1", pb.EVENT_TYPE_PURCHASE, base - days(1), (("beans", COFFEE),))
+    stored.resolved_customer_id, stored.data_category = "c-1", PURCHASES
+    row = {
+        "event_id": "m1",
+        "customer_id": "c-1",
+        "event_type": stored.event_type,
+        "channel": stored.channel,
+        "data_category": PURCHASES,
+        "occurred_at_us": stored.occurred_at.ToMicroseconds(),
+        "received_at_us": base,
+        "value_micros": stored.value_micros,
+        "currency_code": stored.currency_code,
+        "payload": stored.SerializeToString(),
+    }
+
+    def insert(connection) -> None:
+        connection.execute(events.insert().values(seq=1, **row))
+        connection.execute(event_head.update().values(seq=2))  # seq 2: a duplicate, no event
+
+    def in_memory(first: int, generation: int) -> trait_store.Committed:
+        # The copy says c-2, the table c-1: the batch's customer tells where it came from.
+        copy = StoredEvent(
+            1, "c-2", row["event_type"], row["channel"], PURCHASES, row["occurred_at_us"], 0, "", stored
+        )
+        return trait_store.Committed(first, 2, generation, [copy])
+
+    def customers_of(batch: trait_store.Batch) -> set[str]:
+        return {order[0] for order in batch.rows["trait_orders"]}
+
+    try:
+        database.transaction(insert)
+        generation = database.transaction(trait_store.cursor_generation)
+        read = database.transaction(lambda c: trait_store.read_batch(c, 10, [in_memory(1, generation)]))
+        assert (read.last, read.event_count, read.behind, customers_of(read)) == (2, 1, False, {"c-2"})
+        gap = database.transaction(lambda c: trait_store.read_batch(c, 10, [in_memory(2, generation)]))
+        assert customers_of(gap) == {"c-1"}  # seq 1 is not in memory: from the table
+        database.transaction(lambda c: trait_store.erase_traits(c, "someone-else"))  # a rewrite
+        stale = database.transaction(lambda c: trait_store.read_batch(c, 10, [in_memory(1, generation)]))
+        assert (stale.last, customers_of(stale)) == (2, {"c-1"})
     finally:
         database.close()
 
