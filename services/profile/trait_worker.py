@@ -15,6 +15,11 @@ for QUIET_SECONDS, or SETTLE_SECONDS after the wake-up at the latest, so the agg
 lag the events by about a second at most while ingestion is busy, and by a few tens of
 milliseconds after. `wait_until_processed` ends the wait at once.
 
+The events this process commits reach the worker in memory too (`add_committed`, called
+by the ingestion after each commit): a pass takes them from there instead of reading and
+decoding them again, when they are exactly the events after the cursor and still as
+stored (trait_store.Committed, trait_store.read_batch).
+
 Several replicas may run a worker against one PostgreSQL database: the cursor row lock
 makes their passes take turns, and each event is still added once.
 """
