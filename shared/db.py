@@ -35,6 +35,7 @@ WRITE_ATTEMPTS = 4
 # checkpoints itself (only when the background checkpoints fall that far behind).
 CHECKPOINT_SECONDS = 0.5
 WAL_AUTOCHECKPOINT_PAGES = 20_000
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 # SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
 RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
@@ -90,6 +91,9 @@ def create_engine(url: str, schema: str) -> Engine:
             # Checkpoints run in Database's own thread (Database.write): a checkpoint syncs
             # the file, and a writer doing it would hold the one write lock meanwhile.
             cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            # A burst can grow the WAL to tens of MB before a checkpoint catches up; once one
+            # has, the file is cut back to this size instead of keeping its high-water mark.
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
             cursor.close()
 
         @sa.event.listens_for(engine, "begin")
