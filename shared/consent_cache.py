@@ -38,9 +38,12 @@ VOCABULARY_REFRESH_SECONDS = 5.0
 VOCABULARY_TIMEOUT_SECONDS = 5.0
 
 
-def consent_state_stale() -> Unavailable:
-    """The error of a call that must fail closed because the consent state is too old."""
-    return Unavailable("the consent state is too old to act on; retry shortly", reason="CONSENT_STATE_STALE")
+def consent_state_stale(action: str = "act on") -> Unavailable:
+    """The error of a call that must fail closed because the consent state is too old to
+    `action` ("collect events", "serve interactions", ...)."""
+    return Unavailable(
+        f"the consent state is too old to {action}; retry shortly", reason="CONSENT_STATE_STALE"
+    )
 
 
 class ConsentCache:

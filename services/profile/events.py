@@ -30,9 +30,8 @@ from services.profile.servicer import identifier_of
 from services.profile.store import allocate_seqs, customers, event_seqs, identities, insert_events
 from services.profile.trait_store import Committed, cursor_generation
 from services.profile.traits import StoredEvent
-from shared.consent_cache import ConsentCache
+from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.errors import Unavailable
 from shared.validation import Violations
 
 MAX_ITEMS = 500
@@ -359,10 +358,7 @@ class EventIngestor:
     def _checked(self, batch: Sequence[pb.Event]) -> _Job:
         """The batch's job: INVALID results set, the rest pending."""
         if self.consent.staleness > self.max_staleness:
-            raise Unavailable(
-                "consent state is not fresh enough to collect events; retry later",
-                reason="CONSENT_STATE_STALE",
-            )
+            raise consent_state_stale("collect events")
         now = now_micros()
         results = [pb.EventResult(event_id=event.event_id) for event in batch]
         pending: list[tuple[int, pb.Event, str | bytes]] = []

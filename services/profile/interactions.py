@@ -46,7 +46,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from services.profile.store import customers, event_head, events, merges
-from shared.consent_cache import ConsentCache
+from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database
 from shared.errors import InvalidArgument, OutOfRange, Unavailable
 from shared.log import get_logger
@@ -364,7 +364,7 @@ class InteractionFeed:
         if allowed is None:
             decision = self.consent.check_fresh(row.owner, PURPOSE, [row.data_category], self.max_staleness)
             if decision is None:
-                raise _stale()
+                raise consent_state_stale("serve interactions")
             allowed = decisions[key] = decision.allowed
         if not allowed:
             return done
@@ -382,7 +382,7 @@ class InteractionFeed:
 
     def _require_fresh_consent(self) -> None:
         if self.consent.staleness > self.max_staleness:
-            raise _stale()
+            raise consent_state_stale("serve interactions")
 
     # -- following ---------------------------------------------------------------------
 
@@ -474,10 +474,3 @@ def _merge_step(row: _MergeRow) -> _Step:
     notice = pb.CustomerMerge(source_customer_id=row.source, target_customer_id=row.target)
     notice.merge_time.FromMicroseconds(row.merged_at_us)
     return _Step(row.seq, 0, merge=notice)
-
-
-def _stale() -> Unavailable:
-    return Unavailable(
-        "consent state is not fresh enough to serve interactions; retry later",
-        reason="CONSENT_STATE_STALE",
-    )
