@@ -10,6 +10,7 @@ it also handles SIGTERM/SIGINT (NOT_SERVING first, then a graceful stop, exit 0)
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -168,8 +169,29 @@ async def _serve(settings: Settings, app: App) -> None:
     log.info("stopped", service=app.name)
 
 
+# Young-generation collections after this many net allocations (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def tune_garbage_collector() -> None:
+    """Sets the cyclic garbage collector for a long-running server, once it is built.
+
+    What start-up made (modules, protobuf descriptors, the app) lives as long as the
+    process: gc.freeze() takes it out of every later collection. The RPC paths allocate
+    many short-lived objects (one 1000-event message makes thousands) that reference
+    counting frees, so collections that look for cycles among them after every 700 are
+    mostly wasted: GC_YOUNG_THRESHOLD makes them rarer. bench/profile_bench.py, SQLite,
+    two A/B runs each: StreamEvents +6 % (23,667 and 22,667 against 21,500 and 21,333
+    events/s), IngestEvents +4 %.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+
+
 def serve(build_app: Callable[[Settings], App], service: str) -> None:
     """A service's entry point: settings from the environment, then serve until SIGTERM."""
     settings = load_settings(service)
     configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(_serve(settings, build_app(settings)))
+    app = build_app(settings)
+    tune_garbage_collector()
+    asyncio.run(_serve(settings, app))
