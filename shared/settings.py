@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Profile's PII master key, base64 of 32 bytes; empty: a generated key file.",
     )
+    profile_trait_worker: Literal["inline", "external"] = Field(
+        "inline",
+        description=(
+            "inline: the profile service keeps the traits current itself; external: a separate "
+            "trait worker process (python -m services.profile.trait_process) does."
+        ),
+    )
     profile_customer_cache_size: int = Field(
         50_000,
         ge=0,

@@ -128,10 +128,12 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
 
 @pytest.fixture
 async def consented_profile(start_service, dev_tokens):
-    """consented_profile(database_url=None) -> (profile, consent): a profile service whose
-    consent cache follows a real consent service and has synced with it."""
+    """consented_profile(database_url=None, **profile_settings) -> (profile, consent): a profile
+    service whose consent cache follows a real consent service and has synced with it."""
 
-    async def start(database_url: str | None = None) -> tuple[InProcessService, InProcessService]:
+    async def start(
+        database_url: str | None = None, **profile_settings: Any
+    ) -> tuple[InProcessService, InProcessService]:
         # SQLite: one file per service (a file is one schema); PostgreSQL: a schema per service.
         shared_database = database_url if database_url and database_url.startswith("postgresql") else None
         consent = await start_service("consent", shared_database)
@@ -140,6 +142,7 @@ async def consented_profile(start_service, dev_tokens):
             database_url,
             consent_address=f"127.0.0.1:{consent.running.port}",
             service_token=dev_tokens["service:profile"],
+            **profile_settings,
         )
         cache = profile.running.app.registrations[0].servicer.consent
         assert await cache.wait_synced(10), "profile's consent cache did not sync"

@@ -64,15 +64,19 @@ def build_app(settings: Settings) -> App:
     servicer = ProfileServicer(store, consent, settings, ingestor)  # type: ignore[abstract]
     # Committed events wake the interaction feed's watchers at once (it also polls).
     ingestor.on_commit(servicer.interactions.notify)
-    # ... and the trait worker, which follows them into the trait aggregates (it polls too).
-    ingestor.on_commit(servicer.trait_worker.notify)
-    ingestor.on_stored(servicer.trait_worker.add_committed)  # the events, so it need not read them back
+    # ... and the trait worker, which follows them into the trait aggregates (it polls too),
+    # when it runs in this process; else a trait worker process does (trait_process.py).
+    inline_traits = settings.profile_trait_worker == "inline"
+    if inline_traits:
+        ingestor.on_commit(servicer.trait_worker.notify)
+        ingestor.on_stored(servicer.trait_worker.add_committed)  # the events, so it need not read them back
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
         if changes is not None:
             changes.start()
-        servicer.trait_worker.start()
+        if inline_traits:
+            servicer.trait_worker.start()
         # Listed and watched in the background: until the cache is fresh, calls that
         # depend on consent fail closed (UNAVAILABLE), so profile serves even while
         # consent is down.

@@ -1,0 +1,85 @@
+"""The trait worker as a process of its own: `python -m services.profile.trait_process`
+(console script `najimi-profile-traits`).
+
+By default the profile service keeps the traits current itself, beside ingestion
+(NAJIMI_PROFILE_TRAIT_WORKER=inline). Under sustained ingestion the two share a core:
+on SQLite the worker takes about a third of it (bench/profile_bench.py). With
+NAJIMI_PROFILE_TRAIT_WORKER=external the service leaves the traits to this process,
+which runs the same TraitWorker against the same database (the same NAJIMI_*
+variables as the service) on a core, or in a pod, of its own. It finds new events by
+polling (every POLL_SECONDS, and at once while there is a backlog), so the traits lag
+the events by about half a second; the cursor row lock lets several workers, and
+workers of several replicas, take turns safely.
+
+It never migrates: it waits until the profile service has brought the schema to the
+newest revision. SIGTERM or SIGINT stops it after the pass under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from services.profile.app import MIGRATIONS
+from services.profile.trait_worker import TraitWorker
+from shared.db import Database
+from shared.log import configure_logging, get_logger
+from shared.server import tune_garbage_collector
+from shared.settings import Settings, load_settings
+
+log = get_logger("najimi.profile.trait_process")
+
+SCHEMA_POLL_SECONDS = 0.5
+
+
+def newest_revision() -> str | None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+async def wait_for_schema(database: Database, stop: asyncio.Event) -> bool:
+    """Waits until the profile service has migrated the schema; False if stopped first."""
+    newest = newest_revision()
+    while not stop.is_set():
+        if await asyncio.to_thread(database.current_revision) == newest:
+            return True
+        log.info("waiting_for_schema", revision=newest)
+        try:
+            await asyncio.wait_for(stop.wait(), SCHEMA_POLL_SECONDS)
+        except TimeoutError:
+            pass
+    return False
+
+
+async def run(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    database = Database(settings.effective_database_url, "profile")
+    try:
+        if not await wait_for_schema(database, stop):
+            return
+        worker = TraitWorker(database)
+        worker.start()
+        log.info("trait_worker_started", database=database.engine.url.render_as_string(hide_password=True))
+        await stop.wait()
+        await worker.stop()
+        log.info("trait_worker_stopped", position=worker.position)
+    finally:
+        database.close()
+
+
+def main() -> None:
+    settings = load_settings("profile")
+    configure_logging(settings.log_format, settings.log_level)
+    tune_garbage_collector()
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()
