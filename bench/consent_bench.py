@@ -33,12 +33,13 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from measure import cpu_split, drive, percentile, process_cpu_seconds
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 
@@ -64,65 +65,15 @@ TARGET_CHECK_SHARE = 80.0  # % of the floor
 TARGET_CACHE_US = 20.0
 TARGET_REVOCATION_P99_MS = 1000.0
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
 
 # Small helpers -------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a whole process (all threads), from /proc; None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # After the ")": state is field 3, utime field 14, stime field 15 (1-based in proc(5)).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def customer_ids(prefix: str, count: int) -> list[str]:
     return [f"bench-{prefix}-{n:05d}" for n in range(count)]
 
 
-def cpu_split() -> tuple[set[int], set[int]] | None:
-    """(server cores, client cores) when this process may use two or more cores."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return None
-    return {cores[0]}, {cores[1]}
-
-
 # The load client (a separate process) ------------------------------------------------------
-
-
-async def drive(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> dict[str, Any]:
-    """`calls` unary calls with `concurrency` in flight; per-call latency and throughput."""
-    latencies: list[int] = []
-    remaining = calls
-    results: list[Any] = []
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter_ns()
-            reply = await call()
-            latencies.append(time.perf_counter_ns() - started)
-            results.append(reply)
-
-    wall_started = time.perf_counter_ns()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"wall_ns": time.perf_counter_ns() - wall_started, "latencies": latencies, "replies": results}
 
 
 async def client_main(args: argparse.Namespace) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from measure import cpu_split, drive, percentile, process_cpu_seconds
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
@@ -84,29 +85,11 @@ IDLE_TIMEOUT_SECONDS = 300.0
 TARGET_STREAM_EVENTS = {"sqlite": 30_000.0, "postgresql": 15_000.0}
 TARGET_GET_SHARE = 80.0  # GetCustomer throughput, % of the floor's
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 INGEST_PATH = "/najimi.profile.v1.ProfileService/IngestEvents"
 STREAM_PATH = "/najimi.profile.v1.ProfileService/StreamEvents"
 
 
 # Small helpers -------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a whole process (all threads), from /proc; None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def load_average() -> str:
@@ -164,16 +147,6 @@ async def wait_until_idle(pids: Callable[[], list[int]]) -> float | None:
 
 def customer_ids(count: int) -> list[str]:
     return [f"bench-c-{n:05d}" for n in range(count)]
-
-
-def cpu_split() -> tuple[set[int], set[int]] | None:
-    """(server cores, other cores) when this process may use two or more cores."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return None
-    return {cores[0]}, {cores[1]}
 
 
 class pinned:
@@ -375,24 +348,6 @@ def window_summary(window: Window, cpu: dict[str, float | None], seconds: float)
         "seconds": seconds,
         **cpu,
     }
-
-
-async def drive(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> dict[str, Any]:
-    """`calls` unary calls with `concurrency` in flight; per-call latency and wall time."""
-    latencies: list[int] = []
-    remaining = calls
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter_ns()
-            await call()
-            latencies.append(time.perf_counter_ns() - started)
-
-    wall_started = time.perf_counter_ns()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"wall_ns": time.perf_counter_ns() - wall_started, "latencies": latencies}
 
 
 async def unary_load(channel: grpc.aio.Channel, metadata: Any, args: Any) -> dict[str, Any]:
