@@ -8,8 +8,10 @@ Comparisons of hashes are constant-time (`hmac.compare_digest`).
 
 Every call is authenticated: its token is hashed and the hash looked up. The static
 (service and admin) tokens never change while a process runs, so they are held in a
-dictionary by hash and found without an await; other tokens (devices, which can be
-revoked) go through the resolvers every time.
+dictionary by hash and found without an await, and an authorization value once verified
+against them is remembered in memory (at most MAX_REMEMBERED_CALLERS values), so a
+service's later calls skip parsing and hashing. Other tokens (devices, which can be
+revoked) go through the resolvers every time and are never remembered.
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ def _no_principal(digest: str) -> Principal | None:
     return None
 
 
+# Authorization values verified against the static tokens that a process remembers: more
+# than any deployment has services, so only a caller cycling through bad values misses.
+MAX_REMEMBERED_CALLERS = 1024
+
+
 class Authenticator:
     """Static tokens first (no await), then each resolver in turn."""
 
@@ -162,6 +169,22 @@ class Authenticator:
         self.static_principal: Callable[[str], Principal | None] = (
             static.lookup if static is not None else _no_principal
         )
+        self._remembered: dict[str | bytes, Principal] = {}
+
+    def static_caller(self, authorization: str | bytes | None) -> tuple[Principal | None, str]:
+        """The service or admin principal of an authorization metadata value, without an
+        await: (principal, token hash), or (None, token hash) for the resolvers to try.
+        UNAUTHENTICATED when the value is missing or malformed. A value that named a static
+        token is remembered, so its next call is one dictionary look-up."""
+        remembered = self._remembered.get(authorization) if authorization is not None else None
+        if remembered is not None:
+            return remembered, ""
+        digest = hash_token(token_of(authorization))
+        principal = self.static_principal(digest)
+        if principal is not None and authorization is not None:
+            if len(self._remembered) < MAX_REMEMBERED_CALLERS:
+                self._remembered[authorization] = principal
+        return principal, digest
 
     def add_resolver(self, resolver: TokenResolver) -> None:
         self._resolvers.append(resolver)

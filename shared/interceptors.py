@@ -104,8 +104,7 @@ class _Method:
         """Authenticates and authorises the caller; returns (request id, peer)."""
         request_id, authorization = _scan(context.invocation_metadata() or ())
         try:
-            digest = auth.hash_token(auth.token_of(authorization))
-            principal = self.authenticator.static_principal(digest)
+            principal, digest = self.authenticator.static_caller(authorization)
             if principal is None:
                 principal = await self.authenticator.resolve(digest)
             auth.authorize(principal, self.rule, self.short)

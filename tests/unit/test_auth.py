@@ -50,3 +50,52 @@ def test_access_rules():
     assert not auth.is_allowed(profile, only_consent) and auth.is_allowed(admin, only_consent)
     with pytest.raises(PermissionDenied):
         auth.authorize(admin, None, "Unlisted")
+
+
+async def test_a_verified_static_caller_is_remembered_and_a_device_never(monkeypatch):
+    token, device_token = auth.new_token(), auth.new_token()
+    static = auth.StaticTokens({"service:profile": auth.hash_token(token)})
+    resolved: list[str] = []
+
+    async def devices(digest: str) -> auth.Principal | None:
+        resolved.append(digest)
+        return auth.Principal("device", "d-1") if digest == auth.hash_token(device_token) else None
+
+    authenticator = auth.Authenticator([devices], static)
+    header = f"Bearer {token}"
+    assert authenticator.static_caller(header) == (
+        auth.Principal("service", "profile"),
+        auth.hash_token(token),
+    )
+    hashed: list[str] = []
+    monkeypatch.setattr(auth, "hash_token", lambda value: hashed.append(value) or "")
+    assert authenticator.static_caller(header) == (auth.Principal("service", "profile"), "")
+    assert hashed == []  # remembered: not parsed or hashed again
+    monkeypatch.undo()
+
+    # A device token is no static caller: it goes to the resolvers every time (it can be revoked).
+    for _ in range(2):
+        principal, digest = authenticator.static_caller(f"Bearer {device_token}")
+        assert principal is None and await authenticator.resolve(digest) == auth.Principal("device", "d-1")
+    assert len(resolved) == 2
+    with pytest.raises(Unauthenticated):
+        authenticator.static_caller(None)
+    with pytest.raises(Unauthenticated):
+        authenticator.static_caller("Basic abc")
+    principal, digest = authenticator.static_caller("Bearer not-a-known-token")
+    assert principal is None and digest == auth.hash_token("not-a-known-token")
+
+
+def test_remembered_callers_are_bounded(monkeypatch):
+    monkeypatch.setattr(auth, "MAX_REMEMBERED_CALLERS", 2)
+    tokens = [auth.new_token() for _ in range(3)]
+    static = auth.StaticTokens({f"service:s{n}": auth.hash_token(t) for n, t in enumerate(tokens)})
+    authenticator = auth.Authenticator([], static)
+    for token in tokens:
+        authenticator.static_caller(f"Bearer {token}")
+    assert len(authenticator._remembered) == 2
+    # The one not remembered is still verified, by its hash.
+    assert authenticator.static_caller(f"Bearer {tokens[2]}") == (
+        auth.Principal("service", "s2"),
+        auth.hash_token(tokens[2]),
+    )
