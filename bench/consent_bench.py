@@ -39,7 +39,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from measure import cpu_split, drive, percentile, process_cpu_seconds
+from measure import alternating_rounds, cpu_split, percentile
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 
@@ -99,47 +99,17 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         kinds = {"health": health_call, "check": check_call}
-        kinds = {kind: kinds[kind] for kind in args.kinds.split(",")}
-        for call in kinds.values():  # warm-up: connection, code paths, caches
-            await drive(call, args.warmup, args.concurrency)
-
-        totals: dict[str, dict[str, Any]] = {
-            kind: {"wall_ns": 0, "latencies": [], "server_cpu": 0.0, "client_cpu": 0.0, "allowed": 0}
-            for kind in kinds
-        }
-        per_round = max(1, args.calls // args.rounds)
-        for _ in range(args.rounds):
-            for kind, call in kinds.items():
-                server_before = process_cpu_seconds(args.server_pid)
-                client_before = time.process_time()
-                run = await drive(call, per_round, args.concurrency)
-                client_after = time.process_time()
-                server_after = process_cpu_seconds(args.server_pid)
-                total = totals[kind]
-                total["wall_ns"] += run["wall_ns"]
-                total["latencies"].extend(run["latencies"])
-                total["client_cpu"] += client_after - client_before
-                if server_before is not None and server_after is not None:
-                    total["server_cpu"] += server_after - server_before
-                else:
-                    total["server_cpu"] = None
-                if kind == "check":
-                    total["allowed"] += sum(1 for reply in run["replies"] if reply.allowed)
-
-    summary: dict[str, Any] = {}
-    for kind, total in totals.items():
-        latencies = sorted(total["latencies"])
-        seconds = total["wall_ns"] / 1e9
-        summary[kind] = {
-            "calls": len(latencies),
-            "seconds": seconds,
-            "per_second": len(latencies) / seconds,
-            "p50_ms": percentile(latencies, 0.50) / 1e6,
-            "p99_ms": percentile(latencies, 0.99) / 1e6,
-            "server_cpu_s": total["server_cpu"],
-            "client_cpu_s": total["client_cpu"],
-            "allowed": total["allowed"],
-        }
+        summary = await alternating_rounds(
+            {kind: kinds[kind] for kind in args.kinds.split(",")},
+            calls=args.calls,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            concurrency=args.concurrency,
+            server_pid=args.server_pid,
+            count_replies={"check": lambda reply: reply.allowed},
+        )
+    for figures in summary.values():
+        figures["allowed"] = figures.pop("counted")
     return summary
 
 

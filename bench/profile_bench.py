@@ -50,7 +50,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from measure import cpu_split, drive, percentile, process_cpu_seconds
+from measure import alternating_rounds, cpu_split, percentile, process_cpu_seconds
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
@@ -375,40 +375,14 @@ async def unary_load(channel: grpc.aio.Channel, metadata: Any, args: Any) -> dic
         )
 
     available = {"health": health_call, "get_customer": get_call, "get_traits": traits_call}
-    kinds = {kind: available[kind] for kind in args.kinds.split(",")}
-    for call in kinds.values():  # warm-up: connection, code paths, caches
-        await drive(call, args.warmup, args.concurrency)
-    totals: dict[str, dict[str, Any]] = {
-        kind: {"wall_ns": 0, "latencies": [], "server_cpu": 0.0, "client_cpu": 0.0} for kind in kinds
-    }
-    per_round = max(1, args.calls // args.rounds)
-    for _ in range(args.rounds):
-        for kind, call in kinds.items():
-            server_before, client_before = process_cpu_seconds(args.server_pid), time.process_time()
-            run = await drive(call, per_round, args.concurrency)
-            server_after, client_after = process_cpu_seconds(args.server_pid), time.process_time()
-            total = totals[kind]
-            total["wall_ns"] += run["wall_ns"]
-            total["latencies"].extend(run["latencies"])
-            total["client_cpu"] += client_after - client_before
-            if server_before is None or server_after is None or total["server_cpu"] is None:
-                total["server_cpu"] = None
-            else:
-                total["server_cpu"] += server_after - server_before
-    summary = {}
-    for kind, total in totals.items():
-        latencies = sorted(total["latencies"])
-        seconds = total["wall_ns"] / 1e9
-        summary[kind] = {
-            "calls": len(latencies),
-            "seconds": seconds,
-            "per_second": len(latencies) / seconds,
-            "p50_ms": percentile(latencies, 0.50) / 1e6,
-            "p99_ms": percentile(latencies, 0.99) / 1e6,
-            "server_cpu_s": total["server_cpu"],
-            "client_cpu_s": total["client_cpu"],
-        }
-    return summary
+    return await alternating_rounds(
+        {kind: available[kind] for kind in args.kinds.split(",")},
+        calls=args.calls,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        server_pid=args.server_pid,
+    )
 
 
 async def client_main(args: argparse.Namespace) -> dict[str, Any]:
