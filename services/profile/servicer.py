@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +266,27 @@ def required_identifier(message: Any, field_name: str, violations: Violations) -
     identifier = identifier_of(getattr(message, field_name))
     check_identifier(violations, field_name, identifier)
     return identifier
+
+
+def id_or_identifier(
+    message: Any,
+    oneof: str,
+    id_field: str,
+    pattern: re.Pattern[str],
+    violations: Violations,
+    missing: tuple[str, str],
+) -> tuple[str | None, Identifier | None]:
+    """The set side of a oneof of `id_field` (checked against `pattern`) and `identifier`:
+    (id, None) or (None, identifier); the violation `missing` (field, description) when
+    neither is set."""
+    which = message.WhichOneof(oneof)
+    if which == id_field:
+        violations.require_id(id_field, getattr(message, id_field), pattern)
+        return getattr(message, id_field), None
+    if which == "identifier":
+        return None, required_identifier(message, "identifier", violations)
+    violations.add(*missing)
+    return None, None
 
 
 def identity_position_of(position: object) -> tuple[int, str]:
@@ -547,15 +569,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
     ) -> Any:
         violations = Violations()
         violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
-        which = request.WhichOneof("identity")
-        identity_id, identifier = None, None
-        if which == "identity_id":
-            violations.require_id("identity_id", request.identity_id, IDENTITY_ID)
-            identity_id = request.identity_id
-        elif which == "identifier":
-            identifier = required_identifier(request, "identifier", violations)
-        else:
-            violations.add("identity_id", "one of identity_id or identifier is required")
+        identity_id, identifier = id_or_identifier(
+            request,
+            "identity",
+            "identity_id",
+            IDENTITY_ID,
+            violations,
+            ("identity_id", "one of identity_id or identifier is required"),
+        )
         violations.raise_if_any()
         removed = await identity_store.unlink_identity(
             self.store, request.customer_id, identity_id, identifier
@@ -606,15 +627,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         self, request: pb.ResolveIdentityRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         violations = Violations()
-        which = request.WhichOneof("subject")
-        customer_id, identifier = None, None
-        if which == "customer_id":
-            violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
-            customer_id = request.customer_id
-        elif which == "identifier":
-            identifier = required_identifier(request, "identifier", violations)
-        else:
-            violations.add("identifier", "one of identifier or customer_id is required")
+        customer_id, identifier = id_or_identifier(
+            request,
+            "subject",
+            "customer_id",
+            CUSTOMER_ID,
+            violations,
+            ("identifier", "one of identifier or customer_id is required"),
+        )
         violations.raise_if_any()
         resolution = await identity_store.resolve(self.store, customer_id, identifier)
         response = pb.ResolveIdentityResponse(
