@@ -208,7 +208,7 @@ def event_templates(customers: Sequence[str], now_us: int) -> list[tuple[bytes, 
                     )
                 ],
             )
-            event.occurred_at.FromMicroseconds(now_us - rng.randrange(180 * 86_400) * 1_000_000)
+            event.occur_time.FromMicroseconds(now_us - rng.randrange(180 * 86_400) * 1_000_000)
             if kind == pb.EVENT_TYPE_PURCHASE:
                 event.value_micros = 1_980_000_000
                 event.currency_code = "JPY"
@@ -540,7 +540,7 @@ async def wait_for_consent(stub: pb_grpc.ProfileServiceStub, metadata: Any, cust
             event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
             items=[pb.EventItem(item_id="item-0000")],
         )
-        probe.occurred_at.GetCurrentTime()
+        probe.occur_time.GetCurrentTime()
         try:
             reply = await stub.IngestEvents(
                 pb.IngestEventsRequest(events=[probe]), metadata=metadata, timeout=30
@@ -570,7 +570,7 @@ async def probe_stream(channel: grpc.aio.Channel, metadata: Any, customer: str) 
         event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
         items=[pb.EventItem(item_id="item-0000")],
     )
-    event.occurred_at.GetCurrentTime()
+    event.occur_time.GetCurrentTime()
     call = stub.StreamEvents(metadata=metadata, timeout=30)
     try:
         await call.write(pb.StreamEventsRequest(events=[event]))

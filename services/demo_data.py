@@ -221,7 +221,7 @@ def event_message(event: DemoEvent) -> profile_pb.Event:
         )
     else:
         message.customer_id = event.customer_id
-    message.occurred_at.FromMicroseconds(event.occurred_at_us)
+    message.occur_time.FromMicroseconds(event.occurred_at_us)
     if event.properties:
         message.properties.update(dict(event.properties))
     return message

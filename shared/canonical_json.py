@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import json_format
@@ -51,6 +51,15 @@ def message_json(message: Message, exclude: Iterable[str] = ()) -> dict[str, Any
         field = fields.get(name)
         document.pop(field.json_name if field is not None else name, None)
     return document
+
+
+def renamed_members(document: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of the JSON object `document` with the top-level members in `names` renamed (old -> new).
+
+    For what was signed or hashed under a field's earlier JSON name: rebuild that
+    document to verify it, or read it under the current name.
+    """
+    return {names.get(key, key): value for key, value in document.items()}
 
 
 def _serialise(value: Any, parts: list[str]) -> None:

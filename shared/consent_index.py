@@ -72,20 +72,20 @@ class ConsentIndex:
             return
         kind = change.kind
         if kind in (pb.CONSENT_CHANGE_KIND_CONSENT, pb.CONSENT_CHANGE_KIND_EXPIRED):
-            expires = change.expires_at.ToMicroseconds() if change.HasField("expires_at") else None
+            expires = change.expire_time.ToMicroseconds() if change.HasField("expire_time") else None
             self._records.setdefault(change.customer_id, {})[change.purpose] = ConsentRecord(
                 granted=change.status in (GRANTED, EXPIRED, NEEDS_RENEWAL),
                 categories=frozenset(change.granted_data_categories),
                 notice_version=change.notice_version,
                 expires_at_us=expires,
                 revision=change.revision,
-                changed_at_us=change.changed_at.ToMicroseconds(),
+                changed_at_us=change.change_time.ToMicroseconds(),
             )
         elif kind == pb.CONSENT_CHANGE_KIND_NOTICE:
             effective = (
-                change.effective_at.ToMicroseconds()
-                if change.HasField("effective_at")
-                else change.changed_at.ToMicroseconds()
+                change.effective_time.ToMicroseconds()
+                if change.HasField("effective_time")
+                else change.change_time.ToMicroseconds()
             )
             self._material.setdefault(change.purpose, []).append((effective, change.notice_version))
         elif kind == pb.CONSENT_CHANGE_KIND_ERASURE:

@@ -88,7 +88,9 @@ def erasure_response(service: str, customer_id: str, stored: bytes) -> privacy_p
             "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
         )
     return privacy_pb.EraseCustomerDataResponse(
-        service=service, erased_at=timestamp_of(first["erased_at_us"]), erased_records=first["erased_records"]
+        service=service,
+        erase_time=timestamp_of(first["erased_at_us"]),
+        erased_records=first["erased_records"],
     )
 
 

@@ -9,6 +9,9 @@ or added after the end of the chain. Record VerifyAuditLogResponse.head_hash
 outside najimi now and then: a later verification ending at the same sequence must
 report the same hash, which reveals even a rewrite of the whole chain.
 
+Entries appended before record_time had its AIP-142 name were hashed with the member
+named recordedAt; verification accepts that naming too, so older chains stay valid.
+
 customer_id is outside the hash so that an erasure can pseudonymise it
 ("erased:<customer_ref>") without breaking the chain; customer_ref, an HMAC-SHA-256
 of the id under the audit key (NAJIMI_CONSENT_AUDIT_KEY, or the development key
@@ -37,7 +40,7 @@ from google.protobuf import json_format
 from najimi.consent.v1 import consent_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
-from shared.canonical_json import canonical_json, message_json
+from shared.canonical_json import canonical_json, message_json, renamed_members
 from shared.keys import configured_key
 from shared.settings import Settings
 
@@ -47,6 +50,8 @@ GENESIS_HASH = bytes(32)
 ERASED_PREFIX = "erased:"
 # The fields outside the hash.
 UNHASHED_FIELDS = frozenset({"customer_id", "hash"})
+# The JSON names entries were hashed under before the AIP-142 rename (current -> earlier).
+LEGACY_HASHED_NAMES = {"recordTime": "recordedAt"}
 # Member names details may not use: the customer id belongs in the entry's customer_id.
 CUSTOMER_ID_MEMBERS = frozenset({"customer_id", "customerId"})
 # Rows fetched at a time while verifying, so a long log is streamed, not loaded.
@@ -94,9 +99,23 @@ def customer_ref(key: bytes, customer_id: str) -> str:
     return hmac.new(key, customer_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def entry_hash(prev_hash: bytes, entry: pb.AuditEntry) -> bytes:
-    """SHA-256(prev_hash || canonical JSON of `entry` without customer_id and hash)."""
-    return hashlib.sha256(prev_hash + canonical_json(message_json(entry, UNHASHED_FIELDS))).digest()
+def entry_hash(prev_hash: bytes, entry: pb.AuditEntry, names: Mapping[str, str] | None = None) -> bytes:
+    """SHA-256(prev_hash || canonical JSON of `entry` without customer_id and hash).
+
+    `names` renames top-level members first (LEGACY_HASHED_NAMES: as hashed before the rename).
+    """
+    document = message_json(entry, UNHASHED_FIELDS)
+    if names:
+        document = renamed_members(document, names)
+    return hashlib.sha256(prev_hash + canonical_json(document)).digest()
+
+
+def hash_matches(prev_hash: bytes, entry: pb.AuditEntry, stored_hash: bytes) -> bool:
+    """Whether `stored_hash` is the entry's hash under its current or its earlier member names."""
+    return any(
+        hmac.compare_digest(entry_hash(prev_hash, entry, names), stored_hash)
+        for names in (None, LEGACY_HASHED_NAMES)
+    )
 
 
 def append_entry(
@@ -128,7 +147,7 @@ def append_entry(
         request_id=request_id,
     )
     entry.details.update(dict(details))
-    entry.recorded_at.FromMicroseconds(now_us)
+    entry.record_time.FromMicroseconds(now_us)
     # Store details as the JSON the hash covers (Struct numbers are doubles: 42 -> 42.0 -> "42").
     stored_details = canonical_json(json_format.MessageToDict(entry.details)).decode("utf-8")
 
@@ -186,7 +205,7 @@ def entry_from_row(row: Mapping[Any, Any]) -> pb.AuditEntry:
         prev_hash=bytes(row["prev_hash"]),
         hash=bytes(row["hash"]),
     )
-    entry.recorded_at.FromMicroseconds(row["recorded_at_us"])
+    entry.record_time.FromMicroseconds(row["recorded_at_us"])
     details = json.loads(row["details"])
     if not isinstance(details, dict):
         raise ValueError("details is not a JSON object")
@@ -261,10 +280,10 @@ def verify_chain(
                 )
             stored_hash = bytes(values["hash"])
             try:
-                recomputed = entry_hash(prev_hash, entry_from_row(values))
+                intact = hash_matches(prev_hash, entry_from_row(values), stored_hash)
             except Exception:  # an unreadable row was altered too
-                recomputed = b""
-            if not hmac.compare_digest(recomputed, stored_hash):
+                intact = False
+            if not intact:
                 return broken(
                     sequence,
                     pb.AUDIT_VERIFICATION_REASON_HASH_MISMATCH,

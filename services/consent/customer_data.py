@@ -41,8 +41,8 @@ def export_customer(connection: Connection, customer_id: str, ref_key: bytes) ->
             "notice_version": row.notice_version,
             "collection_method": pb.CollectionMethod.Name(row.collection_method),
             "jurisdiction": row.jurisdiction,
-            "given_at": rfc3339(row.given_at_us),
-            "expires_at": rfc3339(row.expires_at_us),
+            "grant_time": rfc3339(row.given_at_us),
+            "expire_time": rfc3339(row.expires_at_us),
             "receipt_id": row.receipt_id,
         }
         for row in connection.execute(
@@ -57,7 +57,7 @@ def export_customer(connection: Connection, customer_id: str, ref_key: bytes) ->
             "granted_data_categories": json.loads(row.categories),
             "withdrawn_data_categories": json.loads(row.withdrawn_categories),
             "notice_version": row.notice_version,
-            "given_at": rfc3339(row.given_at_us),
+            "grant_time": rfc3339(row.given_at_us),
             "actor": row.actor,
             "receipt_id": row.receipt_id,
         }
@@ -76,7 +76,7 @@ def export_customer(connection: Connection, customer_id: str, ref_key: bytes) ->
     trail = [
         {
             "sequence": entry.sequence,
-            "recorded_at": entry.recorded_at.ToJsonString(),
+            "record_time": entry.record_time.ToJsonString(),
             "actor": entry.actor,
             "action": pb.AuditAction.Name(entry.action),
             "details": json_format.MessageToDict(entry.details),
@@ -120,7 +120,7 @@ def erase_customer(
             kind=pb.CONSENT_CHANGE_KIND_ERASURE,
             customer_id=customer_id,
             status=pb.CONSENT_STATUS_NOT_GIVEN,
-            changed_at=timestamp_of(now_us),
+            change_time=timestamp_of(now_us),
         ),
     )
     audit.append_entry(

@@ -29,7 +29,7 @@ class ConsentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
         now = now_micros()
         document = await self.db.read(lambda c: export_customer(c, request.customer_id, self.ref_key))
         return privacy_pb.ExportCustomerDataResponse(
-            service="consent", exported_at=timestamp_of(now), document=struct_of(document)
+            service="consent", export_time=timestamp_of(now), document=struct_of(document)
         )
 
     async def EraseCustomerData(

@@ -100,7 +100,7 @@ def check_decision(
         elif schedule.get(decision.notice_version) is None:
             violations.add(f"{prefix}notice_version", f"is not a version of the {purpose.name} notice")
         if decision.expires_at_us is not None and decision.expires_at_us <= now_us:
-            violations.add(f"{prefix}expires_at", "must be in the future")
+            violations.add(f"{prefix}expire_time", "must be in the future")
     return purpose, schedule
 
 
@@ -139,9 +139,9 @@ def purpose_consent(
         granted_data_categories=json.loads(row.categories),
         notice_version=row.notice_version,
         current_notice_version=current,
-        given_at=timestamp_of(row.given_at_us),
-        expires_at=timestamp_of(row.expires_at_us),
-        renew_by=timestamp_of(renew_by),
+        grant_time=timestamp_of(row.given_at_us),
+        expire_time=timestamp_of(row.expires_at_us),
+        renew_deadline_time=timestamp_of(renew_by),
         revision=row.revision,
         collection_method=row.collection_method,
         jurisdiction=row.jurisdiction,
@@ -261,8 +261,8 @@ def record_decisions(
                 status=status,  # type: ignore[arg-type]
                 granted_data_categories=sorted(granted),
                 notice_version=notice_version,
-                expires_at=timestamp_of(expires_at),
-                changed_at=timestamp_of(now),
+                expire_time=timestamp_of(expires_at),
+                change_time=timestamp_of(now),
             ),
         )
         receipt_purposes.append(
@@ -273,7 +273,7 @@ def record_decisions(
                 withdrawn_data_categories=withdrawn,
                 notice_version=notice_version,
                 notice_url=schedule.url_of(notice_version),
-                expires_at=timestamp_of(expires_at),
+                expire_time=timestamp_of(expires_at),
                 revision=revision,
             )
         )
@@ -300,7 +300,7 @@ def record_decisions(
     receipt = recorder.signer.sign(
         pb.ConsentReceipt(
             receipt_id=receipt_id,
-            issued_at=timestamp_of(now),
+            issue_time=timestamp_of(now),
             jurisdiction=jurisdiction,
             collection_method=method,  # type: ignore[arg-type]
             customer_id=customer_id,

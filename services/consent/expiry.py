@@ -51,8 +51,8 @@ def publish_expiries(connection: Connection, ref_key: bytes, now_us: int) -> int
                 status=pb.CONSENT_STATUS_EXPIRED,
                 granted_data_categories=json.loads(row.categories),
                 notice_version=row.notice_version,
-                expires_at=timestamp_of(row.expires_at_us),
-                changed_at=timestamp_of(now_us),
+                expire_time=timestamp_of(row.expires_at_us),
+                change_time=timestamp_of(now_us),
             ),
         )
         connection.execute(

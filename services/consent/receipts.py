@@ -4,6 +4,8 @@ What is signed is `payload`: the UTF-8 RFC 8785 canonical JSON of the receipt's
 proto3 JSON mapping (lowerCamelCase names, default values omitted) without payload,
 signature and key_id (see ConsentReceipt in consent_service.proto). The structured
 fields repeat the payload for convenience; verification checks that they match it.
+Receipts signed before the AIP-142 rename name issue_time "issuedAt" and a purpose's
+expire_time "expiresAt" in their payload; they keep parsing and verifying.
 
 The signing key is an Ed25519 private key given as the base64 of its 32-byte seed in
 NAJIMI_CONSENT_SIGNING_KEY, or generated into <data_dir>/consent-signing.key for
@@ -30,7 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from najimi.consent.v1 import consent_service_pb2 as pb
 
-from shared.canonical_json import canonical_json, message_json
+from shared.canonical_json import canonical_json, message_json, renamed_members
 from shared.keys import configured_key
 from shared.settings import Settings
 
@@ -40,6 +42,9 @@ SIGNING_KEY_FILE = "consent-signing.key"
 RETIRED_KEYS_VARIABLE = "NAJIMI_CONSENT_RETIRED_PUBLIC_KEYS"
 # The fields outside the payload: the payload itself and what signs it.
 UNSIGNED_FIELDS = frozenset({"payload", "signature", "key_id"})
+# The JSON names payloads were signed under before the AIP-142 rename (current -> earlier).
+LEGACY_RECEIPT_NAMES = {"issueTime": "issuedAt"}
+LEGACY_PURPOSE_NAMES = {"expireTime": "expiresAt"}
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
 
@@ -58,7 +63,8 @@ def parse_payload(payload: bytes) -> pb.ConsentReceipt | None:
     """The receipt a payload describes, or None when it is not canonical JSON of a receipt.
 
     Strict: the payload must be exactly what `receipt_payload` gives for the receipt
-    it parses to, so one receipt has exactly one payload.
+    it parses to (under the earlier names for a payload signed before the rename), so
+    one receipt has exactly one payload of each naming.
     """
     try:
         document = json.loads(
@@ -66,9 +72,11 @@ def parse_payload(payload: bytes) -> pb.ConsentReceipt | None:
         )
         if not isinstance(document, dict):
             return None
+        legacy = LEGACY_RECEIPT_NAMES["issueTime"] in document
         receipt = pb.ConsentReceipt()
-        json_format.ParseDict(document, receipt)
-        if receipt_payload(receipt) != payload:
+        json_format.ParseDict(_legacy_named(document, current=True) if legacy else document, receipt)
+        expected = message_json(receipt, UNSIGNED_FIELDS)
+        if canonical_json(_legacy_named(expected, current=False) if legacy else expected) != payload:
             return None
     except Exception:  # anything a hostile payload can provoke means "malformed"
         return None
@@ -142,13 +150,13 @@ class ReceiptSigner:
     def sign(self, receipt: pb.ConsentReceipt) -> pb.ConsentReceipt:
         """A signed copy of `receipt`, with payload, signature and key_id set.
 
-        The caller fills the receipt's content: receipt_id and issued_at (required),
+        The caller fills the receipt's content: receipt_id and issue_time (required),
         collection_method, customer_id, purposes, and the sensitive flag and
         categories. Left empty, version becomes "KI-CR-v1.1.0", and controllers,
         policy_url and jurisdiction come from the configuration.
         """
-        if not receipt.receipt_id or not receipt.HasField("issued_at"):
-            raise ValueError("a receipt needs a receipt_id and an issued_at")
+        if not receipt.receipt_id or not receipt.HasField("issue_time"):
+            raise ValueError("a receipt needs a receipt_id and an issue_time")
         signed = pb.ConsentReceipt()
         signed.CopyFrom(receipt)
         for name in UNSIGNED_FIELDS:
@@ -273,6 +281,21 @@ def _is_repeated(field: FieldDescriptor) -> bool:
 
 def _is_message(field: FieldDescriptor) -> bool:
     return bool(field.type == FieldDescriptor.TYPE_MESSAGE)
+
+
+def _legacy_named(document: dict[str, Any], *, current: bool) -> dict[str, Any]:
+    """`document` with the renamed members under their current names (`current`) or their earlier ones."""
+
+    def names(legacy: Mapping[str, str]) -> Mapping[str, str]:
+        return {old: new for new, old in legacy.items()} if current else legacy
+
+    renamed = renamed_members(document, names(LEGACY_RECEIPT_NAMES))
+    purposes = renamed.get("purposes")
+    if isinstance(purposes, list):
+        renamed["purposes"] = [
+            renamed_members(p, names(LEGACY_PURPOSE_NAMES)) if isinstance(p, dict) else p for p in purposes
+        ]
+    return renamed
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

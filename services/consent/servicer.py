@@ -89,7 +89,7 @@ def data_category_message(category: DataCategory) -> pb.DataCategory:
         display_name=category.display_name,
         description=category.description,
         sensitive=category.sensitive,
-        created_at=timestamp_of(category.created_at_us),
+        create_time=timestamp_of(category.created_at_us),
     )
 
 
@@ -105,7 +105,7 @@ def purpose_message(purpose: Purpose, current_notice_version: int = 0) -> pb.Pur
         ],
         consent_validity=duration_of(purpose.consent_validity_seconds),
         current_notice_version=current_notice_version,
-        created_at=timestamp_of(purpose.created_at_us),
+        create_time=timestamp_of(purpose.created_at_us),
     )
 
 
@@ -131,8 +131,8 @@ def _history_record(row: sa.Row) -> pb.ConsentRecord:
         notice_version=row.notice_version,
         collection_method=row.collection_method,
         jurisdiction=row.jurisdiction,
-        given_at=timestamp_of(row.given_at_us),
-        expires_at=timestamp_of(row.expires_at_us),
+        grant_time=timestamp_of(row.given_at_us),
+        expire_time=timestamp_of(row.expires_at_us),
         receipt_id=row.receipt_id,
         actor=row.actor,
     )
@@ -296,9 +296,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         violations.limit_text("notice.change_summary", notice.change_summary, 2000)
         violations.limit_text("notice.language_code", notice.language_code, 35)
         recorder = self._recorder(request.request_id)
-        effective = _micros(notice.effective_at, notice.HasField("effective_at")) or recorder.now_us
+        effective = _micros(notice.effective_time, notice.HasField("effective_time")) or recorder.now_us
         if effective < recorder.now_us - 60_000_000:
-            violations.add("notice.effective_at", "must not lie in the past")
+            violations.add("notice.effective_time", "must not lie in the past")
         violations.raise_if_any()
 
         def create(connection: Connection) -> bytes:
@@ -306,7 +306,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             latest = schedule.latest()
             if latest is not None and effective < latest.effective_at_us:
                 raise InvalidArgument(
-                    "notice.effective_at", "must not be before the previous version's effective_at"
+                    "notice.effective_time", "must not be before the previous version's effective_time"
                 )
             version = (latest.version if latest else 0) + 1
             connection.execute(
@@ -333,8 +333,8 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                         purpose=notice.purpose,
                         status=pb.CONSENT_STATUS_NEEDS_RENEWAL,
                         notice_version=version,
-                        changed_at=timestamp_of(recorder.now_us),
-                        effective_at=timestamp_of(effective),
+                        change_time=timestamp_of(recorder.now_us),
+                        effective_time=timestamp_of(effective),
                     ),
                 )
             audit.append_entry(
@@ -456,7 +456,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             True,
             tuple(request.data_categories),
             request.notice_version,
-            _micros(request.expires_at, request.HasField("expires_at")),
+            _micros(request.expire_time, request.HasField("expire_time")),
         )
         after, receipt = await self._decide(
             "GrantConsent",
@@ -502,7 +502,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 d.decision == pb.CONSENT_DECISION_GRANTED,
                 tuple(d.data_categories),
                 d.notice_version,
-                _micros(d.expires_at, d.HasField("expires_at")),
+                _micros(d.expire_time, d.HasField("expire_time")),
             )
             for d in request.decisions
         ]
@@ -609,7 +609,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if denied:
             response.denied_data_categories.extend(denied)
         if expires_at_us is not None:
-            response.expires_at.FromMicroseconds(expires_at_us)
+            response.expire_time.FromMicroseconds(expires_at_us)
         return response
 
     async def BatchCheckConsent(
@@ -637,7 +637,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                     denied_data_categories=decision.denied_categories,
                     reason=decision.reason,  # type: ignore[arg-type]
                     decided_at_revision=decision.revision,
-                    expires_at=timestamp_of(decision.expires_at_us),
+                    expire_time=timestamp_of(decision.expires_at_us),
                 )
             )
         return pb.BatchCheckConsentResponse(results=results, revision=index.revision)
@@ -686,7 +686,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                         data_uses=uses,
                         notice_version=state.notice_version,
                         notice_url=schedule.url_of(state.notice_version),
-                        expires_at=state.expires_at if allowed and state.HasField("expires_at") else None,
+                        expire_time=state.expire_time if allowed and state.HasField("expire_time") else None,
                     )
                 )
             return pb.ExplainDataUseResponse(
@@ -822,7 +822,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             cursor = max(cursor, head)
             if first or not sent:
                 yield pb.WatchConsentChangesResponse(
-                    heartbeat=pb.WatchHeartbeat(current_revision=cursor, sent_at=timestamp_of(now_micros()))
+                    heartbeat=pb.WatchHeartbeat(current_revision=cursor, send_time=timestamp_of(now_micros()))
                 )
             first = False
             await self.feed.wait_beyond(cursor, interval)
@@ -871,7 +871,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             current_principal(), request.customer_id, request.type, request.state, after, size
         )
         last = (
-            {"at": found[-1].created_at.ToMicroseconds(), "id": found[-1].data_subject_request_id}
+            {"at": found[-1].create_time.ToMicroseconds(), "id": found[-1].data_subject_request_id}
             if len(found) == size
             else None
         )

@@ -225,9 +225,11 @@ def insert_change(connection: Connection, change: pb.ConsentChange) -> None:
             status=change.status,
             categories=json.dumps(list(change.granted_data_categories)),
             notice_version=change.notice_version,
-            expires_at_us=change.expires_at.ToMicroseconds() if change.HasField("expires_at") else None,
-            changed_at_us=change.changed_at.ToMicroseconds(),
-            effective_at_us=change.effective_at.ToMicroseconds() if change.HasField("effective_at") else None,
+            expires_at_us=change.expire_time.ToMicroseconds() if change.HasField("expire_time") else None,
+            changed_at_us=change.change_time.ToMicroseconds(),
+            effective_at_us=change.effective_time.ToMicroseconds()
+            if change.HasField("effective_time")
+            else None,
         )
     )
 
@@ -241,9 +243,9 @@ def change_of(row: sa.Row) -> pb.ConsentChange:
         status=row.status,  # type: ignore[arg-type]
         granted_data_categories=json.loads(row.categories),
         notice_version=row.notice_version,
-        expires_at=timestamp_of(row.expires_at_us),
-        changed_at=timestamp_of(row.changed_at_us),
-        effective_at=timestamp_of(row.effective_at_us),
+        expire_time=timestamp_of(row.expires_at_us),
+        change_time=timestamp_of(row.changed_at_us),
+        effective_time=timestamp_of(row.effective_at_us),
     )
 
 
@@ -266,10 +268,10 @@ def notice_of(row: sa.Row) -> pb.PrivacyNotice:
         text=row.text,
         url=row.url,
         material=row.material,
-        effective_at=timestamp_of(row.effective_at_us),
+        effective_time=timestamp_of(row.effective_at_us),
         language_code=row.language_code,
         change_summary=row.change_summary,
-        created_at=timestamp_of(row.created_at_us),
+        create_time=timestamp_of(row.created_at_us),
     )
 
 

@@ -100,17 +100,17 @@ def request_message(
                 state=part.state,
                 attempts=part.attempts,
                 last_error=part.last_error,
-                completed_at=timestamp_of(part.completed_at_us),
+                complete_time=timestamp_of(part.completed_at_us),
                 erased_records=json.loads(part.erased_records),
             )
             for part in sorted(parts, key=lambda p: p.service)
         ],
-        export_expires_at=timestamp_of(row.export_expires_at_us),
+        export_expire_time=timestamp_of(row.export_expires_at_us),
         requested_by=row.created_by,
-        created_at=timestamp_of(row.created_at_us),
-        updated_at=timestamp_of(row.updated_at_us),
-        completed_at=timestamp_of(row.completed_at_us),
-        due_at=timestamp_of(row.due_at_us),
+        create_time=timestamp_of(row.created_at_us),
+        update_time=timestamp_of(row.updated_at_us),
+        complete_time=timestamp_of(row.completed_at_us),
+        due_time=timestamp_of(row.due_at_us),
     )
     expired = row.export_expires_at_us is not None and row.export_expires_at_us <= now_us
     if with_document and row.document and not expired:

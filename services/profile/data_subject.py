@@ -14,7 +14,7 @@ held (the proto's JSON of Traits), whatever the customer consents to today.
 
 An export is a read: a retry with the same request_id reads the data again instead of
 keeping a second copy of everything (the proto's "same document" holds while the data is
-unchanged; exported_at says when it was taken).
+unchanged; export_time says when it was taken).
 
 Erasure deletes the customer, its identities, its events, its trait aggregates and the
 stored responses of requests about it (a retry of CreateCustomer must not bring them
@@ -109,7 +109,7 @@ def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
 
 def event_document(payload: bytes) -> dict[str, Any]:
     """One stored event as the proto's JSON (field names as in the proto, 64-bit integers as
-    strings), with what the service added: resolved_customer_id, data_category, received_at."""
+    strings), with what the service added: resolved_customer_id, data_category, receive_time."""
     return json_format.MessageToDict(pb.Event.FromString(payload), preserving_proto_field_name=True)
 
 
@@ -138,7 +138,7 @@ def export_document(
             "events": [event_document(payload) for payload in held.events],
             "traits": held_traits,
             "erasure": (
-                {"erased_at": rfc3339(held.erased_at_us), "request_id": held.erasure_request_id}
+                {"erase_time": rfc3339(held.erased_at_us), "request_id": held.erasure_request_id}
                 if held.erased_at_us is not None
                 else None
             ),
@@ -167,7 +167,7 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
         held_traits = traits_document(request.customer_id, aggregates, exported_at)
         return privacy_pb.ExportCustomerDataResponse(
             service=SERVICE,
-            exported_at=timestamp_of(exported_at),
+            export_time=timestamp_of(exported_at),
             document=struct_of(export_document(request.customer_id, held, held_traits)),
         )
 

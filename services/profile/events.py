@@ -110,14 +110,14 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
     kind = event.event_type
     if kind not in CATEGORY_OF_TYPE:
         _violation(found, "event_type", "must be one of the EventType values other than UNSPECIFIED")
-    if not event.HasField("occurred_at"):
-        _violation(found, "occurred_at", "is required")
+    if not event.HasField("occur_time"):
+        _violation(found, "occur_time", "is required")
     else:
-        occurred = micros_of(event.occurred_at)
+        occurred = micros_of(event.occur_time)
         if occurred > now_us + MAX_FUTURE_US:
-            _violation(found, "occurred_at", "must not be more than 5 minutes in the future")
+            _violation(found, "occur_time", "must not be more than 5 minutes in the future")
         elif occurred < now_us - RETENTION_US:
-            _violation(found, "occurred_at", "is older than the 3-year event retention period")
+            _violation(found, "occur_time", "is older than the 3-year event retention period")
     items = event.items
     if not items:
         if kind in NEEDS_ITEMS:
@@ -421,7 +421,7 @@ class EventIngestor:
                 continue
             event.resolved_customer_id = owner
             event.data_category = category
-            received = event.received_at
+            received = event.receive_time
             received.seconds = seconds
             received.nanos = nanos * 1_000
             positions.append(position)
@@ -434,7 +434,7 @@ class EventIngestor:
                     kind,
                     event.channel,
                     category,
-                    micros_of(event.occurred_at),
+                    micros_of(event.occur_time),
                     now,
                     event.value_micros,
                     event.currency_code,

@@ -162,7 +162,7 @@ def interactions_of(event: pb.Event, weights: Mapping[int, float]) -> list[pb.In
             item_id=item.item_id,
             interaction_type=kind,
             weight=weight,
-            occurred_at=event.occurred_at,
+            occur_time=event.occur_time,
             event_id=event.event_id,
             channel=event.channel,
             data_category=event.data_category,

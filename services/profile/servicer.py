@@ -124,9 +124,9 @@ def attribute_of(value: pb.AttributeValue, violations: Violations, path: str) ->
         return Attribute("double", value.double_value, category)
     if kind == "bool_value":
         return Attribute("bool", value.bool_value, category)
-    if kind == "timestamp_value":
+    if kind == "point_in_time":
         return Attribute(
-            "timestamp", micros_of(value.timestamp_value, violations, f"{path}.timestamp_value"), category
+            "timestamp", micros_of(value.point_in_time, violations, f"{path}.point_in_time"), category
         )
     return Attribute("", "", category)  # no value set: the domain rules report it
 
@@ -179,7 +179,7 @@ def attribute_message(attribute: Attribute) -> pb.AttributeValue:
     elif attribute.kind == "bool":
         message.bool_value = bool(value)
     elif attribute.kind == "timestamp":
-        message.timestamp_value.FromMicroseconds(int(value))
+        message.point_in_time.FromMicroseconds(int(value))
     return message
 
 
@@ -506,8 +506,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
     async def ListCustomers(self, request: pb.ListCustomersRequest, context: grpc.aio.ServicerContext) -> Any:
         violations = Violations()
         updated_after = (
-            micros_of(request.updated_after, violations, "updated_after")
-            if request.HasField("updated_after")
+            micros_of(request.min_update_time, violations, "min_update_time")
+            if request.HasField("min_update_time")
             else None
         )
         if request.purpose:
@@ -519,7 +519,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         view = await self._view_for(request.purpose) if request.purpose else None
         # The filters travel in the token, so a token cannot be replayed with other filters.
         filters = {
-            "updated_after": updated_after,
+            "min_update_time": updated_after,
             "show_merged": request.show_merged,
             "purpose": request.purpose,
         }

@@ -73,7 +73,7 @@ event_head = sa.Table(
 )
 
 # Every accepted event once; `payload` is its serialized najimi.profile.v1.Event (with
-# resolved_customer_id, data_category and received_at filled in). See migration 0003.
+# resolved_customer_id, data_category and receive_time filled in). See migration 0003.
 events = sa.Table(
     "events",
     metadata,

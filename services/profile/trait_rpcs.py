@@ -156,7 +156,7 @@ def _duration(micros: int) -> duration_pb2.Duration:
 def traits_message(found: traits.Traits) -> pb.Traits:
     message = pb.Traits(
         customer_id=found.customer_id,
-        computed_at=timestamp_of(found.computed_at_us),
+        compute_time=timestamp_of(found.computed_at_us),
         data_categories_used=found.data_categories_used,
         data_categories_withheld=found.data_categories_withheld,
     )

@@ -469,8 +469,8 @@ def _timeline_event(row: Any) -> pb.Event:
             value_micros=row.value_micros,
             currency_code=row.currency_code,
         )
-        event.occurred_at.FromMicroseconds(row.occurred_at_us)
-        event.received_at.FromMicroseconds(row.received_at_us)
+        event.occur_time.FromMicroseconds(row.occurred_at_us)
+        event.receive_time.FromMicroseconds(row.received_at_us)
     # The customer holding the event now (it may have come here with a merge).
     event.resolved_customer_id = row.customer_id
     return event
@@ -479,7 +479,7 @@ def _timeline_event(row: Any) -> pb.Event:
 def list_events(
     connection: Connection, query: EventQuery, data_categories: Iterable[str]
 ) -> list[TimelineEntry]:
-    """Up to `query.limit` events of the customer in `data_categories`, newest occurred_at first."""
+    """Up to `query.limit` events of the customer in `data_categories`, newest occur_time first."""
     categories = sorted(set(data_categories))
     if not categories:
         return []

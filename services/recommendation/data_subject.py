@@ -56,7 +56,7 @@ class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer)
         document = struct_pb2.Struct()
         document.update(export_document(request.customer_id))
         return privacy_pb.ExportCustomerDataResponse(
-            service=SERVICE, exported_at=timestamp_of(now_micros()), document=document
+            service=SERVICE, export_time=timestamp_of(now_micros()), document=document
         )
 
     async def EraseCustomerData(

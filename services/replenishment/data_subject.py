@@ -148,7 +148,7 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
 
         document = await self.store.db.read(read)
         return privacy_pb.ExportCustomerDataResponse(
-            service=SERVICE, exported_at=timestamp_of(exported_at), document=struct_of(document)
+            service=SERVICE, export_time=timestamp_of(exported_at), document=struct_of(document)
         )
 
     async def EraseCustomerData(

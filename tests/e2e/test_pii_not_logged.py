@@ -53,7 +53,7 @@ def test_a_full_run_logs_none_of_the_pii_it_was_sent(tmp_path):
                 customer_id="c-1",
                 channel=pb.CHANNEL_WEB,
                 event_type=pb.EVENT_TYPE_SEARCH,
-                occurred_at=stamp(),
+                occur_time=stamp(),
                 search_query=SEARCH,
             )
             by_email = pb.Event(
@@ -61,7 +61,7 @@ def test_a_full_run_logs_none_of_the_pii_it_was_sent(tmp_path):
                 identifier=pb.Identifier(type=pb.IDENTIFIER_TYPE_EMAIL, value=EMAIL),
                 channel=pb.CHANNEL_WEB,
                 event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
-                occurred_at=stamp(),
+                occur_time=stamp(),
                 items=[pb.EventItem(item_id="i-1")],
             )
             stub.IngestEvents(pb.IngestEventsRequest(events=[search, by_email]), metadata=writer, timeout=10)

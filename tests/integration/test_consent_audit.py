@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from services.consent.audit import (
     GENESIS_HASH,
+    LEGACY_HASHED_NAMES,
     append_entry,
     audit_key,
     customer_ref,
@@ -124,7 +125,7 @@ def test_the_hash_follows_the_documented_rule(database):
         f'"customerRef":"{customer_ref(KEY, "alice")}",'
         '"details":{"categories":["user.contact"],"purpose":"analytics","revision":42},'
         '"prevHash":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",'
-        '"recordedAt":"2023-11-14T22:13:20.000001Z","requestId":"req-1","sequence":"1"}'
+        '"recordTime":"2023-11-14T22:13:20.000001Z","requestId":"req-1","sequence":"1"}'
     )
     assert entry.hash == hashlib.sha256(bytes(32) + canonical.encode()).digest()
     assert entry_hash(entry.prev_hash, entry) == entry.hash
@@ -140,6 +141,37 @@ def test_the_hash_follows_the_documented_rule(database):
         "purpose": "analytics",
         "revision": 42,
     }
+
+
+def test_a_chain_hashed_under_the_earlier_member_name_still_verifies(database):
+    """Entries appended before the AIP-142 rename were hashed with "recordedAt" for record_time."""
+    fill(database)
+    prev_hash = GENESIS_HASH
+    for sequence in range(1, 7):
+        row = stored_row(database, sequence)
+        legacy = entry_hash(prev_hash, entry_from_row({**row, "prev_hash": prev_hash}), LEGACY_HASHED_NAMES)
+        execute(
+            database,
+            "UPDATE audit_log SET prev_hash = :p, hash = :h WHERE sequence = :s",
+            p=prev_hash,
+            h=legacy,
+            s=sequence,
+        )
+        prev_hash = legacy
+    execute(database, "UPDATE feed_head SET audit_head_hash = :h WHERE id = 1", h=prev_hash)
+    assert stored_row(database, 1)["hash"] != entry_hash(
+        GENESIS_HASH, entry_from_row(stored_row(database, 1))
+    )
+
+    # Entries appended since, under the current name, continue the chain.
+    appended = [append(database, i, "alice") for i in (7, 8)]
+    assert appended[0].prev_hash == prev_hash
+    answer = verify(database)
+    assert answer.valid and answer.entries_checked == 8 and answer.head_hash == appended[-1].hash
+
+    execute(database, """UPDATE audit_log SET details = '{"purpose":"marketing"}' WHERE sequence = 4""")
+    broken = verify(database)
+    assert not broken.valid and broken.reason == HASH_MISMATCH and broken.first_broken_sequence == 4
 
 
 def test_customer_ref_is_a_keyed_hash():

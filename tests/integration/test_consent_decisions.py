@@ -119,8 +119,8 @@ async def test_expiry_needs_no_job(start_service):
     stub = pb_grpc.ConsentServiceStub(consent.channel)
     soon = timestamp_pb2.Timestamp()
     soon.FromMicroseconds(int(time.time() * 1_000_000) + 1_500_000)
-    granted = await stub.GrantConsent(grant(expires_at=soon), metadata=consent.auth())
-    assert granted.consent.expires_at == soon
+    granted = await stub.GrantConsent(grant(expire_time=soon), metadata=consent.auth())
+    assert granted.consent.expire_time == soon
     check = pb.CheckConsentRequest(customer_id="c-1", purpose=RECS)
     assert (await stub.CheckConsent(check, metadata=consent.auth())).allowed
     # Expiry is a matter of the clock alone: let it pass, with no job or change in between.

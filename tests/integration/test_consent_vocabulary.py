@@ -84,7 +84,7 @@ async def test_admin_adds_a_data_category_once_and_it_survives_a_restart(start_s
     first = await stub.CreateDataCategory(request, metadata=consent.auth())
     retry = await stub.CreateDataCategory(request, metadata=consent.auth())
     assert first == retry and first.data_category.name == "user.behavior.wishlist"
-    assert first.data_category.created_at.seconds > 0
+    assert first.data_category.create_time.seconds > 0
     duplicate = await rpc_error(
         stub.CreateDataCategory(
             pb.CreateDataCategoryRequest(data_category=_category(), request_id="req-2"),

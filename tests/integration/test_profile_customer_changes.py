@@ -206,10 +206,10 @@ async def test_list_pages_through_customers_in_id_order(start_service, database_
             break
     assert seen == sorted(ids)
 
-    # Only customers changed at or after updated_after.
+    # Only customers changed at or after min_update_time.
     newest = await stub.GetCustomer(pb.GetCustomerRequest(customer_id=ids[-1]), metadata=profile.auth())
     later = await stub.ListCustomers(
-        pb.ListCustomersRequest(updated_after=newest.customer.update_time), metadata=profile.auth()
+        pb.ListCustomersRequest(min_update_time=newest.customer.update_time), metadata=profile.auth()
     )
     assert ids[-1] in [c.customer_id for c in later.customers]
     assert {c.customer_id for c in later.customers} <= set(ids)
@@ -234,7 +234,7 @@ async def test_bad_list_input_is_invalid_argument_naming_the_field(start_service
             pb.ListCustomersRequest(page_size=1, page_token=first.next_page_token, show_merged=True),
             "page_token",
         ),
-        (pb.ListCustomersRequest(updated_after=timestamp_pb2.Timestamp(nanos=-1)), "updated_after"),
+        (pb.ListCustomersRequest(min_update_time=timestamp_pb2.Timestamp(nanos=-1)), "min_update_time"),
         (pb.ListCustomersRequest(purpose="NOT VALID"), "purpose"),
     ]:
         error = await rpc_error(stub.ListCustomers(request, metadata=profile.auth()))

@@ -36,7 +36,7 @@ def full_customer() -> pb.Customer:
             "score": pb.AttributeValue(double_value=0.25, data_category="user.demographic.profile"),
             "pet_owner": pb.AttributeValue(bool_value=True, data_category="user.demographic.profile"),
             "first_visit": pb.AttributeValue(
-                timestamp_value=timestamp_pb2.Timestamp(seconds=1_500_000_000),
+                point_in_time=timestamp_pb2.Timestamp(seconds=1_500_000_000),
                 data_category="user.behavior.store_visits",
             ),
         },
@@ -324,10 +324,10 @@ def _invalid_create_requests() -> list[tuple[pb.CreateCustomerRequest, str]]:
         (
             with_attribute(
                 pb.AttributeValue(
-                    timestamp_value=timestamp_pb2.Timestamp(seconds=10**12), data_category=category
+                    point_in_time=timestamp_pb2.Timestamp(seconds=10**12), data_category=category
                 )
             ),
-            "customer.attributes.tier.timestamp_value",
+            "customer.attributes.tier.point_in_time",
         ),
         (with_attribute(pb.AttributeValue(int_value=1)), "customer.attributes.tier.data_category"),
         (

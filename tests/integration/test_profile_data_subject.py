@@ -104,7 +104,7 @@ async def test_export_returns_everything_held_with_pii_decrypted(start_service, 
     assert created.customer.pii_masked  # the CRM sees masked PII; the data subject does not
 
     exported = await data_subject.ExportCustomerData(_export(), metadata=profile.auth("service:consent"))
-    assert exported.service == "profile" and exported.exported_at.seconds > 1_700_000_000
+    assert exported.service == "profile" and exported.export_time.seconds > 1_700_000_000
     document = json_format.MessageToDict(exported.document)
     assert document["customer_id"] == CUSTOMER_ID
     held = document["held"]
@@ -167,7 +167,7 @@ async def test_erasure_removes_the_customer_and_keeps_a_tombstone(start_service,
     consent = profile.auth("service:consent")
 
     erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
-    assert erased.service == "profile" and erased.erased_at.seconds > 1_700_000_000
+    assert erased.service == "profile" and erased.erase_time.seconds > 1_700_000_000
     assert dict(erased.erased_records) == {
         "customers": 1,
         "identities": 2,
@@ -186,7 +186,7 @@ async def test_erasure_removes_the_customer_and_keeps_a_tombstone(start_service,
         "events": 0,
         "traits": 0,
     }
-    assert later.erased_at.ToMicroseconds() > erased.erased_at.ToMicroseconds()
+    assert later.erase_time.ToMicroseconds() > erased.erase_time.ToMicroseconds()
 
     admin = profile.auth("admin")
     error = await rpc_error(stub.GetCustomer(pb.GetCustomerRequest(customer_id=CUSTOMER_ID), metadata=admin))
@@ -335,7 +335,7 @@ async def test_export_and_erasure_cover_the_customers_events_and_traits(consente
     bought = held["events"][1]
     assert bought["customer_id"] == bought["resolved_customer_id"] == CUSTOMER_ID
     assert bought["event_type"] == "EVENT_TYPE_PURCHASE" and bought["channel"] == "CHANNEL_WEB"
-    assert bought["data_category"] == PURCHASES and bought["received_at"].endswith("Z")
+    assert bought["data_category"] == PURCHASES and bought["receive_time"].endswith("Z")
     assert bought["value_micros"] == "1980000000" and bought["currency_code"] == "JPY"
     assert [item["item_id"] for item in bought["items"]] == ["b", "c"]
     assert held["events"][2]["search_query"] == "decaf beans"

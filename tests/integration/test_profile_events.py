@@ -33,7 +33,7 @@ def view(event_id: str, customer: str = "c-1", seconds_ago: float = 60.0) -> pb.
         customer_id=customer,
         channel=pb.CHANNEL_WEB,
         event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
-        occurred_at=stamp(seconds_ago),
+        occur_time=stamp(seconds_ago),
         items=[pb.EventItem(item_id="beans-1", category_path=["kitchen", "coffee", "beans"])],
     )
 
@@ -44,7 +44,7 @@ def purchase(event_id: str, customer: str = "c-1", seconds_ago: float = 60.0) ->
         customer_id=customer,
         channel=pb.CHANNEL_MOBILE_APP,
         event_type=pb.EVENT_TYPE_PURCHASE,
-        occurred_at=stamp(seconds_ago),
+        occur_time=stamp(seconds_ago),
         order_id=f"o-{event_id}",
         value_micros=3_600_000_000,
         currency_code="JPY",
@@ -93,7 +93,7 @@ async def test_each_event_gets_its_own_answer(consented_profile, database_url):
             customer_id="c-1",
             channel=pb.CHANNEL_WEB,
             event_type=pb.EVENT_TYPE_SEARCH,
-            occurred_at=stamp(),
+            occur_time=stamp(),
             search_query="decaf beans",
         ),  # search history not consented
         view("e-4", customer="c-2"),  # c-2 consented to nothing
@@ -103,7 +103,7 @@ async def test_each_event_gets_its_own_answer(consented_profile, database_url):
             customer_id="c-1",
             channel=pb.CHANNEL_WEB,
             event_type=pb.EVENT_TYPE_PURCHASE,
-            occurred_at=stamp(-3600),
+            occur_time=stamp(-3600),
             items=[pb.EventItem(item_id="x", quantity=-1)],
         ),
     ]
@@ -122,7 +122,7 @@ async def test_each_event_gets_its_own_answer(consented_profile, database_url):
     ]
     assert response.results[3].data_category == "user.behavior.search_history"
     invalid = {v.field for v in response.results[6].violations}
-    assert {"occurred_at", "items[0].quantity", "order_id", "currency_code"} <= invalid
+    assert {"occur_time", "items[0].quantity", "order_id", "currency_code"} <= invalid
     again = await stub.IngestEvents(
         pb.IngestEventsRequest(events=[view("e-1"), purchase("e-2")]),
         metadata=profile.auth("service:storefront"),
@@ -310,8 +310,8 @@ async def test_late_and_out_of_order_events_keep_their_time(consented_profile):
     )
     database.close()
     assert (
-        times["late"] == old.occurred_at.ToMicroseconds()
-        and times["recent"] == new.occurred_at.ToMicroseconds()
+        times["late"] == old.occur_time.ToMicroseconds()
+        and times["recent"] == new.occur_time.ToMicroseconds()
     )
 
 

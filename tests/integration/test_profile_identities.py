@@ -146,11 +146,11 @@ async def _insert_events(database_url: str, customer_id: str, count: int) -> lis
             customer_id=customer_id,
             channel=pb.CHANNEL_WEB,
             event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
-            occurred_at=timestamp_pb2.Timestamp(seconds=now // 1_000_000 - 3600 + index),
+            occur_time=timestamp_pb2.Timestamp(seconds=now // 1_000_000 - 3600 + index),
             items=[pb.EventItem(item_id=f"sku-{index}", category_path=["food", "coffee"])],
             resolved_customer_id=customer_id,
             data_category=BROWSING,
-            received_at=timestamp_pb2.Timestamp(seconds=now // 1_000_000),
+            receive_time=timestamp_pb2.Timestamp(seconds=now // 1_000_000),
         )
         payloads.append(event.SerializeToString())
         rows.append(
@@ -160,7 +160,7 @@ async def _insert_events(database_url: str, customer_id: str, count: int) -> lis
                 "event_type": event.event_type,
                 "channel": event.channel,
                 "data_category": BROWSING,
-                "occurred_at_us": event.occurred_at.ToMicroseconds(),
+                "occurred_at_us": event.occur_time.ToMicroseconds(),
                 "received_at_us": now,
                 "value_micros": 0,
                 "currency_code": "",
@@ -903,7 +903,7 @@ async def test_events_sent_for_a_merged_customer_reach_the_survivor(consented_pr
             customer_id="anon-1",
             channel=pb.CHANNEL_WEB,
             event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
-            occurred_at=occurred,
+            occur_time=occurred,
             items=[item],
         ),
         pb.Event(
@@ -911,7 +911,7 @@ async def test_events_sent_for_a_merged_customer_reach_the_survivor(consented_pr
             identifier=ident(COOKIE, "ck-1"),
             channel=pb.CHANNEL_WEB,
             event_type=pb.EVENT_TYPE_PRODUCT_VIEW,
-            occurred_at=occurred,
+            occur_time=occurred,
             items=[item],
         ),
     ]

@@ -61,7 +61,7 @@ def event(
         customer_id=customer,
         channel=channel,
         event_type=kind,
-        occurred_at=stamp(seconds_ago),
+        occur_time=stamp(seconds_ago),
         items=[pb.EventItem(item_id=item, category_path=["kitchen", "coffee"]) for item in items],
         **fields,
     )
@@ -205,7 +205,7 @@ def insert_event_directly(database_url: str, stored: pb.Event, customer: str, ca
         now = now_micros()
         stored.resolved_customer_id = customer
         stored.data_category = category
-        stored.received_at.FromMicroseconds(now)
+        stored.receive_time.FromMicroseconds(now)
         connection.execute(
             events.insert().values(
                 seq=seq,
@@ -214,7 +214,7 @@ def insert_event_directly(database_url: str, stored: pb.Event, customer: str, ca
                 event_type=stored.event_type,
                 channel=stored.channel,
                 data_category=category,
-                occurred_at_us=stored.occurred_at.ToMicroseconds(),
+                occurred_at_us=stored.occur_time.ToMicroseconds(),
                 received_at_us=now,
                 value_micros=stored.value_micros,
                 currency_code=stored.currency_code,
@@ -264,7 +264,7 @@ async def test_the_feed_serves_consented_interactions_in_commit_order(consented_
     ]
     first = entries[0].interaction
     assert first.data_category == BROWSING and first.channel == pb.CHANNEL_WEB
-    assert abs(first.occurred_at.ToMicroseconds() - (time.time() - 600) * 1e6) < 60e6
+    assert abs(first.occur_time.ToMicroseconds() - (time.time() - 600) * 1e6) < 60e6
     assert entries[6].interaction.channel == pb.CHANNEL_STORE
     assert entries[6].interaction.data_category == PURCHASES
     # One page gives the same as small pages, and every cursor is distinct.

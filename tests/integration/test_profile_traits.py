@@ -67,7 +67,7 @@ def event(
         customer_id=customer,
         channel=channel,  # type: ignore[arg-type]
         event_type=kind,  # type: ignore[arg-type]
-        occurred_at=stamp(at_us),
+        occur_time=stamp(at_us),
         items=[pb.EventItem(item_id=item, category_path=list(path)) for item, path in items],
         **fields,
     )
@@ -184,7 +184,7 @@ async def test_traits_follow_the_events_as_they_arrive(consented_profile, databa
     before = now_micros()
     traits = await suite.traits()
     assert traits.customer_id == "c-1"
-    assert before <= traits.computed_at.ToMicroseconds() <= now_micros()
+    assert before <= traits.compute_time.ToMicroseconds() <= now_micros()
 
     assert traits.recency.last_purchase_time.ToMicroseconds() == base - days(10)
     assert traits.recency.days_since_last_purchase == 10
@@ -272,7 +272,7 @@ async def test_withdrawing_consent_hides_what_was_derived_from_it(consented_prof
     # purchases remain in the timeline: the recommendations consent still covers them.
     await suite.withdraw()
     bare = await suite.traits()
-    assert bare.customer_id == "c-1" and bare.HasField("computed_at")
+    assert bare.customer_id == "c-1" and bare.HasField("compute_time")
     for name in ("recency", "frequency", "monetary", "churn_risk"):
         assert not bare.HasField(name), name
     assert list(bare.category_affinities) == [] and list(bare.item_cadences) == []
@@ -392,7 +392,7 @@ def test_a_batch_read_before_a_rewrite_is_read_again(database_url):
         for seq in (1, 2, 3):
             stored = event(f"e{seq}", pb.EVENT_TYPE_PURCHASE, base - days(seq), (("beans", COFFEE),))
             stored.resolved_customer_id, stored.data_category = "c-1", PURCHASES
-            stored.received_at.FromMicroseconds(base)
+            stored.receive_time.FromMicroseconds(base)
             connection.execute(
                 events.insert().values(
                     seq=seq,
@@ -401,7 +401,7 @@ def test_a_batch_read_before_a_rewrite_is_read_again(database_url):
                     event_type=stored.event_type,
                     channel=stored.channel,
                     data_category=PURCHASES,
-                    occurred_at_us=stored.occurred_at.ToMicroseconds(),
+                    occurred_at_us=stored.occur_time.ToMicroseconds(),
                     received_at_us=base,
                     value_micros=stored.value_micros,
                     currency_code=stored.currency_code,
@@ -445,7 +445,7 @@ def test_the_worker_takes_events_from_memory_only_while_they_are_as_stored(datab
         "event_type": stored.event_type,
         "channel": stored.channel,
         "data_category": PURCHASES,
-        "occurred_at_us": stored.occurred_at.ToMicroseconds(),
+        "occurred_at_us": stored.occur_time.ToMicroseconds(),
         "received_at_us": base,
         "value_micros": stored.value_micros,
         "currency_code": stored.currency_code,
@@ -503,8 +503,8 @@ async def test_list_events_newest_first_filtered_and_paged(consented_profile, da
     )
     first = response.events[0]
     assert first.event_id == "e7" and first.resolved_customer_id == "c-1"
-    assert first.data_category == BROWSING and first.HasField("received_at")
-    assert first.occurred_at.ToMicroseconds() == base - days(1)
+    assert first.data_category == BROWSING and first.HasField("receive_time")
+    assert first.occur_time.ToMicroseconds() == base - days(1)
     assert [(i.item_id, list(i.category_path)) for i in first.items] == [("lamp", list(KITCHEN))]
 
     pages, token = [], ""

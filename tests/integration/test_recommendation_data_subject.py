@@ -29,7 +29,7 @@ async def test_export_says_truthfully_that_nothing_is_held(start_service, databa
         privacy_pb.ExportCustomerDataRequest(customer_id="cus_1", request_id="dsr-1"),
         metadata=service.auth("service:consent"),
     )
-    assert exported.service == "recommendation" and exported.exported_at.seconds > 1_700_000_000
+    assert exported.service == "recommendation" and exported.export_time.seconds > 1_700_000_000
     document = json_format.MessageToDict(exported.document)
     assert document["customer_id"] == "cus_1" and document["held"] == {}
     assert set(document["not_held_yet"]) == {"interactions", "model"}
@@ -40,13 +40,13 @@ async def test_erasure_is_idempotent_and_erases_nothing_held(start_service, data
     consent = service.auth("service:consent")
     request = privacy_pb.EraseCustomerDataRequest(customer_id="cus_1", request_id="dsr-1")
     erased = await data_subject.EraseCustomerData(request, metadata=consent)
-    assert erased.service == "recommendation" and erased.erased_at.seconds > 1_700_000_000
+    assert erased.service == "recommendation" and erased.erase_time.seconds > 1_700_000_000
     assert dict(erased.erased_records) == {}
     assert await data_subject.EraseCustomerData(request, metadata=consent) == erased
     later = await data_subject.EraseCustomerData(
         privacy_pb.EraseCustomerDataRequest(customer_id="cus_1", request_id="dsr-2"), metadata=service.auth()
     )
-    assert later.erased_at.ToMicroseconds() > erased.erased_at.ToMicroseconds()
+    assert later.erase_time.ToMicroseconds() > erased.erase_time.ToMicroseconds()
     error = await rpc_error(
         data_subject.EraseCustomerData(
             privacy_pb.EraseCustomerDataRequest(customer_id="cus_2", request_id="dsr-1"), metadata=consent

@@ -106,7 +106,7 @@ async def test_export_lists_the_customers_devices_and_slots_without_tokens(start
     printer, filter_, _ = await _register_devices(service, stub)
 
     exported = await data_subject.ExportCustomerData(_export(), metadata=service.auth("service:consent"))
-    assert exported.service == "replenishment" and exported.exported_at.seconds > 1_700_000_000
+    assert exported.service == "replenishment" and exported.export_time.seconds > 1_700_000_000
     document = json_format.MessageToDict(exported.document)
     assert document["customer_id"] == CUSTOMER_ID
     devices = document["held"]["devices"]
@@ -153,7 +153,7 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
     consent = service.auth("service:consent")
 
     erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
-    assert erased.service == "replenishment" and erased.erased_at.seconds > 1_700_000_000
+    assert erased.service == "replenishment" and erased.erase_time.seconds > 1_700_000_000
     assert dict(erased.erased_records) == {"devices": 2, "slots": 3, "stored_responses": 2}
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=service.auth())

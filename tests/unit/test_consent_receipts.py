@@ -23,6 +23,7 @@ from services.consent.receipts import (
     receipt_from_stored,
     receipt_payload,
 )
+from shared.canonical_json import canonical_json
 from shared.settings import load_settings
 
 SEED_A = b"A" * 32
@@ -57,7 +58,7 @@ def a_receipt() -> pb.ConsentReceipt:
                 data_categories=["user.behavior.purchase_history", "user.demographic.age_range"],
                 notice_version=3,
                 notice_url="https://example.com/notices/3",
-                expires_at=timestamp_pb2.Timestamp(seconds=1_900_000_000),
+                expire_time=timestamp_pb2.Timestamp(seconds=1_900_000_000),
                 revision=9_007_199_254_740_993,  # beyond 2^53: a string in proto3 JSON
             ),
             pb.ReceiptPurpose(
@@ -70,7 +71,7 @@ def a_receipt() -> pb.ConsentReceipt:
         sensitive=True,
         sensitive_data_categories=["user.demographic.age_range"],
     )
-    receipt.issued_at.FromMicroseconds(1_700_000_000_123_456)
+    receipt.issue_time.FromMicroseconds(1_700_000_000_123_456)
     return receipt
 
 
@@ -160,8 +161,8 @@ def altered_copies():
 
     yield "receipt_id", copy(lambda r: setattr(r, "receipt_id", "rcpt_02"))
     yield "version", copy(lambda r: setattr(r, "version", "KI-CR-v1.0.0"))
-    yield "issued_at", copy(lambda r: setattr(r.issued_at, "nanos", r.issued_at.nanos + 1000))
-    yield "issued_at cleared", copy(lambda r: r.ClearField("issued_at"))
+    yield "issue_time", copy(lambda r: setattr(r.issue_time, "nanos", r.issue_time.nanos + 1000))
+    yield "issue_time cleared", copy(lambda r: r.ClearField("issue_time"))
     yield "jurisdiction", copy(lambda r: setattr(r, "jurisdiction", "US"))
     yield "collection_method", copy(lambda r: setattr(r, "collection_method", pb.COLLECTION_METHOD_STORE))
     yield "customer_id", copy(lambda r: setattr(r, "customer_id", "cust-43"))
@@ -174,7 +175,7 @@ def altered_copies():
     yield "purposes reordered", copy(lambda r: r.purposes.reverse())
     yield "category added", copy(lambda r: r.purposes[0].data_categories.append("user.contact"))
     yield "notice_version", copy(lambda r: setattr(r.purposes[0], "notice_version", 4))
-    yield "expires_at", copy(lambda r: setattr(r.purposes[0].expires_at, "seconds", 1_900_000_001))
+    yield "expire_time", copy(lambda r: setattr(r.purposes[0].expire_time, "seconds", 1_900_000_001))
     yield "revision", copy(lambda r: setattr(r.purposes[0], "revision", 10))
     yield "sensitive cleared", copy(lambda r: setattr(r, "sensitive", False))
     yield "sensitive categories", copy(lambda r: r.sensitive_data_categories.append("user.contact"))
@@ -222,6 +223,36 @@ def resigned(payload: bytes, seed: bytes = SEED_A) -> pb.ConsentReceipt:
     return pb.ConsentReceipt(payload=payload, signature=key.sign(payload), key_id=signer(seed).key_id)
 
 
+def legacy_payload(*, purpose_too: bool = True) -> bytes:
+    """SIGNED's payload as signed before the AIP-142 rename (issuedAt, a purpose's expiresAt)."""
+    document = json.loads(SIGNED.payload)
+    document["issuedAt"] = document.pop("issueTime")
+    if purpose_too:
+        document["purposes"][0]["expiresAt"] = document["purposes"][0].pop("expireTime")
+    return canonical_json(document)
+
+
+def test_a_receipt_signed_under_the_earlier_field_names_still_parses_and_verifies():
+    payload = legacy_payload()
+    assert b'"issuedAt"' in payload and b'"expiresAt"' in payload and b"Time" not in payload
+    content = pb.ConsentReceipt()
+    content.CopyFrom(SIGNED)
+    for name in ("payload", "signature", "key_id"):
+        content.ClearField(name)
+    assert parse_payload(payload) == content
+    stored = resigned(payload)
+    assert signer().verify(stored) == pb.VerifyReceiptResponse(valid=True, reason=VALID, receipt_id="rcpt_01")
+    # What GetConsentReceipt returns from storage: structured fields under the current names.
+    full = receipt_from_stored(stored.payload, stored.signature, stored.key_id)
+    assert (
+        full.issue_time == SIGNED.issue_time
+        and full.purposes[0].expire_time == SIGNED.purposes[0].expire_time
+    )
+    assert signer().verify(full).valid
+    # Half-renamed payloads were never signed by any version: malformed.
+    assert signer().verify(resigned(legacy_payload(purpose_too=False))).reason == PAYLOAD_MALFORMED
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -238,7 +269,7 @@ def resigned(payload: bytes, seed: bytes = SEED_A) -> pb.ConsentReceipt:
         b'{"receiptId":"r","unknownField":1}',
         b'{"keyId":"x","receiptId":"r"}',
         b'{"collectionMethod":"NOT_A_METHOD","receiptId":"r"}',
-        b'{"issuedAt":"yesterday","receiptId":"r"}',
+        b'{"issueTime":"yesterday","receiptId":"r"}',
         b'{"purposes":[{"revision":NaN}],"receiptId":"r"}',
         b"[" * 100_000,
     ],
@@ -297,7 +328,7 @@ def test_any_bit_flip_in_the_serialised_receipt_is_caught_or_harmless(index, bit
 )
 def test_any_receipt_round_trips(receipt_id, customer_id, purposes, micros):
     receipt = pb.ConsentReceipt(receipt_id=receipt_id, customer_id=customer_id, purposes=purposes)
-    receipt.issued_at.FromMicroseconds(micros)
+    receipt.issue_time.FromMicroseconds(micros)
     signed = signer().sign(receipt)
     assert signer().verify(signed).valid
     content = pb.ConsentReceipt()

@@ -253,7 +253,7 @@ async def test_check_consent_replies_as_before():
             decided_at_revision=decision.revision,
         )
         if decision.expires_at_us is not None:
-            expected.expires_at.FromMicroseconds(decision.expires_at_us)
+            expected.expire_time.FromMicroseconds(decision.expires_at_us)
         assert reply == expected, (customer, purpose, categories)
 
 

@@ -101,7 +101,7 @@ class _ConsentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Consent
     CONSENT_STATUS_WITHDRAWN: _ConsentStatus.ValueType  # 2
     """The customer withdrew or refused consent."""
     CONSENT_STATUS_EXPIRED: _ConsentStatus.ValueType  # 3
-    """Consent was given but its expires_at has passed."""
+    """Consent was given but its expire_time has passed."""
     CONSENT_STATUS_NEEDS_RENEWAL: _ConsentStatus.ValueType  # 4
     """Consent was given under a notice version older than a material version now
     in effect; the customer must see the new notice and grant again.
@@ -122,7 +122,7 @@ CONSENT_STATUS_GRANTED: ConsentStatus.ValueType  # 1
 CONSENT_STATUS_WITHDRAWN: ConsentStatus.ValueType  # 2
 """The customer withdrew or refused consent."""
 CONSENT_STATUS_EXPIRED: ConsentStatus.ValueType  # 3
-"""Consent was given but its expires_at has passed."""
+"""Consent was given but its expire_time has passed."""
 CONSENT_STATUS_NEEDS_RENEWAL: ConsentStatus.ValueType  # 4
 """Consent was given under a notice version older than a material version now
 in effect; the customer must see the new notice and grant again.
@@ -334,13 +334,13 @@ class _ConsentChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     purpose are set, and the change carries the purpose's new state.
     """
     CONSENT_CHANGE_KIND_EXPIRED: _ConsentChangeKind.ValueType  # 2
-    """A customer's consent reached its expires_at (status EXPIRED). Published
-    shortly after the fact; caches must still compare expires_at with their
+    """A customer's consent reached its expire_time (status EXPIRED). Published
+    shortly after the fact; caches must still compare expire_time with their
     own clock.
     """
     CONSENT_CHANGE_KIND_NOTICE: _ConsentChangeKind.ValueType  # 3
     """A material privacy notice version was created for purpose. customer_id is
-    empty: it concerns every customer. From effective_at, every consent to the
+    empty: it concerns every customer. From effective_time, every consent to the
     purpose with a notice_version below this change's notice_version has status
     NEEDS_RENEWAL. Non-material versions are not published.
     """
@@ -365,13 +365,13 @@ CONSENT_CHANGE_KIND_CONSENT: ConsentChangeKind.ValueType  # 1
 purpose are set, and the change carries the purpose's new state.
 """
 CONSENT_CHANGE_KIND_EXPIRED: ConsentChangeKind.ValueType  # 2
-"""A customer's consent reached its expires_at (status EXPIRED). Published
-shortly after the fact; caches must still compare expires_at with their
+"""A customer's consent reached its expire_time (status EXPIRED). Published
+shortly after the fact; caches must still compare expire_time with their
 own clock.
 """
 CONSENT_CHANGE_KIND_NOTICE: ConsentChangeKind.ValueType  # 3
 """A material privacy notice version was created for purpose. customer_id is
-empty: it concerns every customer. From effective_at, every consent to the
+empty: it concerns every customer. From effective_time, every consent to the
 purpose with a notice_version below this change's notice_version has status
 NEEDS_RENEWAL. Non-material versions are not published.
 """
@@ -469,7 +469,7 @@ class DataCategory(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The dotted name, e.g. "user.behavior.purchase_history" (see the service
     comment for the format). Immutable.
@@ -487,7 +487,7 @@ class DataCategory(_message.Message):
     data). Receipts flag consents that cover a sensitive category.
     """
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp:
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the category was created. Output only."""
 
     def __init__(
@@ -497,11 +497,11 @@ class DataCategory(_message.Message):
         display_name: _builtins.str = ...,
         description: _builtins.str = ...,
         sensitive: _builtins.bool = ...,
-        created_at: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "display_name", b"display_name", "name", b"name", "sensitive", b"sensitive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "name", b"name", "sensitive", b"sensitive"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,7 +558,7 @@ class Purpose(_message.Message):
     DATA_USES_FIELD_NUMBER: _builtins.int
     CONSENT_VALIDITY_FIELD_NUMBER: _builtins.int
     CURRENT_NOTICE_VERSION_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The dotted name, e.g. "personalize.recommendations" (see the service comment
     for the format). Immutable.
@@ -591,7 +591,7 @@ class Purpose(_message.Message):
         """
 
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp:
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the purpose was created. Output only."""
 
     def __init__(
@@ -604,11 +604,11 @@ class Purpose(_message.Message):
         data_uses: _abc.Iterable[Global___ServiceDataUse] | None = ...,
         consent_validity: _duration_pb2.Duration | None = ...,
         current_notice_version: _builtins.int = ...,
-        created_at: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["consent_validity", b"consent_validity", "created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consent_validity", b"consent_validity", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_validity", b"consent_validity", "created_at", b"created_at", "current_notice_version", b"current_notice_version", "data_categories", b"data_categories", "data_uses", b"data_uses", "description", b"description", "display_name", b"display_name", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_validity", b"consent_validity", "create_time", b"create_time", "current_notice_version", b"current_notice_version", "data_categories", b"data_categories", "data_uses", b"data_uses", "description", b"description", "display_name", b"display_name", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -847,10 +847,10 @@ class PrivacyNotice(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     MATERIAL_FIELD_NUMBER: _builtins.int
-    EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     LANGUAGE_CODE_FIELD_NUMBER: _builtins.int
     CHANGE_SUMMARY_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """The purpose the notice describes."""
     version: _builtins.int
@@ -879,13 +879,13 @@ class PrivacyNotice(_message.Message):
     and for customers asked to renew; up to 2000 characters.
     """
     @_builtins.property
-    def effective_at(self) -> _timestamp_pb2.Timestamp:
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When this version takes effect. Unset on creation means immediately; it may
-        not lie in the past nor before the previous version's effective_at.
+        not lie in the past nor before the previous version's effective_time.
         """
 
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp:
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was created. Output only."""
 
     def __init__(
@@ -896,14 +896,14 @@ class PrivacyNotice(_message.Message):
         text: _builtins.str = ...,
         url: _builtins.str = ...,
         material: _builtins.bool = ...,
-        effective_at: _timestamp_pb2.Timestamp | None = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
         language_code: _builtins.str = ...,
         change_summary: _builtins.str = ...,
-        created_at: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "effective_at", b"effective_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_summary", b"change_summary", "created_at", b"created_at", "effective_at", b"effective_at", "language_code", b"language_code", "material", b"material", "purpose", b"purpose", "text", b"text", "url", b"url", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_summary", b"change_summary", "create_time", b"create_time", "effective_time", b"effective_time", "language_code", b"language_code", "material", b"material", "purpose", b"purpose", "text", b"text", "url", b"url", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -924,7 +924,7 @@ class CreatePrivacyNoticeRequest(_message.Message):
     @_builtins.property
     def notice(self) -> Global___PrivacyNotice:
         """The notice to publish; `purpose` names the purpose. Output-only fields
-        (version, created_at) are ignored.
+        (version, create_time) are ignored.
         """
 
     def __init__(
@@ -1096,9 +1096,9 @@ class PurposeConsent(_message.Message):
     GRANTED_DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
     CURRENT_NOTICE_VERSION_FIELD_NUMBER: _builtins.int
-    GIVEN_AT_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
-    RENEW_BY_FIELD_NUMBER: _builtins.int
+    GRANT_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RENEW_DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     COLLECTION_METHOD_FIELD_NUMBER: _builtins.int
     JURISDICTION_FIELD_NUMBER: _builtins.int
@@ -1134,15 +1134,15 @@ class PurposeConsent(_message.Message):
         """
 
     @_builtins.property
-    def given_at(self) -> _timestamp_pb2.Timestamp:
+    def grant_time(self) -> _timestamp_pb2.Timestamp:
         """When the last decision was recorded; unset when there is none."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the consent expires; unset when it does not expire or was not granted."""
 
     @_builtins.property
-    def renew_by(self) -> _timestamp_pb2.Timestamp:
+    def renew_deadline_time(self) -> _timestamp_pb2.Timestamp:
         """Set while the consent is still GRANTED but a material notice version will
         take effect at this time; the customer should renew before then.
         """
@@ -1156,17 +1156,17 @@ class PurposeConsent(_message.Message):
         granted_data_categories: _abc.Iterable[_builtins.str] | None = ...,
         notice_version: _builtins.int = ...,
         current_notice_version: _builtins.int = ...,
-        given_at: _timestamp_pb2.Timestamp | None = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
-        renew_by: _timestamp_pb2.Timestamp | None = ...,
+        grant_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        renew_deadline_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
         collection_method: Global___CollectionMethod.ValueType = ...,
         jurisdiction: _builtins.str = ...,
         receipt_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "given_at", b"given_at", "renew_by", b"renew_by"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "grant_time", b"grant_time", "renew_deadline_time", b"renew_deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "current_notice_version", b"current_notice_version", "decision", b"decision", "expires_at", b"expires_at", "given_at", b"given_at", "granted_data_categories", b"granted_data_categories", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "receipt_id", b"receipt_id", "renew_by", b"renew_by", "revision", b"revision", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "current_notice_version", b"current_notice_version", "decision", b"decision", "expire_time", b"expire_time", "grant_time", b"grant_time", "granted_data_categories", b"granted_data_categories", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "receipt_id", b"receipt_id", "renew_deadline_time", b"renew_deadline_time", "revision", b"revision", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,8 +1186,8 @@ class ConsentRecord(_message.Message):
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
     COLLECTION_METHOD_FIELD_NUMBER: _builtins.int
     JURISDICTION_FIELD_NUMBER: _builtins.int
-    GIVEN_AT_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    GRANT_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RECEIPT_ID_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
@@ -1219,11 +1219,11 @@ class ConsentRecord(_message.Message):
         """
 
     @_builtins.property
-    def given_at(self) -> _timestamp_pb2.Timestamp:
+    def grant_time(self) -> _timestamp_pb2.Timestamp:
         """When the decision was recorded."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the granted consent expires; unset when it does not."""
 
     def __init__(
@@ -1237,14 +1237,14 @@ class ConsentRecord(_message.Message):
         notice_version: _builtins.int = ...,
         collection_method: Global___CollectionMethod.ValueType = ...,
         jurisdiction: _builtins.str = ...,
-        given_at: _timestamp_pb2.Timestamp | None = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        grant_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
         receipt_id: _builtins.str = ...,
         actor: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "given_at", b"given_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "grant_time", b"grant_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "collection_method", b"collection_method", "decision", b"decision", "expires_at", b"expires_at", "given_at", b"given_at", "granted_data_categories", b"granted_data_categories", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "receipt_id", b"receipt_id", "revision", b"revision", "withdrawn_data_categories", b"withdrawn_data_categories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "collection_method", b"collection_method", "decision", b"decision", "expire_time", b"expire_time", "grant_time", b"grant_time", "granted_data_categories", b"granted_data_categories", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "receipt_id", b"receipt_id", "revision", b"revision", "withdrawn_data_categories", b"withdrawn_data_categories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1262,7 +1262,7 @@ class GrantConsentRequest(_message.Message):
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
     COLLECTION_METHOD_FIELD_NUMBER: _builtins.int
     JURISDICTION_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The customer who consents; 1 to 128 characters."""
@@ -1289,7 +1289,7 @@ class GrantConsentRequest(_message.Message):
         """
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the consent ends; must be in the future. Unset means the purpose's
         consent_validity from now, or no expiry when the purpose has none; the
         earlier of the two applies when both are set.
@@ -1304,12 +1304,12 @@ class GrantConsentRequest(_message.Message):
         notice_version: _builtins.int = ...,
         collection_method: Global___CollectionMethod.ValueType = ...,
         jurisdiction: _builtins.str = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "customer_id", b"customer_id", "data_categories", b"data_categories", "expires_at", b"expires_at", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "customer_id", b"customer_id", "data_categories", b"data_categories", "expire_time", b"expire_time", "jurisdiction", b"jurisdiction", "notice_version", b"notice_version", "purpose", b"purpose", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1438,7 +1438,7 @@ class ConsentDecisionInput(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """The purpose decided on."""
     decision: Global___ConsentDecision.ValueType
@@ -1455,7 +1455,7 @@ class ConsentDecisionInput(_message.Message):
         """
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """For GRANTED: when the consent ends, as in GrantConsent; ignored for
         WITHDRAWN.
         """
@@ -1467,11 +1467,11 @@ class ConsentDecisionInput(_message.Message):
         decision: Global___ConsentDecision.ValueType = ...,
         data_categories: _abc.Iterable[_builtins.str] | None = ...,
         notice_version: _builtins.int = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_categories", b"data_categories", "decision", b"decision", "expires_at", b"expires_at", "notice_version", b"notice_version", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_categories", b"data_categories", "decision", b"decision", "expire_time", b"expire_time", "notice_version", b"notice_version", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1726,7 +1726,7 @@ class ConsentCheckResult(_message.Message):
     DENIED_DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DECIDED_AT_REVISION_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The customer checked."""
     purpose: _builtins.str
@@ -1750,7 +1750,7 @@ class ConsentCheckResult(_message.Message):
         """The categories asked for that may not be used now."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When a GRANTED consent expires; unset otherwise. A caller must not reuse an
         allowed answer after this time.
         """
@@ -1765,11 +1765,11 @@ class ConsentCheckResult(_message.Message):
         denied_data_categories: _abc.Iterable[_builtins.str] | None = ...,
         reason: Global___ConsentCheckReason.ValueType = ...,
         decided_at_revision: _builtins.int = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "allowed_data_categories", b"allowed_data_categories", "customer_id", b"customer_id", "decided_at_revision", b"decided_at_revision", "denied_data_categories", b"denied_data_categories", "expires_at", b"expires_at", "purpose", b"purpose", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "allowed_data_categories", b"allowed_data_categories", "customer_id", b"customer_id", "decided_at_revision", b"decided_at_revision", "denied_data_categories", b"denied_data_categories", "expire_time", b"expire_time", "purpose", b"purpose", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1818,7 +1818,7 @@ class CheckConsentResponse(_message.Message):
     DENIED_DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DECIDED_AT_REVISION_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """True only when consent is valid and covers every data category asked for."""
     reason: Global___ConsentCheckReason.ValueType
@@ -1838,7 +1838,7 @@ class CheckConsentResponse(_message.Message):
         """The categories asked for that may not be used now."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When a GRANTED consent expires; unset otherwise. A caller must not reuse an
         allowed answer after this time.
         """
@@ -1851,11 +1851,11 @@ class CheckConsentResponse(_message.Message):
         denied_data_categories: _abc.Iterable[_builtins.str] | None = ...,
         reason: Global___ConsentCheckReason.ValueType = ...,
         decided_at_revision: _builtins.int = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "allowed_data_categories", b"allowed_data_categories", "decided_at_revision", b"decided_at_revision", "denied_data_categories", b"denied_data_categories", "expires_at", b"expires_at", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "allowed_data_categories", b"allowed_data_categories", "decided_at_revision", b"decided_at_revision", "denied_data_categories", b"denied_data_categories", "expire_time", b"expire_time", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1977,7 +1977,7 @@ class ReceiptPurpose(_message.Message):
     WITHDRAWN_DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
     NOTICE_URL_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """The purpose."""
@@ -2002,7 +2002,7 @@ class ReceiptPurpose(_message.Message):
         """The data categories this change withdrew."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the consent ends (Kantara "termination"); unset when it does not."""
 
     def __init__(
@@ -2014,12 +2014,12 @@ class ReceiptPurpose(_message.Message):
         withdrawn_data_categories: _abc.Iterable[_builtins.str] | None = ...,
         notice_version: _builtins.int = ...,
         notice_url: _builtins.str = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_categories", b"data_categories", "expires_at", b"expires_at", "granted", b"granted", "notice_url", b"notice_url", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "withdrawn_data_categories", b"withdrawn_data_categories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_categories", b"data_categories", "expire_time", b"expire_time", "granted", b"granted", "notice_url", b"notice_url", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "withdrawn_data_categories", b"withdrawn_data_categories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2040,7 +2040,7 @@ class ConsentReceipt(_message.Message):
 
     RECEIPT_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
-    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
     JURISDICTION_FIELD_NUMBER: _builtins.int
     COLLECTION_METHOD_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -2075,7 +2075,7 @@ class ConsentReceipt(_message.Message):
     keep verifying.
     """
     @_builtins.property
-    def issued_at(self) -> _timestamp_pb2.Timestamp:
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
         """When the consent change was recorded (Kantara "consentTimestamp")."""
 
     @_builtins.property
@@ -2095,7 +2095,7 @@ class ConsentReceipt(_message.Message):
         *,
         receipt_id: _builtins.str = ...,
         version: _builtins.str = ...,
-        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
         jurisdiction: _builtins.str = ...,
         collection_method: Global___CollectionMethod.ValueType = ...,
         customer_id: _builtins.str = ...,
@@ -2108,9 +2108,9 @@ class ConsentReceipt(_message.Message):
         signature: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "controllers", b"controllers", "customer_id", b"customer_id", "issued_at", b"issued_at", "jurisdiction", b"jurisdiction", "key_id", b"key_id", "payload", b"payload", "policy_url", b"policy_url", "purposes", b"purposes", "receipt_id", b"receipt_id", "sensitive", b"sensitive", "sensitive_data_categories", b"sensitive_data_categories", "signature", b"signature", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_method", b"collection_method", "controllers", b"controllers", "customer_id", b"customer_id", "issue_time", b"issue_time", "jurisdiction", b"jurisdiction", "key_id", b"key_id", "payload", b"payload", "policy_url", b"policy_url", "purposes", b"purposes", "receipt_id", b"receipt_id", "sensitive", b"sensitive", "sensitive_data_categories", b"sensitive_data_categories", "signature", b"signature", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2240,7 +2240,7 @@ class AuditEntry(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
-    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -2275,7 +2275,7 @@ class AuditEntry(_message.Message):
     hash: _builtins.bytes
     """This entry's 32-byte SHA-256 hash (see the message comment)."""
     @_builtins.property
-    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+    def record_time(self) -> _timestamp_pb2.Timestamp:
         """When the entry was appended."""
 
     @_builtins.property
@@ -2288,7 +2288,7 @@ class AuditEntry(_message.Message):
         self,
         *,
         sequence: _builtins.int = ...,
-        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
         actor: _builtins.str = ...,
         action: Global___AuditAction.ValueType = ...,
         customer_id: _builtins.str = ...,
@@ -2298,9 +2298,9 @@ class AuditEntry(_message.Message):
         prev_hash: _builtins.bytes = ...,
         hash: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "recorded_at", b"recorded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "record_time", b"record_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "details", b"details", "hash", b"hash", "prev_hash", b"prev_hash", "recorded_at", b"recorded_at", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "details", b"details", "hash", b"hash", "prev_hash", b"prev_hash", "record_time", b"record_time", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2460,9 +2460,9 @@ class ConsentChange(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     GRANTED_DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
-    CHANGED_AT_FIELD_NUMBER: _builtins.int
-    EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The change's revision; strictly increasing along the feed."""
     kind: Global___ConsentChangeKind.ValueType
@@ -2486,17 +2486,17 @@ class ConsentChange(_message.Message):
         """
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the granted consent expires; unset when it does not."""
 
     @_builtins.property
-    def changed_at(self) -> _timestamp_pb2.Timestamp:
+    def change_time(self) -> _timestamp_pb2.Timestamp:
         """When the change was recorded."""
 
     @_builtins.property
-    def effective_at(self) -> _timestamp_pb2.Timestamp:
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
         """For a NOTICE change: when the new version takes effect (possibly later than
-        changed_at). Unset for other kinds, which take effect at changed_at.
+        change_time). Unset for other kinds, which take effect at change_time.
         """
 
     def __init__(
@@ -2509,13 +2509,13 @@ class ConsentChange(_message.Message):
         status: Global___ConsentStatus.ValueType = ...,
         granted_data_categories: _abc.Iterable[_builtins.str] | None = ...,
         notice_version: _builtins.int = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
-        changed_at: _timestamp_pb2.Timestamp | None = ...,
-        effective_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "effective_at", b"effective_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "effective_time", b"effective_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "customer_id", b"customer_id", "effective_at", b"effective_at", "expires_at", b"expires_at", "granted_data_categories", b"granted_data_categories", "kind", b"kind", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "customer_id", b"customer_id", "effective_time", b"effective_time", "expire_time", b"expire_time", "granted_data_categories", b"granted_data_categories", "kind", b"kind", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2647,24 +2647,24 @@ class WatchHeartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENT_REVISION_FIELD_NUMBER: _builtins.int
-    SENT_AT_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
     current_revision: _builtins.int
     """The current global revision; the watcher has seen every change (matching
     its filter) up to and including it.
     """
     @_builtins.property
-    def sent_at(self) -> _timestamp_pb2.Timestamp:
+    def send_time(self) -> _timestamp_pb2.Timestamp:
         """When the server sent the heartbeat."""
 
     def __init__(
         self,
         *,
         current_revision: _builtins.int = ...,
-        sent_at: _timestamp_pb2.Timestamp | None = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2722,7 +2722,7 @@ class DataUseExplanation(_message.Message):
     DATA_USES_FIELD_NUMBER: _builtins.int
     NOTICE_VERSION_FIELD_NUMBER: _builtins.int
     NOTICE_URL_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """The purpose."""
     display_name: _builtins.str
@@ -2750,7 +2750,7 @@ class DataUseExplanation(_message.Message):
         """
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the consent expires; unset when it does not or is not granted."""
 
     def __init__(
@@ -2765,11 +2765,11 @@ class DataUseExplanation(_message.Message):
         data_uses: _abc.Iterable[Global___ServiceDataUse] | None = ...,
         notice_version: _builtins.int = ...,
         notice_url: _builtins.str = ...,
-        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "data_categories", b"data_categories", "data_uses", b"data_uses", "description", b"description", "display_name", b"display_name", "expires_at", b"expires_at", "notice_url", b"notice_url", "notice_version", b"notice_version", "purpose", b"purpose", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "data_categories", b"data_categories", "data_uses", b"data_uses", "description", b"description", "display_name", b"display_name", "expire_time", b"expire_time", "notice_url", b"notice_url", "notice_version", b"notice_version", "purpose", b"purpose", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2859,7 +2859,7 @@ class DataSubjectServiceStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
-    COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    COMPLETE_TIME_FIELD_NUMBER: _builtins.int
     ERASED_RECORDS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service, e.g. "profile"."""
@@ -2872,7 +2872,7 @@ class DataSubjectServiceStatus(_message.Message):
     personal data.
     """
     @_builtins.property
-    def completed_at(self) -> _timestamp_pb2.Timestamp:
+    def complete_time(self) -> _timestamp_pb2.Timestamp:
         """When the part succeeded or failed for good; unset before."""
 
     @_builtins.property
@@ -2888,12 +2888,12 @@ class DataSubjectServiceStatus(_message.Message):
         state: Global___DataSubjectRequestState.ValueType = ...,
         attempts: _builtins.int = ...,
         last_error: _builtins.str = ...,
-        completed_at: _timestamp_pb2.Timestamp | None = ...,
+        complete_time: _timestamp_pb2.Timestamp | None = ...,
         erased_records: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "completed_at", b"completed_at", "erased_records", b"erased_records", "last_error", b"last_error", "service", b"service", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "complete_time", b"complete_time", "erased_records", b"erased_records", "last_error", b"last_error", "service", b"service", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2913,12 +2913,12 @@ class DataSubjectRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
     EXPORT_DOCUMENT_FIELD_NUMBER: _builtins.int
-    EXPORT_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPORT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
-    UPDATED_AT_FIELD_NUMBER: _builtins.int
-    COMPLETED_AT_FIELD_NUMBER: _builtins.int
-    DUE_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    COMPLETE_TIME_FIELD_NUMBER: _builtins.int
+    DUE_TIME_FIELD_NUMBER: _builtins.int
     data_subject_request_id: _builtins.str
     """The server-assigned id."""
     customer_id: _builtins.str
@@ -2944,30 +2944,30 @@ class DataSubjectRequest(_message.Message):
         <that service's ExportCustomerDataResponse.document>, …}}. It is a Struct,
         like the per-service documents, so it composes without re-parsing and
         grpcurl prints it as JSON; integers beyond 2^53 must be exported as strings.
-        Filled only by GetDataSubjectRequest and only until export_expires_at.
+        Filled only by GetDataSubjectRequest and only until export_expire_time.
         """
 
     @_builtins.property
-    def export_expires_at(self) -> _timestamp_pb2.Timestamp:
+    def export_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the export document is deleted; unset for an erasure or before the
         export succeeds.
         """
 
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp:
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the request was created."""
 
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp:
+    def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the request's state or a part's state last changed."""
 
     @_builtins.property
-    def completed_at(self) -> _timestamp_pb2.Timestamp:
+    def complete_time(self) -> _timestamp_pb2.Timestamp:
         """When the request reached SUCCEEDED or FAILED; unset before."""
 
     @_builtins.property
-    def due_at(self) -> _timestamp_pb2.Timestamp:
-        """The legal deadline for answering the customer: one month after created_at."""
+    def due_time(self) -> _timestamp_pb2.Timestamp:
+        """The legal deadline for answering the customer: one month after create_time."""
 
     def __init__(
         self,
@@ -2978,16 +2978,16 @@ class DataSubjectRequest(_message.Message):
         state: Global___DataSubjectRequestState.ValueType = ...,
         services: _abc.Iterable[Global___DataSubjectServiceStatus] | None = ...,
         export_document: _struct_pb2.Struct | None = ...,
-        export_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        export_expire_time: _timestamp_pb2.Timestamp | None = ...,
         requested_by: _builtins.str = ...,
-        created_at: _timestamp_pb2.Timestamp | None = ...,
-        updated_at: _timestamp_pb2.Timestamp | None = ...,
-        completed_at: _timestamp_pb2.Timestamp | None = ...,
-        due_at: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        complete_time: _timestamp_pb2.Timestamp | None = ...,
+        due_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "due_at", b"due_at", "export_document", b"export_document", "export_expires_at", b"export_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "create_time", b"create_time", "due_time", b"due_time", "export_document", b"export_document", "export_expire_time", b"export_expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "customer_id", b"customer_id", "data_subject_request_id", b"data_subject_request_id", "due_at", b"due_at", "export_document", b"export_document", "export_expires_at", b"export_expires_at", "requested_by", b"requested_by", "services", b"services", "state", b"state", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "create_time", b"create_time", "customer_id", b"customer_id", "data_subject_request_id", b"data_subject_request_id", "due_time", b"due_time", "export_document", b"export_document", "export_expire_time", b"export_expire_time", "requested_by", b"requested_by", "services", b"services", "state", b"state", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

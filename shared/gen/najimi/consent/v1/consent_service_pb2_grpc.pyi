@@ -110,13 +110,13 @@ class ConsentServiceStub:
     """CreatePrivacyNotice publishes the next version of a purpose's privacy notice.
     Versions are numbered 1, 2, 3 … per purpose. When the new version is
     `material`, every consent given under an earlier version becomes
-    NEEDS_RENEWAL from the new version's effective_at, and a NOTICE change is
+    NEEDS_RENEWAL from the new version's effective_time, and a NOTICE change is
     published on the change feed.
     Callers: admin.
     Idempotent by request_id.
     NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE);
     INVALID_ARGUMENT when both text and url are empty, the url is not https,
-    or effective_at lies in the past or before the effective_at of the
+    or effective_time lies in the past or before the effective_time of the
     purpose's previous version (reason EFFECTIVE_TIME_INVALID).
     """
     GetPrivacyNotice: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.GetPrivacyNoticeRequest, _consent_service_pb2.GetPrivacyNoticeResponse]
@@ -145,7 +145,7 @@ class ConsentServiceStub:
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE), a data category is unknown (reason
     UNKNOWN_DATA_CATEGORY) or not one the purpose may use (reason
-    CATEGORY_NOT_IN_PURPOSE), or expires_at is not in the future;
+    CATEGORY_NOT_IN_PURPOSE), or expire_time is not in the future;
     FAILED_PRECONDITION when the purpose has no privacy notice yet (reason
     NO_PRIVACY_NOTICE), notice_version does not exist (reason NOTICE_NOT_FOUND),
     or a later material version is already in effect (reason
@@ -381,13 +381,13 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """CreatePrivacyNotice publishes the next version of a purpose's privacy notice.
     Versions are numbered 1, 2, 3 … per purpose. When the new version is
     `material`, every consent given under an earlier version becomes
-    NEEDS_RENEWAL from the new version's effective_at, and a NOTICE change is
+    NEEDS_RENEWAL from the new version's effective_time, and a NOTICE change is
     published on the change feed.
     Callers: admin.
     Idempotent by request_id.
     NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE);
     INVALID_ARGUMENT when both text and url are empty, the url is not https,
-    or effective_at lies in the past or before the effective_at of the
+    or effective_time lies in the past or before the effective_time of the
     purpose's previous version (reason EFFECTIVE_TIME_INVALID).
     """
     GetPrivacyNotice: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.GetPrivacyNoticeRequest, _consent_service_pb2.GetPrivacyNoticeResponse]  # type: ignore[assignment]
@@ -416,7 +416,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE), a data category is unknown (reason
     UNKNOWN_DATA_CATEGORY) or not one the purpose may use (reason
-    CATEGORY_NOT_IN_PURPOSE), or expires_at is not in the future;
+    CATEGORY_NOT_IN_PURPOSE), or expire_time is not in the future;
     FAILED_PRECONDITION when the purpose has no privacy notice yet (reason
     NO_PRIVACY_NOTICE), notice_version does not exist (reason NOTICE_NOT_FOUND),
     or a later material version is already in effect (reason
@@ -679,13 +679,13 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """CreatePrivacyNotice publishes the next version of a purpose's privacy notice.
         Versions are numbered 1, 2, 3 … per purpose. When the new version is
         `material`, every consent given under an earlier version becomes
-        NEEDS_RENEWAL from the new version's effective_at, and a NOTICE change is
+        NEEDS_RENEWAL from the new version's effective_time, and a NOTICE change is
         published on the change feed.
         Callers: admin.
         Idempotent by request_id.
         NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE);
         INVALID_ARGUMENT when both text and url are empty, the url is not https,
-        or effective_at lies in the past or before the effective_at of the
+        or effective_time lies in the past or before the effective_time of the
         purpose's previous version (reason EFFECTIVE_TIME_INVALID).
         """
 
@@ -732,7 +732,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
         (reason UNKNOWN_PURPOSE), a data category is unknown (reason
         UNKNOWN_DATA_CATEGORY) or not one the purpose may use (reason
-        CATEGORY_NOT_IN_PURPOSE), or expires_at is not in the future;
+        CATEGORY_NOT_IN_PURPOSE), or expire_time is not in the future;
         FAILED_PRECONDITION when the purpose has no privacy notice yet (reason
         NO_PRIVACY_NOTICE), notice_version does not exist (reason NOTICE_NOT_FOUND),
         or a later material version is already in effect (reason

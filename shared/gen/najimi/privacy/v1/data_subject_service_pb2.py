@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,najimi/privacy/v1/data_subject_service.proto\x12\x11najimi.privacy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x19\x45xportCustomerDataRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x89\x01\n\x1a\x45xportCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x0b\x65xported_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"C\n\x18\x45raseCustomerDataRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xea\x01\n\x19\x45raseCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12-\n\terased_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12W\n\x0e\x65rased_records\x18\x03 \x03(\x0b\x32?.najimi.privacy.v1.EraseCustomerDataResponse.ErasedRecordsEntry\x1a\x34\n\x12\x45rasedRecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xf7\x01\n\x12\x44\x61taSubjectService\x12q\n\x12\x45xportCustomerData\x12,.najimi.privacy.v1.ExportCustomerDataRequest\x1a-.najimi.privacy.v1.ExportCustomerDataResponse\x12n\n\x11\x45raseCustomerData\x12+.najimi.privacy.v1.EraseCustomerDataRequest\x1a,.najimi.privacy.v1.EraseCustomerDataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,najimi/privacy/v1/data_subject_service.proto\x12\x11najimi.privacy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x19\x45xportCustomerDataRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x89\x01\n\x1a\x45xportCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x0b\x65xport_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"C\n\x18\x45raseCustomerDataRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xeb\x01\n\x19\x45raseCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12W\n\x0e\x65rased_records\x18\x03 \x03(\x0b\x32?.najimi.privacy.v1.EraseCustomerDataResponse.ErasedRecordsEntry\x1a\x34\n\x12\x45rasedRecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xf7\x01\n\x12\x44\x61taSubjectService\x12q\n\x12\x45xportCustomerData\x12,.najimi.privacy.v1.ExportCustomerDataRequest\x1a-.najimi.privacy.v1.ExportCustomerDataResponse\x12n\n\x11\x45raseCustomerData\x12+.najimi.privacy.v1.EraseCustomerDataRequest\x1a,.najimi.privacy.v1.EraseCustomerDataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERASECUSTOMERDATAREQUEST']._serialized_start=340
   _globals['_ERASECUSTOMERDATAREQUEST']._serialized_end=407
   _globals['_ERASECUSTOMERDATARESPONSE']._serialized_start=410
-  _globals['_ERASECUSTOMERDATARESPONSE']._serialized_end=644
-  _globals['_ERASECUSTOMERDATARESPONSE_ERASEDRECORDSENTRY']._serialized_start=592
-  _globals['_ERASECUSTOMERDATARESPONSE_ERASEDRECORDSENTRY']._serialized_end=644
-  _globals['_DATASUBJECTSERVICE']._serialized_start=647
-  _globals['_DATASUBJECTSERVICE']._serialized_end=894
+  _globals['_ERASECUSTOMERDATARESPONSE']._serialized_end=645
+  _globals['_ERASECUSTOMERDATARESPONSE_ERASEDRECORDSENTRY']._serialized_start=593
+  _globals['_ERASECUSTOMERDATARESPONSE_ERASEDRECORDSENTRY']._serialized_end=645
+  _globals['_DATASUBJECTSERVICE']._serialized_start=648
+  _globals['_DATASUBJECTSERVICE']._serialized_end=895
 # @@protoc_insertion_point(module_scope)

@@ -55,12 +55,12 @@ class ExportCustomerDataResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVICE_FIELD_NUMBER: _builtins.int
-    EXPORTED_AT_FIELD_NUMBER: _builtins.int
+    EXPORT_TIME_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service that produced this part, e.g. "profile"."""
     @_builtins.property
-    def exported_at(self) -> _timestamp_pb2.Timestamp:
+    def export_time(self) -> _timestamp_pb2.Timestamp:
         """When the export was taken."""
 
     @_builtins.property
@@ -71,12 +71,12 @@ class ExportCustomerDataResponse(_message.Message):
         self,
         *,
         service: _builtins.str = ...,
-        exported_at: _timestamp_pb2.Timestamp | None = ...,
+        export_time: _timestamp_pb2.Timestamp | None = ...,
         document: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "exported_at", b"exported_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "export_time", b"export_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "exported_at", b"exported_at", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "export_time", b"export_time", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,12 +137,12 @@ class EraseCustomerDataResponse(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     SERVICE_FIELD_NUMBER: _builtins.int
-    ERASED_AT_FIELD_NUMBER: _builtins.int
+    ERASE_TIME_FIELD_NUMBER: _builtins.int
     ERASED_RECORDS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service that erased the data, e.g. "profile"."""
     @_builtins.property
-    def erased_at(self) -> _timestamp_pb2.Timestamp:
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
         """When the erasure was carried out (the first time, for a retry)."""
 
     @_builtins.property
@@ -153,12 +153,12 @@ class EraseCustomerDataResponse(_message.Message):
         self,
         *,
         service: _builtins.str = ...,
-        erased_at: _timestamp_pb2.Timestamp | None = ...,
+        erase_time: _timestamp_pb2.Timestamp | None = ...,
         erased_records: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at", "erased_records", b"erased_records", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time", "erased_records", b"erased_records", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

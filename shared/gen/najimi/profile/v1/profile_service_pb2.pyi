@@ -571,7 +571,7 @@ class AttributeValue(_message.Message):
     INT_VALUE_FIELD_NUMBER: _builtins.int
     DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
-    TIMESTAMP_VALUE_FIELD_NUMBER: _builtins.int
+    POINT_IN_TIME_FIELD_NUMBER: _builtins.int
     DATA_CATEGORY_FIELD_NUMBER: _builtins.int
     string_value: _builtins.str
     """A text value, up to 1024 characters."""
@@ -589,8 +589,8 @@ class AttributeValue(_message.Message):
     customer consents to this category for that purpose.
     """
     @_builtins.property
-    def timestamp_value(self) -> _timestamp_pb2.Timestamp:
-        """A point in time."""
+    def point_in_time(self) -> _timestamp_pb2.Timestamp:
+        """A date-time value: the attribute's value is this point in time."""
 
     def __init__(
         self,
@@ -599,14 +599,14 @@ class AttributeValue(_message.Message):
         int_value: _builtins.int = ...,
         double_value: _builtins.float = ...,
         bool_value: _builtins.bool = ...,
-        timestamp_value: _timestamp_pb2.Timestamp | None = ...,
+        point_in_time: _timestamp_pb2.Timestamp | None = ...,
         data_category: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "string_value", b"string_value", "timestamp_value", b"timestamp_value", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "point_in_time", b"point_in_time", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "data_category", b"data_category", "double_value", b"double_value", "int_value", b"int_value", "string_value", b"string_value", "timestamp_value", b"timestamp_value", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "data_category", b"data_category", "double_value", b"double_value", "int_value", b"int_value", "point_in_time", b"point_in_time", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["string_value", "int_value", "double_value", "bool_value", "timestamp_value"]  # noqa: Y015
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["string_value", "int_value", "double_value", "bool_value", "point_in_time"]  # noqa: Y015
     _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
 
@@ -815,7 +815,7 @@ class ListCustomersRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    UPDATED_AFTER_FIELD_NUMBER: _builtins.int
+    MIN_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     SHOW_MERGED_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
@@ -833,7 +833,7 @@ class ListCustomersRequest(_message.Message):
     GetCustomerRequest.purpose (required for service:recommendation).
     """
     @_builtins.property
-    def updated_after(self) -> _timestamp_pb2.Timestamp:
+    def min_update_time(self) -> _timestamp_pb2.Timestamp:
         """Only customers changed at or after this time (by update_time), for incremental
         synchronisation. Unset means all.
         """
@@ -843,13 +843,13 @@ class ListCustomersRequest(_message.Message):
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        updated_after: _timestamp_pb2.Timestamp | None = ...,
+        min_update_time: _timestamp_pb2.Timestamp | None = ...,
         show_merged: _builtins.bool = ...,
         purpose: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_after", b"updated_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["min_update_time", b"min_update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "purpose", b"purpose", "show_merged", b"show_merged", "updated_after", b"updated_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_update_time", b"min_update_time", "page_size", b"page_size", "page_token", b"page_token", "purpose", b"purpose", "show_merged", b"show_merged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1359,7 +1359,7 @@ class Event(_message.Message):
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
-    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     SEARCH_QUERY_FIELD_NUMBER: _builtins.int
     RATING_VALUE_FIELD_NUMBER: _builtins.int
@@ -1370,7 +1370,7 @@ class Event(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     RESOLVED_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     DATA_CATEGORY_FIELD_NUMBER: _builtins.int
-    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Identifies the event: 1 to 64 characters of [A-Za-z0-9._:-], unique across all
     senders (prefix it with your system's name, or use a UUID); a retry with the
@@ -1417,7 +1417,7 @@ class Event(_message.Message):
         """
 
     @_builtins.property
-    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened, at the source. Required; at most 5 minutes in the future and
         no older than the event retention period (INVALID otherwise). Events may arrive
         late and out of order.
@@ -1435,7 +1435,7 @@ class Event(_message.Message):
         """
 
     @_builtins.property
-    def received_at(self) -> _timestamp_pb2.Timestamp:
+    def receive_time(self) -> _timestamp_pb2.Timestamp:
         """Output only: when the service committed the event."""
 
     def __init__(
@@ -1446,7 +1446,7 @@ class Event(_message.Message):
         identifier: Global___Identifier | None = ...,
         channel: Global___Channel.ValueType = ...,
         event_type: Global___EventType.ValueType = ...,
-        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
         items: _abc.Iterable[Global___EventItem] | None = ...,
         search_query: _builtins.str = ...,
         rating_value: _builtins.float = ...,
@@ -1457,11 +1457,11 @@ class Event(_message.Message):
         properties: _struct_pb2.Struct | None = ...,
         resolved_customer_id: _builtins.str = ...,
         data_category: _builtins.str = ...,
-        received_at: _timestamp_pb2.Timestamp | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "customer_id", b"customer_id", "identifier", b"identifier", "occurred_at", b"occurred_at", "properties", b"properties", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "customer_id", b"customer_id", "identifier", b"identifier", "occur_time", b"occur_time", "properties", b"properties", "receive_time", b"receive_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "currency_code", b"currency_code", "customer", b"customer", "customer_id", b"customer_id", "data_category", b"data_category", "event_id", b"event_id", "event_type", b"event_type", "identifier", b"identifier", "items", b"items", "occurred_at", b"occurred_at", "order_id", b"order_id", "properties", b"properties", "rating_value", b"rating_value", "received_at", b"received_at", "resolved_customer_id", b"resolved_customer_id", "search_query", b"search_query", "store_id", b"store_id", "value_micros", b"value_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "currency_code", b"currency_code", "customer", b"customer", "customer_id", b"customer_id", "data_category", b"data_category", "event_id", b"event_id", "event_type", b"event_type", "identifier", b"identifier", "items", b"items", "occur_time", b"occur_time", "order_id", b"order_id", "properties", b"properties", "rating_value", b"rating_value", "receive_time", b"receive_time", "resolved_customer_id", b"resolved_customer_id", "search_query", b"search_query", "store_id", b"store_id", "value_micros", b"value_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_customer: _TypeAlias = _typing.Literal["customer_id", "identifier"]  # noqa: Y015
     _WhichOneofArgType_customer: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
@@ -1566,7 +1566,7 @@ class FieldViolation(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     field: _builtins.str
     """Path of the field within the event, e.g. "items[2].currency_code",
-    "occurred_at".
+    "occur_time".
     """
     description: _builtins.str
     """What is wrong, in a sentence, e.g. "Required when unit_price_micros is set."."""
@@ -1748,7 +1748,7 @@ class ListEventsResponse(_message.Message):
     """Token for the next page; empty on the last page."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
-        """The events, newest occurred_at first."""
+        """The events, newest occur_time first."""
 
     def __init__(
         self,
@@ -1835,14 +1835,14 @@ Global___GetTraitsResponse: _TypeAlias = GetTraitsResponse  # noqa: Y015
 class Traits(_message.Message):
     """Traits are what the service has learned about a customer from their events.
     Traits are recomputed after each accepted purchase and at least daily;
-    computed_at says how fresh they are. A trait message is unset when there is no
+    compute_time says how fresh they are. A trait message is unset when there is no
     data for it or its inputs are not consented.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
-    COMPUTED_AT_FIELD_NUMBER: _builtins.int
+    COMPUTE_TIME_FIELD_NUMBER: _builtins.int
     RECENCY_FIELD_NUMBER: _builtins.int
     FREQUENCY_FIELD_NUMBER: _builtins.int
     MONETARY_FIELD_NUMBER: _builtins.int
@@ -1854,7 +1854,7 @@ class Traits(_message.Message):
     customer_id: _builtins.str
     """The customer the traits describe."""
     @_builtins.property
-    def computed_at(self) -> _timestamp_pb2.Timestamp:
+    def compute_time(self) -> _timestamp_pb2.Timestamp:
         """When the traits were computed."""
 
     @_builtins.property
@@ -1897,7 +1897,7 @@ class Traits(_message.Message):
         self,
         *,
         customer_id: _builtins.str = ...,
-        computed_at: _timestamp_pb2.Timestamp | None = ...,
+        compute_time: _timestamp_pb2.Timestamp | None = ...,
         recency: Global___RecencyTrait | None = ...,
         frequency: Global___FrequencyTrait | None = ...,
         monetary: Global___MonetaryTrait | None = ...,
@@ -1907,9 +1907,9 @@ class Traits(_message.Message):
         data_categories_used: _abc.Iterable[_builtins.str] | None = ...,
         data_categories_withheld: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["churn_risk", b"churn_risk", "computed_at", b"computed_at", "frequency", b"frequency", "monetary", b"monetary", "recency", b"recency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["churn_risk", b"churn_risk", "compute_time", b"compute_time", "frequency", b"frequency", "monetary", b"monetary", "recency", b"recency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category_affinities", b"category_affinities", "churn_risk", b"churn_risk", "computed_at", b"computed_at", "customer_id", b"customer_id", "data_categories_used", b"data_categories_used", "data_categories_withheld", b"data_categories_withheld", "frequency", b"frequency", "item_cadences", b"item_cadences", "monetary", b"monetary", "recency", b"recency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category_affinities", b"category_affinities", "churn_risk", b"churn_risk", "compute_time", b"compute_time", "customer_id", b"customer_id", "data_categories_used", b"data_categories_used", "data_categories_withheld", b"data_categories_withheld", "frequency", b"frequency", "item_cadences", b"item_cadences", "monetary", b"monetary", "recency", b"recency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1925,7 +1925,7 @@ class RecencyTrait(_message.Message):
     DAYS_SINCE_LAST_PURCHASE_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     days_since_last_purchase: _builtins.int
-    """Whole days from last_purchase_time to computed_at."""
+    """Whole days from last_purchase_time to compute_time."""
     explanation: _builtins.str
     """One line for humans, e.g. "Last bought 12 days ago, in store JP-13-004."."""
     @_builtins.property
@@ -1964,7 +1964,7 @@ class FrequencyTrait(_message.Message):
     """One line for humans, e.g. "7 orders in the last 365 days."."""
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
-        """The window counted over, ending at computed_at."""
+        """The window counted over, ending at compute_time."""
 
     def __init__(
         self,
@@ -2004,7 +2004,7 @@ class MonetaryTrait(_message.Message):
     """One line for humans, e.g. "Spent 48,300 JPY over 7 orders in the last 365 days."."""
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
-        """The window summed over, ending at computed_at."""
+        """The window summed over, ending at compute_time."""
 
     def __init__(
         self,
@@ -2165,7 +2165,7 @@ class Interaction(_message.Message):
     ITEM_ID_FIELD_NUMBER: _builtins.int
     INTERACTION_TYPE_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
-    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     DATA_CATEGORY_FIELD_NUMBER: _builtins.int
@@ -2189,7 +2189,7 @@ class Interaction(_message.Message):
     from its own consent cache, e.g. "user.behavior.purchase_history".
     """
     @_builtins.property
-    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the underlying event happened."""
 
     def __init__(
@@ -2199,14 +2199,14 @@ class Interaction(_message.Message):
         item_id: _builtins.str = ...,
         interaction_type: Global___InteractionType.ValueType = ...,
         weight: _builtins.float = ...,
-        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
         event_id: _builtins.str = ...,
         channel: Global___Channel.ValueType = ...,
         data_category: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "customer_id", b"customer_id", "data_category", b"data_category", "event_id", b"event_id", "interaction_type", b"interaction_type", "item_id", b"item_id", "occurred_at", b"occurred_at", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "customer_id", b"customer_id", "data_category", b"data_category", "event_id", b"event_id", "interaction_type", b"interaction_type", "item_id", b"item_id", "occur_time", b"occur_time", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

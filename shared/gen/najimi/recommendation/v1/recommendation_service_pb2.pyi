@@ -869,7 +869,7 @@ class RecommendResponse(_message.Message):
     PERSONALIZED_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     DATA_CATEGORIES_USED_FIELD_NUMBER: _builtins.int
-    SERVED_AT_FIELD_NUMBER: _builtins.int
+    SERVE_TIME_FIELD_NUMBER: _builtins.int
     CONSENT_REVISION_FIELD_NUMBER: _builtins.int
     RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
@@ -903,7 +903,7 @@ class RecommendResponse(_message.Message):
         """
 
     @_builtins.property
-    def served_at(self) -> _timestamp_pb2.Timestamp:
+    def serve_time(self) -> _timestamp_pb2.Timestamp:
         """When the results were computed."""
 
     def __init__(
@@ -914,13 +914,13 @@ class RecommendResponse(_message.Message):
         personalized: _builtins.bool = ...,
         fallback_reason: Global___FallbackReason.ValueType = ...,
         data_categories_used: _abc.Iterable[_builtins.str] | None = ...,
-        served_at: _timestamp_pb2.Timestamp | None = ...,
+        serve_time: _timestamp_pb2.Timestamp | None = ...,
         consent_revision: _builtins.int = ...,
         recommendation_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["served_at", b"served_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["serve_time", b"serve_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_revision", b"consent_revision", "data_categories_used", b"data_categories_used", "fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "served_at", b"served_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_revision", b"consent_revision", "data_categories_used", b"data_categories_used", "fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "serve_time", b"serve_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -988,7 +988,7 @@ class BatchRecommendResponse(_message.Message):
     PERSONALIZED_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     DATA_CATEGORIES_USED_FIELD_NUMBER: _builtins.int
-    SERVED_AT_FIELD_NUMBER: _builtins.int
+    SERVE_TIME_FIELD_NUMBER: _builtins.int
     CONSENT_REVISION_FIELD_NUMBER: _builtins.int
     RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
@@ -1016,7 +1016,7 @@ class BatchRecommendResponse(_message.Message):
         """The consent data categories of this customer's data that the results used."""
 
     @_builtins.property
-    def served_at(self) -> _timestamp_pb2.Timestamp:
+    def serve_time(self) -> _timestamp_pb2.Timestamp:
         """When this customer's results were computed."""
 
     def __init__(
@@ -1028,13 +1028,13 @@ class BatchRecommendResponse(_message.Message):
         personalized: _builtins.bool = ...,
         fallback_reason: Global___FallbackReason.ValueType = ...,
         data_categories_used: _abc.Iterable[_builtins.str] | None = ...,
-        served_at: _timestamp_pb2.Timestamp | None = ...,
+        serve_time: _timestamp_pb2.Timestamp | None = ...,
         consent_revision: _builtins.int = ...,
         recommendation_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["served_at", b"served_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["serve_time", b"serve_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_revision", b"consent_revision", "customer_id", b"customer_id", "data_categories_used", b"data_categories_used", "fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "served_at", b"served_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_revision", b"consent_revision", "customer_id", b"customer_id", "data_categories_used", b"data_categories_used", "fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "serve_time", b"serve_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,7 +1127,7 @@ class SimilarItemsResponse(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
-    SERVED_AT_FIELD_NUMBER: _builtins.int
+    SERVE_TIME_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """The model version used; empty when no model was used."""
     fallback_reason: Global___FallbackReason.ValueType
@@ -1139,7 +1139,7 @@ class SimilarItemsResponse(_message.Message):
         """The similar items, most similar first; at most k."""
 
     @_builtins.property
-    def served_at(self) -> _timestamp_pb2.Timestamp:
+    def serve_time(self) -> _timestamp_pb2.Timestamp:
         """When the results were computed."""
 
     def __init__(
@@ -1148,11 +1148,11 @@ class SimilarItemsResponse(_message.Message):
         items: _abc.Iterable[Global___SimilarItem] | None = ...,
         model_version: _builtins.str = ...,
         fallback_reason: Global___FallbackReason.ValueType = ...,
-        served_at: _timestamp_pb2.Timestamp | None = ...,
+        serve_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["served_at", b"served_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["serve_time", b"serve_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "served_at", b"served_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "items", b"items", "model_version", b"model_version", "serve_time", b"serve_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

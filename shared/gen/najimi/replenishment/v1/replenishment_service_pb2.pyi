@@ -165,7 +165,7 @@ class _ReadingOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Readin
     the device. ReadingResult.field says which.
     """
     READING_OUTCOME_REFILL_DETECTED: _ReadingOutcome.ValueType  # 4
-    """Stored, and the level rose enough since the reading before it (in measured_at
+    """Stored, and the level rose enough since the reading before it (in measure_time
     order) to mean the consumable was refilled or replaced. The forecast starts a
     new cycle from here.
     """
@@ -188,7 +188,7 @@ READING_OUTCOME_INVALID: ReadingOutcome.ValueType  # 3
 the device. ReadingResult.field says which.
 """
 READING_OUTCOME_REFILL_DETECTED: ReadingOutcome.ValueType  # 4
-"""Stored, and the level rose enough since the reading before it (in measured_at
+"""Stored, and the level rose enough since the reading before it (in measure_time
 order) to mean the consumable was refilled or replaced. The forecast starts a
 new cycle from here.
 """
@@ -317,7 +317,7 @@ class _OrderStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderState
     ORDER_STATE_UNSPECIFIED: _OrderState.ValueType  # 0
     """Not used."""
     ORDER_STATE_PENDING: _OrderState.ValueType  # 1
-    """Created; the customer may still cancel it until cancellable_until, after
+    """Created; the customer may still cancel it until cancel_deadline_time, after
     which the service moves it to PLACED.
     """
     ORDER_STATE_PLACED: _OrderState.ValueType  # 2
@@ -340,7 +340,7 @@ class OrderState(_OrderState, metaclass=_OrderStateEnumTypeWrapper):
 ORDER_STATE_UNSPECIFIED: OrderState.ValueType  # 0
 """Not used."""
 ORDER_STATE_PENDING: OrderState.ValueType  # 1
-"""Created; the customer may still cancel it until cancellable_until, after
+"""Created; the customer may still cancel it until cancel_deadline_time, after
 which the service moves it to PLACED.
 """
 ORDER_STATE_PLACED: OrderState.ValueType  # 2
@@ -1066,7 +1066,7 @@ class SlotState(_message.Message):
     ORDERS_IN_PERIOD_FIELD_NUMBER: _builtins.int
     SPEND_IN_PERIOD_MICROS_FIELD_NUMBER: _builtins.int
     level: _builtins.float
-    """The latest level (the reading with the latest measured_at), in the slot's
+    """The latest level (the reading with the latest measure_time), in the slot's
     unit; 0 when status is NO_DATA.
     """
     status: Global___SlotStatus.ValueType
@@ -1525,7 +1525,7 @@ class Reading(_message.Message):
     READING_ID_FIELD_NUMBER: _builtins.int
     SLOT_ID_FIELD_NUMBER: _builtins.int
     LEVEL_FIELD_NUMBER: _builtins.int
-    MEASURED_AT_FIELD_NUMBER: _builtins.int
+    MEASURE_TIME_FIELD_NUMBER: _builtins.int
     reading_id: _builtins.str
     """The device's id for this reading, unique per device: 1 to 64 characters of
     [A-Za-z0-9._:-]; a retry with the same id returns the first result and never
@@ -1537,7 +1537,7 @@ class Reading(_message.Message):
     level: _builtins.float
     """The level measured, in the slot's unit: 0 to the slot's capacity."""
     @_builtins.property
-    def measured_at(self) -> _timestamp_pb2.Timestamp:
+    def measure_time(self) -> _timestamp_pb2.Timestamp:
         """When the device measured it, by the device's clock: not more than 5 minutes
         ahead of the server's clock and not more than 30 days old.
         """
@@ -1548,11 +1548,11 @@ class Reading(_message.Message):
         reading_id: _builtins.str = ...,
         slot_id: _builtins.str = ...,
         level: _builtins.float = ...,
-        measured_at: _timestamp_pb2.Timestamp | None = ...,
+        measure_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["measured_at", b"measured_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["measure_time", b"measure_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "measured_at", b"measured_at", "reading_id", b"reading_id", "slot_id", b"slot_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "measure_time", b"measure_time", "reading_id", b"reading_id", "slot_id", b"slot_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1574,7 +1574,7 @@ class ReadingResult(_message.Message):
     """What happened to the reading."""
     field: _builtins.str
     """For INVALID: the offending field of the Reading, e.g. "level", "slot_id",
-    "measured_at", "reading_id". Empty otherwise.
+    "measure_time", "reading_id". Empty otherwise.
     """
     description: _builtins.str
     """For INVALID: why, in English, e.g. "above the slot's capacity of 250 ml".
@@ -2198,7 +2198,7 @@ class Order(_message.Message):
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
-    CANCELLABLE_UNTIL_FIELD_NUMBER: _builtins.int
+    CANCEL_DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     CANCELLATION_REASON_FIELD_NUMBER: _builtins.int
     CANCELLATION_NOTE_FIELD_NUMBER: _builtins.int
     TRACKING_FIELD_NUMBER: _builtins.int
@@ -2239,7 +2239,7 @@ class Order(_message.Message):
     revision: _builtins.int
     """The revision of the latest event about this order."""
     @_builtins.property
-    def cancellable_until(self) -> _timestamp_pb2.Timestamp:
+    def cancel_deadline_time(self) -> _timestamp_pb2.Timestamp:
         """Until when the customer may cancel it; after that it is PLACED."""
 
     @_builtins.property
@@ -2290,7 +2290,7 @@ class Order(_message.Message):
         currency_code: _builtins.str = ...,
         state: Global___OrderState.ValueType = ...,
         trigger: Global___OrderTrigger.ValueType = ...,
-        cancellable_until: _timestamp_pb2.Timestamp | None = ...,
+        cancel_deadline_time: _timestamp_pb2.Timestamp | None = ...,
         cancellation_reason: Global___CancellationReason.ValueType = ...,
         cancellation_note: _builtins.str = ...,
         tracking: Global___ShipmentTracking | None = ...,
@@ -2303,9 +2303,9 @@ class Order(_message.Message):
         cancel_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_time", b"cancel_time", "cancellable_until", b"cancellable_until", "create_time", b"create_time", "deliver_time", b"deliver_time", "expected_delivery_time", b"expected_delivery_time", "place_time", b"place_time", "ship_time", b"ship_time", "tracking", b"tracking", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "create_time", b"create_time", "deliver_time", b"deliver_time", "expected_delivery_time", b"expected_delivery_time", "place_time", b"place_time", "ship_time", b"ship_time", "tracking", b"tracking", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_time", b"cancel_time", "cancellable_until", b"cancellable_until", "cancellation_note", b"cancellation_note", "cancellation_reason", b"cancellation_reason", "create_time", b"create_time", "currency_code", b"currency_code", "customer_id", b"customer_id", "deliver_time", b"deliver_time", "device_id", b"device_id", "expected_delivery_time", b"expected_delivery_time", "item_id", b"item_id", "order_id", b"order_id", "place_time", b"place_time", "quantity", b"quantity", "revision", b"revision", "ship_time", b"ship_time", "slot_id", b"slot_id", "state", b"state", "total_price_micros", b"total_price_micros", "tracking", b"tracking", "trigger", b"trigger", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "cancellation_note", b"cancellation_note", "cancellation_reason", b"cancellation_reason", "create_time", b"create_time", "currency_code", b"currency_code", "customer_id", b"customer_id", "deliver_time", b"deliver_time", "device_id", b"device_id", "expected_delivery_time", b"expected_delivery_time", "item_id", b"item_id", "order_id", b"order_id", "place_time", b"place_time", "quantity", b"quantity", "revision", b"revision", "ship_time", b"ship_time", "slot_id", b"slot_id", "state", b"state", "total_price_micros", b"total_price_micros", "tracking", b"tracking", "trigger", b"trigger", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,7 +87,7 @@ class ReplenishmentServiceStub:
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
     enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancellable_until; then this service moves it to PLACED by itself
+    customer until cancel_deadline_time; then this service moves it to PLACED by itself
     and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
     fulfil). Every change of an order gets the next value of one global, strictly
     increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
@@ -244,7 +244,7 @@ class ReplenishmentServiceStub:
     Callers: admin, customer-facing service principals.
     Idempotent: cancelling a CANCELLED order returns it unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-    CANCELLATION_WINDOW_CLOSED) when cancellable_until has passed or the order is
+    CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
     past PENDING (past PLACED for admin), and the order was not cancelled before.
     """
     UpdateOrderState: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateOrderStateRequest, _replenishment_service_pb2.UpdateOrderStateResponse]
@@ -347,7 +347,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
     enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancellable_until; then this service moves it to PLACED by itself
+    customer until cancel_deadline_time; then this service moves it to PLACED by itself
     and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
     fulfil). Every change of an order gets the next value of one global, strictly
     increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
@@ -501,7 +501,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     Callers: admin, customer-facing service principals.
     Idempotent: cancelling a CANCELLED order returns it unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-    CANCELLATION_WINDOW_CLOSED) when cancellable_until has passed or the order is
+    CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
     past PENDING (past PLACED for admin), and the order was not cancelled before.
     """
     UpdateOrderState: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateOrderStateRequest, _replenishment_service_pb2.UpdateOrderStateResponse]  # type: ignore[assignment]
@@ -603,7 +603,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
     enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancellable_until; then this service moves it to PLACED by itself
+    customer until cancel_deadline_time; then this service moves it to PLACED by itself
     and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
     fulfil). Every change of an order gets the next value of one global, strictly
     increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
@@ -851,7 +851,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: admin, customer-facing service principals.
         Idempotent: cancelling a CANCELLED order returns it unchanged.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-        CANCELLATION_WINDOW_CLOSED) when cancellable_until has passed or the order is
+        CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
         past PENDING (past PLACED for admin), and the order was not cancelled before.
         """
 
@@ -928,8 +928,8 @@ class DeviceServiceStub:
     """ReportTelemetry sends a batch of slot level readings. Each reading is judged
     on its own and gets a result in the same position of the response; one bad
     reading does not reject the batch. Readings may arrive late and out of order:
-    a slot's current level is its reading with the latest measured_at, not the
-    last one received, and refills are detected in measured_at order. When an
+    a slot's current level is its reading with the latest measure_time, not the
+    last one received, and refills are detected in measure_time order. When an
     accepted reading takes an AUTO slot to or below its reorder point, the service
     places an order by itself (trigger AUTOMATIC) under the same rules as
     Replenish; the slot_states of the response show it as open_order_id.
@@ -998,8 +998,8 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     """ReportTelemetry sends a batch of slot level readings. Each reading is judged
     on its own and gets a result in the same position of the response; one bad
     reading does not reject the batch. Readings may arrive late and out of order:
-    a slot's current level is its reading with the latest measured_at, not the
-    last one received, and refills are detected in measured_at order. When an
+    a slot's current level is its reading with the latest measure_time, not the
+    last one received, and refills are detected in measure_time order. When an
     accepted reading takes an AUTO slot to or below its reorder point, the service
     places an order by itself (trigger AUTOMATIC) under the same rules as
     Replenish; the slot_states of the response show it as open_order_id.
@@ -1071,8 +1071,8 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         """ReportTelemetry sends a batch of slot level readings. Each reading is judged
         on its own and gets a result in the same position of the response; one bad
         reading does not reject the batch. Readings may arrive late and out of order:
-        a slot's current level is its reading with the latest measured_at, not the
-        last one received, and refills are detected in measured_at order. When an
+        a slot's current level is its reading with the latest measure_time, not the
+        last one received, and refills are detected in measure_time order. When an
         accepted reading takes an AUTO slot to or below its reorder point, the service
         places an order by itself (trigger AUTOMATIC) under the same rules as
         Replenish; the slot_states of the response show it as open_order_id.
