@@ -158,3 +158,44 @@ def test_the_generator_prints_the_table(capsys):
         assert f"`{name}`" in printed
     [row] = [line for line in printed.splitlines() if "`GrantConsent`" in line]
     assert row.endswith("| admin, customer-facing |")
+
+
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
+
+
+def proto_callers() -> dict[tuple[str, str], set[str]]:
+    """(service, RPC) -> the principals its comment's "Callers:" sentence names."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(PROTOS.rglob("*.proto")):
+        text = path.read_text()
+        package = re.search(r"^package ([\w.]+);", text, re.M)
+        assert package, path
+        service = ""
+        comment: list[str] = []
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("//"):
+                comment.append(stripped[2:].strip())
+                continue
+            if match := re.match(r"service (\w+) \{", stripped):
+                service = f"{package.group(1)}.{match.group(1)}"
+            elif match := re.match(r"rpc (\w+)\(", stripped):
+                sentence = re.search(r"Callers: (.*?)\.(?:\s|$)", " ".join(comment))
+                assert sentence, f"{service}.{match.group(1)} has no 'Callers:' line in {path.name}"
+                names = set(re.findall(r"\b(?:service:[a-z_]+|admin|device:)", sentence.group(1)))
+                found[(service, match.group(1))] = {"device:*" if n == "device:" else n for n in names}
+            comment = []
+    return found
+
+
+def test_each_rpc_comment_names_the_callers_the_policy_allows():
+    """grpcurl describe shows these comments: they must say what the policy enforces."""
+    in_protos = proto_callers()
+    in_policy = {
+        (service, rpc): set(rule.access) for service, rules in POLICY.items() for rpc, rule in rules.items()
+    }
+    assert set(in_protos) == set(in_policy)
+    wrong = {
+        rpc: (in_protos[rpc], allowed) for rpc, allowed in in_policy.items() if in_protos[rpc] != allowed
+    }
+    assert not wrong, f"'Callers:' lines that differ from shared/access_policy.py (proto, policy): {wrong}"
