@@ -204,16 +204,10 @@ class Authenticator:
         return await self.resolve(hash_token(bearer_token(metadata)))
 
 
-# Who may call an RPC: a set of rules, each "admin", "service:*", "service:<name>",
-# "device:*". An RPC absent from a service's policy may be called by nobody.
+# Who may call an RPC: a set of rules, each "admin", "service:<name>", "device:*" (any
+# device; the handler checks it is the caller's own) or "service:*". The rules of every
+# RPC are in shared/access_policy.py; an RPC without a rule may be called by nobody.
 AccessRule = frozenset[str]
-ADMIN: AccessRule = frozenset({"admin"})
-SERVICES: AccessRule = frozenset({"admin", "service:*"})
-DEVICES: AccessRule = frozenset({"admin", "device:*"})
-
-
-def allow(*rules: str) -> AccessRule:
-    return frozenset({"admin", *rules})
 
 
 def is_allowed(principal: Principal, rule: AccessRule) -> bool:

@@ -1,6 +1,7 @@
 """Registration of najimi.privacy.v1.DataSubjectService, which every service implements.
 
-Only the consent service (carrying out data-subject requests) and admin may call it.
+Only the consent service (carrying out data-subject requests) and admin may call it
+(shared/access_policy.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from najimi.privacy.v1 import data_subject_service_pb2, data_subject_service_pb2
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from sqlalchemy.engine import Connection
 
-from shared.auth import allow, current_principal
+from shared.auth import current_principal
 from shared.db import Database, now_micros
 from shared.errors import InvalidArgument
 from shared.idempotency import once
@@ -25,10 +26,6 @@ from shared.validation import Violations
 # A Struct holds numbers as doubles: larger integers are exported as decimal strings.
 MAX_EXACT_INTEGER = 2**53
 
-DATA_SUBJECT_ACCESS = {
-    "ExportCustomerData": allow("service:consent"),
-    "EraseCustomerData": allow("service:consent"),
-}
 DESCRIPTOR = data_subject_service_pb2.DESCRIPTOR.services_by_name["DataSubjectService"]
 
 
@@ -37,7 +34,6 @@ def data_subject_registration(servicer: Any) -> Registration:
         DESCRIPTOR,
         data_subject_service_pb2_grpc.add_DataSubjectServiceServicer_to_server,
         servicer,
-        DATA_SUBJECT_ACCESS,
     )
 
 

@@ -12,19 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from shared.access_policy import named_service_principals
 from shared.auth import hash_token, new_token
 from shared.settings import SERVICE_NAMES
 
-# The suite's own services plus the internal callers a development setup imitates.
-DEV_PRINCIPALS = (
-    "admin",
-    *(f"service:{name}" for name in SERVICE_NAMES),
-    "service:storefront",
-    "service:store",
-    "service:crm",
-    "service:campaign",
-    "service:catalog",
-    "service:fulfilment",
+# The suite's own services (each presents its token when it calls another) and every
+# service principal the access policy names, so a development setup can act as each.
+DEV_PRINCIPALS = tuple(
+    dict.fromkeys(["admin", *(f"service:{name}" for name in SERVICE_NAMES), *named_service_principals()])
 )
 
 

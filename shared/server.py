@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import auth, errors
+from shared import access_policy, auth, errors
 from shared.interceptors import RpcInterceptor, WrappingServer
 from shared.log import configure_logging, get_logger
 from shared.metrics import serve_metrics
@@ -32,21 +32,16 @@ log = get_logger("najimi.server")
 
 @dataclass
 class Registration:
-    """One gRPC service of an app: its descriptor, servicer, and who may call each RPC."""
+    """One gRPC service of an app: its descriptor and servicer (who may call what: access_policy)."""
 
     descriptor: ServiceDescriptor
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
-    access: Mapping[str, auth.AccessRule]
 
     def policy(self) -> dict[str, auth.AccessRule]:
-        missing = [m.name for m in self.descriptor.methods if m.name not in self.access]
-        unknown = set(self.access) - {m.name for m in self.descriptor.methods}
-        if missing or unknown:
-            raise RuntimeError(
-                f"{self.descriptor.full_name}: access rules missing for {missing}, unknown for {sorted(unknown)}"
-            )
-        return {f"/{self.descriptor.full_name}/{name}": rule for name, rule in self.access.items()}
+        """Full method path -> who may call it; RuntimeError when an RPC has no rule."""
+        rules = access_policy.rules_for(self.descriptor)
+        return {f"/{self.descriptor.full_name}/{name}": rule for name, rule in rules.items()}
 
 
 @dataclass

@@ -12,7 +12,7 @@ from services.consent.data_subject import ConsentDataSubjectServicer
 from services.consent.expiry import ExpiryPublisher
 from services.consent.feed import ChangeFeed
 from services.consent.receipts import ReceiptSigner
-from services.consent.servicer import ACCESS, ConsentServicer
+from services.consent.servicer import ConsentServicer
 from services.consent.store import ConsentStore
 from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary
@@ -55,7 +55,6 @@ def build_app(settings: Settings) -> App:
                 consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"],
                 consent_service_pb2_grpc.add_ConsentServiceServicer_to_server,
                 servicer,
-                ACCESS,
             ),
             data_subject_registration(ConsentDataSubjectServicer(database, feed, ref_key)),
         ],

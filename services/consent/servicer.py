@@ -44,40 +44,13 @@ from services.consent.store import (
 )
 from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary, check_labels, check_vocabulary_name, insert_purpose
-from shared.auth import ADMIN, SERVICES, AccessRule, current_principal
+from shared.auth import current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, OutOfRange
 from shared.idempotency import once
 from shared.proto_time import duration_of, timestamp_of
 from shared.validation import Violations, decode_page_token, encode_page_token, is_valid_id, page_size_of
 
-# Who may call each RPC (see the proto's comments); anything absent is refused.
-ACCESS: dict[str, AccessRule] = {
-    "ListPurposes": SERVICES,
-    "ListDataCategories": SERVICES,
-    "CreatePurpose": ADMIN,
-    "CreateDataCategory": ADMIN,
-    "CreatePrivacyNotice": ADMIN,
-    "GetPrivacyNotice": SERVICES,
-    "ListPrivacyNotices": SERVICES,
-    "GrantConsent": SERVICES,
-    "WithdrawConsent": SERVICES,
-    "SetConsents": SERVICES,
-    "GetConsentState": SERVICES,
-    "ListConsentHistory": SERVICES,
-    "CheckConsent": SERVICES,
-    "BatchCheckConsent": SERVICES,
-    "GetConsentReceipt": SERVICES,
-    "VerifyReceipt": SERVICES,
-    "ListAuditEntries": ADMIN,
-    "VerifyAuditLog": ADMIN,
-    "ListConsentChanges": SERVICES,
-    "WatchConsentChanges": SERVICES,
-    "ExplainDataUse": SERVICES,
-    "CreateDataSubjectRequest": SERVICES,
-    "GetDataSubjectRequest": SERVICES,
-    "ListDataSubjectRequests": SERVICES,
-}
 MAX_BATCH_CHECKS = 1000
 MAX_NOTICE_TEXT = 65536
 DEFAULT_HEARTBEAT_SECONDS = 5.0

@@ -21,7 +21,7 @@ from services.profile.customer_changes import CustomerChangeListener
 from services.profile.data_subject import ProfileDataSubjectServicer
 from services.profile.events import EventIngestor
 from services.profile.pii import KEY_BYTES, PiiProtector
-from services.profile.servicer import ACCESS, ProfileServicer
+from services.profile.servicer import ProfileServicer
 from services.profile.store import ProfileStore
 from shared.consent_cache import ConsentCache
 from shared.data_subject import data_subject_registration
@@ -97,7 +97,6 @@ def build_app(settings: Settings) -> App:
                 profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"],
                 profile_service_pb2_grpc.add_ProfileServiceServicer_to_server,
                 servicer,
-                ACCESS,
             ),
             data_subject_registration(ProfileDataSubjectServicer(store)),
         ],

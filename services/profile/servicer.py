@@ -40,7 +40,8 @@ from services.profile.merges import PII_EMAIL, PII_NAME, PII_PHONE, Conflict, Me
 from services.profile.store import ProfileStore, erased_error
 from services.profile.trait_worker import TraitWorker
 from services.profile.withholding import withheld_view
-from shared.auth import AccessRule, Principal, allow, current_principal
+from shared.access_policy import PII_READERS, PURPOSE_BOUND_READERS
+from shared.auth import Principal, current_principal
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound
@@ -53,32 +54,6 @@ MAX_EVENTS_PER_CALL = 1000  # the documented batch limit of IngestEvents and Str
 if TYPE_CHECKING:
     from services.profile.events import EventIngestor
 
-# Who may call each RPC (the proto's "Callers:" lines); anything absent is refused.
-_WRITERS = allow("service:storefront", "service:store", "service:crm")
-_READERS = allow("service:storefront", "service:store", "service:crm", "service:recommendation")
-_RECOMMENDER = allow("service:recommendation")
-ACCESS: dict[str, AccessRule] = {
-    "CreateCustomer": _WRITERS,
-    "GetCustomer": _READERS,
-    "UpdateCustomer": _WRITERS,
-    "ListCustomers": _READERS,
-    "LinkIdentity": _WRITERS,
-    "UnlinkIdentity": _WRITERS,
-    "ListIdentities": _WRITERS,
-    "ResolveIdentity": _READERS,
-    "MergeCustomers": _WRITERS,
-    "IngestEvents": _WRITERS,
-    "StreamEvents": _WRITERS,
-    "ListEvents": _WRITERS,
-    "GetTraits": _READERS,
-    "ListInteractions": _RECOMMENDER,
-    "WatchInteractions": _RECOMMENDER,
-}
-
-# Principals that see PII unmasked (the proto: "by default only admin").
-PII_READERS = frozenset({"admin"})
-# Principals that must bind every customer read to a purpose (GetCustomerRequest.purpose).
-PURPOSE_BOUND_READERS = frozenset({"service:recommendation"})
 
 GENDER_NAMES = {
     pb.GENDER_UNSPECIFIED: "",

@@ -8,7 +8,7 @@ from pathlib import Path
 from najimi.recommendation.v1 import recommendation_service_pb2, recommendation_service_pb2_grpc
 
 from services.recommendation.data_subject import RecommendationDataSubjectServicer
-from services.recommendation.servicer import ACCESS, RecommendationServicer
+from services.recommendation.servicer import RecommendationServicer
 from services.recommendation.store import RecommendationStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
@@ -35,7 +35,6 @@ def build_app(settings: Settings) -> App:
                 recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
                 recommendation_service_pb2_grpc.add_RecommendationServiceServicer_to_server,
                 RecommendationServicer(store, max_response_bytes=settings.max_message_bytes * 3 // 4),
-                ACCESS,
             ),
             data_subject_registration(RecommendationDataSubjectServicer(store)),
         ],

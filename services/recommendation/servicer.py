@@ -15,31 +15,10 @@ from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc
 
 from services.recommendation.catalog import Item, Outcome, check_upsert, parse_category_prefix
 from services.recommendation.store import RecommendationStore
-from shared.auth import ADMIN, AccessRule, allow, current_principal
+from shared.auth import current_principal
 from shared.errors import InvalidArgument, NotFound
 from shared.proto_time import timestamp_of
 from shared.validation import RESOURCE_ID, Violations, decode_page_token, encode_page_token, page_size_of
-
-CATALOG_WRITERS = allow("service:catalog")
-CATALOG_READERS = allow("service:storefront", "service:campaign", "service:catalog")
-STOREFRONTS = allow("service:storefront", "service:campaign")
-
-# Who may call each RPC (the "Callers:" line of each RPC in the proto); anything absent is refused.
-ACCESS: dict[str, AccessRule] = {
-    "UpsertItems": CATALOG_WRITERS,
-    "GetItem": CATALOG_READERS,
-    "ListItems": CATALOG_READERS,
-    "DeleteItem": CATALOG_WRITERS,
-    "Recommend": STOREFRONTS,
-    "BatchRecommend": STOREFRONTS,
-    "SimilarItems": STOREFRONTS,
-    "TrainModel": ADMIN,
-    "GetTrainingRun": STOREFRONTS,
-    "GetModel": STOREFRONTS,
-    "ListModels": STOREFRONTS,
-    "ActivateModel": ADMIN,
-    "GetModelEvaluation": STOREFRONTS,
-}
 
 OUTCOMES = {
     Outcome.CREATED: pb.UPSERT_ITEM_OUTCOME_CREATED,

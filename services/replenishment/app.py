@@ -9,7 +9,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_ser
 
 from services.replenishment.data_subject import ReplenishmentDataSubjectServicer
 from services.replenishment.devices import device_token_resolver
-from services.replenishment.servicer import ACCESS, DEVICE_ACCESS, DeviceServicer, ReplenishmentServicer
+from services.replenishment.servicer import DeviceServicer, ReplenishmentServicer
 from services.replenishment.store import ReplenishmentStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
@@ -37,13 +37,11 @@ def build_app(settings: Settings) -> App:
                 SERVICES["ReplenishmentService"],
                 replenishment_service_pb2_grpc.add_ReplenishmentServiceServicer_to_server,
                 ReplenishmentServicer(store),
-                ACCESS,
             ),
             Registration(
                 SERVICES["DeviceService"],
                 replenishment_service_pb2_grpc.add_DeviceServiceServicer_to_server,
                 DeviceServicer(store),
-                DEVICE_ACCESS,
             ),
             data_subject_registration(ReplenishmentDataSubjectServicer(store)),
         ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,53 +15,15 @@ from services.replenishment.devices import (
     Device,
     DeviceState,
     Registration,
+    check_own_device,
     new_device_id,
     settled_registration,
 )
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from services.replenishment.store import ReplenishmentStore
-from shared.auth import DEVICES, AccessRule, allow, current_principal, hash_token, new_token
+from shared.auth import current_principal, hash_token, new_token
 from shared.proto_time import timestamp_of
 from shared.validation import Violations
-
-# Customer-facing back ends (the proto's default list) and the fulfilment system.
-CUSTOMER_FACING = ("service:storefront", "service:crm")
-FULFILMENT = "service:fulfilment"
-_CUSTOMER = allow(*CUSTOMER_FACING)
-_CUSTOMER_OR_FULFILMENT = allow(*CUSTOMER_FACING, FULFILMENT)
-_FULFILMENT = allow(FULFILMENT)
-
-# Who may call each RPC (the proto's "Callers:" lines); anything absent is refused.
-ACCESS: dict[str, AccessRule] = {
-    "RegisterDevice": _CUSTOMER,
-    "GetDevice": _CUSTOMER,
-    "ListDevices": _CUSTOMER,
-    "UpdateDevice": _CUSTOMER,
-    "DeregisterDevice": _CUSTOMER,
-    "RotateDeviceToken": _CUSTOMER,
-    "CreateSlot": _CUSTOMER,
-    "GetSlot": _CUSTOMER,
-    "ListSlots": _CUSTOMER,
-    "UpdateSlot": _CUSTOMER,
-    "DeleteSlot": _CUSTOMER,
-    "GetSlotForecast": _CUSTOMER,
-    "ReplenishSlot": _CUSTOMER,
-    "GetOrder": _CUSTOMER_OR_FULFILMENT,
-    "ListOrders": _CUSTOMER_OR_FULFILMENT,
-    "CancelOrder": _CUSTOMER,
-    "UpdateOrderState": _FULFILMENT,
-    "ListOrderEvents": _FULFILMENT,
-    "WatchOrderEvents": _FULFILMENT,
-}
-
-# A device may call DeviceService only, and only for its own device_id: each RPC must
-# call devices.check_own_device with the request's device_id.
-DEVICE_ACCESS: dict[str, AccessRule] = {
-    "ReportTelemetry": DEVICES,
-    "StreamTelemetry": DEVICES,
-    "GetForecast": DEVICES,
-    "Replenish": DEVICES,
-}
 
 POLICIES = {
     pb.SLOT_POLICY_AUTO: SlotPolicy.AUTO,
@@ -241,7 +204,34 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
 
 
 class DeviceServicer(pb_grpc.DeviceServiceServicer):
-    """The device API; every RPC answers UNIMPLEMENTED until telemetry and ordering land."""
+    """The device API; every RPC answers UNIMPLEMENTED until telemetry and ordering land.
+
+    A device may act only for itself (access_policy), so each RPC checks the device_id it
+    names first: a device naming another is PERMISSION_DENIED even before the RPC exists.
+    """
 
     def __init__(self, store: ReplenishmentStore):
         self.store = store
+
+    async def ReportTelemetry(
+        self, request: pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        check_own_device(current_principal(), request.device_id)
+        raise NotImplementedError
+
+    async def StreamTelemetry(
+        self, request_iterator: AsyncIterator[pb.StreamTelemetryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamTelemetryResponse]:
+        async for request in request_iterator:
+            check_own_device(current_principal(), request.device_id)  # the first message names it
+            break
+        raise NotImplementedError
+        yield pb.StreamTelemetryResponse()  # unreachable: makes this an async generator
+
+    async def GetForecast(self, request: pb.GetForecastRequest, context: grpc.aio.ServicerContext) -> Any:
+        check_own_device(current_principal(), request.device_id)
+        raise NotImplementedError
+
+    async def Replenish(self, request: pb.ReplenishRequest, context: grpc.aio.ServicerContext) -> Any:
+        check_own_device(current_principal(), request.device_id)
+        raise NotImplementedError

@@ -223,9 +223,7 @@ async def test_link_resolve_list_and_unlink(start_service, database_url):
     assert resolved.identity.identity_id == created.identities[0].identity_id
     resolved = await profile.resolve(identifier=ident(PHONE, "+81312345678"))
     assert resolved.identity.identifier.value == "+81312345678"
-    by_id = await profile.resolve(
-        customer_id="cus-1", metadata=profile.service.auth("service:recommendation")
-    )
+    by_id = await profile.resolve(customer_id="cus-1", metadata=crm)
     assert by_id.customer_id == "cus-1" and not by_id.HasField("identity")
 
     listed = await profile.all_identities("cus-1")
@@ -570,10 +568,20 @@ async def test_racing_links_of_one_identifier_link_it_once(start_service, databa
 async def test_who_may_call(start_service):
     profile = await _profile(start_service)
     await profile.create("cus-1", identifiers=[ident(COOKIE, "ck-1")])
+    for principal in ("service:storefront", "service:store", "service:crm"):
+        resolved = await profile.resolve(
+            identifier=ident(COOKIE, "ck-1"), metadata=profile.service.auth(principal)
+        )
+        assert resolved.customer_id == "cus-1"
+    # The recommender never looks customers up by identifier (e-mail, phone, ...) nor by old id.
     recommender = profile.service.auth("service:recommendation")
-    assert (
-        await profile.resolve(identifier=ident(COOKIE, "ck-1"), metadata=recommender)
-    ).customer_id == "cus-1"
+    for lookup in (
+        profile.resolve(identifier=ident(COOKIE, "ck-1"), metadata=recommender),
+        profile.resolve(customer_id="cus-1", metadata=recommender),
+    ):
+        error = await rpc_error(lookup)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_reason(error) == "PRINCIPAL_NOT_ALLOWED"
     for principal in ("service:recommendation", "service:fulfilment"):
         metadata = profile.service.auth(principal)
         for call in (

@@ -237,8 +237,10 @@ async def test_traits_follow_the_events_as_they_arrive(consented_profile, databa
     assert [tuple(a.category_path) for a in later.category_affinities] == [COFFEE]
     [beans] = later.item_cadences
     assert beans.purchase_count == 4 and beans.mean_interval.ToMicroseconds() == days(23)
-    # The recommender may read traits too.
-    assert (await suite.traits(principal="service:recommendation")).frequency.purchase_count == 4
+    # Traits serve profiling: the recommender does not read them (shared/access_policy.py).
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await suite.traits(principal="service:recommendation")
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_withdrawing_consent_hides_what_was_derived_from_it(consented_profile, database_url):

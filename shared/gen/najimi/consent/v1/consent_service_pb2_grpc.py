@@ -33,15 +33,19 @@ class ConsentServiceStub:
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-    grant, withdraw and read a customer's consent, fetch and verify receipts,
-    explain data use, create and follow data-subject requests, and check and
-    watch consent. Only admin manages the vocabulary and the notices and reads
-    or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-    PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+    act for a customer: they read the vocabulary and the notices, grant and
+    withdraw consent, read a customer's consent and history, fetch and verify
+    receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+    service:recommendation, service:replenishment) read the vocabulary, check
+    consent, read a customer's state and follow the change feed; they record
+    nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+    audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 
@@ -204,15 +208,19 @@ class ConsentServiceServicer:
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-    grant, withdraw and read a customer's consent, fetch and verify receipts,
-    explain data use, create and follow data-subject requests, and check and
-    watch consent. Only admin manages the vocabulary and the notices and reads
-    or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-    PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+    act for a customer: they read the vocabulary and the notices, grant and
+    withdraw consent, read a customer's consent and history, fetch and verify
+    receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+    service:recommendation, service:replenishment) read the vocabulary, check
+    consent, read a customer's state and follow the change feed; they record
+    nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+    audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 
@@ -243,7 +251,8 @@ class ConsentServiceServicer:
         """ListPurposes returns the purposes a customer can consent to, with the data
         categories each may use and which services use them for what, ordered by
         name.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when page_size is out of range or page_token is not one
         this RPC returned (reason INVALID_PAGE_TOKEN).
         """
@@ -254,7 +263,8 @@ class ConsentServiceServicer:
     def ListDataCategories(self, request, context):
         """ListDataCategories returns the data categories a consent can cover,
         ordered by name.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when page_size is out of range or page_token is not one
         this RPC returned (reason INVALID_PAGE_TOKEN).
         """
@@ -308,7 +318,7 @@ class ConsentServiceServicer:
     def GetPrivacyNotice(self, request, context):
         """GetPrivacyNotice returns one version of a purpose's privacy notice, or the
         version currently in effect.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE), the
         version does not exist, or no version is in effect yet (reason
         NOTICE_NOT_FOUND).
@@ -321,7 +331,7 @@ class ConsentServiceServicer:
         """ListPrivacyNotices returns the privacy notices of one purpose or of all
         purposes, including versions that are not yet in effect, ordered by purpose
         name and then by version, newest first.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when the purpose filter names an unknown purpose (reason
         UNKNOWN_PURPOSE); INVALID_ARGUMENT for a bad page_size or page_token.
         """
@@ -334,7 +344,7 @@ class ConsentServiceServicer:
         data categories listed, under the notice version they were shown. It
         replaces any earlier decision for that purpose (a grant with fewer
         categories narrows the consent), and returns a signed receipt.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
         (reason UNKNOWN_PURPOSE), a data category is unknown (reason
@@ -355,7 +365,7 @@ class ConsentServiceServicer:
         Withdrawing is always accepted: withdrawing a consent that was never given
         records an explicit refusal, and withdrawing a consent that is expired or
         needs renewal is valid too.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
         (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
@@ -370,7 +380,7 @@ class ConsentServiceServicer:
         submitted by one consent form, atomically: either every decision is
         recorded or none is. One receipt covers all of them, and each decision gets
         its own revision.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when decisions is empty, holds more than 100 entries or the
         same purpose twice (reason DUPLICATE_PURPOSE), or for any reason
@@ -386,7 +396,8 @@ class ConsentServiceServicer:
         """GetConsentState returns a customer's current consent for every purpose (or
         the purposes asked for), including purposes they never decided on
         (status NOT_GIVEN), so that a settings page can show every choice.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when customer_id is empty or a purpose in the filter is
         unknown (reason UNKNOWN_PURPOSE).
         """
@@ -397,7 +408,7 @@ class ConsentServiceServicer:
     def ListConsentHistory(self, request, context):
         """ListConsentHistory returns a customer's past consent decisions, newest
         first.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty, the purpose filter is unknown
         (reason UNKNOWN_PURPOSE), or for a bad page_size or page_token.
         """
@@ -410,7 +421,8 @@ class ConsentServiceServicer:
         be used for a purpose right now. The server is the source of truth; services
         on a hot path answer the same question from their local cache fed by
         ListConsentChanges and WatchConsentChanges.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when customer_id or purpose is empty, the purpose is unknown
         (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
         UNKNOWN_DATA_CATEGORY).
@@ -422,7 +434,8 @@ class ConsentServiceServicer:
     def BatchCheckConsent(self, request, context):
         """BatchCheckConsent answers up to 1000 checks (for many customers, purposes
         or both) in one call, all evaluated at the same revision.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when checks is empty or holds more than 1000 entries, or
         any check is invalid as for CheckConsent; the whole batch then fails and the
         BadRequest field violation names the offending check by index.
@@ -433,7 +446,7 @@ class ConsentServiceServicer:
 
     def GetConsentReceipt(self, request, context):
         """GetConsentReceipt returns a signed consent receipt by id.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when no receipt has that id (reason RECEIPT_NOT_FOUND); receipts
         of an erased customer are deleted with the rest of their consent data.
         """
@@ -445,7 +458,7 @@ class ConsentServiceServicer:
         """VerifyReceipt checks that a receipt was signed by this service and has not
         been altered. An invalid receipt is a normal answer (valid = false with a
         reason), not an error.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when payload, signature or key_id is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -478,7 +491,8 @@ class ConsentServiceServicer:
         changes may have been compacted away, so revisions need not be contiguous,
         but applying the changes in order always yields the current state; a cache
         starting empty lists from since_revision 0.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:profile, service:recommendation,
+        service:replenishment.
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE), or a bad page_size or page_token;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -499,7 +513,8 @@ class ConsentServiceServicer:
         maximum stream age) with OK or UNAVAILABLE; the caller then watches again
         from the last revision it received. A revocation reaches watchers within a
         second.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:profile, service:recommendation,
+        service:replenishment.
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -512,7 +527,7 @@ class ConsentServiceServicer:
     def ExplainDataUse(self, request, context):
         """ExplainDataUse tells a customer, per purpose, whether their data may be used,
         which data categories, and which services use them for what.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -526,7 +541,7 @@ class ConsentServiceServicer:
         included), retrying failures; follow it with GetDataSubjectRequest. An
         erasure first publishes an ERASURE change on the feed, so every service
         stops using the customer's data before their records are deleted.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when customer_id is empty or type is unspecified;
         ALREADY_EXISTS when a request of the same type for the same customer is
@@ -541,7 +556,8 @@ class ConsentServiceServicer:
         """GetDataSubjectRequest returns a data-subject request with its overall state,
         the state of each service's part and, for a finished export, the combined
         document.
-        Callers: admin; a service principal only for requests it created.
+        Callers: admin, service:storefront, service:store, service:crm (each only
+        for the requests it created).
         NOT_FOUND when no request has that id or the caller may not see it (reason
         DATA_SUBJECT_REQUEST_NOT_FOUND).
         """
@@ -552,8 +568,8 @@ class ConsentServiceServicer:
     def ListDataSubjectRequests(self, request, context):
         """ListDataSubjectRequests returns data-subject requests, newest first, without
         export documents (use GetDataSubjectRequest for those).
-        Callers: admin (all requests); a service principal (only the requests it
-        created).
+        Callers: admin (all requests), service:storefront, service:store,
+        service:crm (each only the requests it created).
         INVALID_ARGUMENT for a bad page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -699,15 +715,19 @@ class ConsentService:
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-    grant, withdraw and read a customer's consent, fetch and verify receipts,
-    explain data use, create and follow data-subject requests, and check and
-    watch consent. Only admin manages the vocabulary and the notices and reads
-    or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-    PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+    act for a customer: they read the vocabulary and the notices, grant and
+    withdraw consent, read a customer's consent and history, fetch and verify
+    receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+    service:recommendation, service:replenishment) read the vocabulary, check
+    consent, read a customer's state and follow the change feed; they record
+    nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+    audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 

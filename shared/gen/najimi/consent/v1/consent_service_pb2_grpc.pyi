@@ -34,15 +34,19 @@ class ConsentServiceStub:
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-      grant, withdraw and read a customer's consent, fetch and verify receipts,
-      explain data use, create and follow data-subject requests, and check and
-      watch consent. Only admin manages the vocabulary and the notices and reads
-      or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-      PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+      act for a customer: they read the vocabulary and the notices, grant and
+      withdraw consent, read a customer's consent and history, fetch and verify
+      receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+      service:recommendation, service:replenishment) read the vocabulary, check
+      consent, read a customer's state and follow the change feed; they record
+      nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+      audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 
@@ -77,14 +81,16 @@ class ConsentServiceStub:
     """ListPurposes returns the purposes a customer can consent to, with the data
     categories each may use and which services use them for what, ordered by
     name.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when page_size is out of range or page_token is not one
     this RPC returned (reason INVALID_PAGE_TOKEN).
     """
     ListDataCategories: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ListDataCategoriesRequest, _consent_service_pb2.ListDataCategoriesResponse]
     """ListDataCategories returns the data categories a consent can cover,
     ordered by name.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when page_size is out of range or page_token is not one
     this RPC returned (reason INVALID_PAGE_TOKEN).
     """
@@ -122,7 +128,7 @@ class ConsentServiceStub:
     GetPrivacyNotice: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.GetPrivacyNoticeRequest, _consent_service_pb2.GetPrivacyNoticeResponse]
     """GetPrivacyNotice returns one version of a purpose's privacy notice, or the
     version currently in effect.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE), the
     version does not exist, or no version is in effect yet (reason
     NOTICE_NOT_FOUND).
@@ -131,7 +137,7 @@ class ConsentServiceStub:
     """ListPrivacyNotices returns the privacy notices of one purpose or of all
     purposes, including versions that are not yet in effect, ordered by purpose
     name and then by version, newest first.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when the purpose filter names an unknown purpose (reason
     UNKNOWN_PURPOSE); INVALID_ARGUMENT for a bad page_size or page_token.
     """
@@ -140,7 +146,7 @@ class ConsentServiceStub:
     data categories listed, under the notice version they were shown. It
     replaces any earlier decision for that purpose (a grant with fewer
     categories narrows the consent), and returns a signed receipt.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE), a data category is unknown (reason
@@ -157,7 +163,7 @@ class ConsentServiceStub:
     Withdrawing is always accepted: withdrawing a consent that was never given
     records an explicit refusal, and withdrawing a consent that is expired or
     needs renewal is valid too.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
@@ -168,7 +174,7 @@ class ConsentServiceStub:
     submitted by one consent form, atomically: either every decision is
     recorded or none is. One receipt covers all of them, and each decision gets
     its own revision.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when decisions is empty, holds more than 100 entries or the
     same purpose twice (reason DUPLICATE_PURPOSE), or for any reason
@@ -180,14 +186,15 @@ class ConsentServiceStub:
     """GetConsentState returns a customer's current consent for every purpose (or
     the purposes asked for), including purposes they never decided on
     (status NOT_GIVEN), so that a settings page can show every choice.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when customer_id is empty or a purpose in the filter is
     unknown (reason UNKNOWN_PURPOSE).
     """
     ListConsentHistory: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ListConsentHistoryRequest, _consent_service_pb2.ListConsentHistoryResponse]
     """ListConsentHistory returns a customer's past consent decisions, newest
     first.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty, the purpose filter is unknown
     (reason UNKNOWN_PURPOSE), or for a bad page_size or page_token.
     """
@@ -196,7 +203,8 @@ class ConsentServiceStub:
     be used for a purpose right now. The server is the source of truth; services
     on a hot path answer the same question from their local cache fed by
     ListConsentChanges and WatchConsentChanges.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when customer_id or purpose is empty, the purpose is unknown
     (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
     UNKNOWN_DATA_CATEGORY).
@@ -204,14 +212,15 @@ class ConsentServiceStub:
     BatchCheckConsent: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.BatchCheckConsentRequest, _consent_service_pb2.BatchCheckConsentResponse]
     """BatchCheckConsent answers up to 1000 checks (for many customers, purposes
     or both) in one call, all evaluated at the same revision.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when checks is empty or holds more than 1000 entries, or
     any check is invalid as for CheckConsent; the whole batch then fails and the
     BadRequest field violation names the offending check by index.
     """
     GetConsentReceipt: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.GetConsentReceiptRequest, _consent_service_pb2.GetConsentReceiptResponse]
     """GetConsentReceipt returns a signed consent receipt by id.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when no receipt has that id (reason RECEIPT_NOT_FOUND); receipts
     of an erased customer are deleted with the rest of their consent data.
     """
@@ -219,7 +228,7 @@ class ConsentServiceStub:
     """VerifyReceipt checks that a receipt was signed by this service and has not
     been altered. An invalid receipt is a normal answer (valid = false with a
     reason), not an error.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when payload, signature or key_id is empty.
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ListAuditEntriesRequest, _consent_service_pb2.ListAuditEntriesResponse]
@@ -240,7 +249,8 @@ class ConsentServiceStub:
     changes may have been compacted away, so revisions need not be contiguous,
     but applying the changes in order always yields the current state; a cache
     starting empty lists from since_revision 0.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:profile, service:recommendation,
+    service:replenishment.
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE), or a bad page_size or page_token;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -257,7 +267,8 @@ class ConsentServiceStub:
     maximum stream age) with OK or UNAVAILABLE; the caller then watches again
     from the last revision it received. A revocation reaches watchers within a
     second.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:profile, service:recommendation,
+    service:replenishment.
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -266,7 +277,7 @@ class ConsentServiceStub:
     ExplainDataUse: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ExplainDataUseRequest, _consent_service_pb2.ExplainDataUseResponse]
     """ExplainDataUse tells a customer, per purpose, whether their data may be used,
     which data categories, and which services use them for what.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty.
     """
     CreateDataSubjectRequest: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.CreateDataSubjectRequestRequest, _consent_service_pb2.CreateDataSubjectRequestResponse]
@@ -276,7 +287,7 @@ class ConsentServiceStub:
     included), retrying failures; follow it with GetDataSubjectRequest. An
     erasure first publishes an ERASURE change on the feed, so every service
     stops using the customer's data before their records are deleted.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when customer_id is empty or type is unspecified;
     ALREADY_EXISTS when a request of the same type for the same customer is
@@ -287,15 +298,16 @@ class ConsentServiceStub:
     """GetDataSubjectRequest returns a data-subject request with its overall state,
     the state of each service's part and, for a finished export, the combined
     document.
-    Callers: admin; a service principal only for requests it created.
+    Callers: admin, service:storefront, service:store, service:crm (each only
+    for the requests it created).
     NOT_FOUND when no request has that id or the caller may not see it (reason
     DATA_SUBJECT_REQUEST_NOT_FOUND).
     """
     ListDataSubjectRequests: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ListDataSubjectRequestsRequest, _consent_service_pb2.ListDataSubjectRequestsResponse]
     """ListDataSubjectRequests returns data-subject requests, newest first, without
     export documents (use GetDataSubjectRequest for those).
-    Callers: admin (all requests); a service principal (only the requests it
-    created).
+    Callers: admin (all requests), service:storefront, service:store,
+    service:crm (each only the requests it created).
     INVALID_ARGUMENT for a bad page_size or page_token.
     """
 
@@ -308,15 +320,19 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-      grant, withdraw and read a customer's consent, fetch and verify receipts,
-      explain data use, create and follow data-subject requests, and check and
-      watch consent. Only admin manages the vocabulary and the notices and reads
-      or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-      PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+      act for a customer: they read the vocabulary and the notices, grant and
+      withdraw consent, read a customer's consent and history, fetch and verify
+      receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+      service:recommendation, service:replenishment) read the vocabulary, check
+      consent, read a customer's state and follow the change feed; they record
+      nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+      audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 
@@ -348,14 +364,16 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """ListPurposes returns the purposes a customer can consent to, with the data
     categories each may use and which services use them for what, ordered by
     name.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when page_size is out of range or page_token is not one
     this RPC returned (reason INVALID_PAGE_TOKEN).
     """
     ListDataCategories: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListDataCategoriesRequest, _consent_service_pb2.ListDataCategoriesResponse]  # type: ignore[assignment]
     """ListDataCategories returns the data categories a consent can cover,
     ordered by name.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when page_size is out of range or page_token is not one
     this RPC returned (reason INVALID_PAGE_TOKEN).
     """
@@ -393,7 +411,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     GetPrivacyNotice: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.GetPrivacyNoticeRequest, _consent_service_pb2.GetPrivacyNoticeResponse]  # type: ignore[assignment]
     """GetPrivacyNotice returns one version of a purpose's privacy notice, or the
     version currently in effect.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE), the
     version does not exist, or no version is in effect yet (reason
     NOTICE_NOT_FOUND).
@@ -402,7 +420,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """ListPrivacyNotices returns the privacy notices of one purpose or of all
     purposes, including versions that are not yet in effect, ordered by purpose
     name and then by version, newest first.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when the purpose filter names an unknown purpose (reason
     UNKNOWN_PURPOSE); INVALID_ARGUMENT for a bad page_size or page_token.
     """
@@ -411,7 +429,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     data categories listed, under the notice version they were shown. It
     replaces any earlier decision for that purpose (a grant with fewer
     categories narrows the consent), and returns a signed receipt.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE), a data category is unknown (reason
@@ -428,7 +446,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     Withdrawing is always accepted: withdrawing a consent that was never given
     records an explicit refusal, and withdrawing a consent that is expired or
     needs renewal is valid too.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
     (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
@@ -439,7 +457,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     submitted by one consent form, atomically: either every decision is
     recorded or none is. One receipt covers all of them, and each decision gets
     its own revision.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when decisions is empty, holds more than 100 entries or the
     same purpose twice (reason DUPLICATE_PURPOSE), or for any reason
@@ -451,14 +469,15 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """GetConsentState returns a customer's current consent for every purpose (or
     the purposes asked for), including purposes they never decided on
     (status NOT_GIVEN), so that a settings page can show every choice.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when customer_id is empty or a purpose in the filter is
     unknown (reason UNKNOWN_PURPOSE).
     """
     ListConsentHistory: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListConsentHistoryRequest, _consent_service_pb2.ListConsentHistoryResponse]  # type: ignore[assignment]
     """ListConsentHistory returns a customer's past consent decisions, newest
     first.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty, the purpose filter is unknown
     (reason UNKNOWN_PURPOSE), or for a bad page_size or page_token.
     """
@@ -467,7 +486,8 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     be used for a purpose right now. The server is the source of truth; services
     on a hot path answer the same question from their local cache fed by
     ListConsentChanges and WatchConsentChanges.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when customer_id or purpose is empty, the purpose is unknown
     (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
     UNKNOWN_DATA_CATEGORY).
@@ -475,14 +495,15 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     BatchCheckConsent: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.BatchCheckConsentRequest, _consent_service_pb2.BatchCheckConsentResponse]  # type: ignore[assignment]
     """BatchCheckConsent answers up to 1000 checks (for many customers, purposes
     or both) in one call, all evaluated at the same revision.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:profile, service:recommendation, service:replenishment.
     INVALID_ARGUMENT when checks is empty or holds more than 1000 entries, or
     any check is invalid as for CheckConsent; the whole batch then fails and the
     BadRequest field violation names the offending check by index.
     """
     GetConsentReceipt: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.GetConsentReceiptRequest, _consent_service_pb2.GetConsentReceiptResponse]  # type: ignore[assignment]
     """GetConsentReceipt returns a signed consent receipt by id.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND when no receipt has that id (reason RECEIPT_NOT_FOUND); receipts
     of an erased customer are deleted with the rest of their consent data.
     """
@@ -490,7 +511,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """VerifyReceipt checks that a receipt was signed by this service and has not
     been altered. An invalid receipt is a normal answer (valid = false with a
     reason), not an error.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when payload, signature or key_id is empty.
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListAuditEntriesRequest, _consent_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
@@ -511,7 +532,8 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     changes may have been compacted away, so revisions need not be contiguous,
     but applying the changes in order always yields the current state; a cache
     starting empty lists from since_revision 0.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:profile, service:recommendation,
+    service:replenishment.
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE), or a bad page_size or page_token;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -528,7 +550,8 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     maximum stream age) with OK or UNAVAILABLE; the caller then watches again
     from the last revision it received. A revocation reaches watchers within a
     second.
-    Callers: admin, every service principal (service:*).
+    Callers: admin, service:profile, service:recommendation,
+    service:replenishment.
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -537,7 +560,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     ExplainDataUse: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ExplainDataUseRequest, _consent_service_pb2.ExplainDataUseResponse]  # type: ignore[assignment]
     """ExplainDataUse tells a customer, per purpose, whether their data may be used,
     which data categories, and which services use them for what.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty.
     """
     CreateDataSubjectRequest: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.CreateDataSubjectRequestRequest, _consent_service_pb2.CreateDataSubjectRequestResponse]  # type: ignore[assignment]
@@ -547,7 +570,7 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     included), retrying failures; follow it with GetDataSubjectRequest. An
     erasure first publishes an ERASURE change on the feed, so every service
     stops using the customer's data before their records are deleted.
-    Callers: admin, service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     INVALID_ARGUMENT when customer_id is empty or type is unspecified;
     ALREADY_EXISTS when a request of the same type for the same customer is
@@ -558,15 +581,16 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """GetDataSubjectRequest returns a data-subject request with its overall state,
     the state of each service's part and, for a finished export, the combined
     document.
-    Callers: admin; a service principal only for requests it created.
+    Callers: admin, service:storefront, service:store, service:crm (each only
+    for the requests it created).
     NOT_FOUND when no request has that id or the caller may not see it (reason
     DATA_SUBJECT_REQUEST_NOT_FOUND).
     """
     ListDataSubjectRequests: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListDataSubjectRequestsRequest, _consent_service_pb2.ListDataSubjectRequestsResponse]  # type: ignore[assignment]
     """ListDataSubjectRequests returns data-subject requests, newest first, without
     export documents (use GetDataSubjectRequest for those).
-    Callers: admin (all requests); a service principal (only the requests it
-    created).
+    Callers: admin (all requests), service:storefront, service:store,
+    service:crm (each only the requests it created).
     INVALID_ARGUMENT for a bad page_size or page_token.
     """
 
@@ -578,15 +602,19 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     caches locally, and data-subject requests (export and erasure) carried out across
     the suite through najimi.privacy.v1.DataSubjectService.
 
-    Principals and who may call what (each RPC repeats its own line):
+    Principals and who may call what (each RPC names its callers in a "Callers:"
+    line; the suite's access policy is shared/access_policy.py):
     - `admin` (the platform team) may call every RPC.
-    - Service principals (`service:<name>`) may read the vocabulary and the notices,
-      grant, withdraw and read a customer's consent, fetch and verify receipts,
-      explain data use, create and follow data-subject requests, and check and
-      watch consent. Only admin manages the vocabulary and the notices and reads
-      or verifies the audit log.
-    - Device principals (`device:<id>`) may call nothing here; they receive
-      PERMISSION_DENIED.
+    - Customer-facing back ends (service:storefront, service:store, service:crm)
+      act for a customer: they read the vocabulary and the notices, grant and
+      withdraw consent, read a customer's consent and history, fetch and verify
+      receipts, explain data use, and create and follow data-subject requests.
+    - The suite's services that enforce consent (service:profile,
+      service:recommendation, service:replenishment) read the vocabulary, check
+      consent, read a customer's state and follow the change feed; they record
+      nothing.
+    - Only admin manages the vocabulary and the notices and reads or verifies the
+      audit log. Other principals, devices included, may call nothing here.
     A call without valid credentials fails with UNAUTHENTICATED; a call by a
     principal not listed for the RPC fails with PERMISSION_DENIED.
 
@@ -622,7 +650,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListPurposes returns the purposes a customer can consent to, with the data
         categories each may use and which services use them for what, ordered by
         name.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when page_size is out of range or page_token is not one
         this RPC returned (reason INVALID_PAGE_TOKEN).
         """
@@ -635,7 +664,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.ListDataCategoriesResponse, _abc.Awaitable[_consent_service_pb2.ListDataCategoriesResponse]]:
         """ListDataCategories returns the data categories a consent can cover,
         ordered by name.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when page_size is out of range or page_token is not one
         this RPC returned (reason INVALID_PAGE_TOKEN).
         """
@@ -697,7 +727,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.GetPrivacyNoticeResponse, _abc.Awaitable[_consent_service_pb2.GetPrivacyNoticeResponse]]:
         """GetPrivacyNotice returns one version of a purpose's privacy notice, or the
         version currently in effect.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when the purpose does not exist (reason UNKNOWN_PURPOSE), the
         version does not exist, or no version is in effect yet (reason
         NOTICE_NOT_FOUND).
@@ -712,7 +742,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListPrivacyNotices returns the privacy notices of one purpose or of all
         purposes, including versions that are not yet in effect, ordered by purpose
         name and then by version, newest first.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when the purpose filter names an unknown purpose (reason
         UNKNOWN_PURPOSE); INVALID_ARGUMENT for a bad page_size or page_token.
         """
@@ -727,7 +757,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         data categories listed, under the notice version they were shown. It
         replaces any earlier decision for that purpose (a grant with fewer
         categories narrows the consent), and returns a signed receipt.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
         (reason UNKNOWN_PURPOSE), a data category is unknown (reason
@@ -750,7 +780,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         Withdrawing is always accepted: withdrawing a consent that was never given
         records an explicit refusal, and withdrawing a consent that is expired or
         needs renewal is valid too.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when a field is missing or malformed, the purpose is unknown
         (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
@@ -767,7 +797,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         submitted by one consent form, atomically: either every decision is
         recorded or none is. One receipt covers all of them, and each decision gets
         its own revision.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when decisions is empty, holds more than 100 entries or the
         same purpose twice (reason DUPLICATE_PURPOSE), or for any reason
@@ -785,7 +815,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetConsentState returns a customer's current consent for every purpose (or
         the purposes asked for), including purposes they never decided on
         (status NOT_GIVEN), so that a settings page can show every choice.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when customer_id is empty or a purpose in the filter is
         unknown (reason UNKNOWN_PURPOSE).
         """
@@ -798,7 +829,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.ListConsentHistoryResponse, _abc.Awaitable[_consent_service_pb2.ListConsentHistoryResponse]]:
         """ListConsentHistory returns a customer's past consent decisions, newest
         first.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty, the purpose filter is unknown
         (reason UNKNOWN_PURPOSE), or for a bad page_size or page_token.
         """
@@ -813,7 +844,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         be used for a purpose right now. The server is the source of truth; services
         on a hot path answer the same question from their local cache fed by
         ListConsentChanges and WatchConsentChanges.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when customer_id or purpose is empty, the purpose is unknown
         (reason UNKNOWN_PURPOSE) or a data category is unknown (reason
         UNKNOWN_DATA_CATEGORY).
@@ -827,7 +859,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.BatchCheckConsentResponse, _abc.Awaitable[_consent_service_pb2.BatchCheckConsentResponse]]:
         """BatchCheckConsent answers up to 1000 checks (for many customers, purposes
         or both) in one call, all evaluated at the same revision.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:profile, service:recommendation, service:replenishment.
         INVALID_ARGUMENT when checks is empty or holds more than 1000 entries, or
         any check is invalid as for CheckConsent; the whole batch then fails and the
         BadRequest field violation names the offending check by index.
@@ -840,7 +873,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_consent_service_pb2.GetConsentReceiptResponse, _abc.Awaitable[_consent_service_pb2.GetConsentReceiptResponse]]:
         """GetConsentReceipt returns a signed consent receipt by id.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND when no receipt has that id (reason RECEIPT_NOT_FOUND); receipts
         of an erased customer are deleted with the rest of their consent data.
         """
@@ -854,7 +887,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """VerifyReceipt checks that a receipt was signed by this service and has not
         been altered. An invalid receipt is a normal answer (valid = false with a
         reason), not an error.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when payload, signature or key_id is empty.
         """
 
@@ -893,7 +926,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         changes may have been compacted away, so revisions need not be contiguous,
         but applying the changes in order always yields the current state; a cache
         starting empty lists from since_revision 0.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:profile, service:recommendation,
+        service:replenishment.
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE), or a bad page_size or page_token;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -916,7 +950,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         maximum stream age) with OK or UNAVAILABLE; the caller then watches again
         from the last revision it received. A revocation reaches watchers within a
         second.
-        Callers: admin, every service principal (service:*).
+        Callers: admin, service:profile, service:recommendation,
+        service:replenishment.
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
@@ -931,7 +966,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.ExplainDataUseResponse, _abc.Awaitable[_consent_service_pb2.ExplainDataUseResponse]]:
         """ExplainDataUse tells a customer, per purpose, whether their data may be used,
         which data categories, and which services use them for what.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty.
         """
 
@@ -947,7 +982,7 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         included), retrying failures; follow it with GetDataSubjectRequest. An
         erasure first publishes an ERASURE change on the feed, so every service
         stops using the customer's data before their records are deleted.
-        Callers: admin, service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         INVALID_ARGUMENT when customer_id is empty or type is unspecified;
         ALREADY_EXISTS when a request of the same type for the same customer is
@@ -964,7 +999,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetDataSubjectRequest returns a data-subject request with its overall state,
         the state of each service's part and, for a finished export, the combined
         document.
-        Callers: admin; a service principal only for requests it created.
+        Callers: admin, service:storefront, service:store, service:crm (each only
+        for the requests it created).
         NOT_FOUND when no request has that id or the caller may not see it (reason
         DATA_SUBJECT_REQUEST_NOT_FOUND).
         """
@@ -977,8 +1013,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.ListDataSubjectRequestsResponse, _abc.Awaitable[_consent_service_pb2.ListDataSubjectRequestsResponse]]:
         """ListDataSubjectRequests returns data-subject requests, newest first, without
         export documents (use GetDataSubjectRequest for those).
-        Callers: admin (all requests); a service principal (only the requests it
-        created).
+        Callers: admin (all requests), service:storefront, service:store,
+        service:crm (each only the requests it created).
         INVALID_ARGUMENT for a bad page_size or page_token.
         """
 

@@ -62,6 +62,7 @@ class DataSubjectServiceServicer:
     def ExportCustomerData(self, request, context):
         """ExportCustomerData returns everything this service holds about one customer
         as a machine-readable document.
+        Callers: admin, service:consent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +71,7 @@ class DataSubjectServiceServicer:
     def EraseCustomerData(self, request, context):
         """EraseCustomerData deletes everything this service holds about one customer,
         keeping only what the law requires (an erasure tombstone, a pseudonymised audit trail).
+        Callers: admin, service:consent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,10 +41,12 @@ class DataSubjectServiceStub:
     ExportCustomerData: _grpc.UnaryUnaryMultiCallable[_data_subject_service_pb2.ExportCustomerDataRequest, _data_subject_service_pb2.ExportCustomerDataResponse]
     """ExportCustomerData returns everything this service holds about one customer
     as a machine-readable document.
+    Callers: admin, service:consent.
     """
     EraseCustomerData: _grpc.UnaryUnaryMultiCallable[_data_subject_service_pb2.EraseCustomerDataRequest, _data_subject_service_pb2.EraseCustomerDataResponse]
     """EraseCustomerData deletes everything this service holds about one customer,
     keeping only what the law requires (an erasure tombstone, a pseudonymised audit trail).
+    Callers: admin, service:consent.
     """
 
 @_typing.type_check_only
@@ -60,10 +62,12 @@ class DataSubjectServiceAsyncStub(DataSubjectServiceStub):
     ExportCustomerData: _aio.UnaryUnaryMultiCallable[_data_subject_service_pb2.ExportCustomerDataRequest, _data_subject_service_pb2.ExportCustomerDataResponse]  # type: ignore[assignment]
     """ExportCustomerData returns everything this service holds about one customer
     as a machine-readable document.
+    Callers: admin, service:consent.
     """
     EraseCustomerData: _aio.UnaryUnaryMultiCallable[_data_subject_service_pb2.EraseCustomerDataRequest, _data_subject_service_pb2.EraseCustomerDataResponse]  # type: ignore[assignment]
     """EraseCustomerData deletes everything this service holds about one customer,
     keeping only what the law requires (an erasure tombstone, a pseudonymised audit trail).
+    Callers: admin, service:consent.
     """
 
 class DataSubjectServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -82,6 +86,7 @@ class DataSubjectServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_data_subject_service_pb2.ExportCustomerDataResponse, _abc.Awaitable[_data_subject_service_pb2.ExportCustomerDataResponse]]:
         """ExportCustomerData returns everything this service holds about one customer
         as a machine-readable document.
+        Callers: admin, service:consent.
         """
 
     @_abc_1.abstractmethod
@@ -92,6 +97,7 @@ class DataSubjectServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_data_subject_service_pb2.EraseCustomerDataResponse, _abc.Awaitable[_data_subject_service_pb2.EraseCustomerDataResponse]]:
         """EraseCustomerData deletes everything this service holds about one customer,
         keeping only what the law requires (an erasure tombstone, a pseudonymised audit trail).
+        Callers: admin, service:consent.
         """
 
 def add_DataSubjectServiceServicer_to_server(servicer: DataSubjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -37,8 +37,9 @@ class ProfileServiceStub:
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-    bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+    (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+    resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
     device reach this service through the back end that received them;
     - admin may call everything.
@@ -157,8 +158,9 @@ class ProfileServiceServicer:
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-    bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+    (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+    resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
     device reach this service through the back end that received them;
     - admin may call everything.
@@ -274,8 +276,7 @@ class ProfileServiceServicer:
     def ResolveIdentity(self, request, context):
         """ResolveIdentity finds the customer an identifier (or an old customer_id)
         belongs to today, following merges.
-        Callers: admin, service:storefront, service:store, service:crm,
-        service:recommendation.
+        Callers: admin, service:storefront, service:store, service:crm.
         Returns NOT_FOUND (reason IDENTITY_NOT_FOUND or CUSTOMER_NOT_FOUND) when nothing
         matches or the customer was erased.
         """
@@ -358,8 +359,7 @@ class ProfileServiceServicer:
         each with a one-line explanation. Traits are computed for the purpose
         personalize.profiling from the data categories the customer consents to for it;
         a trait whose inputs are not consented, or that has no data yet, is left unset.
-        Callers: admin, service:storefront, service:store, service:crm,
-        service:recommendation.
+        Callers: admin, service:storefront, service:store, service:crm.
         Returns NOT_FOUND when the customer does not exist, FAILED_PRECONDITION (reason
         CUSTOMER_MERGED) when it was merged into another customer.
         """
@@ -494,8 +494,9 @@ class ProfileService:
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-    bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+    (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+    resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
     device reach this service through the back end that received them;
     - admin may call everything.

@@ -38,8 +38,9 @@ class ProfileServiceStub:
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
       and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-      bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+      (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+      resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
       device reach this service through the back end that received them;
     - admin may call everything.
@@ -131,8 +132,7 @@ class ProfileServiceStub:
     ResolveIdentity: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ResolveIdentityRequest, _profile_service_pb2.ResolveIdentityResponse]
     """ResolveIdentity finds the customer an identifier (or an old customer_id)
     belongs to today, following merges.
-    Callers: admin, service:storefront, service:store, service:crm,
-    service:recommendation.
+    Callers: admin, service:storefront, service:store, service:crm.
     Returns NOT_FOUND (reason IDENTITY_NOT_FOUND or CUSTOMER_NOT_FOUND) when nothing
     matches or the customer was erased.
     """
@@ -195,8 +195,7 @@ class ProfileServiceStub:
     each with a one-line explanation. Traits are computed for the purpose
     personalize.profiling from the data categories the customer consents to for it;
     a trait whose inputs are not consented, or that has no data yet, is left unset.
-    Callers: admin, service:storefront, service:store, service:crm,
-    service:recommendation.
+    Callers: admin, service:storefront, service:store, service:crm.
     Returns NOT_FOUND when the customer does not exist, FAILED_PRECONDITION (reason
     CUSTOMER_MERGED) when it was merged into another customer.
     """
@@ -235,8 +234,9 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
       and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-      bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+      (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+      resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
       device reach this service through the back end that received them;
     - admin may call everything.
@@ -325,8 +325,7 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     ResolveIdentity: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ResolveIdentityRequest, _profile_service_pb2.ResolveIdentityResponse]  # type: ignore[assignment]
     """ResolveIdentity finds the customer an identifier (or an old customer_id)
     belongs to today, following merges.
-    Callers: admin, service:storefront, service:store, service:crm,
-    service:recommendation.
+    Callers: admin, service:storefront, service:store, service:crm.
     Returns NOT_FOUND (reason IDENTITY_NOT_FOUND or CUSTOMER_NOT_FOUND) when nothing
     matches or the customer was erased.
     """
@@ -389,8 +388,7 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     each with a one-line explanation. Traits are computed for the purpose
     personalize.profiling from the data categories the customer consents to for it;
     a trait whose inputs are not consented, or that has no data yet, is left unset.
-    Callers: admin, service:storefront, service:store, service:crm,
-    service:recommendation.
+    Callers: admin, service:storefront, service:store, service:crm.
     Returns NOT_FOUND when the customer does not exist, FAILED_PRECONDITION (reason
     CUSTOMER_MERGED) when it was merged into another customer.
     """
@@ -428,8 +426,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
       and read customers, identities and events;
-    - service:recommendation reads the interaction feed, customer attributes (always
-      bound to a purpose, see GetCustomerRequest.purpose) and traits;
+    - service:recommendation reads the interaction feed and customer attributes
+      (always bound to a purpose, see GetCustomerRequest.purpose); it does not
+      resolve identifiers (e-mail, phone, ...) nor read traits;
     - device principals (device:<id>) may call nothing here; events that happen on a
       device reach this service through the back end that received them;
     - admin may call everything.
@@ -564,8 +563,7 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profile_service_pb2.ResolveIdentityResponse, _abc.Awaitable[_profile_service_pb2.ResolveIdentityResponse]]:
         """ResolveIdentity finds the customer an identifier (or an old customer_id)
         belongs to today, following merges.
-        Callers: admin, service:storefront, service:store, service:crm,
-        service:recommendation.
+        Callers: admin, service:storefront, service:store, service:crm.
         Returns NOT_FOUND (reason IDENTITY_NOT_FOUND or CUSTOMER_NOT_FOUND) when nothing
         matches or the customer was erased.
         """
@@ -658,8 +656,7 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         each with a one-line explanation. Traits are computed for the purpose
         personalize.profiling from the data categories the customer consents to for it;
         a trait whose inputs are not consented, or that has no data yet, is left unset.
-        Callers: admin, service:storefront, service:store, service:crm,
-        service:recommendation.
+        Callers: admin, service:storefront, service:store, service:crm.
         Returns NOT_FOUND when the customer does not exist, FAILED_PRECONDITION (reason
         CUSTOMER_MERGED) when it was merged into another customer.
         """

@@ -53,9 +53,9 @@ class ReplenishmentServiceStub:
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-    service:crm; the list is configuration) register and manage devices, slots and
-    orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+    service:crm) register and manage devices, slots and orders on behalf of a
+    customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for
@@ -229,9 +229,9 @@ class ReplenishmentServiceServicer:
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-    service:crm; the list is configuration) register and manage devices, slots and
-    orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+    service:crm) register and manage devices, slots and orders on behalf of a
+    customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for
@@ -279,7 +279,7 @@ class ReplenishmentServiceServicer:
         device's bearer token. The token is returned in plaintext only in this
         response; the service stores only its hash, so a lost token cannot be read
         again, only replaced with RotateDeviceToken.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same device but an empty
         device_token (the token is shown once); a caller that lost the first response
         calls RotateDeviceToken.
@@ -293,7 +293,7 @@ class ReplenishmentServiceServicer:
 
     def GetDevice(self, request, context):
         """GetDevice returns one device with its slots, including a deregistered one.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND) when no such device exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -302,7 +302,7 @@ class ReplenishmentServiceServicer:
 
     def ListDevices(self, request, context):
         """ListDevices returns devices with their slots, newest registration first.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty and the caller is not admin
         (reason CUSTOMER_ID_REQUIRED).
         """
@@ -315,7 +315,7 @@ class ReplenishmentServiceServicer:
         display_name, firmware_version, attributes. A device's customer, identity
         (manufacturer, model, serial number) and slots cannot be changed here; slots
         change through CreateSlot, UpdateSlot and DeleteSlot.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Repeating the same update leaves the same state.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
         DEVICE_DEREGISTERED) for a deregistered device; INVALID_ARGUMENT when the mask
@@ -332,7 +332,7 @@ class ReplenishmentServiceServicer:
         orders. PLACED and SHIPPED orders continue to delivery. The record stays
         readable with state DEREGISTERED; the same serial number may then be
         registered again.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent: deregistering a deregistered device returns it unchanged.
         NOT_FOUND (reason DEVICE_NOT_FOUND).
         """
@@ -345,7 +345,7 @@ class ReplenishmentServiceServicer:
         returned in plaintext only in this response. The previous token stops
         authenticating at once, or after previous_token_grace so the device can
         switch over.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same token_create_time but an
         empty device_token; call again with a new request_id for another token.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
@@ -358,7 +358,7 @@ class ReplenishmentServiceServicer:
 
     def CreateSlot(self, request, context):
         """CreateSlot adds a slot to a device.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
         DEVICE_DEREGISTERED, or SLOT_LIMIT_REACHED when the device already has 32
@@ -371,7 +371,7 @@ class ReplenishmentServiceServicer:
 
     def GetSlot(self, request, context):
         """GetSlot returns one slot with its current state.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -380,7 +380,7 @@ class ReplenishmentServiceServicer:
 
     def ListSlots(self, request, context):
         """ListSlots returns the slots of one device, ordered by slot_id.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -395,7 +395,7 @@ class ReplenishmentServiceServicer:
         cancels the slot's PENDING order if the service or the device placed it
         (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
         item_id or the price affects later orders only.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Repeating the same update leaves the same state.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
         (reason DEVICE_DEREGISTERED); INVALID_ARGUMENT when the mask is empty or names
@@ -409,7 +409,7 @@ class ReplenishmentServiceServicer:
         """DeleteSlot removes a slot from a device. Its PENDING order is cancelled
         (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
         slot. Its telemetry is deleted with it.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
         success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
         """
@@ -420,7 +420,7 @@ class ReplenishmentServiceServicer:
     def GetSlotForecast(self, request, context):
         """GetSlotForecast returns the depletion forecast of one slot, computed from its
         recent telemetry: the same answer the device gets from DeviceService.GetForecast.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
         normal answer (status INSUFFICIENT_DATA), not an error.
         """
@@ -435,7 +435,7 @@ class ReplenishmentServiceServicer:
         policy, its limits or the automatic-ordering consent, but it still counts
         toward the limits, and the slot still has at most one open order: the outcome
         is ORDER_PLACED or ORDER_IN_PROGRESS.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
         (reason DEVICE_DEREGISTERED, or PRICE_UNKNOWN when the slot has no unit
@@ -447,7 +447,8 @@ class ReplenishmentServiceServicer:
 
     def GetOrder(self, request, context):
         """GetOrder returns one order.
-        Callers: admin, customer-facing service principals, service:fulfilment.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:fulfilment.
         NOT_FOUND (reason ORDER_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -458,8 +459,8 @@ class ReplenishmentServiceServicer:
         """ListOrders returns orders matching every filter given, newest first.
         Together with WatchOrderEvents it supports list-then-watch: the response's
         revision tells where to start watching.
-        Callers: admin, customer-facing service principals (with customer_id or
-        device_id set), service:fulfilment.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:fulfilment.
         INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
         neither customer_id nor device_id, or when slot_id is set without device_id.
         Unknown customers and devices simply have no orders.
@@ -472,7 +473,7 @@ class ReplenishmentServiceServicer:
         """CancelOrder cancels a PENDING order within its cancellation window, on the
         customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
         order (reason ADMIN); fulfilment cancels through UpdateOrderState.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent: cancelling a CANCELLED order returns it unchanged.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
         CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
@@ -665,9 +666,9 @@ class ReplenishmentService:
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-    service:crm; the list is configuration) register and manage devices, slots and
-    orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+    service:crm) register and manage devices, slots and orders on behalf of a
+    customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for

@@ -54,9 +54,9 @@ class ReplenishmentServiceStub:
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-      service:crm; the list is configuration) register and manage devices, slots and
-      orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+      service:crm) register and manage devices, slots and orders on behalf of a
+      customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for
@@ -108,7 +108,7 @@ class ReplenishmentServiceStub:
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
     again, only replaced with RotateDeviceToken.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
     calls RotateDeviceToken.
@@ -118,12 +118,12 @@ class ReplenishmentServiceStub:
     """
     GetDevice: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetDeviceRequest, _replenishment_service_pb2.GetDeviceResponse]
     """GetDevice returns one device with its slots, including a deregistered one.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND) when no such device exists.
     """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListDevicesRequest, _replenishment_service_pb2.ListDevicesResponse]
     """ListDevices returns devices with their slots, newest registration first.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty and the caller is not admin
     (reason CUSTOMER_ID_REQUIRED).
     """
@@ -132,7 +132,7 @@ class ReplenishmentServiceStub:
     display_name, firmware_version, attributes. A device's customer, identity
     (manufacturer, model, serial number) and slots cannot be changed here; slots
     change through CreateSlot, UpdateSlot and DeleteSlot.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Repeating the same update leaves the same state.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
     DEVICE_DEREGISTERED) for a deregistered device; INVALID_ARGUMENT when the mask
@@ -145,7 +145,7 @@ class ReplenishmentServiceStub:
     orders. PLACED and SHIPPED orders continue to delivery. The record stays
     readable with state DEREGISTERED; the same serial number may then be
     registered again.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent: deregistering a deregistered device returns it unchanged.
     NOT_FOUND (reason DEVICE_NOT_FOUND).
     """
@@ -154,7 +154,7 @@ class ReplenishmentServiceStub:
     returned in plaintext only in this response. The previous token stops
     authenticating at once, or after previous_token_grace so the device can
     switch over.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same token_create_time but an
     empty device_token; call again with a new request_id for another token.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
@@ -163,7 +163,7 @@ class ReplenishmentServiceStub:
     """
     CreateSlot: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.CreateSlotRequest, _replenishment_service_pb2.CreateSlotResponse]
     """CreateSlot adds a slot to a device.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
     DEVICE_DEREGISTERED, or SLOT_LIMIT_REACHED when the device already has 32
@@ -172,12 +172,12 @@ class ReplenishmentServiceStub:
     """
     GetSlot: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotRequest, _replenishment_service_pb2.GetSlotResponse]
     """GetSlot returns one slot with its current state.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND).
     """
     ListSlots: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotsRequest, _replenishment_service_pb2.ListSlotsResponse]
     """ListSlots returns the slots of one device, ordered by slot_id.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND).
     """
     UpdateSlot: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateSlotRequest, _replenishment_service_pb2.UpdateSlotResponse]
@@ -188,7 +188,7 @@ class ReplenishmentServiceStub:
     cancels the slot's PENDING order if the service or the device placed it
     (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
     item_id or the price affects later orders only.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Repeating the same update leaves the same state.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
     (reason DEVICE_DEREGISTERED); INVALID_ARGUMENT when the mask is empty or names
@@ -198,14 +198,14 @@ class ReplenishmentServiceStub:
     """DeleteSlot removes a slot from a device. Its PENDING order is cancelled
     (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
     slot. Its telemetry is deleted with it.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
     success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
     """
     GetSlotForecast: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotForecastRequest, _replenishment_service_pb2.GetSlotForecastResponse]
     """GetSlotForecast returns the depletion forecast of one slot, computed from its
     recent telemetry: the same answer the device gets from DeviceService.GetForecast.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
     normal answer (status INSUFFICIENT_DATA), not an error.
     """
@@ -216,7 +216,7 @@ class ReplenishmentServiceStub:
     policy, its limits or the automatic-ordering consent, but it still counts
     toward the limits, and the slot still has at most one open order: the outcome
     is ORDER_PLACED or ORDER_IN_PROGRESS.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
     (reason DEVICE_DEREGISTERED, or PRICE_UNKNOWN when the slot has no unit
@@ -224,15 +224,16 @@ class ReplenishmentServiceStub:
     """
     GetOrder: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetOrderRequest, _replenishment_service_pb2.GetOrderResponse]
     """GetOrder returns one order.
-    Callers: admin, customer-facing service principals, service:fulfilment.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:fulfilment.
     NOT_FOUND (reason ORDER_NOT_FOUND).
     """
     ListOrders: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListOrdersRequest, _replenishment_service_pb2.ListOrdersResponse]
     """ListOrders returns orders matching every filter given, newest first.
     Together with WatchOrderEvents it supports list-then-watch: the response's
     revision tells where to start watching.
-    Callers: admin, customer-facing service principals (with customer_id or
-    device_id set), service:fulfilment.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:fulfilment.
     INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
     neither customer_id nor device_id, or when slot_id is set without device_id.
     Unknown customers and devices simply have no orders.
@@ -241,7 +242,7 @@ class ReplenishmentServiceStub:
     """CancelOrder cancels a PENDING order within its cancellation window, on the
     customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
     order (reason ADMIN); fulfilment cancels through UpdateOrderState.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent: cancelling a CANCELLED order returns it unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
     CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
@@ -314,9 +315,9 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-      service:crm; the list is configuration) register and manage devices, slots and
-      orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+      service:crm) register and manage devices, slots and orders on behalf of a
+      customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for
@@ -365,7 +366,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
     again, only replaced with RotateDeviceToken.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
     calls RotateDeviceToken.
@@ -375,12 +376,12 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """
     GetDevice: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetDeviceRequest, _replenishment_service_pb2.GetDeviceResponse]  # type: ignore[assignment]
     """GetDevice returns one device with its slots, including a deregistered one.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND) when no such device exists.
     """
     ListDevices: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListDevicesRequest, _replenishment_service_pb2.ListDevicesResponse]  # type: ignore[assignment]
     """ListDevices returns devices with their slots, newest registration first.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT when customer_id is empty and the caller is not admin
     (reason CUSTOMER_ID_REQUIRED).
     """
@@ -389,7 +390,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     display_name, firmware_version, attributes. A device's customer, identity
     (manufacturer, model, serial number) and slots cannot be changed here; slots
     change through CreateSlot, UpdateSlot and DeleteSlot.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Repeating the same update leaves the same state.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
     DEVICE_DEREGISTERED) for a deregistered device; INVALID_ARGUMENT when the mask
@@ -402,7 +403,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     orders. PLACED and SHIPPED orders continue to delivery. The record stays
     readable with state DEREGISTERED; the same serial number may then be
     registered again.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent: deregistering a deregistered device returns it unchanged.
     NOT_FOUND (reason DEVICE_NOT_FOUND).
     """
@@ -411,7 +412,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     returned in plaintext only in this response. The previous token stops
     authenticating at once, or after previous_token_grace so the device can
     switch over.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same token_create_time but an
     empty device_token; call again with a new request_id for another token.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
@@ -420,7 +421,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """
     CreateSlot: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.CreateSlotRequest, _replenishment_service_pb2.CreateSlotResponse]  # type: ignore[assignment]
     """CreateSlot adds a slot to a device.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
     DEVICE_DEREGISTERED, or SLOT_LIMIT_REACHED when the device already has 32
@@ -429,12 +430,12 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """
     GetSlot: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotRequest, _replenishment_service_pb2.GetSlotResponse]  # type: ignore[assignment]
     """GetSlot returns one slot with its current state.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND).
     """
     ListSlots: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotsRequest, _replenishment_service_pb2.ListSlotsResponse]  # type: ignore[assignment]
     """ListSlots returns the slots of one device, ordered by slot_id.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND).
     """
     UpdateSlot: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateSlotRequest, _replenishment_service_pb2.UpdateSlotResponse]  # type: ignore[assignment]
@@ -445,7 +446,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     cancels the slot's PENDING order if the service or the device placed it
     (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
     item_id or the price affects later orders only.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Repeating the same update leaves the same state.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
     (reason DEVICE_DEREGISTERED); INVALID_ARGUMENT when the mask is empty or names
@@ -455,14 +456,14 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """DeleteSlot removes a slot from a device. Its PENDING order is cancelled
     (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
     slot. Its telemetry is deleted with it.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
     success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
     """
     GetSlotForecast: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotForecastRequest, _replenishment_service_pb2.GetSlotForecastResponse]  # type: ignore[assignment]
     """GetSlotForecast returns the depletion forecast of one slot, computed from its
     recent telemetry: the same answer the device gets from DeviceService.GetForecast.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
     normal answer (status INSUFFICIENT_DATA), not an error.
     """
@@ -473,7 +474,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     policy, its limits or the automatic-ordering consent, but it still counts
     toward the limits, and the slot still has at most one open order: the outcome
     is ORDER_PLACED or ORDER_IN_PROGRESS.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
     (reason DEVICE_DEREGISTERED, or PRICE_UNKNOWN when the slot has no unit
@@ -481,15 +482,16 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """
     GetOrder: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetOrderRequest, _replenishment_service_pb2.GetOrderResponse]  # type: ignore[assignment]
     """GetOrder returns one order.
-    Callers: admin, customer-facing service principals, service:fulfilment.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:fulfilment.
     NOT_FOUND (reason ORDER_NOT_FOUND).
     """
     ListOrders: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListOrdersRequest, _replenishment_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """ListOrders returns orders matching every filter given, newest first.
     Together with WatchOrderEvents it supports list-then-watch: the response's
     revision tells where to start watching.
-    Callers: admin, customer-facing service principals (with customer_id or
-    device_id set), service:fulfilment.
+    Callers: admin, service:storefront, service:store, service:crm,
+    service:fulfilment.
     INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
     neither customer_id nor device_id, or when slot_id is set without device_id.
     Unknown customers and devices simply have no orders.
@@ -498,7 +500,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """CancelOrder cancels a PENDING order within its cancellation window, on the
     customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
     order (reason ADMIN); fulfilment cancels through UpdateOrderState.
-    Callers: admin, customer-facing service principals.
+    Callers: admin, service:storefront, service:store, service:crm.
     Idempotent: cancelling a CANCELLED order returns it unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
     CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
@@ -570,9 +572,9 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ReplenishOutcome).
 
     Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
-    - customer-facing service principals (by default service:storefront and
-      service:crm; the list is configuration) register and manage devices, slots and
-      orders on behalf of a customer;
+    - customer-facing service principals (service:storefront, service:store and
+      service:crm) register and manage devices, slots and orders on behalf of a
+      customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
     - a device principal `device:<id>` may call DeviceService only, and only for
@@ -625,7 +627,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         device's bearer token. The token is returned in plaintext only in this
         response; the service stores only its hash, so a lost token cannot be read
         again, only replaced with RotateDeviceToken.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same device but an empty
         device_token (the token is shown once); a caller that lost the first response
         calls RotateDeviceToken.
@@ -641,7 +643,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.GetDeviceResponse, _abc.Awaitable[_replenishment_service_pb2.GetDeviceResponse]]:
         """GetDevice returns one device with its slots, including a deregistered one.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND) when no such device exists.
         """
 
@@ -652,7 +654,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.ListDevicesResponse, _abc.Awaitable[_replenishment_service_pb2.ListDevicesResponse]]:
         """ListDevices returns devices with their slots, newest registration first.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT when customer_id is empty and the caller is not admin
         (reason CUSTOMER_ID_REQUIRED).
         """
@@ -667,7 +669,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         display_name, firmware_version, attributes. A device's customer, identity
         (manufacturer, model, serial number) and slots cannot be changed here; slots
         change through CreateSlot, UpdateSlot and DeleteSlot.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Repeating the same update leaves the same state.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
         DEVICE_DEREGISTERED) for a deregistered device; INVALID_ARGUMENT when the mask
@@ -686,7 +688,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         orders. PLACED and SHIPPED orders continue to delivery. The record stays
         readable with state DEREGISTERED; the same serial number may then be
         registered again.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent: deregistering a deregistered device returns it unchanged.
         NOT_FOUND (reason DEVICE_NOT_FOUND).
         """
@@ -701,7 +703,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         returned in plaintext only in this response. The previous token stops
         authenticating at once, or after previous_token_grace so the device can
         switch over.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same token_create_time but an
         empty device_token; call again with a new request_id for another token.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
@@ -716,7 +718,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.CreateSlotResponse, _abc.Awaitable[_replenishment_service_pb2.CreateSlotResponse]]:
         """CreateSlot adds a slot to a device.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
         DEVICE_DEREGISTERED, or SLOT_LIMIT_REACHED when the device already has 32
@@ -731,7 +733,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.GetSlotResponse, _abc.Awaitable[_replenishment_service_pb2.GetSlotResponse]]:
         """GetSlot returns one slot with its current state.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND).
         """
 
@@ -742,7 +744,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.ListSlotsResponse, _abc.Awaitable[_replenishment_service_pb2.ListSlotsResponse]]:
         """ListSlots returns the slots of one device, ordered by slot_id.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND).
         """
 
@@ -759,7 +761,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         cancels the slot's PENDING order if the service or the device placed it
         (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
         item_id or the price affects later orders only.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Repeating the same update leaves the same state.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
         (reason DEVICE_DEREGISTERED); INVALID_ARGUMENT when the mask is empty or names
@@ -775,7 +777,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """DeleteSlot removes a slot from a device. Its PENDING order is cancelled
         (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
         slot. Its telemetry is deleted with it.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
         success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
         """
@@ -788,7 +790,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_replenishment_service_pb2.GetSlotForecastResponse, _abc.Awaitable[_replenishment_service_pb2.GetSlotForecastResponse]]:
         """GetSlotForecast returns the depletion forecast of one slot, computed from its
         recent telemetry: the same answer the device gets from DeviceService.GetForecast.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
         normal answer (status INSUFFICIENT_DATA), not an error.
         """
@@ -805,7 +807,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         policy, its limits or the automatic-ordering consent, but it still counts
         toward the limits, and the slot still has at most one open order: the outcome
         is ORDER_PLACED or ORDER_IN_PROGRESS.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
         (reason DEVICE_DEREGISTERED, or PRICE_UNKNOWN when the slot has no unit
@@ -819,7 +821,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.GetOrderResponse, _abc.Awaitable[_replenishment_service_pb2.GetOrderResponse]]:
         """GetOrder returns one order.
-        Callers: admin, customer-facing service principals, service:fulfilment.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:fulfilment.
         NOT_FOUND (reason ORDER_NOT_FOUND).
         """
 
@@ -832,8 +835,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListOrders returns orders matching every filter given, newest first.
         Together with WatchOrderEvents it supports list-then-watch: the response's
         revision tells where to start watching.
-        Callers: admin, customer-facing service principals (with customer_id or
-        device_id set), service:fulfilment.
+        Callers: admin, service:storefront, service:store, service:crm,
+        service:fulfilment.
         INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
         neither customer_id nor device_id, or when slot_id is set without device_id.
         Unknown customers and devices simply have no orders.
@@ -848,7 +851,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """CancelOrder cancels a PENDING order within its cancellation window, on the
         customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
         order (reason ADMIN); fulfilment cancels through UpdateOrderState.
-        Callers: admin, customer-facing service principals.
+        Callers: admin, service:storefront, service:store, service:crm.
         Idempotent: cancelling a CANCELLED order returns it unchanged.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
         CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
