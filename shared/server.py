@@ -1,7 +1,8 @@
 """Server bootstrap shared by every service.
 
 `create_server(settings, app)` builds a grpc.aio server with the standard health
-service (NOT_SERVING until the app has started), server reflection, the RPC
+service (NOT_SERVING until the app has started), server reflection (method names
+resolve too: shared/reflection.py), the RPC
 interceptor and limits, and returns it with its bound port, so a test can start a
 service in-process on port 0. `serve(app_factory, service)` is a service's `main`:
 it also handles SIGTERM/SIGINT (NOT_SERVING first, then a graceful stop, exit 0).
@@ -19,9 +20,8 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from shared import auth, errors
+from shared import auth, errors, reflection
 from shared.interceptors import RpcInterceptor, WrappingServer
 from shared.log import configure_logging, get_logger
 from shared.metrics import serve_metrics
