@@ -1,11 +1,16 @@
 """Server bootstrap shared by every service.
 
 `create_server(settings, app)` builds a grpc.aio server with the standard health
-service (NOT_SERVING until the app has started), server reflection (method names
-resolve too: shared/reflection.py), the RPC
+service, server reflection (method names resolve too: shared/reflection.py), the RPC
 interceptor and limits, and returns it with its bound port, so a test can start a
 service in-process on port 0. `serve(app_factory, service)` is a service's `main`:
 it also handles SIGTERM/SIGINT (NOT_SERVING first, then a graceful stop, exit 0).
+
+Start-up: the port opens at once, so probes can reach health from the first moment,
+but until `start_app` has finished the app's start-up work (migrations, caches) health
+says NOT_SERVING and every RPC other than health and reflection is refused with
+UNAVAILABLE (reason NOT_READY, "the service is starting"), logged and counted like any
+other answer. A caller that retries UNAVAILABLE, or waits for SERVING, never sees it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared import auth, errors, reflection
-from shared.interceptors import RpcInterceptor, WrappingServer
+from shared.interceptors import RpcInterceptor, UnknownMethods, WrappingServer
 from shared.log import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.settings import Settings, load_settings
@@ -73,6 +78,9 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     app: App
+    interceptor: RpcInterceptor
+    # Set once the service begins to stop: start-up work that ends after it does not open it.
+    stopping: bool = False
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -82,6 +90,8 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        self.stopping = True
+        self.interceptor.close()
         await self.health.enter_graceful_shutdown()
         if self.app.drain is not None:
             await self.app.drain()
@@ -127,20 +137,24 @@ async def create_server(settings: Settings, app: App, port: int | None = None) -
     reflection.enable_server_reflection(
         [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    server.add_generic_rpc_handlers((UnknownMethods(interceptor),))  # last: only what nothing else has
     address = f"{settings.host}:{settings.grpc_port if port is None else port}"
     credentials = _credentials(settings)
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    running = RunningServer(server, bound, health_servicer, app)
+    running = RunningServer(server, bound, health_servicer, app, interceptor)
     await running.set_serving(False)
     await server.start()
     return running
 
 
 async def start_app(running: RunningServer) -> None:
-    """Runs the app's start-up work (migrations, caches), then reports SERVING."""
+    """Runs the app's start-up work (migrations, caches), then serves and reports SERVING
+    (unless the service began to stop meanwhile)."""
     if running.app.start is not None:
         await running.app.start()
-    await running.set_serving(True)
+    if not running.stopping:
+        running.interceptor.open()
+        await running.set_serving(True)
 
 
 async def _serve(settings: Settings, app: App) -> None:
