@@ -1,9 +1,19 @@
 """What every najimi RPC passes through, around its handler.
 
-In order: request id, authentication and authorisation (health and reflection are
-not wrapped: they stay open), the handler itself, error mapping (domain errors to rich statuses, anything
-unexpected to INTERNAL with no stack trace sent), one structured access-log line and
-the per-RPC metrics.
+In order: readiness (until the service has started, and once it begins to stop, a call
+is refused with UNAVAILABLE: reason NOT_READY or SHUTTING_DOWN), request id,
+authentication and authorisation (health and reflection are not wrapped: they stay
+open), decoding the request, the handler itself, error mapping (domain errors to rich
+statuses, anything unexpected to INTERNAL with no stack trace sent), one structured
+access-log line and the per-RPC metrics. Every answer of a wrapped RPC, refusals and
+denials included, is logged and counted.
+
+The request is decoded here, after authentication, not by grpc: handlers are
+registered to receive the raw bytes. A body that does not decode (truncated, garbage,
+nested deeper than the protobuf parser allows), in a unary call or any message of a
+request stream, is INVALID_ARGUMENT with reason MALFORMED_REQUEST and a message that
+names neither the exception nor the message type; a caller without a valid token gets
+UNAUTHENTICATED whatever it sends.
 
 It sits on every call, so what can be worked out once per method (the access rule,
 the metric figures, whether the handler is a coroutine) is, and per call it does only
@@ -88,10 +98,43 @@ def _code_of(error: BaseException | None, context: grpc.aio.ServicerContext) -> 
     return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
 
 
-class _Method:
-    """What the interceptor knows about one RPC, worked out on its first call."""
+class MalformedRequest(errors.DomainError):
+    """A request body that does not decode as the RPC's request message."""
 
-    def __init__(self, interceptor: RpcInterceptor, method: str):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "MALFORMED_REQUEST"
+
+
+# Generic on purpose: the parser's own text names the message type and its internals.
+MALFORMED_MESSAGE = "the request body is not a valid protobuf message of this RPC's request type"
+
+
+def _malformed() -> MalformedRequest:
+    return MalformedRequest(MALFORMED_MESSAGE)
+
+
+def _not_ready() -> errors.DomainError:
+    return errors.Unavailable("the service is starting; retry shortly", reason="NOT_READY")
+
+
+def _shutting_down() -> errors.DomainError:
+    return errors.Unavailable("the service is stopping; retry on another replica", reason="SHUTTING_DOWN")
+
+
+def _record(
+    stats: metrics.RpcStats, access_log: bool, method: str, started: float, code: str, peer: str
+) -> None:
+    """Counts an answered call and writes its access-log line."""
+    elapsed = perf_counter() - started
+    stats.observe(code, elapsed)
+    if access_log:
+        log.info("rpc", method=method, code=code, duration_ms=round(elapsed * 1000, 3), peer=peer)
+
+
+class _Method:
+    """What the interceptor knows about one RPC, worked out when it is registered."""
+
+    def __init__(self, interceptor: RpcInterceptor, method: str, deserialize: Callable[[bytes], Any]):
         self.interceptor = interceptor
         self.method = method
         self.short = method.rsplit("/", 1)[-1]
@@ -99,25 +142,46 @@ class _Method:
         self.authenticator = interceptor.authenticator
         self.access_log = interceptor.access_log
         self.stats = metrics.RPC_METRICS.stats(interceptor.service, self.short)
+        self.deserialize = deserialize
 
-    async def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
-        """Authenticates and authorises the caller; returns (request id, peer)."""
-        request_id, authorization = _scan(context.invocation_metadata() or ())
+    async def admit(
+        self,
+        authorization: str | bytes | None,
+        request_id: str,
+        deserialize: Callable[[Any], Any],
+        request: Any,
+    ) -> Any:
+        """Refuses the call while the service is not serving, else authenticates and
+        authorises the caller, binds the RPC's log context, and returns the request decoded
+        (a stream: its messages decoded as they are read)."""
+        _REQUEST_ID_VAR.set(request_id)  # each RPC runs in a task of its own: this ends with it
+        refusal = self.interceptor.refusal
+        if refusal is not None:
+            raise refusal()
         try:
             principal, digest = self.authenticator.static_caller(authorization)
             if principal is None:
                 principal = await self.authenticator.resolve(digest)
+            _PRINCIPAL_VAR.set(str(principal))  # before authorising: a denial names who was denied
             auth.authorize(principal, self.rule, self.short)
         except errors.DomainError as denied:
             metrics.AUTH_DENIALS.labels(self.interceptor.service, denied.code.name).inc()
-            _REQUEST_ID_VAR.set(request_id)
             raise
         auth.set_current_principal(principal)
-        # Each RPC runs in a task of its own, so these bindings end with it.
-        _REQUEST_ID_VAR.set(request_id)
-        _PRINCIPAL_VAR.set(str(principal))
-        # The peer is read now, while the call is surely alive (reading it after the end crashed).
-        return request_id, context.peer() if self.access_log else ""
+        try:
+            return deserialize(request)
+        except Exception:
+            raise _malformed() from None
+
+    async def decoded(self, requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        """A request stream's messages, decoded one by one; MALFORMED_REQUEST ends it."""
+        deserialize = self.deserialize
+        async for data in requests:
+            try:
+                message = deserialize(data)
+            except Exception:
+                raise _malformed() from None
+            yield message
 
     async def fail(self, context: grpc.aio.ServicerContext, error: BaseException, request_id: str) -> None:
         if isinstance(error, errors.DomainError):
@@ -132,23 +196,25 @@ class _Method:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def finish(self, started: float, code: str, peer: str) -> None:
-        elapsed = perf_counter() - started
-        self.stats.observe(code, elapsed)
-        if self.access_log:
-            log.info("rpc", method=self.method, code=code, duration_ms=round(elapsed * 1000, 3), peer=peer)
+        _record(self.stats, self.access_log, self.method, started, code, peer)
 
-    def unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def unary(self, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
         is_coroutine = inspect.iscoroutinefunction(behavior)
+        deserialize = self.decoded if request_streaming else self.deserialize
+        access_log = self.access_log
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = perf_counter()
             request_id, peer = "", ""
             outcome: BaseException | None = None
             try:
-                request_id, peer = await self.admit(context)
+                request_id, authorization = _scan(context.invocation_metadata() or ())
+                # Read now, while the call is surely alive (reading it after the end crashed).
+                peer = context.peer() if access_log else ""
+                message = await self.admit(authorization, request_id, deserialize, request)
                 if is_coroutine:
-                    return await behavior(request, context)
-                result = behavior(request, context)
+                    return await behavior(message, context)
+                result = behavior(message, context)
                 return await result if inspect.isawaitable(result) else result
             except asyncio.CancelledError as cancelled:
                 outcome = cancelled
@@ -163,22 +229,27 @@ class _Method:
 
         return run
 
-    def streaming(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def streaming(self, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
+        deserialize = self.decoded if request_streaming else self.deserialize
+        access_log = self.access_log
+
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = perf_counter()
             request_id, peer = "", ""
             outcome: BaseException | None = None
             try:
-                request_id, peer = await self.admit(context)
-                result = behavior(request, context)
+                request_id, authorization = _scan(context.invocation_metadata() or ())
+                peer = context.peer() if access_log else ""
+                message = await self.admit(authorization, request_id, deserialize, request)
+                result = behavior(message, context)
                 if inspect.isasyncgen(result):
-                    async for message in result:
-                        yield message
+                    async for reply in result:
+                        yield reply
                 elif inspect.isawaitable(result):
                     await result
                 else:
-                    for message in result:
-                        yield message
+                    for reply in result:
+                        yield reply
             except asyncio.CancelledError as cancelled:
                 outcome = cancelled
                 raise
@@ -200,6 +271,9 @@ class RpcInterceptor:
     interceptor pipeline that grpc.aio would otherwise run on every call (health and
     reflection calls included): measured at about a third of CheckConsent's server CPU
     beyond the health floor (bench/consent_bench.py).
+
+    It refuses every call (UNAVAILABLE, NOT_READY) until `open()`, which the server calls
+    once the app has started, and again (SHUTTING_DOWN) after `close()`.
     """
 
     def __init__(
@@ -213,20 +287,70 @@ class RpcInterceptor:
         self.authenticator = authenticator
         self.policy = dict(policy)
         self.access_log = access_log
+        # The error every call gets while the service is not serving; None while it is.
+        self.refusal: Callable[[], errors.DomainError] | None = _not_ready
+
+    def open(self) -> None:
+        """The app has started: calls run from now on."""
+        self.refusal = None
+
+    def close(self) -> None:
+        """The service is stopping: calls that arrive from now on are refused."""
+        self.refusal = _shutting_down
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        rpc = _Method(self, method)
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        """The handler that runs `handler` inside the interceptor, taking the raw request."""
+        rpc = _Method(self, method, handler.request_deserializer or _unchanged)
+        # No request_deserializer: grpc hands over the bytes, decoded after authentication.
+        serializer = handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(rpc.unary(handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(
+                rpc.unary(handler.unary_unary, False), None, serializer
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(rpc.unary(handler.stream_unary), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(
+                rpc.unary(handler.stream_unary, True), None, serializer
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(rpc.streaming(handler.unary_stream), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(rpc.streaming(handler.stream_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(
+                rpc.streaming(handler.unary_stream, False), None, serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            rpc.streaming(handler.stream_stream, True), None, serializer
+        )
+
+
+def _unchanged(data: bytes) -> bytes:
+    return data
+
+
+# The metrics' method label of calls to a method that no service of the server has.
+UNKNOWN_METHOD = "_unknown_"
+
+
+class UnknownMethods(grpc.GenericRpcHandler):
+    """Answers a call to a method that no service of the server has, as grpc would
+    (UNIMPLEMENTED), but logged and counted. Registered after every service, so grpc
+    reaches it only when nothing else has the method."""
+
+    def __init__(self, interceptor: RpcInterceptor):
+        self.stats = metrics.RPC_METRICS.stats(interceptor.service, UNKNOWN_METHOD)
+        self.access_log = interceptor.access_log
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)[:200]  # the caller's text: kept short in the log
+
+        async def answer(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            started = perf_counter()
+            _REQUEST_ID_VAR.set(_scan(context.invocation_metadata() or ())[0])
+            peer = context.peer() if self.access_log else ""
+            _record(self.stats, self.access_log, method, started, "UNIMPLEMENTED", peer)
+            status = errors.status_of(
+                errors.Unimplemented("no such method on this server", reason="UNKNOWN_METHOD")
+            )
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        return grpc.stream_stream_rpc_method_handler(answer)
 
 
 class WrappingServer:

@@ -3,6 +3,10 @@
 A child logs a "listening" line with its port as soon as it has bound, so a caller can
 start a service on port 0 and learn the port; readiness then comes from the standard
 health service (Watch until SERVING), never from waiting a fixed time.
+
+A child starts with SIGTERM and SIGINT blocked (the mask is inherited through exec)
+and unblocks them once its handler is installed (shared/stop_signals.py), so a stop
+sent at any moment of its start-up is handled, never fatal.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.stop_signals import STOP_SIGNALS
+
 
 class ServiceProcess:
     """One `python -m services.<name>` child whose log lines are kept and echoed to a file."""
@@ -30,13 +36,18 @@ class ServiceProcess:
         self._listening = threading.Event()
         self._echo = echo
         self.port = 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
-            env={**os.environ, **env, "NAJIMI_LOG_FORMAT": "json"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # Blocked in this thread only while it forks: the child inherits the mask.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"],
+                env={**os.environ, **env, "NAJIMI_LOG_FORMAT": "json"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
 
@@ -58,9 +69,14 @@ class ServiceProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def wait_listening(self, timeout: float = 60.0) -> bool:
+        """Blocks until the service has bound its port (its start-up work then runs); False
+        if it ended first or the time ran out."""
+        return self._listening.wait(timeout) and self.port != 0
+
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Blocks until the service's health says SERVING; raises if it dies or times out."""
-        if not self._listening.wait(timeout) or not self.port:
+        if not self.wait_listening(timeout):
             raise RuntimeError(f"{self.service} did not start:\n{''.join(self.lines[-30:])}")
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -1,17 +1,29 @@
 """Server bootstrap shared by every service.
 
 `create_server(settings, app)` builds a grpc.aio server with the standard health
-service (NOT_SERVING until the app has started), server reflection, the RPC
+service, server reflection (method names resolve too: shared/reflection.py), the RPC
 interceptor and limits, and returns it with its bound port, so a test can start a
-service in-process on port 0. `serve(app_factory, service)` is a service's `main`:
-it also handles SIGTERM/SIGINT (NOT_SERVING first, then a graceful stop, exit 0).
+service in-process on port 0. `serve(app_factory, service)` is a service's `main`.
+
+Start-up: the port opens at once, so probes can reach health from the first moment,
+but until `start_app` has finished the app's start-up work (migrations, caches) health
+says NOT_SERVING and every RPC other than health and reflection is refused with
+UNAVAILABLE (reason NOT_READY, "the service is starting"), logged and counted like any
+other answer. A caller that retries UNAVAILABLE, or waits for SERVING, never sees it.
+
+Stop: SIGTERM or SIGINT, at any moment from the service's first line (shared/
+stop_signals.py), is a request to stop, and so is a second one: health turns
+NOT_SERVING, calls keep being served for NAJIMI_SHUTDOWN_DELAY_SECONDS (so load
+balancers see it first), then calls that arrive are refused with UNAVAILABLE (reason
+SHUTTING_DOWN), long-lived streams are ended, calls under way get up to
+NAJIMI_GRACE_SECONDS to finish, and the process exits 0. A signal during start-up lets
+the start-up work finish (at most the grace period) and stops without ever serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +31,9 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from shared import access_policy, auth, errors
-from shared.interceptors import RpcInterceptor, WrappingServer
+from shared import access_policy, auth, errors, reflection, stop_signals
+from shared.interceptors import RpcInterceptor, UnknownMethods, WrappingServer
 from shared.log import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.settings import Settings, load_settings
@@ -68,6 +79,9 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     app: App
+    interceptor: RpcInterceptor
+    # Set once the service begins to stop: start-up work that ends after it does not open it.
+    stopping: bool = False
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -77,6 +91,8 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        self.stopping = True
+        self.interceptor.close()
         await self.health.enter_graceful_shutdown()
         if self.app.drain is not None:
             await self.app.drain()
@@ -122,46 +138,69 @@ async def create_server(settings: Settings, app: App, port: int | None = None) -
     reflection.enable_server_reflection(
         [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    server.add_generic_rpc_handlers((UnknownMethods(interceptor),))  # last: only what nothing else has
     address = f"{settings.host}:{settings.grpc_port if port is None else port}"
     credentials = _credentials(settings)
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    running = RunningServer(server, bound, health_servicer, app)
+    running = RunningServer(server, bound, health_servicer, app, interceptor)
     await running.set_serving(False)
     await server.start()
     return running
 
 
 async def start_app(running: RunningServer) -> None:
-    """Runs the app's start-up work (migrations, caches), then reports SERVING."""
+    """Runs the app's start-up work (migrations, caches), then serves and reports SERVING
+    (unless the service began to stop meanwhile)."""
     if running.app.start is not None:
         await running.app.start()
-    await running.set_serving(True)
+    if not running.stopping:
+        running.interceptor.open()
+        await running.set_serving(True)
 
 
-async def _serve(settings: Settings, app: App) -> None:
-    running = await create_server(settings, app)
-    serve_metrics(settings.host, settings.effective_metrics_port)
-    log.info("listening", service=app.name, port=running.port, metrics_port=settings.effective_metrics_port)
+async def _serve(settings: Settings, app: App) -> int:
+    """Serves until a stop signal; returns the exit status."""
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    starting = asyncio.create_task(start_app(running))
-    waiting = asyncio.create_task(stopping.wait())
-    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if starting.done() and starting.exception() is not None:
-        log.error("start_failed", service=app.name, exc_info=starting.exception())
-        await running.stop(0)
-        raise SystemExit(1)
-    await waiting
-    log.info("stopping", service=app.name, grace_seconds=settings.grace_seconds)
-    if not starting.done():
+    with stop_signals.setting(asyncio.get_running_loop(), stopping):
+        if stopping.is_set():
+            log.info("stopped_before_start", service=app.name)
+            return 0
+        running = await create_server(settings, app)
+        serve_metrics(settings.host, settings.effective_metrics_port)
+        log.info(
+            "listening", service=app.name, port=running.port, metrics_port=settings.effective_metrics_port
+        )
+        starting = asyncio.create_task(start_app(running))
+        waiting = asyncio.create_task(stopping.wait())
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is not None:
+            waiting.cancel()
+            log.error("start_failed", service=app.name, exc_info=starting.exception())
+            await running.stop(0)
+            return 1
+        await waiting
+        log.info("stopping", service=app.name, grace_seconds=settings.grace_seconds)
+        serving = starting.done()
+        if not serving:
+            await _finish_start_up(running, starting, settings.grace_seconds)
+        await running.health.enter_graceful_shutdown()
+        if serving and settings.shutdown_delay_seconds:
+            await asyncio.sleep(settings.shutdown_delay_seconds)  # let load balancers see NOT_SERVING
+        await running.stop(settings.grace_seconds)
+        log.info("stopped", service=app.name)
+        return 0
+
+
+async def _finish_start_up(running: RunningServer, starting: asyncio.Task[None], grace: float) -> None:
+    """A stop during start-up: lets the start-up work (a migration, say) end cleanly within
+    the grace period rather than cut it off, and keeps the service from opening."""
+    running.stopping = True
+    done, _ = await asyncio.wait({starting}, timeout=grace)
+    if not done:
         starting.cancel()
-    await running.health.enter_graceful_shutdown()
-    if settings.shutdown_delay_seconds:
-        await asyncio.sleep(settings.shutdown_delay_seconds)  # let load balancers see NOT_SERVING
-    await running.stop(settings.grace_seconds)
-    log.info("stopped", service=app.name)
+        await asyncio.wait({starting})
+    if not starting.cancelled() and starting.exception() is not None:
+        log.warning("start_failed_while_stopping", service=running.app.name, exc_info=starting.exception())
 
 
 # Young-generation collections after this many net allocations (CPython's default: 700).
@@ -184,9 +223,19 @@ def tune_garbage_collector() -> None:
 
 
 def serve(build_app: Callable[[Settings], App], service: str) -> None:
-    """A service's entry point: settings from the environment, then serve until SIGTERM."""
-    settings = load_settings(service)
-    configure_logging(settings.log_format, settings.log_level)
-    app = build_app(settings)
-    tune_garbage_collector()
-    asyncio.run(_serve(settings, app))
+    """A service's entry point: settings from the environment, then serve until SIGTERM.
+
+    Exits 0 after a stop signal (one or several, at any point), 1 if start-up failed, 2
+    on invalid settings.
+    """
+    stop_signals.install()  # the services' __main__ installs it earlier still: this is for other callers
+    try:
+        settings = load_settings(service)
+        configure_logging(settings.log_format, settings.log_level)
+        app = build_app(settings)
+        tune_garbage_collector()
+        status = asyncio.run(_serve(settings, app))
+    finally:
+        stop_signals.ignore()
+    if status:
+        raise SystemExit(status)

@@ -17,8 +17,12 @@ newest revision. SIGTERM or SIGINT stops it after the pass under way.
 
 from __future__ import annotations
 
+from shared import stop_signals
+
+if __name__ == "__main__":
+    stop_signals.install()  # before the slow imports: SIGTERM or SIGINT from here on is a clean stop
+
 import asyncio
-import signal
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -57,10 +61,12 @@ async def wait_for_schema(database: Database, stop: asyncio.Event) -> bool:
 
 async def run(settings: Settings) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     database = Database(settings.effective_database_url, "profile")
+    with stop_signals.setting(asyncio.get_running_loop(), stop):
+        await _work(database, stop)
+
+
+async def _work(database: Database, stop: asyncio.Event) -> None:
     try:
         if not await wait_for_schema(database, stop):
             return
@@ -75,10 +81,14 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
+    stop_signals.install()
     settings = load_settings("profile")
     configure_logging(settings.log_format, settings.log_level)
     tune_garbage_collector()
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    finally:
+        stop_signals.ignore()
 
 
 if __name__ == "__main__":
