@@ -118,10 +118,24 @@ def test_every_workload_runs_least_privileged_with_resources(target: str) -> Non
     assert problems == []
 
 
+def replica_counts(objects: list[dict[str, Any]]) -> dict[str, int]:
+    """Deployment -> its replicas: its own, or its HorizontalPodAutoscaler's minReplicas (a
+    Deployment an HPA scales leaves `replicas` unset, so that an apply never scales it down)."""
+    scaled = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(objects, "HorizontalPodAutoscaler")}
+    counts = {}
+    for deployment in of_kind(objects, "Deployment"):
+        own = deployment["spec"].get("replicas")
+        hpa = scaled.get(name(deployment))
+        assert (own is None) == (hpa is not None), f"{name(deployment)}: replicas, or an HPA, not both"
+        counts[name(deployment)] = own if hpa is None else hpa["spec"]["minReplicas"]
+    return counts
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_deployment_has_replicas_and_spreads_across_nodes(target: str) -> None:
-    for deployment in of_kind(render(target), "Deployment"):
-        assert deployment["spec"].get("replicas", 0) >= 1, name(deployment)
+    objects = render(target)
+    assert all(count >= 1 for count in replica_counts(objects).values())
+    for deployment in of_kind(objects, "Deployment"):
         spread = pod_template(deployment)["spec"].get("topologySpreadConstraints", [])
         assert any(c["topologyKey"] == "kubernetes.io/hostname" for c in spread), name(deployment)
         for constraint in spread:
@@ -129,9 +143,8 @@ def test_every_deployment_has_replicas_and_spreads_across_nodes(target: str) -> 
 
 
 def test_prod_runs_several_replicas_and_dev_one() -> None:
-    for target, check in (("overlays/prod", lambda n: n >= 2), ("overlays/dev", lambda n: n == 1)):
-        for deployment in of_kind(render(target), "Deployment"):
-            assert check(deployment["spec"]["replicas"]), f"{target}: {name(deployment)}"
+    assert all(n >= 2 for n in replica_counts(render("overlays/prod")).values())
+    assert all(n == 1 for n in replica_counts(render("overlays/dev")).values())
 
 
 def probe_service_is_registered(service: str, grpc_service: str) -> bool:
@@ -151,6 +164,19 @@ def test_grpc_servers_have_builtin_grpc_probes_naming_their_service(target: str)
             assert probe is not None, f"{service}: {kind} must be a grpc probe"
             assert probe["port"] == port_named(container, "grpc"), f"{service}: {kind} port"
             assert probe_service_is_registered(service, probe["service"]), f"{service}: {kind} {probe}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_the_documented_workers_run_without_probes(target: str) -> None:
+    objects = render(target)
+    unprobed = {
+        name(d)
+        for d in of_kind(objects, "Deployment")
+        for c in pod_template(d)["spec"]["containers"]
+        if not all(k in c for k in ("startupProbe", "readinessProbe", "livenessProbe"))
+    }
+    # The trait worker serves no port and has no health endpoint (deploy/k8s/base/profile-traits.yaml).
+    assert unprobed == {"profile-traits"}
 
 
 def test_prod_probes_ask_the_same_health_service_over_mutual_tls() -> None:
