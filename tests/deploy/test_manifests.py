@@ -491,3 +491,29 @@ def test_secrets_come_only_from_secrets_and_reach_the_services_that_need_them(ta
             ):
                 problems.append(f"{service}: {variable} is not set (add a secretKeyRef to its Secret)")
     assert problems == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_workload_reads_only_its_own_services_secret(target: str) -> None:
+    """Least privilege between services: the consent pods never see profile's PII key, the
+    migration of one schema never gets another service's database URL."""
+    shared_secrets = {"najimi-token-hashes", "najimi-tls"}
+    problems = []
+    for workload, template in workloads(render(target)):
+        for container in containers(template):
+            # The migration Job has one container per service, named after it.
+            owner = container["name"] if name(workload) == "najimi-migrate" else name(workload)
+            service = next((s for s in (*SUITE, "postgres") if owner.startswith(s)), None)
+            refs = [
+                (entry["name"], entry["valueFrom"]["secretKeyRef"]["name"])
+                for entry in container.get("env", [])
+                if "secretKeyRef" in entry.get("valueFrom", {})
+            ]
+            for variable, secret in refs:
+                if base_name(secret) not in {f"najimi-{service}", *shared_secrets}:
+                    problems.append(f"{name(workload)}/{container['name']}: {variable} from {secret}")
+        if name(workload) == "najimi-migrate":
+            commands = sorted(tuple(c["command"]) for c in containers(template))
+            assert commands == sorted(("najimi-migrate", s) for s in SUITE)
+            assert all(c["command"][1] == c["name"] for c in containers(template))
+    assert problems == []
