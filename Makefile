@@ -10,7 +10,7 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN := shared/gen
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint protos protos-check bench clean
+.PHONY: help venv run test test-postgres lint protos protos-check bench clean deploy-check
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
@@ -19,6 +19,7 @@ help:
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
 	@echo "make bench        run the benchmarks under bench/"
+	@echo "make deploy-check render and check the image and Kubernetes manifests under deploy/"
 
 venv: $(STAMP)
 
@@ -41,6 +42,11 @@ test: $(STAMP)
 # The PostgreSQL-backed tests alone; they fail (instead of skipping) when no cluster can start.
 test-postgres: $(STAMP)
 	NAJIMI_TEST_REQUIRE_POSTGRES=1 $(PY) -m pytest -m postgres $(PYTEST_ARGS)
+
+# deploy/: the Dockerfile and every Kustomize overlay, rendered, schema-validated and checked
+# (these tests also run in `make test`).
+deploy-check: $(STAMP)
+	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check services shared tests $(wildcard bench)

@@ -1,0 +1,49 @@
+"""`python -m shared.migrate SERVICE [SERVICE ...]` (console script `najimi-migrate`):
+brings each named service's schema to its newest Alembic revision, then exits.
+
+The services also migrate at start-up (Database.migrate, before they report SERVING);
+a deployment runs this first, as a Job, so that a schema change is applied once and
+its failure is visible on its own, not as replicas that never become ready. It reads
+the same NAJIMI_* variables as the service it migrates (NAJIMI_DATABASE_URL above all).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from shared.db import Database
+from shared.log import configure_logging, get_logger
+from shared.settings import SERVICE_NAMES, Settings, load_settings
+
+log = get_logger("najimi.migrate")
+
+
+def migrate(settings: Settings) -> str | None:
+    """Migrates `settings.service`'s schema; returns the revision it is at afterwards."""
+    # Each service's app module names its migrations directory (MIGRATIONS).
+    migrations = importlib.import_module(f"services.{settings.service}.app").MIGRATIONS
+    database = Database(settings.effective_database_url, settings.service, migrations)
+    try:
+        database.migrate()
+        return database.current_revision()
+    finally:
+        database.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    services = sys.argv[1:] if argv is None else argv
+    unknown = [name for name in services if name not in SERVICE_NAMES]
+    if not services or unknown:
+        raise SystemExit(
+            f"usage: najimi-migrate SERVICE [SERVICE ...] with SERVICE one of {', '.join(SERVICE_NAMES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    for service in services:
+        settings = load_settings(service)
+        configure_logging(settings.log_format, settings.log_level)
+        log.info("migrated", service=service, revision=migrate(settings))
+
+
+if __name__ == "__main__":
+    main()
