@@ -73,16 +73,32 @@ class _StreamStreamDefaults(_CallDefaults, grpc.aio.StreamStreamClientIntercepto
         return await continuation(self._details(details, True), request_iterator)
 
 
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """TLS credentials for this service's outgoing calls, or None for plaintext.
+
+    NAJIMI_TLS_CA_FILE turns TLS on and verifies the servers; the service's own certificate
+    (NAJIMI_TLS_CERT_FILE/KEY_FILE) is presented as the client certificate, which servers that
+    require mTLS (NAJIMI_TLS_CLIENT_CA_FILE) check.
+    """
+    if settings.tls_ca_file is None:
+        return None
+    key = settings.tls_key_file.read_bytes() if settings.tls_key_file else None
+    cert = settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None
+    return grpc.ssl_channel_credentials(settings.tls_ca_file.read_bytes(), key, cert)
+
+
 def open_channel(
-    address: str, token: str = "", timeout: float | None = 5.0, root_certificates: bytes | None = None
+    address: str,
+    token: str = "",
+    timeout: float | None = 5.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     options = [("grpc.service_config", json.dumps(RETRY_POLICY)), ("grpc.enable_retries", 1)]
     interceptors: list[grpc.aio.ClientInterceptor] = [
         kind(token, timeout)
         for kind in (_UnaryUnaryDefaults, _UnaryStreamDefaults, _StreamUnaryDefaults, _StreamStreamDefaults)
     ]
-    if root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates)
+    if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
@@ -91,5 +107,7 @@ def client_for(
     stub_type: Callable[[grpc.aio.Channel], StubT], address: str, settings: Settings
 ) -> tuple[StubT, grpc.aio.Channel]:
     """A stub of `stub_type` for `address`, with this service's token and default deadline."""
-    channel = open_channel(address, settings.service_token, settings.client_timeout_seconds)
+    channel = open_channel(
+        address, settings.service_token, settings.client_timeout_seconds, channel_credentials(settings)
+    )
     return stub_type(channel), channel

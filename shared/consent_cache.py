@@ -54,9 +54,11 @@ class ConsentCache:
         purposes: Iterable[str] = (),
         heartbeat_seconds: int = 1,
         max_backoff_seconds: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         self.address = address
         self._token = token
+        self._credentials = credentials
         self._purposes = list(purposes)
         self._heartbeat = heartbeat_seconds
         self._max_backoff = max_backoff_seconds
@@ -106,7 +108,9 @@ class ConsentCache:
 
     async def _list_purposes(self) -> frozenset[str]:
         names: set[str] = set()
-        channel = open_channel(self.address, self._token, timeout=VOCABULARY_TIMEOUT_SECONDS)
+        channel = open_channel(
+            self.address, self._token, timeout=VOCABULARY_TIMEOUT_SECONDS, credentials=self._credentials
+        )
         try:
             stub = pb_grpc.ConsentServiceStub(channel)
             token = ""
@@ -159,7 +163,9 @@ class ConsentCache:
     async def _run(self) -> None:
         failures = 0
         while True:
-            self._channel = open_channel(self.address, self._token, timeout=None)
+            self._channel = open_channel(
+                self.address, self._token, timeout=None, credentials=self._credentials
+            )
             stub = pb_grpc.ConsentServiceStub(self._channel)
             try:
                 if not self._synced.is_set():

@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = Field(None, description="When set, clients must present a certificate.")
+    tls_ca_file: Path | None = Field(
+        None,
+        description=(
+            "CA bundle that verifies the other services' certificates when this service calls them; "
+            "set: outgoing calls use TLS (and present NAJIMI_TLS_CERT_FILE/KEY_FILE as the client certificate)."
+        ),
+    )
     consent_address: str = "127.0.0.1:50054"
     profile_address: str = "127.0.0.1:50051"
     recommendation_address: str = "127.0.0.1:50052"

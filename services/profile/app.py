@@ -23,6 +23,7 @@ from services.profile.events import EventIngestor
 from services.profile.pii import KEY_BYTES, PiiProtector
 from services.profile.servicer import ProfileServicer
 from services.profile.store import ProfileStore
+from shared.clients import channel_credentials
 from shared.consent_cache import ConsentCache
 from shared.data_subject import data_subject_registration
 from shared.db import Database
@@ -57,7 +58,9 @@ def build_app(settings: Settings) -> App:
         None if database.is_sqlite else CustomerChangeListener(database.engine.url, "profile", customer_cache)
     )
     # The consent state this service obeys: a local cache of the consent change feed.
-    consent = ConsentCache(settings.consent_address, settings.service_token)
+    consent = ConsentCache(
+        settings.consent_address, settings.service_token, credentials=channel_credentials(settings)
+    )
     ingestor = EventIngestor(database, protector, consent, settings.consent_max_staleness_seconds)
     # RPCs not implemented yet are not overridden: the generated base answers
     # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
