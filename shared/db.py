@@ -36,6 +36,8 @@ WRITE_ATTEMPTS = 4
 CHECKPOINT_SECONDS = 0.5
 WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# How long Database.scrub keeps trying to empty the WAL after an erasure.
+SCRUB_SECONDS = 10.0
 # SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
 RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
@@ -242,12 +244,21 @@ class Database:
     async def scrub(self) -> None:
         """SQLite: after an erasure has committed, copies the WAL into the database file and
         truncates it, so the erased rows' old bytes are in neither (secure_delete zeroed them
-        in the file). Runs on the writer thread, so no write of this process interleaves.
-        PostgreSQL keeps dead tuples until VACUUM (see the README's erasure section)."""
-        if self.is_sqlite:
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._truncate_wal)
+        in the file). It runs on the writer thread, so no write of this process interleaves,
+        and is tried again while a checkpoint or a reader holds the WAL, for up to
+        SCRUB_SECONDS. PostgreSQL keeps dead tuples until VACUUM (the README's erasure section)."""
+        if not self.is_sqlite:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + SCRUB_SECONDS
+        while await loop.run_in_executor(self._writer, self._truncate_wal):
+            if time.monotonic() > deadline:
+                log.warning("wal_truncate_busy", schema=self.schema)
+                return
+            await asyncio.sleep(0.01)
 
-    def _truncate_wal(self) -> None:
+    def _truncate_wal(self) -> bool:
+        """One TRUNCATE checkpoint; True when it could not finish (busy)."""
         connection = self.engine.raw_connection()
         try:
             busy, _, _ = connection.driver_connection.execute(  # type: ignore[union-attr]
@@ -255,8 +266,7 @@ class Database:
             ).fetchone()
         finally:
             connection.close()
-        if busy:  # a reader of another process held the WAL past busy_timeout
-            log.warning("wal_truncate_busy", schema=self.schema)
+        return bool(busy)
 
     def _checkpoint_soon(self) -> None:
         """SQLite: after a write, copies the WAL into the database file in the background

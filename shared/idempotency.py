@@ -132,11 +132,14 @@ class Idempotency:
         """
         request_id = request.request_id  # type: ignore[attr-defined]
         row = connection.execute(
-            sa.select(idempotency.c.response, idempotency.c.request_digest).where(
-                _key(principal, rpc, request_id)
-            )
+            sa.select(
+                idempotency.c.response, idempotency.c.request_digest, idempotency.c.created_at_us
+            ).where(_key(principal, rpc, request_id))
         ).first()
         if row is None:
+            return None
+        if row.created_at_us < self._clock() - self.retention_us:  # expired, not purged yet: forgotten
+            connection.execute(idempotency.delete().where(_key(principal, rpc, request_id)))
             return None
         if row.request_digest is not None and not hmac.compare_digest(
             bytes(row.request_digest), self.digest(request)

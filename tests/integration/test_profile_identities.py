@@ -199,7 +199,9 @@ async def test_link_resolve_list_and_unlink(start_service, database_url):
     assert card.verified and card.linked_by == "service:crm" and card.link_time.seconds > 1_700_000_000
     # A retry returns the first result; another request linking the same identifier to the
     # same customer returns the existing identity.
-    retried = await profile.link("cus-1", ident(CARD, "4000-1234", "najimi-card"), "link-1", crm, verified=True)
+    retried = await profile.link(
+        "cus-1", ident(CARD, "4000-1234", "najimi-card"), "link-1", crm, verified=True
+    )
     assert retried == card
     again = await profile.link("cus-1", ident(CARD, "4000-1234", "najimi-card"), "link-2", crm)
     assert again.identity_id == card.identity_id
