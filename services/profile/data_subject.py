@@ -18,8 +18,8 @@ unchanged; export_time says when it was taken).
 
 Erasure deletes the customer, its identities, its events, its trait aggregates and the
 stored responses of requests about it (a retry of CreateCustomer must not bring them
-back) in one transaction, and keeps an erasure tombstone (table `erasures`): the id then
-reads as CUSTOMER_ERASED and cannot be created again. An id never seen is tombstoned too, since it names the data subject. The
+back) in one transaction, and keeps an erasure tombstone (table `erasures`, a keyed hash
+of the id, not the id): the id then reads as CUSTOMER_ERASED and cannot be created again. An id never seen is tombstoned too, since it names the data subject. The
 erasure is idempotent by request_id: a retry returns the first result.
 """
 

@@ -14,18 +14,21 @@ number are searched for:
 - every other file of the data directory except the services' logs (*.log, not a
   database). No EXPORT file exists: an export lives in consent's database, searched above.
 
-The only references that may stay are the pseudonyms in ALLOWED, keyed hashes that
-name no one; none of them can contain a searched value, so the test expects no finding.
+No searched value may be found anywhere. The references that stay are listed in
+ALLOWED: keyed hashes that name no one, each checked to hold the documented pseudonym.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -39,6 +42,7 @@ from najimi.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as repl_pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as repl_grpc
 
+from services.profile.pii import PiiProtector
 from shared.consent_cache import ConsentCache
 from shared.settings import SERVICE_NAMES
 from tests.e2e.conftest import Suite
@@ -61,21 +65,23 @@ NEEDLES = {
 PURPOSES = ("personalize.recommendations", "personalize.profiling")
 CATEGORIES = ("user.behavior.purchase_history", "user.behavior.browsing_history")
 
-# The references that outlive an erasure to do their job. Each holds a keyed hash
-# (HMAC-SHA256 under the service's own key), never the id: listed here so the test says
-# where they are, though none can contain a searched value.
+# The allow-list: the references to the customer that outlive an erasure to do their
+# job, each a keyed hash (HMAC-SHA256 under a key of the service), never the id. A
+# searched value is never allowed anywhere, these columns included; the test checks
+# that each of them holds the documented pseudonym of the erased customer.
+AUDIT_REF = "audit"  # HMAC of the id under consent's audit key (NAJIMI_CONSENT_AUDIT_KEY)
+ERASURE_REF = "erasure"  # HMAC of the id under a subkey of profile's PII key
 ALLOWED = {
-    # consent's audit log keeps the customer's entries, chained and verifiable, under
-    # "erased:<customer_ref>" (audit key, NAJIMI_CONSENT_AUDIT_KEY).
-    ("consent", "audit_log", "customer_id"): "erased:<keyed hash>",
-    ("consent", "audit_log", "customer_ref"): "keyed hash",
-    # The ERASURE change on the feed: "erased:<keyed hash>" and the removed revisions.
-    ("consent", "changes", "customer_id"): "erased:<keyed hash>",
+    # consent's audit log keeps the customer's entries, chained and verifiable.
+    ("consent", "audit_log", "customer_id"): ("erased:", AUDIT_REF),
+    ("consent", "audit_log", "customer_ref"): ("", AUDIT_REF),
+    # The ERASURE change on the feed, which tells every cache to drop the customer.
+    ("consent", "changes", "customer_id"): ("erased:", AUDIT_REF),
     # The data-subject requests, kept as the record of what was done.
-    ("consent", "data_subject_requests", "customer_id"): "erased:<keyed hash>",
-    ("consent", "data_subject_requests", "customer_ref"): "keyed hash",
-    # profile's tombstone, which refuses the erased id (PII key subkey).
-    ("profile", "erasures", "customer_ref"): "keyed hash",
+    ("consent", "data_subject_requests", "customer_id"): ("erased:", AUDIT_REF),
+    ("consent", "data_subject_requests", "customer_ref"): ("", AUDIT_REF),
+    # profile's tombstone, which refuses the erased id for good.
+    ("profile", "erasures", "customer_ref"): ("", ERASURE_REF),
 }
 
 
@@ -273,20 +279,12 @@ def _found_in(value: object) -> list[str]:
     return [name for name, needle in NEEDLES.items() if needle.lower() in text]
 
 
-def _rows_found(service: str, table: str, columns: list[str], rows: Iterable[tuple]) -> set[tuple[str, ...]]:
-    return {
-        (service, table, column, name)
-        for row in rows
-        for column, value in zip(columns, row, strict=True)
-        for name in _found_in(value)
-    }
+Cell = tuple[str, str, str, object]  # service, table, column, value
 
 
-def _sqlite_findings(data_dir: Path) -> set[tuple[str, ...]]:
-    findings: set[tuple[str, ...]] = set()
+def _sqlite_cells(data_dir: Path) -> Iterator[Cell]:
     for service in SERVICE_NAMES:
-        path = data_dir / f"{service}.db"
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connection = sqlite3.connect(f"file:{data_dir / f'{service}.db'}?mode=ro", uri=True)
         try:
             tables = [
                 row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -294,51 +292,78 @@ def _sqlite_findings(data_dir: Path) -> set[tuple[str, ...]]:
             for table in tables:
                 cursor = connection.execute(f'SELECT * FROM "{table}"')  # noqa: S608
                 columns = [d[0] for d in cursor.description]
-                findings |= _rows_found(service, table, columns, cursor)
+                for row in cursor.fetchall():
+                    yield from (
+                        (service, table, column, value) for column, value in zip(columns, row, strict=True)
+                    )
         finally:
             connection.close()
+        # The files themselves: deleted rows must not linger in free pages or old WAL frames.
         for suffix in ("", "-wal", "-shm"):
             file = data_dir / f"{service}.db{suffix}"
             if file.exists():
-                findings |= {
-                    (service, file.name, "<raw bytes>", name) for name in _found_in(file.read_bytes())
-                }
-    return findings
+                yield service, file.name, "<raw bytes>", file.read_bytes()
 
 
-def _postgres_findings(database_url: str) -> set[tuple[str, ...]]:
-    findings: set[tuple[str, ...]] = set()
+def _postgres_cells(database_url: str) -> Iterator[Cell]:
     with psycopg.connect(database_url) as connection:
         for service in SERVICE_NAMES:
             tables = connection.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s AND table_type = 'BASE TABLE'",
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = %s AND table_type = 'BASE TABLE'",
                 (service,),
             ).fetchall()
             assert tables, f"schema {service} has no tables"
             for (table,) in tables:
                 cursor = connection.execute(f'SELECT * FROM "{service}"."{table}"')  # noqa: S608
                 columns = [d.name for d in cursor.description or ()]
-                findings |= _rows_found(service, table, columns, cursor.fetchall())
-    return findings
+                for row in cursor.fetchall():
+                    yield from (
+                        (service, table, column, value) for column, value in zip(columns, row, strict=True)
+                    )
 
 
-def _other_file_findings(data_dir: Path) -> set[tuple[str, ...]]:
-    """Every file of the data directory but the logs and the databases (searched above)."""
+def _other_files(data_dir: Path) -> Iterator[Cell]:
+    """Every file of the data directory but the logs and the databases (searched as cells)."""
     database_files = {f"{s}.db{suffix}" for s in SERVICE_NAMES for suffix in ("", "-wal", "-shm", "-journal")}
+    for path in sorted(data_dir.rglob("*")):
+        if path.is_file() and path.suffix != ".log" and path.name not in database_files:
+            yield "data_dir", str(path.relative_to(data_dir)), "<raw bytes>", path.read_bytes()
+
+
+def _cells(suite: Suite) -> list[Cell]:
+    cells = list(_other_files(suite.data_dir))
+    if suite.database_url:
+        return cells + list(_postgres_cells(suite.database_url))
+    return cells + list(_sqlite_cells(suite.data_dir))
+
+
+def _findings(cells: list[Cell]) -> set[tuple[str, str, str, str]]:
+    """(service, table, column, what) of every searched value found; the allow-list excuses none."""
     return {
-        ("data_dir", str(path.relative_to(data_dir)), "<raw bytes>", name)
-        for path in sorted(data_dir.rglob("*"))
-        if path.is_file() and path.suffix != ".log" and path.name not in database_files
-        for name in _found_in(path.read_bytes())
+        (service, table, column, name) for service, table, column, value in cells for name in _found_in(value)
     }
 
 
-def _findings(suite: Suite) -> set[tuple[str, ...]]:
-    found = _other_file_findings(suite.data_dir)
-    found |= (
-        _postgres_findings(suite.database_url) if suite.database_url else _sqlite_findings(suite.data_dir)
-    )
-    return {finding for finding in found if finding[:3] not in ALLOWED}
+def _pseudonyms(data_dir: Path) -> dict[str, str]:
+    """The erased customer's keyed hashes, computed from the keys the services generated."""
+    audit_key = base64.b64decode((data_dir / "consent-audit.key").read_text())
+    pii_key = base64.b64decode((data_dir / "profile-pii.key").read_text())
+    return {
+        AUDIT_REF: hmac.new(audit_key, CUSTOMER.encode(), hashlib.sha256).hexdigest(),
+        ERASURE_REF: PiiProtector(pii_key).erasure_ref(CUSTOMER),
+    }
+
+
+def _missing_references(cells: list[Cell], data_dir: Path) -> list[tuple[str, str, str]]:
+    """The allow-listed columns that do not hold the documented pseudonym of the customer."""
+    pseudonyms = _pseudonyms(data_dir)
+    held = {
+        (service, table, column, value) for service, table, column, value in cells if isinstance(value, str)
+    }
+    return [
+        place for place, (prefix, ref) in ALLOWED.items() if (*place, prefix + pseudonyms[ref]) not in held
+    ]
 
 
 # -- the test -----------------------------------------------------------------------------
@@ -373,7 +398,7 @@ async def test_an_erasure_leaves_nothing_behind(erasure_suite: Suite):
         exported = await _data_subject_request(suite, consent_pb.DATA_SUBJECT_REQUEST_TYPE_EXPORT, "export-1")
         assert exported.state == consent_pb.DATA_SUBJECT_REQUEST_STATE_SUCCEEDED
         # Everything is really there: the search finds each value before the erasure.
-        before = {finding[3] for finding in _findings(suite)}
+        before = {finding[3] for finding in _findings(_cells(suite))}
         assert before == set(NEEDLES), before
         erased = await _data_subject_request(suite, consent_pb.DATA_SUBJECT_REQUEST_TYPE_ERASE, "erase-1")
         assert erased.state == consent_pb.DATA_SUBJECT_REQUEST_STATE_SUCCEEDED, erased
@@ -386,8 +411,9 @@ async def test_an_erasure_leaves_nothing_behind(erasure_suite: Suite):
 
     # The last writes (the request's completion, with its scrub) may still be committing.
     deadline = time.monotonic() + 15
-    found = _findings(suite)
-    while found and time.monotonic() < deadline:
+    cells = _cells(suite)
+    while _findings(cells) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        found = _findings(suite)
-    assert found == set(), sorted(found)
+        cells = _cells(suite)
+    assert _findings(cells) == set(), sorted(_findings(cells))
+    assert _missing_references(cells, suite.data_dir) == []
