@@ -64,6 +64,9 @@ class ConsentIndex:
         self._records: dict[str, dict[str, ConsentRecord]] = {}
         # purpose -> [(effective_at_us, material version)], in revision order
         self._material: dict[str, list[tuple[int, int]]] = {}
+        # revision -> customer of each record, so an ERASURE change (which names the
+        # customer by a pseudonym only) finds the records its erased_revisions set.
+        self._customer_of_revision: dict[int, str] = {}
         self.revision = 0
 
     def apply(self, change: pb.ConsentChange) -> None:
@@ -73,13 +76,17 @@ class ConsentIndex:
         kind = change.kind
         if kind in (pb.CONSENT_CHANGE_KIND_CONSENT, pb.CONSENT_CHANGE_KIND_EXPIRED):
             expires = change.expire_time.ToMicroseconds() if change.HasField("expire_time") else None
-            self._records.setdefault(change.customer_id, {})[change.purpose] = ConsentRecord(
-                granted=change.status in (GRANTED, EXPIRED, NEEDS_RENEWAL),
-                categories=frozenset(change.granted_data_categories),
-                notice_version=change.notice_version,
-                expires_at_us=expires,
-                revision=change.revision,
-                changed_at_us=change.change_time.ToMicroseconds(),
+            self.put(
+                change.customer_id,
+                change.purpose,
+                ConsentRecord(
+                    granted=change.status in (GRANTED, EXPIRED, NEEDS_RENEWAL),
+                    categories=frozenset(change.granted_data_categories),
+                    notice_version=change.notice_version,
+                    expires_at_us=expires,
+                    revision=change.revision,
+                    changed_at_us=change.change_time.ToMicroseconds(),
+                ),
             )
         elif kind == pb.CONSENT_CHANGE_KIND_NOTICE:
             effective = (
@@ -89,12 +96,25 @@ class ConsentIndex:
             )
             self._material.setdefault(change.purpose, []).append((effective, change.notice_version))
         elif kind == pb.CONSENT_CHANGE_KIND_ERASURE:
-            self._records.pop(change.customer_id, None)
+            self._drop(change.customer_id)  # a change from before erasures were pseudonymous
+            for erased in change.erased_revisions:
+                customer_id = self._customer_of_revision.get(erased)
+                if customer_id is not None:
+                    self._drop(customer_id)
         self.revision = max(self.revision, change.revision)
 
     def put(self, customer_id: str, purpose: str, record: ConsentRecord) -> None:
-        """Sets a record directly (loading an index from stored state rather than the feed)."""
-        self._records.setdefault(customer_id, {})[purpose] = record
+        """Sets a record (from the feed, or loading an index from stored state)."""
+        purposes = self._records.setdefault(customer_id, {})
+        replaced = purposes.get(purpose)
+        if replaced is not None:
+            self._customer_of_revision.pop(replaced.revision, None)
+        purposes[purpose] = record
+        self._customer_of_revision[record.revision] = customer_id
+
+    def _drop(self, customer_id: str) -> None:
+        for record in self._records.pop(customer_id, {}).values():
+            self._customer_of_revision.pop(record.revision, None)
 
     def add_material_notice(self, purpose: str, effective_at_us: int, version: int) -> None:
         self._material.setdefault(purpose, []).append((effective_at_us, version))

@@ -6,7 +6,6 @@ Only the consent service (carrying out data-subject requests) and admin may call
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +16,7 @@ from sqlalchemy.engine import Connection
 
 from shared.auth import current_principal
 from shared.db import Database, now_micros
-from shared.errors import InvalidArgument
-from shared.idempotency import once
+from shared.idempotency import Idempotency
 from shared.proto_time import timestamp_of
 from shared.server import Registration
 from shared.validation import Violations
@@ -76,25 +74,17 @@ def rfc3339(micros: int | None) -> str | None:
 Erasure = Callable[[Connection, str, str, int], dict[str, int]]
 
 
-def erasure_response(service: str, customer_id: str, stored: bytes) -> privacy_pb.EraseCustomerDataResponse:
-    """The response kept for an erasure's request id; refuses a request id reused for another customer."""
-    first = json.loads(stored)
-    if first["customer_id"] != customer_id:
-        raise InvalidArgument(
-            "request_id", "was already used to erase another customer", reason="REQUEST_ID_REUSED"
-        )
-    return privacy_pb.EraseCustomerDataResponse(
-        service=service,
-        erase_time=timestamp_of(first["erased_at_us"]),
-        erased_records=first["erased_records"],
-    )
-
-
 async def erase_once(
-    database: Database, service: str, request: privacy_pb.EraseCustomerDataRequest, erase: Erasure
+    database: Database,
+    requests: Idempotency,
+    service: str,
+    request: privacy_pb.EraseCustomerDataRequest,
+    erase: Erasure,
 ) -> privacy_pb.EraseCustomerDataResponse:
     """EraseCustomerData for any service: checked, carried out once per request id in one
-    transaction, and answered with the first result on a retry."""
+    transaction with the stored replies about the customer, and answered with the first
+    result on a retry. The erasure's own stored reply names no customer (its digest is a
+    keyed hash), and SQLite's files are scrubbed once it has committed."""
     check_request(request.customer_id, request.request_id)
     customer_id, request_id = request.customer_id, request.request_id
     principal = str(current_principal())
@@ -102,13 +92,15 @@ async def erase_once(
     def carry_out(connection: Connection) -> bytes:
         erased_at = now_micros()
         counts = erase(connection, customer_id, request_id, erased_at)
-        # Kept in plain text: it holds the (pseudonymous) id and counts, no personal data.
-        return json.dumps(
-            {"customer_id": customer_id, "erased_at_us": erased_at, "erased_records": counts}
-        ).encode()
+        forgotten = requests.forget_customers(connection, [customer_id])
+        if forgotten:
+            counts["stored_responses"] = counts.get("stored_responses", 0) + forgotten
+        return privacy_pb.EraseCustomerDataResponse(
+            service=service, erase_time=timestamp_of(erased_at), erased_records=counts
+        ).SerializeToString()
 
-    def run(connection: Connection) -> privacy_pb.EraseCustomerDataResponse:
-        stored = once(connection, principal, "EraseCustomerData", request_id, carry_out)
-        return erasure_response(service, customer_id, stored)
-
-    return await database.write(run)
+    stored = await database.write(
+        lambda connection: requests.once(connection, principal, "EraseCustomerData", request, carry_out)
+    )
+    await database.scrub()
+    return privacy_pb.EraseCustomerDataResponse.FromString(stored)

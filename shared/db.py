@@ -36,6 +36,8 @@ WRITE_ATTEMPTS = 4
 CHECKPOINT_SECONDS = 0.5
 WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# How long Database.scrub keeps trying to empty the WAL after an erasure.
+SCRUB_SECONDS = 10.0
 # SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
 RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
@@ -88,6 +90,9 @@ def create_engine(url: str, schema: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten with zeros, not left in free pages (an erasure
+            # must not linger in the file); Database.scrub also empties the WAL after one.
+            cursor.execute("PRAGMA secure_delete=ON")
             # Checkpoints run in Database's own thread (Database.write): a checkpoint syncs
             # the file, and a writer doing it would hold the one write lock meanwhile.
             cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
@@ -180,12 +185,14 @@ class Database:
     def is_sqlite(self) -> bool:
         return is_sqlite(self.url)
 
-    def migrate(self) -> None:
-        """Brings the schema to the newest Alembic revision."""
+    def migrate(self, **attributes: Any) -> None:
+        """Brings the schema to the newest Alembic revision. `attributes` reach the migration
+        scripts as `op.get_context().config.attributes` (e.g. a key a data migration needs)."""
         if self._migrations is None:
             return
         config = Config()
         config.set_main_option("script_location", str(self._migrations))
+        config.attributes.update(attributes)
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
@@ -233,6 +240,33 @@ class Database:
         """Runs `work` in one transaction on the calling thread (for scripts and tests)."""
         with self.engine.connect().execution_options(write=write) as connection, connection.begin():
             return work(connection)
+
+    async def scrub(self) -> None:
+        """SQLite: after an erasure has committed, copies the WAL into the database file and
+        truncates it, so the erased rows' old bytes are in neither (secure_delete zeroed them
+        in the file). It runs on the writer thread, so no write of this process interleaves,
+        and is tried again while a checkpoint or a reader holds the WAL, for up to
+        SCRUB_SECONDS. PostgreSQL keeps dead tuples until VACUUM (the README's erasure section)."""
+        if not self.is_sqlite:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + SCRUB_SECONDS
+        while await loop.run_in_executor(self._writer, self._truncate_wal):
+            if time.monotonic() > deadline:
+                log.warning("wal_truncate_busy", schema=self.schema)
+                return
+            await asyncio.sleep(0.01)
+
+    def _truncate_wal(self) -> bool:
+        """One TRUNCATE checkpoint; True when it could not finish (busy)."""
+        connection = self.engine.raw_connection()
+        try:
+            busy, _, _ = connection.driver_connection.execute(  # type: ignore[union-attr]
+                "PRAGMA wal_checkpoint(TRUNCATE)"
+            ).fetchone()
+        finally:
+            connection.close()
+        return bool(busy)
 
     def _checkpoint_soon(self) -> None:
         """SQLite: after a write, copies the WAL into the database file in the background

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import secrets
 import stat
 from pathlib import Path
 
 from shared.log import get_logger
+from shared.settings import Settings
 
 log = get_logger("najimi.keys")
 
@@ -49,6 +52,26 @@ def configured_key(
     if key is None:
         raise _invalid(str(path), f"must hold {length} bytes, base64-encoded")
     return key
+
+
+PSEUDONYM_KEY_VARIABLE = "NAJIMI_PSEUDONYM_KEY"
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The service's HMAC key for digests and pseudonyms that must outlive an erasure
+    (NAJIMI_PSEUDONYM_KEY, else <data_dir>/<service>-pseudonym.key). Keep it with the
+    backups: without it, a tombstone no longer recognises the id it was made for."""
+    return configured_key(
+        settings.pseudonym_key.get_secret_value(),
+        PSEUDONYM_KEY_VARIABLE,
+        settings.data_dir,
+        f"{settings.service}-pseudonym.key",
+    )
+
+
+def keyed_hash(key: bytes, value: str) -> str:
+    """HMAC-SHA256 of `value` under `key`, in hex: equal values match, the hash reveals none."""
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def _decoded_key(text: str, length: int) -> bytes | None:

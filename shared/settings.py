@@ -61,6 +61,19 @@ class Settings(BaseSettings):
         ge=0,
         description="GetCustomer answers (masked) a profile replica keeps in memory; 0 keeps none.",
     )
+    pseudonym_key: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "This service's HMAC key (base64, 32 bytes) for request digests and erasure tombstones; "
+            "empty: a generated key file <data_dir>/<service>-pseudonym.key."
+        ),
+    )
+    idempotency_retention_hours: float = Field(
+        168.0,
+        gt=0,
+        le=24 * 366,
+        description="How long a request_id's first reply is kept for retries; older rows are purged.",
+    )
     consent_signing_key: SecretStr = Field(
         SecretStr(""),
         description="Ed25519 private key (base64 of the 32-byte seed) signing consent receipts.",

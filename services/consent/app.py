@@ -18,6 +18,7 @@ from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.idempotency import Idempotency
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -29,14 +30,15 @@ def build_app(settings: Settings) -> App:
     store = ConsentStore(database)
     feed = ChangeFeed(database)
     ref_key = audit_key(settings)
-    requests = DataSubjectRequests(database, feed, settings, ref_key)
+    idempotency = Idempotency.from_settings(settings)
+    requests = DataSubjectRequests(database, feed, settings, ref_key, idempotency)
     expiries = ExpiryPublisher(database, feed, ref_key)
     servicer = ConsentServicer(
-        store, feed, ReceiptSigner.from_settings(settings), ref_key, Vocabulary({}, {}), requests
+        store, feed, ReceiptSigner.from_settings(settings), ref_key, Vocabulary({}, {}), requests, idempotency
     )
 
     async def start() -> None:
-        await asyncio.to_thread(database.migrate)
+        await asyncio.to_thread(database.migrate, customer_ref_key=ref_key)
         await servicer.reload_vocabulary()
         await feed.start()
         requests.start()
@@ -56,7 +58,7 @@ def build_app(settings: Settings) -> App:
                 consent_service_pb2_grpc.add_ConsentServiceServicer_to_server,
                 servicer,
             ),
-            data_subject_registration(ConsentDataSubjectServicer(database, feed, ref_key)),
+            data_subject_registration(ConsentDataSubjectServicer(database, feed, ref_key, idempotency)),
         ],
         start=start,
         stop=stop,

@@ -1,8 +1,11 @@
 """Everything the consent service holds about one customer: its export and its erasure.
 
-Erasure deletes the customer's consents, history, receipts and earlier feed entries,
-publishes an ERASURE change (so every cache drops the customer), and pseudonymises
-the audit trail: entries stay, chained and verifiable, under "erased:<keyed hash>".
+Erasure deletes the customer's consents, history, receipts, earlier feed entries and
+stored replies, publishes an ERASURE change (so every cache drops the customer), and
+pseudonymises the audit trail: entries stay, chained and verifiable, under
+"erased:<keyed hash>". The ERASURE change outlives the customer too: it names them by
+that pseudonym, and lists the revisions of the removed feed entries, by which a cache
+finds the customer's records without the id.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from services.consent.store import (
     receipts,
 )
 from shared.data_subject import rfc3339
+from shared.idempotency import Idempotency
 from shared.proto_time import timestamp_of
 
 DECISIONS = {pb.CONSENT_DECISION_GRANTED: "GRANTED", pb.CONSENT_DECISION_WITHDRAWN: "WITHDRAWN"}
@@ -95,9 +99,22 @@ def export_customer(connection: Connection, customer_id: str, ref_key: bytes) ->
 
 
 def erase_customer(
-    connection: Connection, customer_id: str, ref_key: bytes, request_id: str, now_us: int
+    connection: Connection,
+    customer_id: str,
+    ref_key: bytes,
+    request_id: str,
+    now_us: int,
+    requests: Idempotency,
 ) -> dict[str, int]:
     """Erases the customer's consent data in the caller's transaction; returns counts per kind."""
+    ref = audit.customer_ref(ref_key, customer_id)
+    erased_revisions = list(
+        connection.execute(
+            sa.select(changes.c.revision)
+            .where(changes.c.customer_id == customer_id)
+            .order_by(changes.c.revision)
+        ).scalars()
+    )
     erased = {
         "consents": connection.execute(
             consents.delete().where(consents.c.customer_id == customer_id)
@@ -111,6 +128,7 @@ def erase_customer(
         "feed_entries": connection.execute(
             changes.delete().where(changes.c.customer_id == customer_id)
         ).rowcount,
+        "stored_responses": requests.forget_customers(connection, [customer_id]),
     }
     revision = allocate_revision(connection)
     insert_change(
@@ -118,9 +136,10 @@ def erase_customer(
         pb.ConsentChange(
             revision=revision,
             kind=pb.CONSENT_CHANGE_KIND_ERASURE,
-            customer_id=customer_id,
+            customer_id=audit.ERASED_PREFIX + ref,
             status=pb.CONSENT_STATUS_NOT_GIVEN,
             change_time=timestamp_of(now_us),
+            erased_revisions=erased_revisions,
         ),
     )
     audit.append_entry(
@@ -133,7 +152,5 @@ def erase_customer(
         details={"revision": revision, **{kind: int(count) for kind, count in erased.items()}},
         now_us=now_us,
     )
-    erased["audit_entries_pseudonymised"] = audit.pseudonymise(
-        connection, customer_id, audit.customer_ref(ref_key, customer_id)
-    )
+    erased["audit_entries_pseudonymised"] = audit.pseudonymise(connection, customer_id, ref)
     return {kind: int(count) for kind, count in erased.items()}

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
@@ -47,7 +48,7 @@ from services.consent.vocabulary import Vocabulary, check_labels, check_vocabula
 from shared.auth import current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, OutOfRange
-from shared.idempotency import once
+from shared.idempotency import Idempotency
 from shared.proto_time import duration_of, timestamp_of
 from shared.validation import Violations, decode_page_token, encode_page_token, is_valid_id, page_size_of
 
@@ -120,6 +121,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         audit_key: bytes,
         vocabulary: Vocabulary,
         requests: DataSubjectRequests,
+        idempotency: Idempotency,
     ):
         self.store = store
         self.db = store.db
@@ -128,15 +130,24 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self.audit_key = audit_key
         self.vocabulary = vocabulary
         self.requests = requests
+        self.idempotency = idempotency
 
     async def reload_vocabulary(self) -> None:
         self.vocabulary = await self.db.read(Vocabulary.load)
 
     async def _create_once(
-        self, rpc: str, request_id: str, carry_out: Callable[[Connection], bytes]
+        self,
+        rpc: str,
+        request: Message,
+        carry_out: Callable[[Connection], bytes],
+        customer_id: str | None = None,
     ) -> bytes:
         principal = str(current_principal())
-        return await self.db.write(lambda connection: once(connection, principal, rpc, request_id, carry_out))
+        return await self.db.write(
+            lambda connection: self.idempotency.once(
+                connection, principal, rpc, request, carry_out, customer_id
+            )
+        )
 
     def _recorder(self, request_id: str) -> Recorder:
         return Recorder(str(current_principal()), request_id, now_micros(), self.signer, self.audit_key)
@@ -196,7 +207,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 data_category=data_category_message(stored)
             ).SerializeToString()
 
-        response = await self._create_once("CreateDataCategory", request.request_id, create)
+        response = await self._create_once("CreateDataCategory", request, create)
         await self.reload_vocabulary()
         return pb.CreateDataCategoryResponse.FromString(response)
 
@@ -247,7 +258,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             )
             return pb.CreatePurposeResponse(purpose=purpose_message(stored)).SerializeToString()
 
-        response = await self._create_once("CreatePurpose", request.request_id, create)
+        response = await self._create_once("CreatePurpose", request, create)
         await self.reload_vocabulary()
         return pb.CreatePurposeResponse.FromString(response)
 
@@ -333,7 +344,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             ).SerializeToString()
 
         response = pb.CreatePrivacyNoticeResponse.FromString(
-            await self._create_once("CreatePrivacyNotice", request.request_id, create)
+            await self._create_once("CreatePrivacyNotice", request, create)
         )
         await self.feed.refresh()
         return response
@@ -402,10 +413,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         decisions: list[DecisionInput],
         method: int,
         jurisdiction: str,
-        request_id: str,
+        request: Message,
         fields: Callable[[int], str],
     ) -> tuple[list[pb.PurposeConsent], pb.ConsentReceipt]:
         violations = Violations()
+        request_id = request.request_id  # type: ignore[attr-defined]
         check_common(violations, customer_id, method, jurisdiction, request_id)
         recorder = self._recorder(request_id)
 
@@ -419,7 +431,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             return pb.SetConsentsResponse(consents=after, receipt=receipt).SerializeToString()
 
         violations.raise_if_any()
-        result = pb.SetConsentsResponse.FromString(await self._create_once(rpc, request_id, carry_out))
+        result = pb.SetConsentsResponse.FromString(
+            await self._create_once(rpc, request, carry_out, customer_id)
+        )
         await self.feed.refresh()
         return list(result.consents), result.receipt
 
@@ -437,7 +451,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             [decision],
             request.collection_method,
             request.jurisdiction,
-            request.request_id,
+            request,
             lambda _: "",
         )
         return pb.GrantConsentResponse(consent=after[0], receipt=receipt)
@@ -452,7 +466,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             [decision],
             request.collection_method,
             request.jurisdiction,
-            request.request_id,
+            request,
             lambda _: "",
         )
         return pb.WithdrawConsentResponse(consent=after[0], receipt=receipt)
@@ -485,7 +499,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             decisions,
             request.collection_method,
             request.jurisdiction,
-            request.request_id,
+            request,
             lambda index: f"decisions[{index}].",
         )
         return pb.SetConsentsResponse(consents=after, receipt=receipt)
@@ -813,9 +827,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             violations.add("type", "must be EXPORT or ERASE")
         violations.require_request_id("request_id", request.request_id)
         violations.raise_if_any()
-        created = await self.requests.create(
-            current_principal(), request.customer_id, request.type, request.request_id
-        )
+        created = await self.requests.create(current_principal(), request)
         return pb.CreateDataSubjectRequestResponse(data_subject_request=created)
 
     async def GetDataSubjectRequest(

@@ -179,6 +179,8 @@ changes = sa.Table(
     sa.Column("expires_at_us", sa.BigInteger, nullable=True),
     sa.Column("changed_at_us", sa.BigInteger, nullable=False),
     sa.Column("effective_at_us", sa.BigInteger, nullable=True),
+    # ERASURE changes: JSON list of the erased customer's removed revisions (migration 0004).
+    sa.Column("erased_revisions", sa.Text, nullable=True),
 )
 
 receipts = sa.Table(
@@ -230,6 +232,7 @@ def insert_change(connection: Connection, change: pb.ConsentChange) -> None:
             effective_at_us=change.effective_time.ToMicroseconds()
             if change.HasField("effective_time")
             else None,
+            erased_revisions=json.dumps(list(change.erased_revisions)) if change.erased_revisions else None,
         )
     )
 
@@ -246,6 +249,7 @@ def change_of(row: sa.Row) -> pb.ConsentChange:
         expire_time=timestamp_of(row.expires_at_us),
         change_time=timestamp_of(row.changed_at_us),
         effective_time=timestamp_of(row.effective_at_us),
+        erased_revisions=json.loads(row.erased_revisions) if row.erased_revisions else (),
     )
 
 

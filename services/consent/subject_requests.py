@@ -32,7 +32,7 @@ from shared.clients import client_for
 from shared.data_subject import rfc3339
 from shared.db import Database, now_micros
 from shared.errors import AlreadyExists, NotFound
-from shared.idempotency import once
+from shared.idempotency import Idempotency
 from shared.log import get_logger
 from shared.proto_time import timestamp_of
 from shared.settings import Settings
@@ -128,9 +128,56 @@ def _load(connection: Connection, request_id: str) -> sa.Row | None:
     ).first()
 
 
+def erase_consent_part(
+    connection: Connection,
+    customer_id: str,
+    ref_key: bytes,
+    request_id: str,
+    now_us: int,
+    idempotency: Idempotency,
+    own_request: tuple[str, str] | None = None,
+) -> dict[str, int]:
+    """Consent's part of an erasure (customer_data.erase_customer), plus the customer's other
+    data-subject requests: the closed ones name the customer only by pseudonym from now on
+    and lose their export documents. `own_request` is (principal, client request id) of the
+    erasure's own CreateDataSubjectRequest: its stored reply stays for retries, pseudonymised."""
+    ref = audit.customer_ref(ref_key, customer_id)
+    if own_request is not None:
+        principal, client_request_id = own_request
+        own_reply = idempotency.reply_of(connection, principal, "CreateDataSubjectRequest", client_request_id)
+        if own_reply is not None:
+            message = pb.DataSubjectRequest.FromString(own_reply)
+            message.customer_id = audit.ERASED_PREFIX + ref
+            idempotency.detach_reply(
+                connection,
+                principal,
+                "CreateDataSubjectRequest",
+                client_request_id,
+                message.SerializeToString(),
+            )
+    erased = erase_customer(connection, customer_id, ref_key, request_id, now_us, idempotency)
+    closed = sa.and_(requests_table.c.customer_ref == ref, requests_table.c.state.not_in(OPEN_STATES))
+    closed_ids = sa.select(requests_table.c.request_id).where(closed).scalar_subquery()
+    connection.execute(
+        parts_table.update().where(parts_table.c.request_id.in_(closed_ids)).values(document=None)
+    )
+    erased["data_subject_requests"] = connection.execute(
+        requests_table.update().where(closed).values(customer_id=audit.ERASED_PREFIX + ref, document=None)
+    ).rowcount
+    return erased
+
+
 class DataSubjectRequests:
-    def __init__(self, database: Database, feed: ChangeFeed, settings: Settings, ref_key: bytes):
+    def __init__(
+        self,
+        database: Database,
+        feed: ChangeFeed,
+        settings: Settings,
+        ref_key: bytes,
+        idempotency: Idempotency,
+    ):
         self.db = database
+        self.idempotency = idempotency
         self.feed = feed
         self.ref_key = ref_key
         self.max_attempts = settings.data_subject_max_attempts
@@ -143,8 +190,9 @@ class DataSubjectRequests:
     # Requests ---------------------------------------------------------------------------------
 
     async def create(
-        self, principal: Principal, customer_id: str, kind: int, client_request_id: str
+        self, principal: Principal, request: pb.CreateDataSubjectRequestRequest
     ) -> pb.DataSubjectRequest:
+        customer_id, kind, client_request_id = request.customer_id, request.type, request.request_id
         now = now_micros()
         ref = audit.customer_ref(self.ref_key, customer_id)
 
@@ -215,7 +263,9 @@ class DataSubjectRequests:
             return request_message(row, _parts(connection, request_id), False, now).SerializeToString()
 
         stored = await self.db.write(
-            lambda c: once(c, str(principal), "CreateDataSubjectRequest", client_request_id, carry_out)
+            lambda c: self.idempotency.once(
+                c, str(principal), "CreateDataSubjectRequest", request, carry_out, customer_id
+            )
         )
         self._wake.set()
         return pb.DataSubjectRequest.FromString(stored)
@@ -360,9 +410,13 @@ class DataSubjectRequests:
             now = now_micros()
             if request.type == EXPORT:
                 return await self.db.read(lambda c: export_customer(c, customer_id, self.ref_key)), {}
+            own = (request.created_by, request.client_request_id)
             erased = await self.db.write(
-                lambda c: erase_customer(c, customer_id, self.ref_key, request_id, now)
+                lambda c: erase_consent_part(
+                    c, customer_id, self.ref_key, request_id, now, self.idempotency, own
+                )
             )
+            await self.db.scrub()
             await self.feed.refresh()
             return None, erased
         stub, _ = self._clients[service]
@@ -460,3 +514,4 @@ class DataSubjectRequests:
                 audit.pseudonymise(connection, request.customer_id, request.customer_ref)
 
         await self.db.write(complete)
+        await self.db.scrub()

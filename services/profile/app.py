@@ -27,6 +27,7 @@ from shared.clients import channel_credentials
 from shared.consent_cache import ConsentCache
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.idempotency import Idempotency
 from shared.keys import configured_key
 from shared.server import App, Registration
 from shared.settings import Settings
@@ -51,7 +52,8 @@ def build_app(settings: Settings) -> App:
     protector = PiiProtector(pii_master_key(settings))
     database = Database(settings.effective_database_url, "profile", MIGRATIONS)
     customer_cache = CustomerCache(settings.profile_customer_cache_size)
-    store = ProfileStore(database, protector, customer_cache)
+    idempotency = Idempotency.from_settings(settings, seal=protector.encrypt, unseal=protector.decrypt)
+    store = ProfileStore(database, protector, idempotency, customer_cache)
     # On PostgreSQL other replicas change customers too: their changes reach this
     # replica's cache as notices (customer_changes.py); SQLite belongs to this process.
     changes = (
@@ -75,7 +77,7 @@ def build_app(settings: Settings) -> App:
         ingestor.on_stored(servicer.trait_worker.add_committed)  # the events, so it need not read them back
 
     async def start() -> None:
-        await asyncio.to_thread(database.migrate)
+        await asyncio.to_thread(database.migrate, erasure_ref=protector.erasure_ref)
         if changes is not None:
             changes.start()
         if inline_traits:

@@ -18,8 +18,8 @@ unchanged; export_time says when it was taken).
 
 Erasure deletes the customer, its identities, its events, its trait aggregates and the
 stored responses of requests about it (a retry of CreateCustomer must not bring them
-back) in one transaction, and keeps an erasure tombstone (table `erasures`): the id then
-reads as CUSTOMER_ERASED and cannot be created again. An id never seen is tombstoned too, since it names the data subject. The
+back) in one transaction, and keeps an erasure tombstone (table `erasures`, a keyed hash
+of the id, not the id): the id then reads as CUSTOMER_ERASED and cannot be created again. An id never seen is tombstoned too, since it names the data subject. The
 erasure is idempotent by request_id: a retry returns the first result.
 """
 
@@ -38,10 +38,11 @@ from services.profile import trait_store, traits
 from services.profile.customers import Attribute, Customer
 from services.profile.identity import Identity
 from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
-from services.profile.store import HeldData, ProfileStore, StoredResponse
+from services.profile.store import HeldData, ProfileStore
 from services.profile.trait_rpcs import traits_message
 from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
+from shared.idempotency import StoredReply
 from shared.proto_time import timestamp_of
 
 SERVICE = "profile"
@@ -93,7 +94,7 @@ def identity_document(identity: Identity) -> dict[str, Any]:
     }
 
 
-def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
+def stored_response_document(stored: StoredReply) -> dict[str, Any]:
     message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
     response: Any = None
     if message_type is not None:
@@ -184,7 +185,7 @@ class ProfileDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
             return counts
 
         try:
-            return await erase_once(self.store.db, SERVICE, request, erase)
+            return await erase_once(self.store.db, self.store.idempotency, SERVICE, request, erase)
         finally:
             # The erased ids include aliases, and the merges that named them are gone, which
             # changes other customers' merged_from: rare enough to drop every cached answer.

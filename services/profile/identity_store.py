@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.profile import trait_store
@@ -39,7 +40,6 @@ from services.profile.merges import (
 from services.profile.store import (
     ProfileStore,
     allocate_seqs,
-    customer_requests,
     customers,
     erased_error,
     erasure_of,
@@ -50,7 +50,6 @@ from services.profile.store import (
     merges,
     new_identity_id,
 )
-from shared import idempotency
 from shared.db import now_micros
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
@@ -121,7 +120,7 @@ async def link_identity(
     store: ProfileStore,
     *,
     principal: str,
-    request_id: str,
+    request: Message,
     customer_id: str,
     identifier: Identifier,
     verified: bool,
@@ -135,7 +134,6 @@ async def link_identity(
     linked to another customer, ResourceExhausted when the customer has the most
     identities allowed.
     """
-    context = store._stored_response_context(principal, LINK, request_id)
 
     def carry_out(connection: Connection) -> bytes:
         live_customer_row(connection, customer_id, lock=True)
@@ -172,16 +170,10 @@ async def link_identity(
             identity = Identity(new_identity_id(), customer_id, identifier, verified, now, principal)
             connection.execute(identities.insert().values(store._identity_row(identity)))
             _touch(connection, customer_id, now)
-        connection.execute(
-            customer_requests.insert().values(
-                principal=principal, rpc=LINK, request_id=request_id, customer_id=customer_id
-            )
-        )
-        return store.pii.encrypt(render(identity), context)
+        return render(identity)
 
     def link(connection: Connection) -> bytes:
-        stored = idempotency.once(connection, principal, LINK, request_id, carry_out)
-        return store.pii.decrypt(stored, context)
+        return store.idempotency.once(connection, principal, LINK, request, carry_out, customer_id)
 
     # A concurrent link of the same identifier or request id makes this transaction lose a
     # unique key; Database.write runs it again, and it sees the winner.
@@ -303,7 +295,7 @@ async def merge_customers(
     store: ProfileStore,
     *,
     principal: str,
-    request_id: str,
+    request: Message,
     source_id: str,
     target_id: str,
     render: RenderMerge,
@@ -311,7 +303,7 @@ async def merge_customers(
     """Merges the source customer into the target in one transaction; returns the rendered
     response, the first one stored for this (principal, request id), or the first result
     of an earlier merge of the same pair. Raises what merges.merge_refusal says."""
-    context = store._stored_response_context(principal, MERGE, request_id)
+    request_id = request.request_id  # type: ignore[attr-defined]
 
     def carry_out(connection: Connection) -> bytes:
         rows = {
@@ -338,19 +330,15 @@ async def merge_customers(
             outcome = _outcome_of_record(store, connection, earlier, store._customer_of(target_row))
         else:
             outcome = _merge(store, connection, principal, request_id, rows[source_id], target_row)
-        connection.execute(
-            customer_requests.insert().values(
-                principal=principal, rpc=MERGE, request_id=request_id, customer_id=target_id
-            )
-        )
-        return store.pii.encrypt(render(outcome), context)
+        return render(outcome)
 
     def merge(connection: Connection) -> bytes:
         # The same locks as creation and erasure, in one order: an erasure of either
         # customer happens wholly before or after the merge.
         for customer_id in sorted({source_id, target_id}):
             lock_customer_id(connection, customer_id)
-        stored = idempotency.once(connection, principal, MERGE, request_id, carry_out)
+        # About the target: erasing it erases the source too (an alias by then).
+        stored = store.idempotency.once(connection, principal, MERGE, request, carry_out, target_id)
         merged_by_this_id = connection.execute(
             sa.select(merges.c.source_customer_id, merges.c.target_customer_id).where(
                 merges.c.request_id == request_id, merges.c.merged_by == principal
@@ -360,7 +348,7 @@ async def merge_customers(
             raise InvalidArgument(
                 "request_id", "was already used to merge other customers", reason="REQUEST_ID_REUSED"
             )
-        return store.pii.decrypt(stored, context)
+        return stored
 
     return await store.write_customers([source_id, target_id], merge)
 

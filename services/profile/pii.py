@@ -1,7 +1,7 @@
 """Personal data at rest: AES-256-GCM encryption and keyed hashes for look-ups.
 
 One 32-byte master key (app.py says where it comes from) is expanded with HKDF-SHA256
-into two independent subkeys, so that the encryption key is never the hashing key.
+into independent subkeys, so that the encryption key is never a hashing key.
 Every ciphertext is bound to where it is stored (a context such as
 "customers/<id>/email") as associated data: a value copied into another row or column
 fails to decrypt instead of being read as someone else's.
@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shared.keys import keyed_hash
 
 KEY_BYTES = 32
 _FORMAT = b"\x01"
@@ -44,6 +46,7 @@ class PiiProtector:
             raise ValueError(f"the PII master key must be {KEY_BYTES} bytes")
         self._aead = AESGCM(_subkey(master_key, b"najimi.profile.pii-encryption.v1"))
         self._hash_key = _subkey(master_key, b"najimi.profile.identifier-hash.v1")
+        self._erasure_key = _subkey(master_key, b"najimi.profile.erasure-ref.v1")
 
     def encrypt(self, plaintext: bytes, context: str) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
@@ -69,3 +72,7 @@ class PiiProtector:
     def lookup_hash(self, normalised_value: str) -> bytes:
         """HMAC-SHA256 of a normalised identifier: equal values match, but the table alone reveals none."""
         return hmac.new(self._hash_key, normalised_value.encode(), hashlib.sha256).digest()
+
+    def erasure_ref(self, customer_id: str) -> str:
+        """The keyed hash (hex) an erasure tombstone keeps instead of the erased customer id."""
+        return keyed_hash(self._erasure_key, customer_id)

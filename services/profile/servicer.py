@@ -392,7 +392,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
         response = await self.store.create_customer(
             principal=str(principal),
-            request_id=request.request_id,
+            request=request,
             customer_id=request.customer_id or new_customer_id(),
             profile=profile,
             identifiers=identifiers,
@@ -531,7 +531,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         response = await identity_store.link_identity(
             self.store,
             principal=str(principal),
-            request_id=request.request_id,
+            request=request,
             customer_id=request.customer_id,
             identifier=identifier,
             verified=request.verified,
@@ -640,7 +640,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         response = await identity_store.merge_customers(
             self.store,
             principal=str(principal),
-            request_id=request.request_id,
+            request=request,
             source_id=request.source_customer_id,
             target_id=request.target_customer_id,
             render=lambda outcome: merge_response(outcome, reveal).SerializeToString(),

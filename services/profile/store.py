@@ -3,7 +3,7 @@
 PII is encrypted here, at the boundary to storage: display name, e-mail, phone and
 birth year go to `*_ciphertext` columns, identifier values are encrypted and looked up
 by keyed hash, and stored idempotent responses (which may hold unmasked PII for a
-caller allowed to read it) are encrypted too. Nothing else in the service sees a
+caller allowed to read it) are encrypted too (shared/idempotency.py's seal hook). Nothing else in the service sees a
 ciphertext.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.profile.customer_cache import CustomerCache
@@ -24,9 +25,9 @@ from services.profile.customers import Attribute, Customer, Profile, updated_pro
 from services.profile.identity import Identifier, Identity
 from services.profile.merges import customer_merged_error
 from services.profile.pii import PiiProtector
-from shared import idempotency
 from shared.db import Database, insert_rows, now_micros
 from shared.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
+from shared.idempotency import Idempotency, StoredReply
 
 metadata = sa.MetaData()
 
@@ -144,23 +145,18 @@ merges = sa.Table(
     sa.Column("conflicts", sa.Text, nullable=False),
 )
 
+# The tombstone of each erased customer id, by keyed hash (erasure_ref): the id is
+# refused for good, and the table names no one (migration 0006).
 erasures = sa.Table(
     "erasures",
     metadata,
-    sa.Column("customer_id", sa.String(128), primary_key=True),
+    sa.Column("customer_ref", sa.String(64), primary_key=True),
     sa.Column("erased_at_us", sa.BigInteger, nullable=False),
     sa.Column("request_id", sa.String(64), nullable=False),
 )
 
-# Which customer each stored idempotent response is about, so erasure deletes it too.
-customer_requests = sa.Table(
-    "customer_requests",
-    metadata,
-    sa.Column("principal", sa.String(160), primary_key=True),
-    sa.Column("rpc", sa.String(64), primary_key=True),
-    sa.Column("request_id", sa.String(64), primary_key=True),
-    sa.Column("customer_id", sa.String(128), nullable=False),
-)
+# The execution option that holds the tombstones' hash function (see erasure_of).
+ERASURE_REF = "najimi_erasure_ref"
 
 # The PII columns of `customers`, each encrypted under the context "customers/<id>/<column>".
 PII_FIELDS = ("display_name", "email", "phone", "birth_year")
@@ -202,8 +198,11 @@ def lock_customer_id(connection: Connection, customer_id: str) -> None:
 
 
 def erasure_of(connection: Connection, customer_id: str) -> sa.Row | None:
-    """The erasure tombstone of `customer_id`, if the customer was erased."""
-    return connection.execute(sa.select(erasures).where(erasures.c.customer_id == customer_id)).first()
+    """The erasure tombstone of `customer_id`, if the customer was erased. Tombstones are
+    found by keyed hash: ProfileStore sets the hash function (PiiProtector.erasure_ref) as
+    its engine's ERASURE_REF execution option, so every transaction of the service has it."""
+    ref = connection.get_execution_options()[ERASURE_REF](customer_id)
+    return connection.execute(sa.select(erasures).where(erasures.c.customer_ref == ref)).first()
 
 
 def erased_error(customer_id: str) -> NotFound:
@@ -238,23 +237,12 @@ def aliases_of(connection: Connection, customer_id: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class StoredResponse:
-    """A response stored for a retry of an idempotent request about a customer, decrypted."""
-
-    principal: str
-    rpc: str
-    request_id: str
-    created_at_us: int
-    response: bytes
-
-
-@dataclass(frozen=True)
 class HeldData:
     """Everything this service holds about one customer id, PII decrypted."""
 
     customer: Customer | None = None
     identities: list[Identity] = field(default_factory=list)
-    stored_responses: list[StoredResponse] = field(default_factory=list)
+    stored_responses: list[StoredReply] = field(default_factory=list)
     # The customer's events (moved ones included) as stored: serialized najimi Events, in seq order.
     events: list[bytes] = field(default_factory=list)
     erased_at_us: int | None = None
@@ -266,10 +254,17 @@ T = TypeVar("T")
 
 class ProfileStore:
     def __init__(
-        self, database: Database, protector: PiiProtector, customer_cache: CustomerCache | None = None
+        self,
+        database: Database,
+        protector: PiiProtector,
+        idempotency: Idempotency,
+        customer_cache: CustomerCache | None = None,
     ):
         self.db = database
         self.pii = protector
+        # Stored replies may hold unmasked PII (for a caller allowed to read it): encrypted.
+        self.idempotency = idempotency
+        database.engine.update_execution_options(**{ERASURE_REF: protector.erasure_ref})
         # GetCustomer's masked answers (customer_cache.py); none kept unless one is given.
         self.customer_cache = customer_cache if customer_cache is not None else CustomerCache(0)
 
@@ -366,16 +361,13 @@ class ProfileStore:
             row.linked_by,
         )
 
-    def _stored_response_context(self, principal: str, rpc: str, request_id: str) -> str:
-        return f"idempotency/{principal}/{rpc}/{request_id}"
-
     # -- customers ---------------------------------------------------------------------
 
     async def create_customer(
         self,
         *,
         principal: str,
-        request_id: str,
+        request: Message,
         customer_id: str,
         profile: Profile,
         identifiers: list[Identifier],
@@ -388,11 +380,9 @@ class ProfileStore:
         identifier is linked to another customer; nothing is created then.
         """
         rpc = "CreateCustomer"
-        context = self._stored_response_context(principal, rpc, request_id)
 
         def first_result(connection: Connection) -> bytes | None:
-            stored = idempotency.recall(connection, principal, rpc, request_id)
-            return self.pii.decrypt(stored, context) if stored is not None else None
+            return self.idempotency.recall(connection, principal, rpc, request)
 
         def conflict(connection: Connection) -> DomainError | None:
             """Why the customer cannot be created, if it cannot."""
@@ -453,12 +443,7 @@ class ProfileStore:
             if linked_identities:
                 connection.execute(identities.insert(), [self._identity_row(i) for i in linked_identities])
             response = render(customer, linked_identities)
-            idempotency.remember(connection, principal, rpc, request_id, self.pii.encrypt(response, context))
-            connection.execute(
-                customer_requests.insert().values(
-                    principal=principal, rpc=rpc, request_id=request_id, customer_id=customer_id
-                )
-            )
+            self.idempotency.remember(connection, principal, rpc, request, response, customer_id)
             return response
 
         try:
@@ -551,35 +536,11 @@ class ProfileStore:
             .where(identities.c.customer_id == customer_id)
             .order_by(identities.c.link_time_us, identities.c.identity_id)
         )
-        stored = connection.execute(
-            sa.select(idempotency.idempotency)
-            .join(
-                customer_requests,
-                sa.and_(
-                    customer_requests.c.principal == idempotency.idempotency.c.principal,
-                    customer_requests.c.rpc == idempotency.idempotency.c.rpc,
-                    customer_requests.c.request_id == idempotency.idempotency.c.request_id,
-                ),
-            )
-            .where(customer_requests.c.customer_id == customer_id)
-            .order_by(idempotency.idempotency.c.created_at_us, idempotency.idempotency.c.request_id)
-        )
         erasure = erasure_of(connection, customer_id)
         return HeldData(
             customer=self._customer_of(row) if row is not None else None,
             identities=[self._identity_of(identity) for identity in linked],
-            stored_responses=[
-                StoredResponse(
-                    s.principal,
-                    s.rpc,
-                    s.request_id,
-                    s.created_at_us,
-                    self.pii.decrypt(
-                        s.response, self._stored_response_context(s.principal, s.rpc, s.request_id)
-                    ),
-                )
-                for s in stored
-            ],
+            stored_responses=self.idempotency.replies_about(connection, [customer_id]),
             events=list(
                 connection.execute(
                     sa.select(events.c.payload)
@@ -600,21 +561,7 @@ class ProfileStore:
         lock_customer_id(connection, customer_id)
         # A merge into this customer takes the same lock: none can add an alias from here on.
         erased_ids = [customer_id, *aliases_of(connection, customer_id)]
-        requests = connection.execute(
-            sa.select(
-                customer_requests.c.principal, customer_requests.c.rpc, customer_requests.c.request_id
-            ).where(customer_requests.c.customer_id.in_(erased_ids))
-        ).all()
-        stored = 0
-        for principal, rpc, stored_request_id in requests:
-            stored += connection.execute(
-                idempotency.idempotency.delete().where(
-                    idempotency.idempotency.c.principal == principal,
-                    idempotency.idempotency.c.rpc == rpc,
-                    idempotency.idempotency.c.request_id == stored_request_id,
-                )
-            ).rowcount
-        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id.in_(erased_ids)))
+        stored = self.idempotency.forget_customers(connection, erased_ids)
         erased_identities = connection.execute(
             identities.delete().where(identities.c.customer_id.in_(erased_ids))
         ).rowcount
@@ -633,7 +580,9 @@ class ProfileStore:
             if erasure_of(connection, erased_id) is None:
                 connection.execute(
                     erasures.insert().values(
-                        customer_id=erased_id, erased_at_us=now_us, request_id=request_id
+                        customer_ref=self.pii.erasure_ref(erased_id),
+                        erased_at_us=now_us,
+                        request_id=request_id,
                     )
                 )
         erased_events = connection.execute(

@@ -12,6 +12,7 @@ from services.recommendation.servicer import RecommendationServicer
 from services.recommendation.store import RecommendationStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.idempotency import Idempotency
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -20,7 +21,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build_app(settings: Settings) -> App:
     database = Database(settings.effective_database_url, "recommendation", MIGRATIONS)
-    store = RecommendationStore(database)
+    store = RecommendationStore(database, Idempotency.from_settings(settings))
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)

@@ -64,6 +64,7 @@ class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer)
     ) -> Any:
         return await erase_once(
             self.store.db,
+            self.store.idempotency,
             SERVICE,
             request,
             lambda connection, customer_id, *_: erase_customer(connection, customer_id),

@@ -92,7 +92,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         batch = [item_of(message) for message in request.items]
         check_upsert(batch, violations)
         violations.raise_if_any()
-        results = await self.store.upsert_items(str(current_principal()), request.request_id, batch)
+        results = await self.store.upsert_items(str(current_principal()), request, batch)
         return pb.UpsertItemsResponse(
             results=[
                 pb.UpsertItemResult(

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.recommendation.catalog import Item, Outcome, UpsertResult, category_key, outcome_of
-from shared import idempotency
 from shared.db import Database, now_micros
+from shared.idempotency import Idempotency
 
 T = TypeVar("T")
 
@@ -93,18 +94,16 @@ def _decode_results(stored: bytes) -> list[UpsertResult]:
 
 
 class RecommendationStore:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, idempotency: Idempotency):
         self.db = database
+        self.idempotency = idempotency
 
     async def upsert_items(
-        self, principal: str, request_id: str, batch: Sequence[Item]
+        self, principal: str, request: Message, batch: Sequence[Item]
     ) -> list[UpsertResult]:
         """Writes a validated batch in one transaction; a known request id returns its first results."""
 
-        def work(connection: Connection) -> list[UpsertResult]:
-            stored = idempotency.recall(connection, principal, UPSERT_ITEMS, request_id)
-            if stored is not None:
-                return _decode_results(stored)
+        def work(connection: Connection) -> bytes:
             now = now_micros()
             existing = _locked_items(connection, [item.item_id for item in batch])
             results: list[UpsertResult] = []
@@ -129,12 +128,13 @@ class RecommendationStore:
                     items.update().where(items.c.item_id == sa.bindparam("key")),
                     sorted(updates, key=lambda row: row["item_id"]),
                 )
-            idempotency.remember(connection, principal, UPSERT_ITEMS, request_id, _encode_results(results))
-            return results
+            return _encode_results(results)
 
         # A copy that lost a race to another writer is re-run by Database.write and
-        # then finds the winner's rows or its stored response.
-        return await self.db.write(work)
+        # then finds the winner's stored response.
+        return _decode_results(
+            await self.db.write(lambda c: self.idempotency.once(c, principal, UPSERT_ITEMS, request, work))
+        )
 
     async def get_item(self, item_id: str) -> Item | None:
         def query(connection: Connection) -> Item | None:

@@ -13,6 +13,7 @@ from services.replenishment.servicer import DeviceServicer, ReplenishmentService
 from services.replenishment.store import ReplenishmentStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.idempotency import Idempotency
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -22,7 +23,7 @@ SERVICES = replenishment_service_pb2.DESCRIPTOR.services_by_name
 
 def build_app(settings: Settings) -> App:
     database = Database(settings.effective_database_url, "replenishment", MIGRATIONS)
-    store = ReplenishmentStore(database)
+    store = ReplenishmentStore(database, Idempotency.from_settings(settings))
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)

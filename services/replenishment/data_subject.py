@@ -31,9 +31,10 @@ from sqlalchemy.engine import Connection
 from services.replenishment.devices import Device
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
-from services.replenishment.store import ReplenishmentStore, StoredResponse
+from services.replenishment.store import ReplenishmentStore
 from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
+from shared.idempotency import StoredReply
 from shared.proto_time import timestamp_of
 
 SERVICE = "replenishment"
@@ -103,7 +104,7 @@ def device_document(device: Device) -> dict[str, Any]:
     }
 
 
-def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
+def stored_response_document(stored: StoredReply) -> dict[str, Any]:
     message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
     response: Any = None
     if message_type is not None:
@@ -117,7 +118,7 @@ def stored_response_document(stored: StoredResponse) -> dict[str, Any]:
     }
 
 
-def export_document(customer_id: str, devices: list[Device], stored: list[StoredResponse]) -> dict[str, Any]:
+def export_document(customer_id: str, devices: list[Device], stored: list[StoredReply]) -> dict[str, Any]:
     return {
         "customer_id": customer_id,
         "held": {
@@ -156,6 +157,7 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
     ) -> Any:
         return await erase_once(
             self.store.db,
+            self.store.idempotency,
             SERVICE,
             request,
             lambda connection, customer_id, *_: self.store.erase_customer(connection, customer_id),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import hmac
 import json
 import re
@@ -42,16 +41,6 @@ class Registration:
     firmware_version: str = ""
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
     slots: tuple[SlotSettings, ...] = ()
-
-    def digest(self) -> str:
-        """Identifies the request's content, so a reused request_id can be told from a retry."""
-        canonical = json.dumps(
-            dataclasses.asdict(self),
-            sort_keys=True,
-            separators=(",", ":"),
-            default=lambda value: value.value if isinstance(value, enum.Enum) else str(value),
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

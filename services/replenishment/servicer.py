@@ -181,8 +181,7 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
         stored, created = await self.store.once(
             str(current_principal()),
             "RegisterDevice",
-            request.request_id,
-            registration.digest(),
+            request,
             register,
             customer_id=registration.customer_id,
         )

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device, DeviceState, Registration
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from shared.db import Database, now_micros
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from shared.idempotency import idempotency, recall, remember
+from shared.errors import AlreadyExists, NotFound, Unavailable
+from shared.idempotency import Idempotency, StoredReply
 
 metadata = sa.MetaData()
 
@@ -63,39 +63,6 @@ slots = sa.Table(
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
 )
-
-# What each remembered request contained, beside shared/idempotency.py's table, so that
-# a request_id reused for a different request is told apart from a retry.
-request_digests = sa.Table(
-    "request_digests",
-    metadata,
-    sa.Column("principal", sa.String(160), primary_key=True),
-    sa.Column("rpc", sa.String(64), primary_key=True),
-    sa.Column("request_id", sa.String(64), primary_key=True),
-    sa.Column("digest", sa.String(64), nullable=False),
-)
-
-# Which customer each remembered request is about (migration 0002), so that erasing a
-# customer also deletes the stored responses that copy its devices.
-customer_requests = sa.Table(
-    "customer_requests",
-    metadata,
-    sa.Column("principal", sa.String(160), primary_key=True),
-    sa.Column("rpc", sa.String(64), primary_key=True),
-    sa.Column("request_id", sa.String(64), primary_key=True),
-    sa.Column("customer_id", sa.String(128), nullable=False),
-)
-
-
-@dataclass(frozen=True)
-class StoredResponse:
-    """The response remembered for a retry of an idempotent request about a customer."""
-
-    principal: str
-    rpc: str
-    request_id: str
-    created_at_us: int
-    response: bytes
 
 
 def _slot_row(device_id: str, settings: SlotSettings, now: int) -> dict[str, object]:
@@ -169,11 +136,6 @@ def _device(row: sa.Row, device_slots: tuple[Slot, ...]) -> Device:
     )
 
 
-def _request_key(table: sa.Table, principal: str, rpc: str, request_id: str) -> sa.ColumnElement[bool]:
-    """Selects one remembered request in `idempotency`, `request_digests` or `customer_requests`."""
-    return sa.and_(table.c.principal == principal, table.c.rpc == rpc, table.c.request_id == request_id)
-
-
 def _load_device(connection: Connection, device_id: str) -> Device:
     row = connection.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
     if row is None:
@@ -185,59 +147,25 @@ def _load_device(connection: Connection, device_id: str) -> Device:
 
 
 class ReplenishmentStore:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, idempotency: Idempotency):
         self.db = database
+        self.idempotency = idempotency
 
     async def once(
         self,
         principal: str,
         rpc: str,
-        request_id: str,
-        digest: str,
+        request: Message,
         carry_out: Callable[[Connection], bytes],
         customer_id: str | None = None,
     ) -> tuple[bytes, bool]:
-        """The first response for this request id, and whether this call produced it.
-
-        `carry_out` runs in the same transaction that remembers the request, and
-        `customer_id` names the customer the response is about, if any. The request
-        id is claimed first, so a concurrent copy of the request waits for this one, then
-        fails on the key, and Database.write runs it again: it then recalls the winner's
-        response instead of tripping over the device the winner created.
-        """
-
-        def work(connection: Connection) -> tuple[bytes, bool]:
-            stored = recall(connection, principal, rpc, request_id)
-            if stored is not None:
-                first = connection.execute(
-                    sa.select(request_digests.c.digest).where(
-                        request_digests.c.principal == principal,
-                        request_digests.c.rpc == rpc,
-                        request_digests.c.request_id == request_id,
-                    )
-                ).scalar()
-                if first is not None and first != digest:
-                    raise InvalidArgument(
-                        "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
-                    )
-                return stored, False
-            # Claimed before the work: a concurrent copy waits on this key, then fails and retries.
-            connection.execute(
-                request_digests.insert().values(
-                    principal=principal, rpc=rpc, request_id=request_id, digest=digest
-                )
+        """The first response for this request id, and whether this call produced it
+        (shared/idempotency.py); `customer_id` names the customer it is about, if any."""
+        return await self.db.write(
+            lambda connection: self.idempotency.run(
+                connection, principal, rpc, request, carry_out, customer_id
             )
-            response = carry_out(connection)
-            remember(connection, principal, rpc, request_id, response)
-            if customer_id is not None:
-                connection.execute(
-                    customer_requests.insert().values(
-                        principal=principal, rpc=rpc, request_id=request_id, customer_id=customer_id
-                    )
-                )
-            return response, True
-
-        return await self.db.write(work)
+        )
 
     def insert_device(
         self, connection: Connection, device_id: str, registration: Registration, token_hash: str
@@ -336,24 +264,8 @@ class ReplenishmentStore:
         ).scalars()
         return [_load_device(connection, device_id) for device_id in device_ids]
 
-    def stored_responses(self, connection: Connection, customer_id: str) -> list[StoredResponse]:
-        rows = connection.execute(
-            sa.select(idempotency)
-            .join(
-                customer_requests,
-                sa.and_(
-                    customer_requests.c.principal == idempotency.c.principal,
-                    customer_requests.c.rpc == idempotency.c.rpc,
-                    customer_requests.c.request_id == idempotency.c.request_id,
-                ),
-            )
-            .where(customer_requests.c.customer_id == customer_id)
-            .order_by(idempotency.c.created_at_us, idempotency.c.request_id)
-        )
-        return [
-            StoredResponse(row.principal, row.rpc, row.request_id, row.created_at_us, bytes(row.response))
-            for row in rows
-        ]
+    def stored_responses(self, connection: Connection, customer_id: str) -> list[StoredReply]:
+        return self.idempotency.replies_about(connection, [customer_id])
 
     def erase_customer(self, connection: Connection, customer_id: str) -> dict[str, int]:
         """Deletes the customer's devices, their slots and the stored responses about the
@@ -376,18 +288,5 @@ class ReplenishmentStore:
             erased_devices = connection.execute(
                 devices.delete().where(devices.c.device_id.in_(device_ids))
             ).rowcount
-        requests = connection.execute(
-            sa.select(
-                customer_requests.c.principal, customer_requests.c.rpc, customer_requests.c.request_id
-            ).where(customer_requests.c.customer_id == customer_id)
-        ).all()
-        stored = 0
-        for principal, rpc, request_id in requests:
-            stored += connection.execute(
-                idempotency.delete().where(_request_key(idempotency, principal, rpc, request_id))
-            ).rowcount
-            connection.execute(
-                request_digests.delete().where(_request_key(request_digests, principal, rpc, request_id))
-            )
-        connection.execute(customer_requests.delete().where(customer_requests.c.customer_id == customer_id))
+        stored = self.idempotency.forget_customers(connection, [customer_id])
         return {"devices": erased_devices, "slots": erased_slots, "stored_responses": stored}

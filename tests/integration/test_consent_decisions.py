@@ -61,6 +61,11 @@ async def test_grant_check_withdraw_round_trip(start_service, database_url):
     assert sorted(granted.consent.granted_data_categories) == sorted([PURCHASES, BROWSING])
     assert granted.receipt.receipt_id and granted.receipt.signature
     assert (await stub.GrantConsent(grant(), metadata=storefront)) == granted  # same request id: same answer
+    # The same request id for a different request is refused, not answered with the first reply.
+    for reused in (grant(categories=(PURCHASES,)), grant(customer="c-2")):
+        error = await rpc_error(stub.GrantConsent(reused, metadata=storefront))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == "REQUEST_ID_REUSED"
+        assert "request_id" in field_violations(error)
 
     allowed = await stub.CheckConsent(check, metadata=storefront)
     assert allowed.allowed and allowed.reason == pb.CONSENT_CHECK_REASON_ALLOWED

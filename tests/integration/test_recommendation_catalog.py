@@ -104,9 +104,10 @@ async def test_a_retry_with_the_same_request_id_returns_the_first_result(start_s
     first = await upsert(stub, service, "feed-2026-01-01T00:00", beans())
     retry = await upsert(stub, service, "feed-2026-01-01T00:00", beans())
     assert retry == first and retry.results[0].outcome == CREATED
-    # A changed payload under a used id is still the first call's answer, and writes nothing.
-    replay = await upsert(stub, service, "feed-2026-01-01T00:00", beans(title="Other title"))
-    assert replay == first
+    # A changed payload under a used id is refused, and writes nothing.
+    error = await rpc_error(upsert(stub, service, "feed-2026-01-01T00:00", beans(title="Other title")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == "REQUEST_ID_REUSED"
+    assert "request_id" in field_violations(error)
     assert (await get(stub, service, "sku-beans-1")).title == beans().title
     # A new id is a new call.
     again = await upsert(stub, service, "feed-2026-01-02T00:00", beans())

@@ -242,7 +242,7 @@ def consent_servicer(now: int) -> ConsentServicer:
         [DataCategory(name, "C", "d", False, 0) for name in [PURCHASES, BROWSING, LOCATION]],
     )
     feed = types.SimpleNamespace(index=index_with_cases(now))
-    return ConsentServicer(types.SimpleNamespace(db=None), feed, None, b"k", vocabulary, None)  # type: ignore[arg-type]
+    return ConsentServicer(types.SimpleNamespace(db=None), feed, None, b"k", vocabulary, None, None)  # type: ignore[arg-type]
 
 
 async def test_check_consent_replies_as_before():

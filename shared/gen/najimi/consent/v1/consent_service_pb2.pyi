@@ -346,8 +346,10 @@ class _ConsentChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     """
     CONSENT_CHANGE_KIND_ERASURE: _ConsentChangeKind.ValueType  # 4
     """A customer was erased. purpose is empty: every consent of the customer is
-    gone (status NOT_GIVEN) and caches drop the customer. The customer's earlier
-    changes are removed from the feed; this change stays as the tombstone.
+    gone (status NOT_GIVEN). The customer's earlier changes are removed from the
+    feed; this change stays as the tombstone, and names the customer only by a
+    pseudonym ("erased:<keyed hash>", as the audit log does): caches drop every
+    record set by one of its erased_revisions.
     """
 
 class ConsentChangeKind(_ConsentChangeKind, metaclass=_ConsentChangeKindEnumTypeWrapper):
@@ -377,8 +379,10 @@ NEEDS_RENEWAL. Non-material versions are not published.
 """
 CONSENT_CHANGE_KIND_ERASURE: ConsentChangeKind.ValueType  # 4
 """A customer was erased. purpose is empty: every consent of the customer is
-gone (status NOT_GIVEN) and caches drop the customer. The customer's earlier
-changes are removed from the feed; this change stays as the tombstone.
+gone (status NOT_GIVEN). The customer's earlier changes are removed from the
+feed; this change stays as the tombstone, and names the customer only by a
+pseudonym ("erased:<keyed hash>", as the audit log does): caches drop every
+record set by one of its erased_revisions.
 """
 Global___ConsentChangeKind: _TypeAlias = ConsentChangeKind  # noqa: Y015
 
@@ -2463,6 +2467,7 @@ class ConsentChange(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    ERASED_REVISIONS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The change's revision; strictly increasing along the feed."""
     kind: Global___ConsentChangeKind.ValueType
@@ -2499,6 +2504,13 @@ class ConsentChange(_message.Message):
         change_time). Unset for other kinds, which take effect at change_time.
         """
 
+    @_builtins.property
+    def erased_revisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """For an ERASURE change: the revisions of the erased customer's changes, which
+        the feed no longer holds. A cache drops the customer whose record one of them
+        set (whichever of them it applied), since customer_id is only a pseudonym.
+        """
+
     def __init__(
         self,
         *,
@@ -2512,10 +2524,11 @@ class ConsentChange(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         change_time: _timestamp_pb2.Timestamp | None = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
+        erased_revisions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "effective_time", b"effective_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "customer_id", b"customer_id", "effective_time", b"effective_time", "expire_time", b"expire_time", "granted_data_categories", b"granted_data_categories", "kind", b"kind", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "customer_id", b"customer_id", "effective_time", b"effective_time", "erased_revisions", b"erased_revisions", "expire_time", b"expire_time", "granted_data_categories", b"granted_data_categories", "kind", b"kind", "notice_version", b"notice_version", "purpose", b"purpose", "revision", b"revision", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
