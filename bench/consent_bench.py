@@ -6,7 +6,7 @@ each with how it was measured, then a summary table against the targets. The tar
 informational: the exit code is 0 unless something crashed (the bench itself, or the
 consent service exiting non-zero on SIGTERM, whose last log lines are then printed).
 
-1. The gRPC floor and CheckConsent: h2load (bench/measure.py) keeps 64 pre-encoded calls
+1. The gRPC floor and CheckConsent: h2load (bench/measure.py) keeps 256 pre-encoded calls
    in flight, health Check and CheckConsent in alternating rounds in the same run; every
    call is checked as answered OK. On a machine with two or more cores the server is
    pinned to one core and h2load to the other, so the server, not the generator, is the

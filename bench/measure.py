@@ -401,6 +401,10 @@ def ratios(rounds: dict[str, list[Round]], kind: str, floor: str) -> list[float]
     return [mine.per_second / base.per_second for mine, base in zip(rounds[kind], rounds[floor], strict=True)]
 
 
+def _cpu_per_call(one: Round) -> float:
+    return (one.server_cpu_s or float("nan")) / one.calls
+
+
 def round_lines(rounds: list[Round], floor: list[Round] | None) -> str:
     """A kind's figures over its rounds: calls/s, the share of the floor, latency and CPU."""
     rates = Spread.of([r.per_second for r in rounds])
@@ -415,8 +419,13 @@ def round_lines(rounds: list[Round], floor: list[Round] | None) -> str:
         busy = statistics.median(r.server_cpu_s / r.seconds for r in rounds)  # type: ignore[operator]
         cost = statistics.median(1e6 * r.server_cpu_s / r.calls for r in rounds)  # type: ignore[operator]
         parts.append(f"server {100 * busy:.0f} % of its core, {cost:.0f} µs CPU/call")
+        if floor is not None:  # the floor's CPU per call over this kind's: less swayed by a busy machine
+            by_cpu = Spread.of(
+                [_cpu_per_call(f) / _cpu_per_call(r) for r, f in zip(rounds, floor, strict=True)]
+            )
+            parts.append(f"by server CPU per call {100 * by_cpu.median:.1f} % of the floor's")
     parts.append(
-        f"h2load {100 * statistics.median(r.generator_cpu_s / r.seconds for r in rounds):.0f} % of its"
+        f"h2load {100 * statistics.median(r.generator_cpu_s / r.seconds for r in rounds):.0f} % of its core"
     )
     return "; ".join(parts)
 

@@ -17,7 +17,7 @@ implement yet (UNIMPLEMENTED) is reported as unavailable, not as a crash.
    streams, each with several messages of 1000 events in flight), from a separate load
    client process, counted over a fixed window after a warm-up. Each event is fresh (a
    new event_id) and belongs to a consented customer, so each should be ACCEPTED.
-2. The gRPC floor, GetCustomer and GetTraits: h2load (bench/measure.py) keeps 64
+2. The gRPC floor, GetCustomer and GetTraits: h2load (bench/measure.py) keeps 256
    pre-encoded calls in flight, health Check (the floor), GetCustomer and GetTraits in
    alternating rounds in the same run, after the ingestion (so each customer has events);
    every call is checked as answered OK. Printed per kind: the median and the range of
