@@ -18,7 +18,7 @@ help:
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
-	@echo "make bench        run the benchmarks under bench/"
+	@echo "make bench        run the benchmarks under bench/ (h2load: installed when root, else how)"
 
 venv: $(STAMP)
 
