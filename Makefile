@@ -10,7 +10,7 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN := shared/gen
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint protos protos-check bench clean deploy-check
+.PHONY: help venv run test test-postgres lint protos protos-check bench h2load clean deploy-check
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
@@ -18,7 +18,7 @@ help:
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
-	@echo "make bench        run the benchmarks under bench/"
+	@echo "make bench        run the benchmarks under bench/ (h2load: installed when root, else how)"
 	@echo "make deploy-check render and check the image and Kubernetes manifests under deploy/"
 
 venv: $(STAMP)
@@ -61,8 +61,23 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(PY) -m shared.protogen --check $(GEN)
 
-bench: $(STAMP)
+# The benches' load generator is h2load (Debian's nghttp2-client): installed here when
+# apt-get can run as root, otherwise the target stops and says how to install it.
+bench: $(STAMP) h2load
 	@for b in $(wildcard bench/*_bench.py); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+h2load:
+	@command -v h2load >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing h2load, the benches' load generator (apt-get install nghttp2-client)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null \
+			|| { echo "make bench: apt-get could not install nghttp2-client (see above)"; exit 1; }; \
+	else \
+		echo "make bench needs h2load, the load generator. Install it with:"; \
+		echo "  sudo apt-get install nghttp2-client    (Debian, Ubuntu)"; \
+		echo "  brew install nghttp2                   (macOS)"; \
+		exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data

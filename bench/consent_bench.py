@@ -6,56 +6,66 @@ each with how it was measured, then a summary table against the targets. The tar
 informational: the exit code is 0 unless something crashed (the bench itself, or the
 consent service exiting non-zero on SIGTERM, whose last log lines are then printed).
 
-1. The gRPC floor and CheckConsent: N concurrent in-flight unary calls from grpc.aio in a
-   separate client process (this file run with --client), health Check and CheckConsent
-   measured the same way in the same run, in alternating rounds. On a machine with two
-   or more cores the server is pinned to one core and the client to another, so the
-   client never competes with the server for a core.
+1. The gRPC floor and CheckConsent: h2load (bench/measure.py) keeps 256 pre-encoded calls
+   in flight, health Check and CheckConsent in alternating rounds in the same run; every
+   call is checked as answered OK. On a machine with two or more cores the server is
+   pinned to one core and h2load to the other, so the server, not the generator, is the
+   limit. Printed per kind: the median and the range of the rounds' calls/s, and of
+   CheckConsent's share of the floor of the same round.
 2. A cached decision: ConsentCache.check in this process, each call timed on its own.
 3. Revocation to cache: WithdrawConsent, then the time until this process's ConsentCache
    (list-then-watch on the server) has applied that revision and denies.
 
-Options: --no-pin leaves CPU placement to the scheduler; --calls, --concurrency,
---revocations change the sizes; --only check (or health) runs only that kind's rounds (no
-share of the floor, no figures 2 and 3), to profile the server on that load alone (py-spy or
-perf on the printed pid).
+Options: --no-pin leaves CPU placement to the scheduler; --rounds, --round-seconds,
+--h2-connections, --h2-streams, --revocations change the sizes; --only check (or health) runs
+only that kind's rounds (no share of the floor, no figures 2 and 3), to profile the server
+on that load alone (py-spy or perf on the printed pid).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from measure import alternating_rounds, cpu_split, percentile
+from measure import (
+    BenchFailure,
+    CallKind,
+    Generator,
+    Spread,
+    add_generator_arguments,
+    cpu_split,
+    describe_rounds,
+    health_kind,
+    load_average,
+    percentile,
+    ratios,
+    round_lines,
+)
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 
 from shared.consent_cache import ConsentCache
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
+from tests.postgres import free_port
 
 RECS = "personalize.recommendations"
 PURCHASES = "user.behavior.purchase_history"
 BROWSING = "user.behavior.browsing_history"
 
 LOAD_CUSTOMERS = 1_000  # granted RECS; CheckConsent and the cache look them up
-CALLS = 20_000  # measured calls per kind (health, CheckConsent), after the warm-up
-WARMUP = 2_000  # calls per kind before measuring
-ROUNDS = 4  # measured calls are split into alternating rounds: H, C, H, C, ...
-CONCURRENCY = 32  # unary calls in flight at once
+ROUNDS = 6  # alternating rounds per kind: H, C, H, C, ...
+ROUND_SECONDS = 3.0  # about, per round (sized from the warm-up's rate)
+CHECK_PATH = "/najimi.consent.v1.ConsentService/CheckConsent"
 CACHE_LOOKUPS = 200_000
 REVOCATIONS = 200
 REVOCATION_TIMEOUT = 5.0  # seconds to wait for one revocation to reach the cache
@@ -71,66 +81,6 @@ TARGET_REVOCATION_P99_MS = 1000.0
 
 def customer_ids(prefix: str, count: int) -> list[str]:
     return [f"bench-{prefix}-{n:05d}" for n in range(count)]
-
-
-# The load client (a separate process) ------------------------------------------------------
-
-
-async def client_main(args: argparse.Namespace) -> dict[str, Any]:
-    customers = customer_ids("c", args.customers)
-    metadata = (("authorization", f"Bearer {args.token}"),)
-    health_request = health_pb2.HealthCheckRequest(service="")
-    check_requests = [
-        pb.CheckConsentRequest(customer_id=c, purpose=RECS, data_categories=[PURCHASES]) for c in customers
-    ]
-    async with grpc.aio.insecure_channel(args.address) as channel:
-        health_stub = health_pb2_grpc.HealthStub(channel)
-        consent_stub = pb_grpc.ConsentServiceStub(channel)
-        turn = 0
-
-        def health_call() -> Awaitable[Any]:
-            return health_stub.Check(health_request, timeout=30)
-
-        def check_call() -> Awaitable[Any]:
-            nonlocal turn
-            turn += 1
-            return consent_stub.CheckConsent(
-                check_requests[turn % len(check_requests)], metadata=metadata, timeout=30
-            )
-
-        kinds = {"health": health_call, "check": check_call}
-        summary = await alternating_rounds(
-            {kind: kinds[kind] for kind in args.kinds.split(",")},
-            calls=args.calls,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            concurrency=args.concurrency,
-            server_pid=args.server_pid,
-            count_replies={"check": lambda reply: reply.allowed},
-        )
-    for figures in summary.values():
-        figures["allowed"] = figures.pop("counted")
-    return summary
-
-
-def run_client(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--client", action="store_true")
-    parser.add_argument("--address", required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--server-pid", type=int, required=True)
-    parser.add_argument("--customers", type=int, required=True)
-    parser.add_argument("--calls", type=int, required=True)
-    parser.add_argument("--warmup", type=int, required=True)
-    parser.add_argument("--rounds", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--cpus", default="")
-    parser.add_argument("--kinds", default="health,check")
-    args = parser.parse_args(argv)
-    if args.cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    summary = asyncio.run(client_main(args))
-    print(json.dumps(summary))
 
 
 # The bench (this process) ----------------------------------------------------------------
@@ -171,33 +121,6 @@ async def grant_all(stub: pb_grpc.ConsentServiceStub, metadata: Any, customers: 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(GRANT_CONCURRENCY)))
     return time.perf_counter() - started
-
-
-def measure_load(
-    server: ServiceProcess, token: str, args: argparse.Namespace, split: tuple[set[int], set[int]] | None
-) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--client",
-        f"--address={server.address}",
-        f"--token={token}",
-        f"--server-pid={server.process.pid}",
-        f"--customers={LOAD_CUSTOMERS}",
-        f"--calls={args.calls}",
-        f"--warmup={WARMUP}",
-        f"--rounds={ROUNDS}",
-        f"--concurrency={args.concurrency}",
-    ]
-    if args.only:
-        command.append(f"--kinds={args.only}")
-    if split is not None:
-        command.append("--cpus=" + ",".join(str(c) for c in sorted(split[1])))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"load client failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def measure_cache(cache: ConsentCache, customers: list[str]) -> dict[str, float]:
@@ -275,12 +198,59 @@ async def measure_revocations(
     }
 
 
-def start_server(data_dir: Path, tokens: dict[str, str], cores: set[int] | None) -> ServiceProcess:
+def measure_floor(
+    server: ServiceProcess,
+    metrics_port: int,
+    token: str,
+    args: argparse.Namespace,
+    cores: set[int] | None,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Health Check and CheckConsent from h2load in alternating rounds; every call checked OK."""
+    check_request = pb.CheckConsentRequest(
+        customer_id=customer_ids("c", 1)[0], purpose=RECS, data_categories=[PURCHASES]
+    )
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(server.address) as channel:
+        consent_stub = pb_grpc.ConsentServiceStub(channel)
+
+        def check_probe() -> bytes:
+            reply = consent_stub.CheckConsent(check_request, metadata=metadata, timeout=10)
+            if not reply.allowed:
+                raise BenchFailure(f"CheckConsent of a granted customer was not allowed: {reply}")
+            return reply.SerializeToString()
+
+        kinds = {
+            "health": health_kind(channel),
+            "check": CallKind(
+                "check",
+                CHECK_PATH,
+                check_request.SerializeToString(),
+                token,
+                ("consent", "CheckConsent"),
+                check_probe,
+            ),
+        }
+        generator = Generator.from_args(
+            args, server.address, server.process.pid, metrics_port, cores, workdir
+        )
+        rounds = generator.alternating_rounds(
+            [kinds[name] for name in (args.only or "health,check").split(",")],
+            args.rounds,
+            args.round_seconds,
+        )
+    return {"rounds": rounds, "generator": generator.describe()}
+
+
+def start_server(
+    data_dir: Path, tokens: dict[str, str], cores: set[int] | None, metrics_port: int
+) -> ServiceProcess:
     env = {
         "NAJIMI_DATA_DIR": str(data_dir),
         "NAJIMI_DATABASE_URL": f"sqlite:///{data_dir / 'consent.db'}",
         "NAJIMI_PORT": "0",
-        "NAJIMI_METRICS_PORT": "0",
+        # The bench reads the per-RPC counts by code there, to check every call was OK.
+        "NAJIMI_METRICS_PORT": str(metrics_port),
         # The per-RPC access log off, as a high-rate deployment runs it (NAJIMI_ACCESS_LOG).
         "NAJIMI_ACCESS_LOG": "false",
         "NAJIMI_SERVICE_TOKEN": tokens["service:consent"],
@@ -323,13 +293,20 @@ async def bench(args: argparse.Namespace) -> None:
         storefront = tokens["service:storefront"]
         metadata = (("authorization", f"Bearer {storefront}"),)
         started = time.perf_counter()
-        server = start_server(data_dir, tokens, split[0] if split else None)
+        metrics_port = free_port()
+        server = start_server(data_dir, tokens, split[0] if split else None, metrics_port)
         print(f"consent service on {server.address} (pid {server.process.pid}), SQLite in {data_dir}")
-        print(f"  started and SERVING in {time.perf_counter() - started:.1f} s")
+        print(
+            f"  started and SERVING in {time.perf_counter() - started:.1f} s; metrics on port {metrics_port}"
+        )
         if split:
-            print(f"  server pinned to CPU {sorted(split[0])}, load client to CPU {sorted(split[1])}")
+            print(
+                f"  server pinned to CPU {sorted(split[0])}; h2load, this process and the rest to "
+                f"CPU {sorted(split[1])} (taskset), so that the server is the limit"
+            )
         else:
             print("  no CPU pinning (fewer than two cores, or --no-pin)")
+        print(f"  {load_average()} before the run")
         cache: ConsentCache | None = None
         exit_code = 0
         try:
@@ -342,56 +319,47 @@ async def bench(args: argparse.Namespace) -> None:
                     f"({len(customers) / seconds:.0f} GrantConsent/s, {GRANT_CONCURRENCY} in flight)"
                 )
 
-                # 1. The floor and CheckConsent, from a separate client process.
+                # 1. The floor and CheckConsent, from h2load.
                 lines_before = len(server.lines)
-                load = await asyncio.to_thread(measure_load, server, storefront, args, split)
+                load = await asyncio.to_thread(
+                    measure_floor,
+                    server,
+                    metrics_port,
+                    storefront,
+                    args,
+                    split[1] if split else None,
+                    data_dir,
+                )
+                rounds = load["rounds"]
                 if args.only:
-                    only = load[args.only]
-                    print(
-                        f"\n{args.only} only: {only['per_second']:.0f} calls/s, p50 {only['p50_ms']:.2f} ms, "
-                        f"p99 {only['p99_ms']:.2f} ms, server CPU "
-                        f"{1e6 * (only['server_cpu_s'] or 0) / only['calls']:.0f} µs/call"
-                    )
+                    print(f"\n{args.only} only: {round_lines(rounds[args.only], None)}")
                     return
                 lines_logged = len(server.lines) - lines_before
-                health, check = load["health"], load["check"]
-                share = 100.0 * check["per_second"] / health["per_second"]
+                shares = Spread.of([100 * r for r in ratios(rounds, "check", "health")])
+                floor_rates = Spread.of([r.per_second for r in rounds["health"]])
+                check_rates = Spread.of([r.per_second for r in rounds["check"]])
                 print()
                 print("1. gRPC floor vs CheckConsent")
                 explain(
-                    f"a separate client process (grpc.aio, one channel) keeps {args.concurrency} "
-                    f"unary calls in flight; {WARMUP} warm-up calls per kind, then {args.calls} measured "
-                    f"calls per kind in {ROUNDS} alternating rounds (health, check, ...). Throughput = "
-                    "calls / wall time of the rounds; latency = each call's await, client side. Health "
-                    "Check (service '', no token) is the floor: the same server, interceptor passes it "
-                    "through untouched. CheckConsent (with a bearer token) cycles over the "
-                    f"{LOAD_CUSTOMERS} granted customers, one data category each. Server CPU is the "
-                    "server process's utime+stime (/proc) over the rounds."
+                    f"{load['generator']}. {describe_rounds(rounds, args.round_seconds)}. Calls/s = calls / "
+                    "first start to last end of the round (h2load's log); latency = h2load's, per call. "
+                    "Health Check (service '', no token) is the floor: the same server, not wrapped by the "
+                    "RPC interceptor. CheckConsent (the storefront's bearer token) asks about one granted "
+                    "customer, one data category (the decision is a lookup in memory, whichever customer). "
+                    "Share = CheckConsent's calls/s over the floor's of the same round. Server CPU is the "
+                    "server process's utime+stime (/proc); h2load's from its rusage."
                 )
-                for name, figures in (("health Check", health), ("CheckConsent", check)):
-                    server_cpu = figures["server_cpu_s"]
-                    cpu_text = (
-                        f", server CPU {1e6 * server_cpu / figures['calls']:.0f} µs/call "
-                        f"({100 * server_cpu / figures['seconds']:.0f}% of a core)"
-                        if server_cpu is not None
-                        else ""
-                    )
-                    print(
-                        f"   {name:13s} {figures['per_second']:8.0f} calls/s   p50 {figures['p50_ms']:6.2f} ms"
-                        f"   p99 {figures['p99_ms']:6.2f} ms{cpu_text}, client CPU "
-                        f"{100 * figures['client_cpu_s'] / figures['seconds']:.0f}% of a core"
-                    )
-                print(
-                    f"   CheckConsent allowed in {check['allowed']} of {check['calls']} replies "
-                    "(all should be: every checked customer was granted)"
-                )
+                print(f"   health Check  {round_lines(rounds['health'], None)}")
+                print(f"   CheckConsent  {round_lines(rounds['check'], rounds['health'])}")
                 print(
                     f"   the server wrote {lines_logged} log lines to stderr during the load "
                     "(started with NAJIMI_ACCESS_LOG=false)"
                 )
                 print(
-                    f"   CheckConsent throughput = {share:.1f}% of the floor (target ≥ {TARGET_CHECK_SHARE:.0f}%)"
+                    f"   CheckConsent throughput = {shares.text('.1f', ' %')} of the floor "
+                    f"(target ≥ {TARGET_CHECK_SHARE:.0f} %)"
                 )
+                print(f"   {load_average()} after the rounds")
 
                 # 2. A cached decision.
                 cache = ConsentCache(server.address, tokens["service:recommendation"], purposes=[RECS])
@@ -452,15 +420,13 @@ async def bench(args: argparse.Namespace) -> None:
 
     revocation_ok = revoked["failures"] == 0 and revoked["p99_ms"] <= TARGET_REVOCATION_P99_MS
     rows = [
-        ("health Check throughput (floor)", f"{health['per_second']:.0f} calls/s", "—", ""),
-        ("health Check p50 / p99", f"{health['p50_ms']:.2f} / {health['p99_ms']:.2f} ms", "—", ""),
-        ("CheckConsent throughput", f"{check['per_second']:.0f} calls/s", "—", ""),
-        ("CheckConsent p50 / p99", f"{check['p50_ms']:.2f} / {check['p99_ms']:.2f} ms", "—", ""),
+        ("health Check (floor), median", f"{floor_rates.median:,.0f} calls/s", "—", ""),
+        ("CheckConsent, median", f"{check_rates.median:,.0f} calls/s", "—", ""),
         (
-            "CheckConsent / floor",
-            f"{share:.1f} %",
+            "CheckConsent / floor, median",
+            f"{shares.median:.1f} % ({shares.low:.1f}-{shares.high:.1f})",
             f"≥ {TARGET_CHECK_SHARE:.0f} %",
-            verdict(share >= TARGET_CHECK_SHARE),
+            verdict(shares.median >= TARGET_CHECK_SHARE),
         ),
         (
             "ConsentCache.check mean",
@@ -493,13 +459,9 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if "--client" in sys.argv[1:]:
-        run_client(sys.argv[1:])
-        return
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--no-pin", action="store_true", help="do not pin server and client to cores")
-    parser.add_argument("--calls", type=int, default=CALLS, help="measured calls per kind")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="unary calls in flight")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server and h2load to cores")
+    add_generator_arguments(parser, ROUNDS, ROUND_SECONDS)
     parser.add_argument("--revocations", type=int, default=REVOCATIONS)
     parser.add_argument(
         "--only",
@@ -507,7 +469,11 @@ def main() -> None:
         help="only this kind's rounds (no share, no cache or revocation figures): for profiling",
     )
     args = parser.parse_args()
-    asyncio.run(bench(args))
+    try:
+        asyncio.run(bench(args))
+    except BenchFailure as failure:
+        print(f"\nFAILED: {failure}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,18 @@ implement yet (UNIMPLEMENTED) is reported as unavailable, not as a crash.
    streams, each with several messages of 1000 events in flight), from a separate load
    client process, counted over a fixed window after a warm-up. Each event is fresh (a
    new event_id) and belongs to a consented customer, so each should be ACCEPTED.
-2. The gRPC floor, GetCustomer and GetTraits: N concurrent in-flight unary calls from
-   the load client, health Check (the floor), GetCustomer and GetTraits in alternating
-   rounds in the same run, after the ingestion (so each customer has events).
-On a machine with two or more cores the profile service is pinned to one core and the
-load client, the consent service and PostgreSQL to another, so that the load client
-never competes with the measured server for its core.
+2. The gRPC floor, GetCustomer and GetTraits: h2load (bench/measure.py) keeps 256
+   pre-encoded calls in flight, health Check (the floor), GetCustomer and GetTraits in
+   alternating rounds in the same run, after the ingestion (so each customer has events);
+   every call is checked as answered OK. Printed per kind: the median and the range of
+   the rounds' calls/s, and of GetCustomer's share of the floor of the same round.
+On a machine with two or more cores the profile service is pinned to one core and h2load,
+the load client, the consent service and PostgreSQL to another, so that the measured
+server, not its load, is the limit.
 
-Options: --no-pin leaves CPU placement to the scheduler; --seconds, --customers, --calls,
---concurrency, --streams, --in-flight, --batch change the sizes; --backends chooses
-sqlite, postgresql or both.
+Options: --no-pin leaves CPU placement to the scheduler; --seconds, --customers, --rounds,
+--round-seconds, --h2-connections, --h2-streams, --in-flight, --batch change the sizes;
+--backends chooses sqlite, postgresql or both.
 """
 
 from __future__ import annotations
@@ -49,8 +51,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from measure import alternating_rounds, cpu_split, percentile, process_cpu_seconds
+from measure import (
+    BenchFailure,
+    CallKind,
+    Generator,
+    Round,
+    Spread,
+    add_generator_arguments,
+    cpu_split,
+    describe_rounds,
+    health_kind,
+    load_average,
+    percentile,
+    process_cpu_seconds,
+    ratios,
+    round_lines,
+)
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
@@ -58,6 +74,7 @@ from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
+from tests.postgres import free_port
 
 RECS = "personalize.recommendations"
 PROFILING = "personalize.profiling"
@@ -72,10 +89,8 @@ BATCH_EVENTS = 1_000  # events per IngestEvents call and per StreamEvents messag
 BATCHES_IN_FLIGHT = 4  # concurrent IngestEvents calls
 STREAMS = 4  # concurrent StreamEvents streams
 STREAM_WINDOW = 2  # messages in flight (sent, not yet answered) per stream
-CALLS = 20_000  # measured unary calls per kind (health, GetCustomer, GetTraits)
-WARMUP = 2_000  # unary calls per kind before measuring
-ROUNDS = 4  # measured calls are split into alternating rounds: H, C, T, H, C, T, ...
-CONCURRENCY = 32  # unary calls in flight at once
+ROUNDS = 5  # alternating rounds per kind: H, C, T, H, C, T, ...
+ROUND_SECONDS = 2.5  # about, per round (sized from the warm-up's rate)
 SETUP_CONCURRENCY = 8  # CreateCustomer / GrantConsent calls in flight while setting up
 CONSENT_WAIT_SECONDS = 60.0  # for the profile service's cache to see every grant
 IDLE_STEP_SECONDS = 0.5  # after an ingestion run, the service is idle when it used ...
@@ -85,24 +100,13 @@ IDLE_TIMEOUT_SECONDS = 300.0
 TARGET_STREAM_EVENTS = {"sqlite": 30_000.0, "postgresql": 15_000.0}
 TARGET_GET_SHARE = 80.0  # GetCustomer throughput, % of the floor's
 
+GET_CUSTOMER_PATH = "/najimi.profile.v1.ProfileService/GetCustomer"
+GET_TRAITS_PATH = "/najimi.profile.v1.ProfileService/GetTraits"
 INGEST_PATH = "/najimi.profile.v1.ProfileService/IngestEvents"
 STREAM_PATH = "/najimi.profile.v1.ProfileService/StreamEvents"
 
 
 # Small helpers -------------------------------------------------------------------------
-
-
-def load_average() -> str:
-    """The 1-minute load average against the cores: other work on the machine skews the figures."""
-    try:
-        one_minute = float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return "load average unknown"
-    cores = os.cpu_count() or 1
-    note = (
-        " (other processes compete for the cores: expect lower, noisier figures)" if one_minute > 0.5 else ""
-    )
-    return f"load average before the run {one_minute:.2f} on {cores} cores{note}"
 
 
 def process_tree(root: int) -> list[int]:
@@ -350,47 +354,10 @@ def window_summary(window: Window, cpu: dict[str, float | None], seconds: float)
     }
 
 
-async def unary_load(channel: grpc.aio.Channel, metadata: Any, args: Any) -> dict[str, Any]:
-    customers = customer_ids(args.customers)
-    health_stub = health_pb2_grpc.HealthStub(channel)
-    profile_stub = pb_grpc.ProfileServiceStub(channel)
-    health_request = health_pb2.HealthCheckRequest(service="")
-    get_requests = [pb.GetCustomerRequest(customer_id=c) for c in customers]
-    traits_requests = [pb.GetTraitsRequest(customer_id=c) for c in customers]
-    turn = 0
-
-    def health_call() -> Awaitable[Any]:
-        return health_stub.Check(health_request, timeout=30)
-
-    def get_call() -> Awaitable[Any]:
-        nonlocal turn
-        turn += 1
-        return profile_stub.GetCustomer(get_requests[turn % len(get_requests)], metadata=metadata, timeout=30)
-
-    def traits_call() -> Awaitable[Any]:
-        nonlocal turn
-        turn += 1
-        return profile_stub.GetTraits(
-            traits_requests[turn % len(traits_requests)], metadata=metadata, timeout=30
-        )
-
-    available = {"health": health_call, "get_customer": get_call, "get_traits": traits_call}
-    return await alternating_rounds(
-        {kind: available[kind] for kind in args.kinds.split(",")},
-        calls=args.calls,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        concurrency=args.concurrency,
-        server_pid=args.server_pid,
-    )
-
-
 async def client_main(args: argparse.Namespace) -> dict[str, Any]:
     metadata = (("authorization", f"Bearer {args.token}"),)
     options = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(args.address, options=options) as channel:
-        if args.mode == "unary":
-            return await unary_load(channel, metadata, args)
         customers = customer_ids(args.customers)
         templates = event_templates(customers, int(time.time() * 1e6))
         source = EventSource(templates, f"{args.prefix}-", args.batch)
@@ -405,7 +372,7 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
 def run_client(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--client", action="store_true")
-    parser.add_argument("--mode", choices=("batch", "stream", "unary"), required=True)
+    parser.add_argument("--mode", choices=("batch", "stream"), required=True)
     parser.add_argument("--address", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--server-pid", type=int, required=True)
@@ -417,11 +384,6 @@ def run_client(argv: list[str]) -> None:
     parser.add_argument("--in-flight", type=int, default=BATCHES_IN_FLIGHT)
     parser.add_argument("--streams", type=int, default=STREAMS)
     parser.add_argument("--stream-window", type=int, default=STREAM_WINDOW)
-    parser.add_argument("--calls", type=int, default=CALLS)
-    parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
-    parser.add_argument("--kinds", default="health,get_customer,get_traits")
     parser.add_argument("--cpus", default="")
     args = parser.parse_args(argv)
     if args.cpus and hasattr(os, "sched_setaffinity"):
@@ -615,8 +577,6 @@ def run_load_client(
         f"--in-flight={args.in_flight}",
         f"--streams={args.streams}",
         f"--stream-window={args.stream_window}",
-        f"--calls={args.calls}",
-        f"--concurrency={args.concurrency}",
         *extra,
     ]
     if split is not None:
@@ -634,7 +594,7 @@ class BackendResult:
     skipped: str = ""  # why the back end was not measured
     ingest: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> figures
     ingest_unavailable: dict[str, str] = field(default_factory=dict)  # mode -> why
-    unary: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> figures
+    unary: dict[str, list[Round]] = field(default_factory=dict)  # kind -> rounds
     unary_unavailable: dict[str, str] = field(default_factory=dict)
     exit_code: int = 0
 
@@ -682,6 +642,7 @@ async def run_backend(
     storefront = tokens["service:storefront"]
     metadata = (("authorization", f"Bearer {storefront}"),)
     started = time.perf_counter()
+    metrics_port = free_port()
     server = start_service(
         "profile",
         data_dir,
@@ -691,6 +652,8 @@ async def run_backend(
             "NAJIMI_DATABASE_URL": database_url,
             "NAJIMI_CONSENT_ADDRESS": consent.address,
             "NAJIMI_PROFILE_TRAIT_WORKER": "external",
+            # The bench reads the per-RPC counts by code there, to check every call was OK.
+            "NAJIMI_METRICS_PORT": str(metrics_port),
         },
     )
     # The traits are kept current by a trait worker process of their own, on the other core
@@ -760,51 +723,43 @@ async def run_backend(
         if args.only_ingestion:
             return result
 
-        # 2. The floor, GetCustomer and GetTraits.
+        # 2. The floor, GetCustomer and GetTraits, from h2load.
         async with grpc.aio.insecure_channel(server.address) as channel:
             why = await probe_traits(pb_grpc.ProfileServiceStub(channel), metadata, customers[0])
-        kinds = ["health", "get_customer"]
+        names = ["health", "get_customer"]
         if why:
             result.unary_unavailable["get_traits"] = why
         else:
-            kinds.append("get_traits")
-        unary = await asyncio.to_thread(
-            run_load_client, server, storefront, args, split, "unary", [f"--kinds={','.join(kinds)}"]
+            names.append("get_traits")
+        rounds, generator = await asyncio.to_thread(
+            measure_reads, server, metrics_port, storefront, customers[0], names, args, split, data_dir
         )
-        result.unary = unary
+        result.unary = rounds
         print(f"\n   2. gRPC floor vs GetCustomer and GetTraits ({backend})")
         explain(
-            f"the load client keeps {args.concurrency} unary calls in flight; {WARMUP} warm-up calls per "
-            f"kind, then {args.calls} measured calls per kind in {ROUNDS} alternating rounds. Throughput = "
-            "calls / wall time of the rounds; latency = each call's await, client side. Health Check "
+            f"{generator}. {describe_rounds(rounds, args.round_seconds)}. Calls/s = calls / first start "
+            "to last end of the round (h2load's log); latency = h2load's, per call. Health Check "
             "(service '', no token) is the floor. GetCustomer and GetTraits (service:storefront token, so "
-            f"PII is masked) cycle over the {len(customers)} customers, after the ingestion above (each "
-            "customer has its events) and once the service (and PostgreSQL) went idle again. After "
-            "the warm-up, GetCustomer answers come from the replica's cache of masked answers "
-            "(services/profile/customer_cache.py; the customers do not change meanwhile); one the cache "
-            "cannot answer costs two queries and three decryptions (about 1 ms of server CPU on SQLite)."
+            "PII is masked) ask for one customer, after the ingestion above (the customer has its events) "
+            "and once the service (and PostgreSQL) went idle again. After the warm-up, GetCustomer answers "
+            "come from the replica's cache of masked answers (services/profile/customer_cache.py; the "
+            "customer does not change meanwhile), as they would for any customer read again; one the cache "
+            "cannot answer costs two queries and three decryptions (about 1 ms of server CPU on SQLite). "
+            "Share = calls/s over the floor's of the same round. Server CPU from /proc, h2load's from its "
+            "rusage."
         )
-        floor = unary["health"]["per_second"]
         for kind, label in (
             ("health", "health Check"),
             ("get_customer", "GetCustomer"),
             ("get_traits", "GetTraits"),
         ):
-            if kind not in unary:
+            if kind not in rounds:
                 print(f"   {label:13s} unavailable: {result.unary_unavailable.get(kind, 'not measured')}")
                 continue
-            figures = unary[kind]
-            server_cpu = figures["server_cpu_s"]
-            cpu_text = (
-                f", server CPU {1e6 * server_cpu / figures['calls']:.0f} µs/call"
-                if server_cpu is not None
-                else ""
-            )
-            share = f" ({100 * figures['per_second'] / floor:.0f}% of the floor)" if kind != "health" else ""
             print(
-                f"   {label:13s} {figures['per_second']:8.0f} calls/s   p50 {figures['p50_ms']:6.2f} ms   "
-                f"p99 {figures['p99_ms']:6.2f} ms{cpu_text}{share}"
+                f"   {label:13s} {round_lines(rounds[kind], None if kind == 'health' else rounds['health'])}"
             )
+        print(f"   {load_average()} after the rounds")
     finally:
         result.exit_code = server.terminate()
         traits_exit = traits.terminate()
@@ -819,6 +774,63 @@ async def run_backend(
             )
             print("".join(tail), end="")
     return result
+
+
+def measure_reads(
+    server: ServiceProcess,
+    metrics_port: int,
+    token: str,
+    customer: str,
+    names: list[str],
+    args: argparse.Namespace,
+    split: Any,
+    workdir: Path,
+) -> tuple[dict[str, list[Round]], str]:
+    """Health Check, GetCustomer and GetTraits from h2load in alternating rounds; every call
+    checked OK. Returns the rounds per kind and how the generator ran."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    get_request = pb.GetCustomerRequest(customer_id=customer)
+    traits_request = pb.GetTraitsRequest(customer_id=customer)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProfileServiceStub(channel)
+
+        def get_probe() -> bytes:
+            reply = stub.GetCustomer(get_request, metadata=metadata, timeout=10)
+            if reply.customer.customer_id != customer:
+                raise BenchFailure(f"GetCustomer answered another customer: {reply}")
+            return reply.SerializeToString()
+
+        def traits_probe() -> bytes:
+            reply = stub.GetTraits(traits_request, metadata=metadata, timeout=10)
+            return reply.SerializeToString()
+
+        kinds = {
+            "health": health_kind(channel),
+            "get_customer": CallKind(
+                "get_customer",
+                GET_CUSTOMER_PATH,
+                get_request.SerializeToString(),
+                token,
+                ("profile", "GetCustomer"),
+                get_probe,
+            ),
+            "get_traits": CallKind(
+                "get_traits",
+                GET_TRAITS_PATH,
+                traits_request.SerializeToString(),
+                token,
+                ("profile", "GetTraits"),
+                traits_probe,
+                same_reply=False,  # a time in the reply: its size varies by a byte or two
+            ),
+        }
+        generator = Generator.from_args(
+            args, server.address, server.process.pid, metrics_port, split[1] if split else None, workdir
+        )
+        rounds = generator.alternating_rounds(
+            [kinds[name] for name in names], args.rounds, args.round_seconds
+        )
+    return rounds, generator.describe()
 
 
 def start_postgres(cores: set[int] | None) -> tuple[Any, str]:
@@ -859,39 +871,25 @@ def summary_rows(results: list[BackendResult]) -> list[tuple[str, str, str, str]
                 )
             )
         unary = result.unary
-        if "health" in unary:
-            floor = unary["health"]
-            rows.append((f"{name}: health Check (floor)", f"{floor['per_second']:,.0f} calls/s", "—", ""))
-            rows.append(
-                (
-                    f"{name}: health Check p50 / p99",
-                    f"{floor['p50_ms']:.2f} / {floor['p99_ms']:.2f} ms",
-                    "—",
-                    "",
-                )
-            )
-        for kind, label in (("get_customer", "GetCustomer"), ("get_traits", "GetTraits")):
-            figures = unary.get(kind)
-            if figures is None:
+        for kind, label in (
+            ("health", "health Check (floor)"),
+            ("get_customer", "GetCustomer"),
+            ("get_traits", "GetTraits"),
+        ):
+            if kind not in unary:
                 rows.append((f"{name}: {label}", "unavailable", "", ""))
                 continue
-            rows.append((f"{name}: {label} throughput", f"{figures['per_second']:,.0f} calls/s", "—", ""))
-            rows.append(
-                (
-                    f"{name}: {label} p50 / p99",
-                    f"{figures['p50_ms']:.2f} / {figures['p99_ms']:.2f} ms",
-                    "—",
-                    "",
-                )
-            )
+            rate = Spread.of([r.per_second for r in unary[kind]]).median
+            p99 = Spread.of([r.p99_ms for r in unary[kind]]).median
+            rows.append((f"{name}: {label}, median", f"{rate:,.0f} calls/s, p99 {p99:.1f} ms", "—", ""))
             if kind == "get_customer" and "health" in unary:
-                share = 100 * figures["per_second"] / unary["health"]["per_second"]
+                share = Spread.of([100 * r for r in ratios(unary, "get_customer", "health")])
                 rows.append(
                     (
-                        f"{name}: GetCustomer / floor",
-                        f"{share:.1f} %",
+                        f"{name}: GetCustomer / floor, median",
+                        f"{share.median:.1f} % ({share.low:.1f}-{share.high:.1f})",
                         f"≥ {TARGET_GET_SHARE:.0f} %",
-                        verdict(share >= TARGET_GET_SHARE),
+                        verdict(share.median >= TARGET_GET_SHARE),
                     )
                 )
     return rows
@@ -917,12 +915,13 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"  started and SERVING in {time.perf_counter() - started:.1f} s")
         if split:
             print(
-                f"  profile service pinned to CPU {sorted(split[0])}; load client, consent service, trait "
-                f"worker process and PostgreSQL to CPU {sorted(split[1])}"
+                f"  profile service pinned to CPU {sorted(split[0])}; h2load (taskset), the load client, "
+                f"consent service, trait worker process and PostgreSQL to CPU {sorted(split[1])}, so that "
+                "the profile service is the limit"
             )
         else:
             print("  no CPU pinning (fewer than two cores, or --no-pin)")
-        print(f"  {load_average()}")
+        print(f"  {load_average()} before the run")
         try:
             seconds = await grant_all(consent.address, tokens["service:storefront"], customers)
             print(
@@ -1000,13 +999,16 @@ def main() -> None:
         action="store_true",
         help="no floor, GetCustomer or GetTraits rounds (for profiling)",
     )
-    parser.add_argument("--calls", type=int, default=CALLS, help="measured unary calls per kind")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="unary calls in flight")
+    add_generator_arguments(parser, ROUNDS, ROUND_SECONDS)
     args = parser.parse_args()
     unknown = set(args.backends.split(",")) - {"sqlite", "postgresql"}
     if unknown:
         parser.error(f"unknown back ends: {', '.join(sorted(unknown))}")
-    asyncio.run(bench(args))
+    try:
+        asyncio.run(bench(args))
+    except BenchFailure as failure:
+        print(f"\nFAILED: {failure}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

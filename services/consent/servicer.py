@@ -579,7 +579,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
 
     async def CheckConsent(self, request: pb.CheckConsentRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id, purpose = request.customer_id, request.purpose
-        categories = tuple(request.data_categories)
+        categories = request.data_categories  # decide() copies it once: no tuple of our own
         if not self._check_is_valid(customer_id, purpose, categories):
             violations = Violations()
             self._checked(violations, "", customer_id, purpose, categories)
@@ -596,7 +596,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if denied:
             response.denied_data_categories.extend(denied)
         if expires_at_us is not None:
-            response.expire_time.FromMicroseconds(expires_at_us)
+            # Set directly: Timestamp.FromMicroseconds is Python and costs about twice as much.
+            seconds, micros = divmod(expires_at_us, 1_000_000)
+            expire_time = response.expire_time
+            expire_time.seconds = seconds
+            expire_time.nanos = micros * 1_000
         return response
 
     async def BatchCheckConsent(
