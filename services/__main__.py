@@ -106,6 +106,7 @@ def start_services(
             },
             data_dir / f"{name}.log",
             echo=echo,
+            own_process_group=True,
         )
         for name in SERVICE_NAMES
     }
@@ -136,7 +137,7 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
         f'  ADMIN=$(python3 -c \'import json; print(json.load(open("{tokens_file}"))["admin"])\')\n'
         f'  grpcurl -plaintext -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 5}}\' \\\n'
         f"    {consent} najimi.consent.v1.ConsentService/ListPurposes\n"
-        'More examples: README.md, "Calling the services with grpcurl".\n'
+        'grpcurl is in .venv/bin; more examples in README.md, "Calling the services with grpcurl".\n'
         "Press Ctrl-C to stop."
     )
 
@@ -153,8 +154,8 @@ def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin
     except grpc.RpcError as error:
         say(f"  the demo data did not load ({error.code().name}: {error.details()}); the services run on")
         return
-    for line in report.lines()[-1:] if report.already_loaded else report.lines()[4:]:
-        say(f"  {line}")
+    if report.already_loaded:
+        say(f"  {report.lines()[0]}")
     say(f"  done in {report.seconds:.1f} s")
 
 
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         if not running:  # still starting: abandon the start-up, then stop what runs
             raise KeyboardInterrupt
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # The services are in process groups of their own: a closed terminal (SIGHUP) must
+    # stop them through the launcher as Ctrl-C does.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
 
     say(f"Starting the four services (data and logs in {relative(data_dir)}/):")

@@ -451,42 +451,39 @@ class LoadReport:
     def existing_customers(self) -> int:
         return self.customers.existing
 
-    def lines(self) -> list[str]:
-        """The load in a few human lines, for the `make run` console."""
-        data, events = self.data, self.events
-        if self.already_loaded:
-            return [
-                f"already loaded by an earlier start ({len(data.customers)} customers, "
-                f"{len(data.items)} items, {len(data.events):,} events); `make reset` starts afresh"
-            ]
-        segments = Counter(c.segment for c in data.customers)
-        customers = (
+    def customers_line(self) -> str:
+        segments = Counter(c.segment for c in self.data.customers)
+        line = (
             f"{self.customers.ready} customers ({', '.join(f'{n} {s}' for s, n in sorted(segments.items()))})"
         )
-        if self.customers.erased:
-            customers += (
-                f"; {len(self.customers.erased)} erased by a data-subject request, skipped: "
-                + ", ".join(self.customers.erased[:5])
-                + (" …" if len(self.customers.erased) > 5 else "")
-            )
-        without = sum(1 for c in data.customers if not c.consents)
-        lines = [
-            customers,
-            f"{self.grants} consents ({without} customers gave none)",
-            f"{len(data.items)} catalog items",
-            f"device {self.device_id} (token in demo-devices.json)" if self.device_id else "no demo device",
-        ]
+        erased = self.customers.erased
+        if erased:
+            names = ", ".join(erased[:5]) + (" …" if len(erased) > 5 else "")
+            line += f"; {len(erased)} erased by a data-subject request, skipped with their data: {names}"
+        return line
+
+    def grants_line(self) -> str:
+        without = sum(1 for c in self.data.customers if not c.consents)
+        return f"{self.grants} consents ({without} customers gave none)"
+
+    def catalog_line(self) -> str:
+        return f"{len(self.data.items)} catalog items"
+
+    def device_line(self) -> str:
+        if self.device_id:
+            return f"device {self.device_id} (its token is in demo-devices.json)"
+        return f"no demo device ({DEVICE_OWNER} was erased)"
+
+    def event_lines(self) -> list[str]:
+        data, events = self.data, self.events
         if events.unimplemented:
-            lines.append(f"{len(data.events):,} events not loaded: IngestEvents is not implemented yet")
-            return lines
+            return [f"{len(data.events):,} events not loaded: IngestEvents is not implemented yet"]
         days = (data.end_us - data.start_us) // DAY_US
         counted = ", ".join(
             f"{n:,} {_STATUS_WORDS.get(status, status.lower())}"
             for status, n in events.statuses.most_common()
         )
-        lines.append(
-            f"{events.statuses.total():,} events over {days} days: {counted} ({events.seconds:.1f} s)"
-        )
+        lines = [f"{events.statuses.total():,} events over {days} days: {counted} ({events.seconds:.1f} s)"]
         if events.refused_despite_grant:
             lines.append(
                 f"{events.refused_despite_grant:,} of the refused events' customers had granted the "
@@ -495,8 +492,21 @@ class LoadReport:
         lines.extend(f"problem: {problem}" for problem in events.problems)
         return lines
 
-    def summary(self) -> str:
-        return "; ".join(self.lines()) + f"; {self.seconds:.1f} s"
+    def lines(self) -> list[str]:
+        """The load in a few human lines."""
+        if self.already_loaded:
+            data = self.data
+            return [
+                f"already loaded by an earlier start ({len(data.customers)} customers, "
+                f"{len(data.items)} items, {len(data.events):,} events); `make reset` starts afresh"
+            ]
+        return [
+            self.customers_line(),
+            self.grants_line(),
+            self.catalog_line(),
+            self.device_line(),
+            *self.event_lines(),
+        ]
 
 
 _STATUS_WORDS = {
@@ -568,47 +578,42 @@ def load_demo(
     loaded = _read_anchor(data_dir).get("loaded")
     if not force and isinstance(loaded, dict) and loaded.get("customers") == len(data.customers):
         if _already_loaded(addresses, metadata, loaded):
-            report = LoadReport(
-                data, CustomerLoad(), 0, str(loaded.get("device_id", "")), EventLoad(), 0.0, True
-            )
-            report.seconds = time.monotonic() - started
-            return report
+            device_id = str(loaded.get("device_id", ""))
+            seconds = time.monotonic() - started
+            return LoadReport(data, CustomerLoad(), 0, device_id, EventLoad(), seconds, already_loaded=True)
+    report = LoadReport(data, CustomerLoad(), 0, "", EventLoad(), 0.0)
     with grpc.insecure_channel(addresses["NAJIMI_PROFILE_ADDRESS"]) as channel:
-        customer_load = _create_customers(channel, metadata, data.customers)
-    erased = set(customer_load.erased)
+        report.customers = _create_customers(channel, metadata, data.customers)
+    say(report.customers_line())
+    erased = set(report.customers.erased)
     present = [c for c in data.customers if c.customer_id not in erased]
-    say(f"customers: {customer_load.ready} ready" + (f", {len(erased)} erased (skipped)" if erased else ""))
     with grpc.insecure_channel(addresses["NAJIMI_CONSENT_ADDRESS"]) as channel:
-        grants, last_grant = _grant_consents(channel, metadata, present)
-    say(f"consents: {grants} granted")
+        report.grants, last_grant = _grant_consents(channel, metadata, present)
+    say(report.grants_line())
     with grpc.insecure_channel(addresses["NAJIMI_RECOMMENDATION_ADDRESS"]) as channel:
         stub = rec_grpc.RecommendationServiceStub(channel)
         for request in catalog_requests(data.items):
             stub.UpsertItems(request, metadata=metadata, timeout=CALL_TIMEOUT)
-    say(f"catalog: {len(data.items)} items")
-    device_id = ""
+    say(report.catalog_line())
     if DEVICE_OWNER not in erased:
         with grpc.insecure_channel(addresses["NAJIMI_REPLENISHMENT_ADDRESS"]) as channel:
-            device_id = _register_device(channel, metadata, data_dir)
-    say(f"device: {device_id or f'skipped ({DEVICE_OWNER} was erased)'}")
+            report.device_id = _register_device(channel, metadata, data_dir)
+    say(report.device_line())
     events = [e for e in data.events if e.customer_id not in erased]
     collectable = {c.customer_id: c.collectable_categories for c in present}
     with grpc.insecure_channel(addresses["NAJIMI_PROFILE_ADDRESS"]) as channel:
         if last_grant is not None:
             _await_consent(channel, metadata, last_grant)
-        event_load = _ingest_events(channel, metadata, events, collectable)
-    report = LoadReport(data, customer_load, grants, device_id, event_load, time.monotonic() - started)
+        report.events = event_load = _ingest_events(channel, metadata, events, collectable)
+    for line in report.event_lines():
+        say(line)
+    report.seconds = time.monotonic() - started
     if data_dir is not None and not event_load.unimplemented:
         anchor = _read_anchor(data_dir)
         anchor["loaded"] = {
             "customers": len(data.customers),
             "last_item": data.items[-1].item_id,
-            "device_id": device_id,
+            "device_id": report.device_id,
         }
         (data_dir / ANCHOR_FILE).write_text(json.dumps(anchor) + "\n")
     return report
-
-
-def load_demo_data(addresses: Mapping[str, str], admin_token: str, data_dir: Path | None = None) -> str:
-    """Loads the demo data through the running services; returns a one-line summary."""
-    return load_demo(addresses, admin_token, data_dir).summary()

@@ -47,6 +47,7 @@ class Launcher:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            process_group=0,  # the launcher leads a group, as a command run from a terminal does
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.process.stdout, self.stdout), daemon=True),
@@ -72,9 +73,10 @@ class Launcher:
         )
 
     def stop(self, timeout: float = 60.0) -> int:
-        """Ctrl-C, as a user stops `make run`; returns the launcher's exit code."""
+        """Ctrl-C, as a user stops `make run` (the terminal signals the whole foreground
+        process group); returns the launcher's exit code."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            os.killpg(self.process.pid, signal.SIGINT)
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:

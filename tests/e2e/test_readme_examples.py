@@ -177,7 +177,8 @@ def test_the_console_is_short_and_human(launched: Launcher):
         assert any(
             re.match(rf"\s+{name}\s+127\.0\.0\.1:{port}\s+serving after \d+\.\d s$", line) for line in out
         )
-    assert any(re.match(r"\s+customers: 200 ready$", line) for line in out)
+    assert any(re.match(r"\s+200 customers \(\d+ coffee_lovers, ", line) for line in out), launched.console()
+    assert any(re.match(r"\s+\d+ consents \(\d+ customers gave none\)$", line) for line in out)
     events = next(line for line in out if " events over " in line)
     assert re.search(r"[\d,]+ accepted, [\d,]+ refused for consent", events)
     assert not any("granted the category" in line for line in out)  # none refused for a grant not seen yet
