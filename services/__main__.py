@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import FrameType
 
+import grpc
+
+from services.demo_data import load_demo
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
 from shared.settings import DEFAULT_PORTS, SERVICE_NAMES
@@ -55,8 +58,9 @@ def service_addresses(environ: Mapping[str, str]) -> dict[str, str]:
 class ConsoleEcho:
     """Hands a service's log lines at the console level or above to the console, readably."""
 
-    def __init__(self, level: str):
+    def __init__(self, level: str, log_dir: str):
         self.threshold = LEVELS.index(level)
+        self.log_dir = log_dir
         self.lock = threading.Lock()
 
     def __call__(self, service: str, line: str) -> None:
@@ -73,10 +77,18 @@ class ConsoleEcho:
             for noise in ("timestamp", "logger_name"):
                 entry.pop(noise, None)
             event = entry.pop("event", "")
-            details = " ".join(f"{key}={value}" for key, value in entry.items())
+            # A traceback stays in the log file; the console gets its last line.
+            details = " ".join(f"{key}={_last_line(value)}" for key, value in entry.items())
             text = f"{level.upper()} {event} {details}".rstrip()
+            if "exception" in entry:
+                text += f" (traceback in {self.log_dir}/{service}.log)"
         with self.lock:
             print(f"  [{service}] {text}", file=sys.stderr, flush=True)
+
+
+def _last_line(value: object) -> str:
+    lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def relative(path: Path) -> str:
@@ -143,10 +155,6 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
 
 
 def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str) -> None:
-    import grpc
-
-    from services.demo_data import load_demo
-
     say("Loading the demo data (`make run DEMO=0` starts without it):")
     addresses = {f"NAJIMI_{name.upper()}_ADDRESS": child.address for name, child in children.items()}
     try:
@@ -163,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-demo", action="store_true", help="start without loading the demo data")
     args = parser.parse_args(argv)
-    echo = ConsoleEcho(console_level(os.environ))
+    level = console_level(os.environ)
     addresses = service_addresses(os.environ)
     data_dir = Path(os.environ.get("NAJIMI_DATA_DIR", "data")).resolve()
+    echo = ConsoleEcho(level, relative(data_dir))
     data_dir.mkdir(parents=True, exist_ok=True)
     tokens = ensure_dev_tokens(data_dir)
 

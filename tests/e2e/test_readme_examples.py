@@ -186,9 +186,8 @@ def test_the_console_is_short_and_human(launched: Launcher):
     # No service log line reaches the console but warnings and errors, and none as JSON.
     assert len(out) < 40
     assert not any(line.lstrip().startswith("{") for line in out + launched.stderr)
-    assert all(re.match(r"\s+\[\w+\] (WARNING|ERROR|CRITICAL) ", line) for line in launched.stderr), (
-        launched.stderr
-    )
+    shown = "\n".join(launched.stderr)
+    assert all(re.match(r"\s+\[\w+\] (WARNING|ERROR|CRITICAL) ", line) for line in launched.stderr), shown
     assert (launched.data_dir / "consent.log").read_text().count('"event": "rpc"') > 0
 
 
