@@ -11,18 +11,18 @@ GEN := shared/gen
 PYTEST_ARGS ?=
 DATA_DIR := $(or $(NAJIMI_DATA_DIR),data)
 
-.PHONY: help venv run reset test test-postgres lint protos protos-check bench clean
+.PHONY: help venv run test test-postgres lint protos protos-check bench clean
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
 	@echo "                  DEMO=0: without the demo data; LOG=info: service logs on the console too"
 	@echo "make reset        remove the data directory (databases, logs, tokens); keeps .venv"
+	@echo "make clean        remove .venv, the caches and the data directory"
 	@echo "make test         run the test suite (PostgreSQL tests start their own throwaway cluster)"
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
 	@echo "make bench        run the benchmarks under bench/"
-	@echo "make clean        remove .venv, the caches and the data directory"
 
 venv: $(STAMP)
 
@@ -78,9 +78,10 @@ protos-check: $(STAMP)
 bench: $(STAMP)
 	@for b in $(wildcard bench/*_bench.py); do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# The services' state (databases, logs, tokens, keys, demo data); .venv stays.
-reset:
-	rm -rf $(DATA_DIR)
-
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(DATA_DIR)
+
+# The services' state (databases, logs, tokens, keys, demo data); .venv stays.
+.PHONY: reset
+reset:
+	rm -rf $(DATA_DIR)

@@ -118,7 +118,6 @@ def start_services(
             },
             data_dir / f"{name}.log",
             echo=echo,
-            own_process_group=True,
         )
         for name in SERVICE_NAMES
     }
@@ -186,9 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if not running:  # still starting: abandon the start-up, then stop what runs
             raise KeyboardInterrupt
 
-    # The services are in process groups of their own: a closed terminal (SIGHUP) must
-    # stop them through the launcher as Ctrl-C does.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
 
     say(f"Starting the four services (data and logs in {relative(data_dir)}/):")

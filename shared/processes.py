@@ -30,7 +30,6 @@ class ServiceProcess:
         env: Mapping[str, str],
         log_path: Path,
         echo: Callable[[str, str], None] | None = None,
-        own_process_group: bool = False,
     ):
         self.service = service
         self.log_path = log_path
@@ -44,9 +43,6 @@ class ServiceProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            # Out of the terminal's process group, a Ctrl-C reaches only the parent, which
-            # then stops each child with one SIGTERM instead of a SIGINT and a SIGTERM.
-            process_group=0 if own_process_group else None,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
