@@ -1,14 +1,18 @@
 """The README's "What each service implements today" table matches the servicers: an RPC
 is implemented when its servicer class overrides the generated base class's method
-(which answers UNIMPLEMENTED)."""
+(which answers UNIMPLEMENTED) with one that does not raise NotImplementedError (which
+the interceptors answer with UNIMPLEMENTED, e.g. after checking who may call)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
 import re
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import services
@@ -16,6 +20,16 @@ from shared.settings import SERVICE_NAMES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| (\w+) \| `([\w.]+)` \| ([^|]+) \| ([^|]+) \|$")
+
+
+def raises_not_implemented(method: Callable[..., object]) -> bool:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            raised = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(raised, ast.Name) and raised.id == "NotImplementedError":
+                return True
+    return False
 
 
 def servicers() -> dict[tuple[str, str], tuple[list[str], list[str]]]:
@@ -37,7 +51,12 @@ def servicers() -> dict[tuple[str, str], tuple[list[str], list[str]]]:
                     descriptor = sys.modules[base.__module__.replace("_pb2_grpc", "_pb2")].DESCRIPTOR
                     service = descriptor.services_by_name[base.__name__.removesuffix("Servicer")]
                     rpcs = [method.name for method in service.methods]
-                    done = [rpc for rpc in rpcs if getattr(cls, rpc) is not getattr(base, rpc)]
+                    done = [
+                        rpc
+                        for rpc in rpcs
+                        if getattr(cls, rpc) is not getattr(base, rpc)
+                        and not raises_not_implemented(getattr(cls, rpc))
+                    ]
                     found[(process, service.full_name)] = (done, [rpc for rpc in rpcs if rpc not in done])
     return found
 
