@@ -47,7 +47,6 @@ class Launcher:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            process_group=0,  # the launcher leads a group, as a command run from a terminal does
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.process.stdout, self.stdout), daemon=True),
@@ -73,10 +72,11 @@ class Launcher:
         )
 
     def stop(self, timeout: float = 60.0) -> int:
-        """Ctrl-C, as a user stops `make run` (the terminal signals the whole foreground
-        process group); returns the launcher's exit code."""
+        """SIGINT to the launcher alone (`kill -INT`), which stops each service with one
+        SIGTERM; returns its exit code. (A terminal's Ctrl-C also reaches the services:
+        surviving that second signal is the services' own stop handling.)"""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
+            self.process.send_signal(signal.SIGINT)
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -192,7 +192,7 @@ def test_the_console_is_short_and_human(launched: Launcher):
 
 
 def test_the_next_start_after_the_examples_finds_the_demo_loaded(launched: Launcher):
-    assert launched.stop() == 0
+    assert launched.stop() == 0, launched.console()
     assert launched.stdout[-1] == "Stopped: every service exited 0"
     again = Launcher(launched.data_dir)
     try:
