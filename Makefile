@@ -9,11 +9,15 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN := shared/gen
 PYTEST_ARGS ?=
+DATA_DIR := $(or $(NAJIMI_DATA_DIR),data)
 
 .PHONY: help venv run test test-postgres lint protos protos-check bench h2load clean deploy-check
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
+	@echo "                  DEMO=0: without the demo data; LOG=info: service logs on the console too"
+	@echo "make reset        remove the data directory (databases, logs, tokens); keeps .venv"
+	@echo "make clean        remove .venv, the caches and the data directory"
 	@echo "make test         run the test suite (PostgreSQL tests start their own throwaway cluster)"
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
@@ -23,18 +27,34 @@ help:
 
 venv: $(STAMP)
 
+# pip's own lines are cut down to what it is fetching and building, so the minute or
+# two of a first install shows progress without pages of output.
+PIP := set -o pipefail; $(BIN)/pip install --progress-bar off
+PIP_SHOW := sed -un -E -e 's/^Collecting ([^ ;]*).*/      fetching \1/p' \
+  -e 's/^Building wheel for ([^ ]*).*/      building \1/p' -e 's/^Installing collected packages.*/      installing/p'
+
 # LightFM 1.17 only builds without build isolation, against an already installed
 # setuptools/wheel/numpy/scipy, and only through pip's legacy setup.py path, which
 # pip 25 removed: hence the pinned pip and the order of these steps.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet 'pip<25' 'setuptools<80' wheel 'numpy>=1.26' 'scipy>=1.11'
-	$(BIN)/pip install --quiet --no-build-isolation 'lightfm==1.17'
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "Setting up $(VENV) (first run only; about two minutes):"
+	@echo "  [1/4] creating the virtual environment with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "  [2/4] installing the build tools LightFM needs (pip, setuptools, wheel, numpy, scipy)"
+	@$(PIP) 'pip<25' 'setuptools<80' wheel 'numpy>=1.26' 'scipy>=1.11' | $(PIP_SHOW)
+	@echo "  [3/4] building LightFM 1.17 from source (the slowest step)"
+	@$(PIP) --no-build-isolation 'lightfm==1.17' | $(PIP_SHOW)
+	@echo "  [4/4] installing najimi and its dependencies (gRPC, SQLAlchemy, ...; dev tools)"
+	@$(PIP) -e '.[dev]' | $(PIP_SHOW)
+	@touch $(STAMP)
+	@echo "  $(VENV) is ready."
 
+# DEMO=0 starts without the demo data; LOG=info (or debug) also shows the services'
+# info lines on the console (they are always in $(DATA_DIR)/<service>.log).
+DEMO ?= 1
+LOG ?=
 run: $(STAMP)
-	$(PY) -m services
+	$(if $(LOG),NAJIMI_CONSOLE_LEVEL=$(LOG) )$(PY) -m services$(if $(filter 0 no false,$(DEMO)), --no-demo)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -80,4 +100,9 @@ h2load:
 	fi
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(DATA_DIR)
+
+# The services' state (databases, logs, tokens, keys, demo data); .venv stays.
+.PHONY: reset
+reset:
+	rm -rf $(DATA_DIR)

@@ -1,21 +1,27 @@
 """Loads the demo data (services/demo_generator.py) through the services' own RPCs.
 
-`make run` calls `load_demo_data` once every service is SERVING. In order:
+`make run` calls `load_demo` once every service is SERVING. In order:
 1. customers (profile CreateCustomer, with their e-mail, loyalty card and cookie id
    linked), 2. their consents (consent GrantConsent), 3. the catalog (recommendation
    UpsertItems, in batches of at most 1000), 4. the demo device (replenishment
    RegisterDevice), 5. about six months of events (profile IngestEvents, batches of 1000).
 
-Every call carries a fixed request id or event id, so loading twice changes nothing: a
-second run finds the customers, consents, items and device as they were and every event
-a DUPLICATE. The generator's end time is fixed at the first load (kept in
-<data_dir>/demo-data.json), so a later run regenerates exactly the same data.
+Every call carries a fixed request id or event id, so loading twice changes nothing. The
+generator's end time is fixed at the first load (kept in <data_dir>/demo-data.json), so a
+later run regenerates exactly the same data. A complete load is recorded there too: the
+next start checks with one call per service that the data is still there and sends
+nothing else.
 
 Events whose data category the customer has not consented to come back
 REJECTED_CONSENT and are not stored: that is intended (a few customers consent
-narrowly or not at all, demo-chloe not at all), and the summary counts them. An event
-rejected although the customer did consent means the profile service's consent cache
-had not seen the grant yet; those are sent again for a few seconds.
+narrowly or not at all, demo-chloe not at all), and the report counts them. They are
+never sent again. So that a consented event is not refused because the profile
+service's consent cache has not seen its grant yet, the events wait until it has seen
+the last grant (`_await_consent`).
+
+A demo customer erased by a data-subject request cannot be created again
+(FAILED_PRECONDITION, reason CUSTOMER_ERASED): the load skips that customer, their
+consents and events (and the device, if it was theirs), and says so.
 
 The demo device's token is returned only once; it is kept in <data_dir>/demo-devices.json
 so a grpcurl user can act as that device.
@@ -56,13 +62,18 @@ from services.demo_generator import (
     DemoEvent,
     generate,
 )
+from shared.errors import error_reason
 
 CATALOG_BATCH = 1000  # UpsertItems takes at most 1000 items
 EVENT_BATCH = 1000  # IngestEvents takes at most 1000 events
 PARALLEL_CALLS = 8  # unary calls in flight while loading customers and consents
 PARALLEL_BATCHES = 4  # IngestEvents batches in flight
 CALL_TIMEOUT = 30.0
-RETRY_SECONDS = 20.0  # how long to keep retrying UNAVAILABLE, or a grant not yet seen
+RETRY_SECONDS = 20.0  # how long to keep retrying UNAVAILABLE (a service starting, stale consent)
+DEVICE_OWNER = "demo-aiko"
+# The category of every demo customer's loyalty tier: a purpose-bound read withholds it
+# until the profile service has seen a grant of it (see _await_consent).
+BARRIER_CATEGORY = "user.behavior.purchase_history"
 ANCHOR_FILE = "demo-data.json"
 
 T = TypeVar("T")
@@ -71,7 +82,7 @@ T = TypeVar("T")
 def _device_request() -> repl_pb.RegisterDeviceRequest:
     return repl_pb.RegisterDeviceRequest(
         request_id="demo-device-aiko-printer",
-        customer_id="demo-aiko",
+        customer_id=DEVICE_OWNER,
         manufacturer="Inkwell",
         model="IW-200",
         kind="printer",
@@ -230,21 +241,30 @@ def event_message(event: DemoEvent) -> profile_pb.Event:
 # -- loading ------------------------------------------------------------------------------
 
 
+def _read_anchor(data_dir: Path | None) -> dict[str, Any]:
+    if data_dir is None:
+        return {}
+    try:
+        anchor = json.loads((data_dir / ANCHOR_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return anchor if isinstance(anchor, dict) else {}
+
+
 def demo_end_us(data_dir: Path | None) -> int:
     """Where the demo's months of events end: today's midnight (UTC) at the first load.
 
     Kept in <data_dir>/demo-data.json, so that every later load regenerates the same data.
     """
+    try:
+        return int(_read_anchor(data_dir)["end_us"])
+    except (KeyError, TypeError, ValueError):
+        pass
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     end_us = int(today.timestamp()) * 1_000_000
-    if data_dir is None:
-        return end_us
-    path = data_dir / ANCHOR_FILE
-    try:
-        return int(json.loads(path.read_text())["end_us"])
-    except (OSError, ValueError, KeyError, TypeError):
-        path.write_text(json.dumps({"end_us": end_us, "end": today.isoformat()}) + "\n")
-        return end_us
+    if data_dir is not None:
+        (data_dir / ANCHOR_FILE).write_text(json.dumps({"end_us": end_us, "end": today.isoformat()}) + "\n")
+    return end_us
 
 
 def _with_retry(call: Callable[[], T], deadline: float) -> T:
@@ -265,37 +285,88 @@ def _in_parallel(function: Callable[[T], Any], values: Sequence[T], workers: int
         return list(pool.map(function, values))
 
 
-def _create_customers(channel: grpc.Channel, metadata: Any, customers: Sequence[DemoCustomer]) -> int:
-    """Creates the customers; returns how many already existed under another request id."""
+@dataclass
+class CustomerLoad:
+    """What became of the demo customers: ready (created now or earlier) or erased earlier."""
+
+    ready: int = 0
+    existing: int = 0  # created earlier under another request id (e.g. by hand with grpcurl)
+    erased: list[str] = field(default_factory=list)
+
+
+def _create_customers(
+    channel: grpc.Channel, metadata: Any, customers: Sequence[DemoCustomer]
+) -> CustomerLoad:
     stub = profile_grpc.ProfileServiceStub(channel)
     deadline = time.monotonic() + RETRY_SECONDS
 
-    def create(customer: DemoCustomer) -> bool:
+    def create(customer: DemoCustomer) -> str:
         request = customer_request(customer)
         try:
             _with_retry(
                 lambda: stub.CreateCustomer(request, metadata=metadata, timeout=CALL_TIMEOUT), deadline
             )
         except grpc.RpcError as error:
-            # Created earlier under another request id (e.g. by hand with grpcurl): keep it.
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return True
+                return "existing"
+            # A data-subject erasure keeps the id from being used again: leave it erased.
+            if error_reason(error) == "CUSTOMER_ERASED":
+                return "erased"
             raise
-        return False
+        return "ready"
 
-    return sum(_in_parallel(create, customers, PARALLEL_CALLS))
+    load = CustomerLoad()
+    for customer, outcome in zip(customers, _in_parallel(create, customers, PARALLEL_CALLS), strict=True):
+        if outcome == "erased":
+            load.erased.append(customer.customer_id)
+        else:
+            load.ready += 1
+            load.existing += outcome == "existing"
+    return load
 
 
-def _grant_consents(channel: grpc.Channel, metadata: Any, customers: Sequence[DemoCustomer]) -> int:
+def _grant_consents(
+    channel: grpc.Channel, metadata: Any, customers: Sequence[DemoCustomer]
+) -> tuple[int, consent_pb.GrantConsentRequest | None]:
+    """Grants every demo consent; returns how many, and the grant sent last (see _await_consent)."""
     stub = consent_grpc.ConsentServiceStub(channel)
     requests = [request for customer in customers for request in grant_requests(customer)]
+    # The last grant is sent alone, after all others: once the profile service sees it,
+    # it has seen them all (the change feed is in revision order).
+    witnesses = [r for r in requests if BARRIER_CATEGORY in r.data_categories]
+    last = witnesses[-1] if witnesses else None
     deadline = time.monotonic() + RETRY_SECONDS
 
     def grant(request: consent_pb.GrantConsentRequest) -> None:
         _with_retry(lambda: stub.GrantConsent(request, metadata=metadata, timeout=CALL_TIMEOUT), deadline)
 
-    _in_parallel(grant, requests, PARALLEL_CALLS)
-    return len(requests)
+    _in_parallel(grant, [r for r in requests if r is not last], PARALLEL_CALLS)
+    if last is not None:
+        grant(last)
+    return len(requests), last
+
+
+def _await_consent(channel: grpc.Channel, metadata: Any, last: consent_pb.GrantConsentRequest) -> bool:
+    """Waits until the profile service's consent cache holds the `last` grant, so that no
+    event is refused for a grant it has not seen yet. A purpose-bound GetCustomer withholds
+    the customer's loyalty tier (BARRIER_CATEGORY) until then. False if that never happens."""
+    stub = profile_grpc.ProfileServiceStub(channel)
+    request = profile_pb.GetCustomerRequest(customer_id=last.customer_id, purpose=last.purpose)
+    deadline = time.monotonic() + RETRY_SECONDS
+    delay = 0.02
+    while True:
+        try:
+            customer = _with_retry(
+                lambda: stub.GetCustomer(request, metadata=metadata, timeout=CALL_TIMEOUT), deadline
+            ).customer
+        except grpc.RpcError:
+            return False  # the witness was erased or cannot be read: load without waiting
+        if customer.merged_into or BARRIER_CATEGORY not in customer.withheld_data_categories:
+            return True
+        if time.monotonic() + delay > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(0.5, delay * 2)
 
 
 @dataclass
@@ -303,16 +374,23 @@ class EventLoad:
     """What became of the demo events (per EventResultStatus name), and examples of problems."""
 
     statuses: Counter[str] = field(default_factory=Counter)
+    # Refused for consent although the customer granted the category when the demo was
+    # generated: consent withdrawn since, or the customer merged into one who did not grant it.
+    refused_despite_grant: int = 0
     problems: list[str] = field(default_factory=list)
     unimplemented: bool = False
     seconds: float = 0.0
 
 
 def _ingest_events(
-    channel: grpc.Channel, metadata: Any, data: DemoData, batch_size: int = EVENT_BATCH
+    channel: grpc.Channel,
+    metadata: Any,
+    events: Sequence[DemoEvent],
+    collectable: Mapping[str, frozenset[str]],
+    batch_size: int = EVENT_BATCH,
 ) -> EventLoad:
+    """Sends every event once: a refusal for consent is counted, never sent again."""
     stub = profile_grpc.ProfileServiceStub(channel)
-    collectable = {c.customer_id: c.collectable_categories for c in data.customers}
     load = EventLoad()
     started = time.monotonic()
     deadline = started + RETRY_SECONDS
@@ -324,40 +402,37 @@ def _ingest_events(
         )
         return list(zip(batch, reply.results, strict=True))
 
-    pending: Sequence[DemoEvent] = data.events
-    delay = 0.25
-    while pending:
-        batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
-        try:
-            outcomes = [pair for done in _in_parallel(send, batches, PARALLEL_BATCHES) for pair in done]
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                load.unimplemented = True
-                return load
-            raise
-        again: list[DemoEvent] = []
-        for event, result in outcomes:
-            status = profile_pb.EventResultStatus.Name(result.status).removeprefix("EVENT_RESULT_STATUS_")
-            # A rejection for a category the customer did grant: the profile service's
-            # consent cache has not caught up with the grants yet. Send it again shortly.
-            if status == "REJECTED_CONSENT" and event.data_category in collectable[event.customer_id]:
-                if time.monotonic() < deadline:
-                    again.append(event)
-                    continue
-                status = "REJECTED_CONSENT_UNEXPECTEDLY"
-            load.statuses[status] += 1
-            if (
-                status in ("INVALID", "UNKNOWN_CUSTOMER", "REJECTED_CONSENT_UNEXPECTEDLY")
-                and len(load.problems) < 5
-            ):
-                violations = "; ".join(f"{v.field}: {v.description}" for v in result.violations)
-                load.problems.append(f"{event.event_id} ({event.event_type}) {status} {violations}".strip())
-        pending = again
-        if pending:
-            time.sleep(delay)
-            delay = min(2.0, delay * 2)
+    batches = [events[start : start + batch_size] for start in range(0, len(events), batch_size)]
+    try:
+        outcomes = [pair for done in _in_parallel(send, batches, PARALLEL_BATCHES) for pair in done]
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            load.unimplemented = True
+            return load
+        raise
+    for event, result in outcomes:
+        status = profile_pb.EventResultStatus.Name(result.status).removeprefix("EVENT_RESULT_STATUS_")
+        load.statuses[status] += 1
+        if status == "REJECTED_CONSENT" and event.data_category in collectable[event.customer_id]:
+            load.refused_despite_grant += 1
+        if status in ("INVALID", "UNKNOWN_CUSTOMER") and len(load.problems) < 5:
+            violations = "; ".join(f"{v.field}: {v.description}" for v in result.violations)
+            load.problems.append(f"{event.event_id} ({event.event_type}) {status} {violations}".strip())
     load.seconds = time.monotonic() - started
     return load
+
+
+def _register_device(channel: grpc.Channel, metadata: Any, data_dir: Path | None) -> str:
+    """Registers the demo device; returns its id. Its token comes only in the first reply."""
+    registered = repl_grpc.ReplenishmentServiceStub(channel).RegisterDevice(
+        _device_request(), metadata=metadata, timeout=CALL_TIMEOUT
+    )
+    if data_dir is not None and registered.device_token:
+        path = data_dir / "demo-devices.json"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump({f"device:{registered.device.device_id}": registered.device_token}, file, indent=2)
+    return str(registered.device.device_id)
 
 
 @dataclass
@@ -365,34 +440,122 @@ class LoadReport:
     """What one load did: the generated data and what each service made of it."""
 
     data: DemoData
-    existing_customers: int
+    customers: CustomerLoad
     grants: int
     device_id: str
     events: EventLoad
     seconds: float
+    already_loaded: bool = False  # found complete from an earlier start: nothing was sent
 
-    def summary(self) -> str:
+    @property
+    def existing_customers(self) -> int:
+        return self.customers.existing
+
+    def customers_line(self) -> str:
+        segments = Counter(c.segment for c in self.data.customers)
+        line = (
+            f"{self.customers.ready} customers ({', '.join(f'{n} {s}' for s, n in sorted(segments.items()))})"
+        )
+        erased = self.customers.erased
+        if erased:
+            names = ", ".join(erased[:5]) + (" …" if len(erased) > 5 else "")
+            line += f"; {len(erased)} erased by a data-subject request, skipped with their data: {names}"
+        return line
+
+    def grants_line(self) -> str:
+        without = sum(1 for c in self.data.customers if not c.consents)
+        return f"{self.grants} consents ({without} customers gave none)"
+
+    def catalog_line(self) -> str:
+        return f"{len(self.data.items)} catalog items"
+
+    def device_line(self) -> str:
+        if self.device_id:
+            return f"device {self.device_id} (its token is in demo-devices.json)"
+        return f"no demo device ({DEVICE_OWNER} was erased)"
+
+    def event_lines(self) -> list[str]:
         data, events = self.data, self.events
-        without = sum(1 for c in data.customers if not c.consents)
-        segments = Counter(c.segment for c in data.customers)
-        days = (data.end_us - data.start_us) // DAY_US
-        parts = [
-            f"{len(data.customers)} customers ({', '.join(f'{n} {s}' for s, n in sorted(segments.items()))}"
-            + (f"; {self.existing_customers} existed already" if self.existing_customers else "")
-            + ")",
-            f"{self.grants} consents ({without} customers without any)",
-            f"{len(data.items)} items",
-            f"device {self.device_id} (token in demo-devices.json)",
-        ]
         if events.unimplemented:
-            parts.append(f"{len(data.events)} events not loaded: IngestEvents is not implemented yet")
-        else:
-            counted = ", ".join(
-                f"{n} {status.lower().replace('_', ' ')}" for status, n in events.statuses.most_common()
+            return [f"{len(data.events):,} events not loaded: IngestEvents is not implemented yet"]
+        days = (data.end_us - data.start_us) // DAY_US
+        counted = ", ".join(
+            f"{n:,} {_STATUS_WORDS.get(status, status.lower())}"
+            for status, n in events.statuses.most_common()
+        )
+        lines = [f"{events.statuses.total():,} events over {days} days: {counted} ({events.seconds:.1f} s)"]
+        if events.refused_despite_grant:
+            lines.append(
+                f"{events.refused_despite_grant:,} of the refused events' customers had granted the "
+                "category: withdrawn since, or merged into a customer who did not"
             )
-            parts.append(f"{len(data.events)} events over {days} days ({counted}) in {events.seconds:.1f} s")
-            parts.extend(f"problem: {problem}" for problem in events.problems)
-        return "; ".join(parts) + f"; loaded in {self.seconds:.1f} s"
+        lines.extend(f"problem: {problem}" for problem in events.problems)
+        return lines
+
+    def lines(self) -> list[str]:
+        """The load in a few human lines."""
+        if self.already_loaded:
+            data = self.data
+            return [
+                f"already loaded by an earlier start ({len(data.customers)} customers, "
+                f"{len(data.items)} items, {len(data.events):,} events); `make reset` starts afresh"
+            ]
+        return [
+            self.customers_line(),
+            self.grants_line(),
+            self.catalog_line(),
+            self.device_line(),
+            *self.event_lines(),
+        ]
+
+
+_STATUS_WORDS = {
+    "ACCEPTED": "accepted",
+    "DUPLICATE": "already there",
+    "REJECTED_CONSENT": "refused for consent (not granted by the customer)",
+    "INVALID": "invalid",
+    "UNKNOWN_CUSTOMER": "for unknown customers",
+}
+
+
+def _already_loaded(addresses: Mapping[str, str], metadata: Any, loaded: Mapping[str, Any]) -> bool:
+    """Whether every service still holds what an earlier complete load left: a customer,
+    a consent change, the last catalog item and the device (one cheap call each)."""
+    options = {"metadata": metadata, "timeout": CALL_TIMEOUT}
+
+    def profile(channel: grpc.Channel) -> bool:
+        stub = profile_grpc.ProfileServiceStub(channel)
+        return bool(stub.ListCustomers(profile_pb.ListCustomersRequest(page_size=1), **options).customers)
+
+    def consent(channel: grpc.Channel) -> bool:
+        stub = consent_grpc.ConsentServiceStub(channel)
+        return bool(
+            stub.ListConsentChanges(consent_pb.ListConsentChangesRequest(page_size=1), **options).changes
+        )
+
+    def recommendation(channel: grpc.Channel) -> bool:
+        stub = rec_grpc.RecommendationServiceStub(channel)
+        return bool(stub.GetItem(rec_pb.GetItemRequest(item_id=loaded["last_item"]), **options).item.item_id)
+
+    def replenishment(channel: grpc.Channel) -> bool:
+        stub = repl_grpc.ReplenishmentServiceStub(channel)
+        request = repl_pb.GetDeviceRequest(device_id=loaded["device_id"])
+        return not loaded["device_id"] or bool(stub.GetDevice(request, **options).device.device_id)
+
+    deadline = time.monotonic() + RETRY_SECONDS
+    for name, holds in (
+        ("profile", profile),
+        ("consent", consent),
+        ("recommendation", recommendation),
+        ("replenishment", replenishment),
+    ):
+        with grpc.insecure_channel(addresses[f"NAJIMI_{name.upper()}_ADDRESS"]) as channel:
+            try:
+                if not _with_retry(lambda: holds(channel), deadline):  # noqa: B023 (called at once)
+                    return False
+            except grpc.RpcError:
+                return False
+    return True
 
 
 def load_demo(
@@ -400,35 +563,57 @@ def load_demo(
     admin_token: str,
     data_dir: Path | None = None,
     customers: int = DEFAULT_CUSTOMERS,
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> LoadReport:
-    """Loads the demo data through the running services (see the module docstring)."""
+    """Loads the demo data through the running services (see the module docstring).
+
+    Unless `force`, a data directory whose demo-data.json records a complete load, and
+    whose services still hold it, is left as it is (the report says `already_loaded`).
+    `progress` is told of each step as it ends."""
     started = time.monotonic()
+    say = progress or (lambda _line: None)
     metadata = (("authorization", f"Bearer {admin_token}"),)
     data = generate(demo_end_us(data_dir), customers=customers)
+    loaded = _read_anchor(data_dir).get("loaded")
+    if not force and isinstance(loaded, dict) and loaded.get("customers") == len(data.customers):
+        if _already_loaded(addresses, metadata, loaded):
+            device_id = str(loaded.get("device_id", ""))
+            seconds = time.monotonic() - started
+            return LoadReport(data, CustomerLoad(), 0, device_id, EventLoad(), seconds, already_loaded=True)
+    report = LoadReport(data, CustomerLoad(), 0, "", EventLoad(), 0.0)
     with grpc.insecure_channel(addresses["NAJIMI_PROFILE_ADDRESS"]) as channel:
-        existing = _create_customers(channel, metadata, data.customers)
-    # Consents right after the customers: the profile service's consent cache then has
-    # the catalog and device steps' time to see them before the events arrive.
+        report.customers = _create_customers(channel, metadata, data.customers)
+    say(report.customers_line())
+    erased = set(report.customers.erased)
+    present = [c for c in data.customers if c.customer_id not in erased]
     with grpc.insecure_channel(addresses["NAJIMI_CONSENT_ADDRESS"]) as channel:
-        grants = _grant_consents(channel, metadata, data.customers)
+        report.grants, last_grant = _grant_consents(channel, metadata, present)
+    say(report.grants_line())
     with grpc.insecure_channel(addresses["NAJIMI_RECOMMENDATION_ADDRESS"]) as channel:
         stub = rec_grpc.RecommendationServiceStub(channel)
         for request in catalog_requests(data.items):
             stub.UpsertItems(request, metadata=metadata, timeout=CALL_TIMEOUT)
-    with grpc.insecure_channel(addresses["NAJIMI_REPLENISHMENT_ADDRESS"]) as channel:
-        registered = repl_grpc.ReplenishmentServiceStub(channel).RegisterDevice(
-            _device_request(), metadata=metadata, timeout=CALL_TIMEOUT
-        )
-    if data_dir is not None and registered.device_token:
-        path = data_dir / "demo-devices.json"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump({f"device:{registered.device.device_id}": registered.device_token}, file, indent=2)
+    say(report.catalog_line())
+    if DEVICE_OWNER not in erased:
+        with grpc.insecure_channel(addresses["NAJIMI_REPLENISHMENT_ADDRESS"]) as channel:
+            report.device_id = _register_device(channel, metadata, data_dir)
+    say(report.device_line())
+    events = [e for e in data.events if e.customer_id not in erased]
+    collectable = {c.customer_id: c.collectable_categories for c in present}
     with grpc.insecure_channel(addresses["NAJIMI_PROFILE_ADDRESS"]) as channel:
-        events = _ingest_events(channel, metadata, data)
-    return LoadReport(data, existing, grants, registered.device.device_id, events, time.monotonic() - started)
-
-
-def load_demo_data(addresses: Mapping[str, str], admin_token: str, data_dir: Path | None = None) -> str:
-    """Loads the demo data through the running services; returns a one-line summary."""
-    return load_demo(addresses, admin_token, data_dir).summary()
+        if last_grant is not None:
+            _await_consent(channel, metadata, last_grant)
+        report.events = event_load = _ingest_events(channel, metadata, events, collectable)
+    for line in report.event_lines():
+        say(line)
+    report.seconds = time.monotonic() - started
+    if data_dir is not None and not event_load.unimplemented:
+        anchor = _read_anchor(data_dir)
+        anchor["loaded"] = {
+            "customers": len(data.customers),
+            "last_item": data.items[-1].item_id,
+            "device_id": report.device_id,
+        }
+        (data_dir / ANCHOR_FILE).write_text(json.dumps(anchor) + "\n")
+    return report

@@ -158,3 +158,14 @@ def internal_status(request_id: str) -> grpc.Status:
         code=code_pb2.INTERNAL, message=f"internal error (request id {request_id})", details=[info]
     )
     return rpc_status.to_status(proto)
+
+
+def error_reason(error: grpc.Call) -> str:
+    """The ErrorInfo reason a call failed with ("" without one): the caller's side of the above."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -27,9 +27,16 @@ from shared.stop_signals import STOP_SIGNALS
 
 
 class ServiceProcess:
-    """One `python -m services.<name>` child whose log lines are kept and echoed to a file."""
+    """One `python -m services.<name>` child whose log lines are kept and written to a file
+    (and handed to `echo(service, line)`, if given)."""
 
-    def __init__(self, service: str, env: Mapping[str, str], log_path: Path, echo: bool = False):
+    def __init__(
+        self,
+        service: str,
+        env: Mapping[str, str],
+        log_path: Path,
+        echo: Callable[[str, str], None] | None = None,
+    ):
         self.service = service
         self.log_path = log_path
         self.lines: list[str] = []
@@ -58,8 +65,8 @@ class ServiceProcess:
                 self.lines.append(line)
                 log_file.write(line)
                 log_file.flush()
-                if self._echo:
-                    sys.stderr.write(f"[{self.service}] {line}")
+                if self._echo is not None:
+                    self._echo(self.service, line)
                 if not self._listening.is_set() and '"listening"' in line:
                     self.port = int(json.loads(line)["port"])
                     self._listening.set()

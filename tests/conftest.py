@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from shared.dev_tokens import ensure_dev_tokens
+from shared.errors import error_reason as error_reason  # re-exported for the tests
 from shared.server import RunningServer, create_server, start_app
 from shared.settings import load_settings
 from tests.postgres import PostgresCluster
@@ -113,17 +114,6 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
             detail.Unpack(bad_request)
             found.update({v.field: v.description for v in bad_request.field_violations})
     return found
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of an error."""
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
 from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
@@ -55,13 +57,20 @@ async def test_demo_data_loads_once_and_again_adds_nothing(start_service, dev_to
     }
     assert 0 < len(data.events) - consented < consented
 
-    second = await asyncio.to_thread(load_demo, addresses, dev_tokens["admin"], tmp_path, CUSTOMERS)
-    assert second.data == data  # the same end time, kept in demo-data.json: the same data
-    assert second.events.statuses == {
+    # The next start finds the load complete (demo-data.json) and the data still there.
+    again = await asyncio.to_thread(load_demo, addresses, dev_tokens["admin"], tmp_path, CUSTOMERS)
+    assert again.already_loaded and again.events.statuses.total() == 0
+    assert again.device_id == first.device_id
+
+    forced = await asyncio.to_thread(
+        load_demo, addresses, dev_tokens["admin"], tmp_path, CUSTOMERS, None, True
+    )
+    assert forced.data == data  # the same end time, kept in demo-data.json: the same data
+    assert not forced.already_loaded and forced.events.statuses == {
         "DUPLICATE": consented,
         "REJECTED_CONSENT": len(data.events) - consented,
     }
-    assert second.device_id == first.device_id and second.grants == first.grants
+    assert forced.device_id == first.device_id and forced.grants == first.grants
     assert json.loads((tmp_path / "demo-data.json").read_text())["end_us"] == data.end_us
     assert (tmp_path / "demo-devices.json").exists()
 
@@ -109,3 +118,36 @@ async def test_traits_find_the_cadence_the_generator_put_in(
     ).traits
     beans = {c.item_id: c.mean_interval.seconds / 86_400 for c in ben.item_cadences}["coffee-beans"]
     assert 12 <= beans <= 16
+
+
+async def test_a_load_after_an_erasure_and_a_merge_skips_the_erased_and_resends_nothing(
+    start_service, dev_tokens, database_url, tmp_path
+):
+    """After the README's MergeCustomers example and a data-subject erasure, the demo still
+    loads: the erased customer is skipped (CreateCustomer: CUSTOMER_ERASED), the merged-away
+    customer's events are refused once and counted, never sent again."""
+    addresses, profile, _ = await start_suite(start_service, dev_tokens, database_url)
+    first = await asyncio.to_thread(load_demo, addresses, dev_tokens["admin"], tmp_path, 3)
+    assert first.device_id and first.customers.erased == []
+    await privacy_grpc.DataSubjectServiceStub(profile.channel).EraseCustomerData(
+        privacy_pb.EraseCustomerDataRequest(customer_id="demo-aiko", request_id="dsr-aiko"),
+        metadata=profile.auth("service:consent"),
+    )
+    await pb_grpc.ProfileServiceStub(profile.channel).MergeCustomers(
+        pb.MergeCustomersRequest(
+            request_id="merge-1", source_customer_id="demo-ben", target_customer_id="demo-chloe"
+        ),
+        metadata=profile.auth("service:storefront"),
+    )
+
+    again = await asyncio.to_thread(load_demo, addresses, dev_tokens["admin"], tmp_path, 3, None, True)
+    assert again.customers.erased == ["demo-aiko"] and again.customers.ready == 2
+    assert again.device_id == ""  # the demo device is Aiko's
+    assert any("erased" in line and "demo-aiko" in line for line in again.lines())
+    sent = [e for e in again.data.events if e.customer_id != "demo-aiko"]
+    assert again.events.statuses.total() == len(sent)  # each event sent once
+    # Ben's events now resolve to Chloe, who consents to nothing: refused, not retried.
+    bens = sum(1 for e in sent if e.customer_id == "demo-ben")
+    assert again.events.statuses["REJECTED_CONSENT"] >= bens > 0
+    assert again.events.refused_despite_grant > 0
+    assert again.events.seconds < 10  # the old loader retried these for 20 s
