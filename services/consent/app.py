@@ -18,6 +18,7 @@ from services.consent.subject_requests import DataSubjectRequests
 from services.consent.vocabulary import Vocabulary
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.page_tokens import PageTokens
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -32,7 +33,13 @@ def build_app(settings: Settings) -> App:
     requests = DataSubjectRequests(database, feed, settings, ref_key)
     expiries = ExpiryPublisher(database, feed, ref_key)
     servicer = ConsentServicer(
-        store, feed, ReceiptSigner.from_settings(settings), ref_key, Vocabulary({}, {}), requests
+        store,
+        feed,
+        ReceiptSigner.from_settings(settings),
+        ref_key,
+        Vocabulary({}, {}),
+        requests,
+        PageTokens.from_settings(settings),
     )
 
     async def start() -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import timestamp_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
@@ -32,7 +31,8 @@ from services.profile.trait_store import Committed, cursor_generation
 from services.profile.traits import StoredEvent
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.validation import Violations
+from shared.proto_time import INVALID_TIMESTAMP, timestamp_micros
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 MAX_ITEMS = 500
 MAX_FUTURE_US = 5 * 60 * 1_000_000
@@ -113,8 +113,10 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
     if not event.HasField("occur_time"):
         _violation(found, "occur_time", "is required")
     else:
-        occurred = micros_of(event.occur_time)
-        if occurred > now_us + MAX_FUTURE_US:
+        occurred = timestamp_micros(event.occur_time)
+        if occurred is None:
+            _violation(found, "occur_time", INVALID_TIMESTAMP)
+        elif occurred > now_us + MAX_FUTURE_US:
             _violation(found, "occur_time", "must not be more than 5 minutes in the future")
         elif occurred < now_us - RETENTION_US:
             _violation(found, "occur_time", "is older than the 3-year event retention period")
@@ -140,8 +142,8 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
         if not 1.0 <= event.rating_value <= 5.0:
             _violation(found, "rating_value", "must be from 1.0 to 5.0 for RATING")
     value = event.value_micros
-    if value < 0:
-        _violation(found, "value_micros", "must not be negative")
+    if not 0 <= value <= MAX_MONEY_MICROS:
+        _violation(found, "value_micros", MONEY_RANGE)
     if (value or kind in NEEDS_VALUE) and not CURRENCY.match(event.currency_code):
         _violation(found, "currency_code", "must be an ISO 4217 code such as JPY")
     order_id = event.order_id
@@ -178,19 +180,14 @@ def _check_item(found: list[pb.FieldViolation], index: int, item: pb.EventItem) 
         _violation(found, f"items[{index}].quantity", "must not be negative")
     price = item.unit_price_micros
     if price:
-        if price < 0:
-            _violation(found, f"items[{index}].unit_price_micros", "must not be negative")
+        if not 0 <= price <= MAX_MONEY_MICROS:
+            _violation(found, f"items[{index}].unit_price_micros", MONEY_RANGE)
         if not CURRENCY.match(item.currency_code):
             _violation(
                 found,
                 f"items[{index}].currency_code",
                 "is required when unit_price_micros is set (ISO 4217)",
             )
-
-
-def micros_of(stamp: timestamp_pb2.Timestamp) -> int:
-    """Timestamp.ToMicroseconds, without its method call (it runs per event)."""
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
 
 # A stream's messages handled at once (read, checked and on their way to a commit) while
@@ -434,7 +431,7 @@ class EventIngestor:
                     kind,
                     event.channel,
                     category,
-                    micros_of(event.occur_time),
+                    timestamp_micros(event.occur_time) or 0,  # valid: check_event saw to it
                     now,
                     event.value_micros,
                     event.currency_code,

@@ -12,6 +12,7 @@ from services.recommendation.servicer import ACCESS, RecommendationServicer
 from services.recommendation.store import RecommendationStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
+from shared.page_tokens import PageTokens
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -34,7 +35,11 @@ def build_app(settings: Settings) -> App:
             Registration(
                 recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
                 recommendation_service_pb2_grpc.add_RecommendationServiceServicer_to_server,
-                RecommendationServicer(store, max_response_bytes=settings.max_message_bytes * 3 // 4),
+                RecommendationServicer(
+                    store,
+                    max_response_bytes=settings.max_message_bytes * 3 // 4,
+                    tokens=PageTokens.from_settings(settings),
+                ),
                 ACCESS,
             ),
             data_subject_registration(RecommendationDataSubjectServicer(store)),

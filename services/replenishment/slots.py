@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from services.replenishment.text import check_opaque_id, check_text
-from shared.validation import Violations
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 SLOT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")  # ISO 4217 alphabetic code
@@ -105,8 +105,8 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
     check_text(violations, f"{prefix}.unit", slot.unit, 1, 16)
     if not 0 <= slot.reorder_quantity <= MAX_REORDER_QUANTITY:
         violations.add(f"{prefix}.reorder_quantity", f"must be 1 to {MAX_REORDER_QUANTITY}, or 0 for 1")
-    if slot.unit_price_micros < 0:
-        violations.add(f"{prefix}.unit_price_micros", "must not be negative")
+    if not 0 <= slot.unit_price_micros <= MAX_MONEY_MICROS:
+        violations.add(f"{prefix}.unit_price_micros", MONEY_RANGE)
     _check_currency(violations, f"{prefix}.currency_code", slot.currency_code)
     policy = slot.policy or SlotPolicy.NOTIFY_ONLY
     limits = slot.limits
@@ -139,8 +139,8 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
     _check_range_us(
         violations, f"{prefix}.limits.period", limits.period_us, LIMIT_PERIOD_RANGE_US, "1 hour to 366 days"
     )
-    if limits.max_spend_micros < 0:
-        violations.add(f"{prefix}.limits.max_spend_micros", "must not be negative")
+    if not 0 <= limits.max_spend_micros <= MAX_MONEY_MICROS:
+        violations.add(f"{prefix}.limits.max_spend_micros", MONEY_RANGE)
     if limits.max_spend_micros > 0 and not limits.currency_code:
         violations.add(f"{prefix}.limits.currency_code", "is required with max_spend_micros")
     elif limits.currency_code and limits.currency_code != slot.currency_code:
