@@ -40,7 +40,9 @@ def test_a_token_reads_back_its_position():
 
 def test_tokens_are_short_and_url_safe():
     token = TOKENS.issue(SCOPE, FILTERS, (1_733_150_000_000_000, "cus_0123456789abcdef0123456789abcdef"))
-    assert len(token) < 100 and set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    assert len(token) < 100 and set(token) <= set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    )
 
 
 def test_every_flipped_byte_is_refused():
