@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import struct_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
@@ -165,7 +167,22 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
         contact = sorted(k for k in keys if k.lower() in CONTACT_KEYS)
         if contact:
             _violation(found, f"properties.{contact[0]}", "must not hold contact data")
+        for key, value in event.properties.fields.items():
+            if not _all_finite(value):
+                # JSON (an export, grpcurl) has no NaN or infinity.
+                _violation(found, f"properties.{key[:64]}", "must hold finite numbers only")
     return found
+
+
+def _all_finite(value: struct_pb2.Value) -> bool:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return math.isfinite(value.number_value)
+    if kind == "struct_value":
+        return all(_all_finite(v) for v in value.struct_value.fields.values())
+    if kind == "list_value":
+        return all(_all_finite(v) for v in value.list_value.values)
+    return True
 
 
 def _check_item(found: list[pb.FieldViolation], index: int, item: pb.EventItem) -> None:

@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
@@ -339,6 +339,21 @@ async def test_profile_numbers_out_of_range(consented_profile):
             "items[0].quantity",
             profile_pb.Event(
                 **base, value_micros=1, items=[profile_pb.EventItem(item_id="a", quantity=-(2**31))]
+            ),
+        ),
+        (
+            "properties.score",
+            profile_pb.Event(
+                **base,
+                value_micros=1,
+                items=[profile_pb.EventItem(item_id="a")],
+                properties=struct_pb2.Struct(
+                    fields={
+                        "score": struct_pb2.Value(
+                            list_value=struct_pb2.ListValue(values=[struct_pb2.Value(number_value=math.inf)])
+                        )
+                    }
+                ),
             ),
         ),
         (
