@@ -57,13 +57,16 @@ class Violations:
         if len(value) > max_length:
             self.add(field, f"must be at most {max_length} characters")
 
-    def require_range(self, field: str, value: float, lo: float, hi: float) -> bool:
-        """`value` is a number from `lo` to `hi` (a float: finite too); True when it is."""
+    def require_range(
+        self, field: str, value: float, lo: float, hi: float, description: str | None = None
+    ) -> bool:
+        """`value` is a number from `lo` to `hi` (a float: finite too); True when it is.
+        `description` replaces the generic one (e.g. "must be 1 to 100, or 0 for 1")."""
         if isinstance(value, float) and not math.isfinite(value):
-            self.add(field, f"must be a finite number from {lo} to {hi}")
+            self.add(field, description or f"must be a finite number from {lo} to {hi}")
             return False
         if not lo <= value <= hi:
-            self.add(field, f"must be from {lo} to {hi}")
+            self.add(field, description or f"must be from {lo} to {hi}")
             return False
         return True
 

@@ -397,8 +397,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
     ) -> Any:
         violations = Violations()
         self.vocabulary.check_purpose(violations, "purpose", request.purpose)
-        if request.version < 0:
-            violations.add("version", "must not be negative")
+        violations.require_count("version", request.version)
         violations.raise_if_any()
         now = now_micros()
 

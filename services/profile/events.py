@@ -167,8 +167,8 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
         contact = sorted(k for k in keys if k.lower() in CONTACT_KEYS)
         if contact:
             _violation(found, f"properties.{contact[0]}", "must not hold contact data")
-        for key, value in event.properties.fields.items():
-            if not _all_finite(value):
+        for key, entry in event.properties.fields.items():
+            if not _all_finite(entry):
                 # JSON (an export, grpcurl) has no NaN or infinity.
                 _violation(found, f"properties.{key[:64]}", "must hold finite numbers only")
     return found

@@ -43,8 +43,7 @@ KNOWN_CHANNELS = frozenset(pb.Channel.values()) - {pb.CHANNEL_UNSPECIFIED}
 def _limit_of(value: int, default: int, maximum: int, violations: Violations, path: str) -> int:
     if value == 0:
         return default
-    if not 1 <= value <= maximum:
-        violations.add(path, f"must be between 0 and {maximum}")
+    violations.require_range(path, value, 1, maximum, f"must be between 0 and {maximum}")
     return value
 
 
