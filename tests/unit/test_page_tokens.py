@@ -78,6 +78,7 @@ def test_garbage_is_refused_before_it_is_parsed():
         "e30",  # {}
         _b64(json.dumps({"after": "x"}).encode()),
         _b64(b"\x01" + nested.encode() + bytes(16)),
+        _b64(b"\x01" + ("[" * 300 + "]" * 300).encode() + bytes(16)),  # short enough, MAC wrong
         _b64(os.urandom(48)),
         "A" * (MAX_TOKEN_CHARS + 1),
         "A" * 1_000_000,
