@@ -13,7 +13,7 @@ token read under another scope or other filters fails its MAC like an edited one
 `read` checks the length, the base64, the version and the MAC (in constant time) before
 anything of the position is parsed, so any token the caller edited, forged, truncated,
 or took from another RPC or from the same RPC with other filters is INVALID_ARGUMENT
-(reason INVALID_PAGE_TOKEN) naming the field, and only positions this deployment issued
+(reason INVALID_PAGE_TOKEN) naming the field, and only positions this service issued
 reach a query.
 
 Feed cursors a caller keeps for a long time (profile's interaction-feed cursors, which
@@ -22,8 +22,10 @@ the feed rather than to one RPC so that ListInteractions and WatchInteractions a
 each other's. Consent's change feed resumes from a revision instead: a public,
 monotonic number that each change carries, range-checked like any other integer.
 
-The key is per deployment (NAJIMI_PAGE_TOKEN_KEY, or a generated key file in the data
-directory, see shared/keys.py): every replica and service accepts what another issued.
+The key (NAJIMI_PAGE_TOKEN_KEY, or a generated key file in the data directory, see
+shared/keys.py) must be the same on every replica of a service, so that any replica
+accepts what another issued; a token only ever goes back to the service that issued it,
+so services need not share it (in development they share the data directory's file).
 Replacing it invalidates every outstanding token and stored feed cursor (callers get
 INVALID_PAGE_TOKEN and start over from the first page or an empty cursor).
 """
@@ -70,7 +72,7 @@ def _filters_bytes(filters: object) -> bytes:
 
 
 class PageTokens:
-    """Issues and reads the tokens of one deployment (one key)."""
+    """Issues and reads the tokens of one key."""
 
     def __init__(self, key: bytes):
         if len(key) != KEY_BYTES:
@@ -79,7 +81,7 @@ class PageTokens:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PageTokens:
-        """The deployment's codec: NAJIMI_PAGE_TOKEN_KEY, else <data_dir>/page-token.key."""
+        """The service's codec: NAJIMI_PAGE_TOKEN_KEY, else <data_dir>/page-token.key."""
         return cls(
             configured_key(
                 settings.page_token_key.get_secret_value(),
@@ -126,7 +128,7 @@ class PageTokens:
             or not hmac.compare_digest(mac, self._mac(scope, filters, body))
         ):
             raise invalid_token(field)
-        # Authentic: this deployment wrote it. The shape is still checked, in case a
+        # Authentic: this service (or a replica) wrote it. The shape is still checked, in case a
         # position's layout changed between releases that share a key.
         try:
             position = json.loads(body[1:])

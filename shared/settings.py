@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     page_token_key: SecretStr = Field(
         SecretStr(""),
         description=(
-            "HMAC key (base64 of 32 bytes) authenticating page tokens and feed cursors; the same for "
-            "every service and replica of a deployment. Empty: a generated key file <data_dir>/page-token.key."
+            "HMAC key (base64 of 32 bytes) authenticating page tokens and feed cursors; the same on "
+            "every replica of a service. Empty: a generated key file <data_dir>/page-token.key."
         ),
     )
     profile_trait_worker: Literal["inline", "external"] = Field(

@@ -106,7 +106,7 @@ def test_the_key_comes_from_the_setting_or_a_generated_file(tmp_path: Path):
     generated = PageTokens.from_settings(load_settings("consent", data_dir=tmp_path))
     assert (tmp_path / "page-token.key").exists()
     again = PageTokens.from_settings(load_settings("profile", data_dir=tmp_path))
-    # Every service of a deployment (one data dir) reads the others' tokens.
+    # Every service started on one data directory (development) shares the generated key.
     assert again.read(generated.issue(SCOPE, FILTERS, (1, "a")), SCOPE, FILTERS, (int, str)) == (1, "a")
     with pytest.raises(SystemExit, match="NAJIMI_PAGE_TOKEN_KEY"):
         PageTokens.from_settings(load_settings("consent", data_dir=tmp_path, page_token_key="c2hvcnQ="))
