@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Profile's PII master key, base64 of 32 bytes; empty: a generated key file.",
     )
+    page_token_key: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "HMAC key (base64 of 32 bytes) authenticating page tokens and feed cursors; the same on "
+            "every replica of a service. Empty: a generated key file <data_dir>/page-token.key."
+        ),
+    )
     profile_trait_worker: Literal["inline", "external"] = Field(
         "inline",
         description=(

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import json
+import math
 import re
 from collections.abc import Iterable
 
@@ -13,6 +12,12 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# What SQLite INTEGER and PostgreSQL BIGINT hold: any integer that reaches SQL stays inside.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# An amount of money in micros at most: a billion units of any currency. Sums of many
+# such amounts (a customer's spend, an order's total) then stay far inside 64 bits.
+MAX_MONEY_MICROS = 10**15
+MONEY_RANGE = f"must be from 0 to {MAX_MONEY_MICROS} (a billion units)"
 
 
 def is_valid_id(value: str, pattern: re.Pattern[str] = RESOURCE_ID) -> bool:
@@ -52,6 +57,23 @@ class Violations:
         if len(value) > max_length:
             self.add(field, f"must be at most {max_length} characters")
 
+    def require_range(
+        self, field: str, value: float, lo: float, hi: float, description: str | None = None
+    ) -> bool:
+        """`value` is a number from `lo` to `hi` (a float: finite too); True when it is.
+        `description` replaces the generic one (e.g. "must be 1 to 100, or 0 for 1")."""
+        if isinstance(value, float) and not math.isfinite(value):
+            self.add(field, description or f"must be a finite number from {lo} to {hi}")
+            return False
+        if not lo <= value <= hi:
+            self.add(field, description or f"must be from {lo} to {hi}")
+            return False
+        return True
+
+    def require_count(self, field: str, value: int, hi: int = INT64_MAX) -> bool:
+        """A count, revision or position: 0 to `hi` (by default what a BIGINT holds)."""
+        return self.require_range(field, value, 0, hi)
+
     def require_one_of(self, field: str, value: str, allowed: Iterable[str]) -> None:
         allowed = set(allowed)
         if value not in allowed:
@@ -65,22 +87,3 @@ def page_size_of(value: int, field: str = "page_size") -> int:
     if value < 0 or value > MAX_PAGE_SIZE:
         raise InvalidArgument(field, f"must be between 0 and {MAX_PAGE_SIZE}")
     return value
-
-
-def encode_page_token(position: dict[str, object]) -> str:
-    """An opaque token for the next page: the position after the last row returned."""
-    return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode()
-
-
-def decode_page_token(token: str, field: str = "page_token") -> dict[str, object]:
-    if not token:
-        return {}
-    try:
-        position = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except ValueError:
-        raise InvalidArgument(
-            field, "is not a token this service issued", reason="INVALID_PAGE_TOKEN"
-        ) from None
-    if not isinstance(position, dict):
-        raise InvalidArgument(field, "is not a token this service issued", reason="INVALID_PAGE_TOKEN")
-    return position

@@ -19,6 +19,7 @@ from services.consent.vocabulary import Vocabulary
 from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.idempotency import Idempotency
+from shared.page_tokens import PageTokens
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -34,7 +35,14 @@ def build_app(settings: Settings) -> App:
     requests = DataSubjectRequests(database, feed, settings, ref_key, idempotency)
     expiries = ExpiryPublisher(database, feed, ref_key)
     servicer = ConsentServicer(
-        store, feed, ReceiptSigner.from_settings(settings), ref_key, Vocabulary({}, {}), requests, idempotency
+        store,
+        feed,
+        ReceiptSigner.from_settings(settings),
+        ref_key,
+        Vocabulary({}, {}),
+        requests,
+        idempotency,
+        PageTokens.from_settings(settings),
     )
 
     async def start() -> None:

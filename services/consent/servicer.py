@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
@@ -49,12 +48,18 @@ from shared.auth import current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound, OutOfRange
 from shared.idempotency import Idempotency
-from shared.proto_time import duration_of, timestamp_of
-from shared.validation import Violations, decode_page_token, encode_page_token, is_valid_id, page_size_of
+from shared.page_tokens import PageTokens
+from shared.proto_time import duration_of, micros_from, seconds_from, timestamp_of
+from shared.validation import Violations, is_valid_id, page_size_of
 
 MAX_BATCH_CHECKS = 1000
 MAX_NOTICE_TEXT = 65536
 DEFAULT_HEARTBEAT_SECONDS = 5.0
+SERVICE = pb.DESCRIPTOR.services_by_name["ConsentService"]
+# A purpose's consent_validity at most (the proto): 100 years, so an expiry stays a valid time.
+MAX_CONSENT_VALIDITY_SECONDS = 100 * 366 * 86_400
+# How far ahead a privacy notice version may be scheduled (the proto).
+MAX_NOTICE_LEAD_US = 5 * 366 * 86_400 * 1_000_000
 
 
 def data_category_message(category: DataCategory) -> pb.DataCategory:
@@ -83,16 +88,11 @@ def purpose_message(purpose: Purpose, current_notice_version: int = 0) -> pb.Pur
     )
 
 
-def _page(request: Any) -> tuple[dict[str, object], int]:
-    return decode_page_token(request.page_token), page_size_of(request.page_size)
-
-
-def _next_token(position: dict[str, object] | None) -> str:
-    return encode_page_token(position) if position else ""
-
-
-def _micros(stamp: timestamp_pb2.Timestamp, present: bool) -> int | None:
-    return stamp.ToMicroseconds() if present else None
+def _expiry(message: Any, field: str, violations: Violations) -> int | None:
+    """A grant's expire_time in microseconds; None when unset (or invalid: a violation)."""
+    if not message.HasField("expire_time"):
+        return None
+    return micros_from(message.expire_time, field, violations=violations)
 
 
 def _history_record(row: sa.Row) -> pb.ConsentRecord:
@@ -122,7 +122,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         vocabulary: Vocabulary,
         requests: DataSubjectRequests,
         idempotency: Idempotency,
+        tokens: PageTokens,
     ):
+        self.pages = tokens.of_service(SERVICE)
         self.store = store
         self.db = store.db
         self.feed = feed
@@ -155,8 +157,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
     # Vocabulary -------------------------------------------------------------------------
 
     async def ListPurposes(self, request: pb.ListPurposesRequest, context: grpc.aio.ServicerContext) -> Any:
-        position, size = _page(request)
-        found = await self.store.list_purposes(str(position.get("after", "")), size)
+        size = page_size_of(request.page_size)
+        position = self.pages.read("ListPurposes", request.page_token, {}, (str,))
+        found = await self.store.list_purposes(str(position[0]) if position else "", size)
         now = now_micros()
 
         def versions(connection: Connection) -> dict[str, int]:
@@ -165,17 +168,22 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         current = await self.db.read(versions)
         return pb.ListPurposesResponse(
             purposes=[purpose_message(p, current[p.name]) for p in found],
-            next_page_token=_next_token({"after": found[-1].name} if len(found) == size else None),
+            next_page_token=(
+                self.pages.issue("ListPurposes", {}, (found[-1].name,)) if len(found) == size else ""
+            ),
         )
 
     async def ListDataCategories(
         self, request: pb.ListDataCategoriesRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        position, size = _page(request)
-        found = await self.store.list_data_categories(str(position.get("after", "")), size)
+        size = page_size_of(request.page_size)
+        position = self.pages.read("ListDataCategories", request.page_token, {}, (str,))
+        found = await self.store.list_data_categories(str(position[0]) if position else "", size)
         return pb.ListDataCategoriesResponse(
             data_categories=[data_category_message(c) for c in found],
-            next_page_token=_next_token({"after": found[-1].name} if len(found) == size else None),
+            next_page_token=(
+                self.pages.issue("ListDataCategories", {}, (found[-1].name,)) if len(found) == size else ""
+            ),
         )
 
     async def CreateDataCategory(
@@ -228,9 +236,17 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                         f"purpose.data_uses[{index}].data_categories[{c_index}]",
                         "must be one of the purpose's categories",
                     )
-        validity = given.consent_validity.seconds if given.HasField("consent_validity") else None
-        if validity is not None and validity <= 0:
-            violations.add("purpose.consent_validity", "must be positive")
+        validity = None
+        if given.HasField("consent_validity"):
+            seconds = seconds_from(
+                given.consent_validity,
+                "purpose.consent_validity",
+                at_least=1,
+                at_most=MAX_CONSENT_VALIDITY_SECONDS,
+                bounds="must be from 1 second to 100 years",
+                violations=violations,
+            )
+            validity = None if seconds is None else int(seconds)
         violations.raise_if_any()
         recorder = self._recorder(request.request_id)
         purpose = Purpose(
@@ -280,9 +296,20 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         violations.limit_text("notice.change_summary", notice.change_summary, 2000)
         violations.limit_text("notice.language_code", notice.language_code, 35)
         recorder = self._recorder(request.request_id)
-        effective = _micros(notice.effective_time, notice.HasField("effective_time")) or recorder.now_us
-        if effective < recorder.now_us - 60_000_000:
-            violations.add("notice.effective_time", "must not lie in the past")
+        effective = recorder.now_us
+        if notice.HasField("effective_time"):
+            effective = (
+                micros_from(
+                    notice.effective_time,
+                    "notice.effective_time",
+                    # A minute of leeway for the caller's clock.
+                    not_before=recorder.now_us - 60_000_000,
+                    not_after=recorder.now_us + MAX_NOTICE_LEAD_US,
+                    bounds="must not lie in the past, nor more than 5 years ahead",
+                    violations=violations,
+                )
+                or recorder.now_us
+            )
         violations.raise_if_any()
 
         def create(connection: Connection) -> bytes:
@@ -354,8 +381,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
     ) -> Any:
         violations = Violations()
         self.vocabulary.check_purpose(violations, "purpose", request.purpose)
-        if request.version < 0:
-            violations.add("version", "must not be negative")
+        violations.require_count("version", request.version)
         violations.raise_if_any()
         now = now_micros()
 
@@ -380,8 +406,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if request.purpose:
             self.vocabulary.check_purpose(violations, "purpose", request.purpose)
         violations.raise_if_any()
-        position, size = _page(request)
-        after = (str(position.get("purpose", "")), int(position.get("version", 0)))  # type: ignore[call-overload]
+        size = page_size_of(request.page_size)
+        filters = {"purpose": request.purpose}
+        position = self.pages.read("ListPrivacyNotices", request.page_token, filters, (str, int))
 
         def page(connection: Connection) -> list[sa.Row]:
             query = sa.select(notices)
@@ -390,8 +417,8 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             if position:
                 query = query.where(
                     sa.or_(
-                        notices.c.purpose > after[0],
-                        sa.and_(notices.c.purpose == after[0], notices.c.version < after[1]),
+                        notices.c.purpose > position[0],
+                        sa.and_(notices.c.purpose == position[0], notices.c.version < position[1]),
                     )
                 )
             return list(
@@ -399,10 +426,12 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             )
 
         rows = await self.db.read(page)
-        last = {"purpose": rows[-1].purpose, "version": rows[-1].version} if len(rows) == size else None
-        return pb.ListPrivacyNoticesResponse(
-            notices=[notice_of(r) for r in rows], next_page_token=_next_token(last)
+        token = (
+            self.pages.issue("ListPrivacyNotices", filters, (rows[-1].purpose, rows[-1].version))
+            if len(rows) == size
+            else ""
         )
+        return pb.ListPrivacyNoticesResponse(notices=[notice_of(r) for r in rows], next_page_token=token)
 
     # Decisions --------------------------------------------------------------------------
 
@@ -438,12 +467,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         return list(result.consents), result.receipt
 
     async def GrantConsent(self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        expiry = _expiry(request, "expire_time", violations)
+        violations.raise_if_any()
         decision = DecisionInput(
-            request.purpose,
-            True,
-            tuple(request.data_categories),
-            request.notice_version,
-            _micros(request.expire_time, request.HasField("expire_time")),
+            request.purpose, True, tuple(request.data_categories), request.notice_version, expiry
         )
         after, receipt = await self._decide(
             "GrantConsent",
@@ -482,6 +510,10 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             if given.purpose in seen:
                 violations.add(f"decisions[{index}].purpose", "is decided twice")
             seen.add(given.purpose)
+        expiries = [
+            _expiry(d, f"decisions[{index}].expire_time", violations)
+            for index, d in enumerate(request.decisions)
+        ]
         violations.raise_if_any()
         decisions = [
             DecisionInput(
@@ -489,9 +521,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 d.decision == pb.CONSENT_DECISION_GRANTED,
                 tuple(d.data_categories),
                 d.notice_version,
-                _micros(d.expire_time, d.HasField("expire_time")),
+                expiry,
             )
-            for d in request.decisions
+            for d, expiry in zip(request.decisions, expiries, strict=True)
         ]
         after, receipt = await self._decide(
             "SetConsents",
@@ -542,20 +574,26 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if request.purpose:
             self.vocabulary.check_purpose(violations, "purpose", request.purpose)
         violations.raise_if_any()
-        position, size = _page(request)
+        size = page_size_of(request.page_size)
+        filters = {"customer_id": request.customer_id, "purpose": request.purpose}
+        position = self.pages.read("ListConsentHistory", request.page_token, filters, (int,))
 
         def page(connection: Connection) -> list[sa.Row]:
             query = sa.select(consent_history).where(consent_history.c.customer_id == request.customer_id)
             if request.purpose:
                 query = query.where(consent_history.c.purpose == request.purpose)
             if position:
-                query = query.where(consent_history.c.revision < int(position.get("before", 0)))  # type: ignore[call-overload]
+                query = query.where(consent_history.c.revision < position[0])
             return list(connection.execute(query.order_by(consent_history.c.revision.desc()).limit(size)))
 
         rows = await self.db.read(page)
         return pb.ListConsentHistoryResponse(
             records=[_history_record(r) for r in rows],
-            next_page_token=_next_token({"before": rows[-1].revision} if len(rows) == size else None),
+            next_page_token=(
+                self.pages.issue("ListConsentHistory", filters, (rows[-1].revision,))
+                if len(rows) == size
+                else ""
+            ),
         )
 
     def _checked(
@@ -718,26 +756,30 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         violations = Violations()
         if request.customer_id:
             violations.require_id("customer_id", request.customer_id)
-        if request.start_sequence < 0:
-            violations.add("start_sequence", "must not be negative")
+        violations.require_count("start_sequence", request.start_sequence)
         violations.raise_if_any()
-        position, size = _page(request)
-        start = int(position.get("next", request.start_sequence))  # type: ignore[call-overload]
+        size = page_size_of(request.page_size)
+        filters = {"customer_id": request.customer_id, "start_sequence": request.start_sequence}
+        position = self.pages.read("ListAuditEntries", request.page_token, filters, (int,))
+        start = int(position[0]) if position else request.start_sequence
         ref = audit.customer_ref(self.audit_key, request.customer_id) if request.customer_id else None
         entries = await self.db.read(
             lambda c: audit.list_entries(c, customer_ref=ref, start_sequence=start, limit=size)
         )
         return pb.ListAuditEntriesResponse(
             entries=entries,
-            next_page_token=_next_token({"next": entries[-1].sequence + 1} if len(entries) == size else None),
+            next_page_token=(
+                self.pages.issue("ListAuditEntries", filters, (entries[-1].sequence + 1,))
+                if len(entries) == size
+                else ""
+            ),
         )
 
     async def VerifyAuditLog(
         self, request: pb.VerifyAuditLogRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         violations = Violations()
-        if request.start_sequence < 0:
-            violations.add("start_sequence", "must not be negative")
+        violations.require_count("start_sequence", request.start_sequence)
         if request.end_sequence < 0 or (
             request.end_sequence and request.end_sequence < request.start_sequence
         ):
@@ -751,8 +793,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
 
     def _feed_filter(self, request: Any) -> frozenset[str]:
         violations = Violations()
-        if request.since_revision < 0:
-            violations.add("since_revision", "must not be negative")
+        violations.require_count("since_revision", request.since_revision)
         for index, name in enumerate(request.purposes):
             if name not in self.vocabulary.purposes:
                 violations.add(f"purposes[{index}]", "is not a known purpose")
@@ -768,8 +809,10 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self, request: pb.ListConsentChangesRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         purposes = self._feed_filter(request)
-        position, size = _page(request)
-        since = int(position.get("since", request.since_revision))  # type: ignore[call-overload]
+        size = page_size_of(request.page_size)
+        filters = {"since_revision": request.since_revision, "purposes": sorted(purposes)}
+        position = self.pages.read("ListConsentChanges", request.page_token, filters, (int,))
+        since = int(position[0]) if position else request.since_revision
 
         def page(connection: Connection) -> tuple[list[pb.ConsentChange], int]:
             return changes_after(connection, since, size, purposes), current_revision(connection)
@@ -777,7 +820,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         found, head = await self.db.read(page)
         return pb.ListConsentChangesResponse(
             changes=found,
-            next_page_token=_next_token({"since": found[-1].revision} if len(found) == size else None),
+            next_page_token=(
+                self.pages.issue("ListConsentChanges", filters, (found[-1].revision,))
+                if len(found) == size
+                else ""
+            ),
             current_revision=head,
         )
 
@@ -786,12 +833,10 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
     ) -> AsyncIterator[pb.WatchConsentChangesResponse]:
         purposes = self._feed_filter(request)
         interval = (
-            request.heartbeat_interval.ToTimedelta().total_seconds()
+            seconds_from(request.heartbeat_interval, "heartbeat_interval", at_least=1, at_most=60)
             if request.HasField("heartbeat_interval")
             else DEFAULT_HEARTBEAT_SECONDS
         )
-        if not 1 <= interval <= 60:
-            raise InvalidArgument("heartbeat_interval", "must be 1 to 60 seconds")
         cursor = request.since_revision
         first = True
         while True:
@@ -854,16 +899,19 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if request.state not in pb.DataSubjectRequestState.values():
             violations.add("state", "is not a DataSubjectRequestState")
         violations.raise_if_any()
-        position, size = _page(request)
-        after = (int(position["at"]), str(position["id"])) if position else None  # type: ignore[call-overload]
+        size = page_size_of(request.page_size)
+        filters = {"customer_id": request.customer_id, "type": request.type, "state": request.state}
+        position = self.pages.read("ListDataSubjectRequests", request.page_token, filters, (int, str))
+        after = (int(position[0]), str(position[1])) if position else None
         found = await self.requests.list(
             current_principal(), request.customer_id, request.type, request.state, after, size
         )
-        last = (
-            {"at": found[-1].create_time.ToMicroseconds(), "id": found[-1].data_subject_request_id}
-            if len(found) == size
-            else None
-        )
-        return pb.ListDataSubjectRequestsResponse(
-            data_subject_requests=found, next_page_token=_next_token(last)
-        )
+        token = ""
+        if len(found) == size:
+            last = found[-1]
+            token = self.pages.issue(
+                "ListDataSubjectRequests",
+                filters,
+                (micros_from(last.create_time, "create_time"), last.data_subject_request_id),
+            )
+        return pb.ListDataSubjectRequestsResponse(data_subject_requests=found, next_page_token=token)

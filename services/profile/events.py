@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
@@ -32,7 +33,8 @@ from services.profile.trait_store import Committed, cursor_generation
 from services.profile.traits import StoredEvent
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.validation import Violations
+from shared.proto_time import INVALID_TIMESTAMP, timestamp_micros
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 MAX_ITEMS = 500
 MAX_FUTURE_US = 5 * 60 * 1_000_000
@@ -113,8 +115,10 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
     if not event.HasField("occur_time"):
         _violation(found, "occur_time", "is required")
     else:
-        occurred = micros_of(event.occur_time)
-        if occurred > now_us + MAX_FUTURE_US:
+        occurred = timestamp_micros(event.occur_time)
+        if occurred is None:
+            _violation(found, "occur_time", INVALID_TIMESTAMP)
+        elif occurred > now_us + MAX_FUTURE_US:
             _violation(found, "occur_time", "must not be more than 5 minutes in the future")
         elif occurred < now_us - RETENTION_US:
             _violation(found, "occur_time", "is older than the 3-year event retention period")
@@ -140,8 +144,8 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
         if not 1.0 <= event.rating_value <= 5.0:
             _violation(found, "rating_value", "must be from 1.0 to 5.0 for RATING")
     value = event.value_micros
-    if value < 0:
-        _violation(found, "value_micros", "must not be negative")
+    if not 0 <= value <= MAX_MONEY_MICROS:
+        _violation(found, "value_micros", MONEY_RANGE)
     if (value or kind in NEEDS_VALUE) and not CURRENCY.match(event.currency_code):
         _violation(found, "currency_code", "must be an ISO 4217 code such as JPY")
     order_id = event.order_id
@@ -163,7 +167,22 @@ def check_event(event: pb.Event, now_us: int) -> list[pb.FieldViolation]:
         contact = sorted(k for k in keys if k.lower() in CONTACT_KEYS)
         if contact:
             _violation(found, f"properties.{contact[0]}", "must not hold contact data")
+        for key, entry in event.properties.fields.items():
+            if not _all_finite(entry):
+                # JSON (an export, grpcurl) has no NaN or infinity.
+                _violation(found, f"properties.{key[:64]}", "must hold finite numbers only")
     return found
+
+
+def _all_finite(value: struct_pb2.Value) -> bool:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return math.isfinite(value.number_value)
+    if kind == "struct_value":
+        return all(_all_finite(v) for v in value.struct_value.fields.values())
+    if kind == "list_value":
+        return all(_all_finite(v) for v in value.list_value.values)
+    return True
 
 
 def _check_item(found: list[pb.FieldViolation], index: int, item: pb.EventItem) -> None:
@@ -178,19 +197,14 @@ def _check_item(found: list[pb.FieldViolation], index: int, item: pb.EventItem) 
         _violation(found, f"items[{index}].quantity", "must not be negative")
     price = item.unit_price_micros
     if price:
-        if price < 0:
-            _violation(found, f"items[{index}].unit_price_micros", "must not be negative")
+        if not 0 <= price <= MAX_MONEY_MICROS:
+            _violation(found, f"items[{index}].unit_price_micros", MONEY_RANGE)
         if not CURRENCY.match(item.currency_code):
             _violation(
                 found,
                 f"items[{index}].currency_code",
                 "is required when unit_price_micros is set (ISO 4217)",
             )
-
-
-def micros_of(stamp: timestamp_pb2.Timestamp) -> int:
-    """Timestamp.ToMicroseconds, without its method call (it runs per event)."""
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
 
 # A stream's messages handled at once (read, checked and on their way to a commit) while
@@ -434,7 +448,7 @@ class EventIngestor:
                     kind,
                     event.channel,
                     category,
-                    micros_of(event.occur_time),
+                    timestamp_micros(event.occur_time) or 0,  # valid: check_event saw to it
                     now,
                     event.value_micros,
                     event.currency_code,

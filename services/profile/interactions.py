@@ -7,7 +7,10 @@ the committed head reads N, everything up to N is visible, and following seq nev
 skips an entry that commits late. Each event gives one interaction per item
 (INTERACTION_OF_EVENT, weights from the weight table); each merge gives a CustomerMerge
 notice. A cursor is (seq, how many items of the event at seq were delivered), so a page
-may end inside an event, and resuming from any cursor loses and repeats nothing.
+may end inside an event, and resuming from any cursor loses and repeats nothing. On the
+wire a cursor is a token of the shared codec (shared/page_tokens.py) scoped to this feed,
+so ListInteractions and WatchInteractions take each other's cursors, and a cursor a
+caller altered or forged is INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN).
 
 Consent is decided when an entry is served, from the consent cache: an interaction is
 served only if the customer who owns the event now (after merges, the surviving
@@ -31,9 +34,7 @@ would make that a range read.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -48,8 +49,10 @@ from sqlalchemy.engine import Connection
 from services.profile.store import customers, event_head, events, merges
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database
-from shared.errors import InvalidArgument, OutOfRange, Unavailable
+from shared.errors import OutOfRange, Unavailable
 from shared.log import get_logger
+from shared.page_tokens import PageTokens, invalid_token
+from shared.proto_time import timestamp_of
 
 log = get_logger("najimi.profile.interactions")
 
@@ -84,9 +87,8 @@ WATCH_BATCH = 1000  # entries per WatchInteractionsResponse, the proto's limit
 # committed batch) it takes what came in the meantime in one read.
 MIN_READ_INTERVAL_SECONDS = 0.05
 MAX_SCANNED_EVENTS = 10_000  # events read per page at most, served or not
-_CURSOR_PREFIX = "i1."
-_MAX_CURSOR_CHARS = 512
-_MAX_BIGINT = 2**63 - 1
+# What the feed's cursors are bound to: the feed, not one RPC (List and Watch share them).
+FEED_SCOPE = "najimi.profile.v1.ProfileService/interaction-feed"
 _MAX_ITEMS = 500
 
 
@@ -104,39 +106,29 @@ class Cursor:
     seq: int = 0
     items: int = 0
 
-    def encode(self) -> str:
-        raw = json.dumps([self.seq, self.items], separators=(",", ":"))
-        return _CURSOR_PREFIX + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
+class CursorCodec:
+    """The feed's cursors as opaque, authenticated text (shared/page_tokens.py)."""
 
-def _bounded_int(value: object, upper: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= upper:
-        raise ValueError("out of range")
-    return value
+    def __init__(self, tokens: PageTokens):
+        self.tokens = tokens
 
+    def text(self, cursor: Cursor) -> str:
+        return self.tokens.issue(FEED_SCOPE, {}, (cursor.seq, cursor.items))
 
-def cursor_of(text: str, field: str) -> Cursor:
-    """The cursor a feed entry or response carried; an empty one is the start of the feed.
+    def cursor_of(self, text: str, field: str) -> Cursor:
+        """The cursor a feed entry or response carried; an empty one is the start of the feed.
 
-    Raises InvalidArgument naming `field` (reason INVALID_CURSOR) for anything this feed
-    did not issue.
-    """
-    if not text:
-        return Cursor()
-    try:
-        if len(text) > _MAX_CURSOR_CHARS or not text.startswith(_CURSOR_PREFIX):
-            raise ValueError("not a cursor")
-        body = text.removeprefix(_CURSOR_PREFIX)
-        raw = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        if not isinstance(raw, list) or len(raw) != 2:
-            raise ValueError("not a cursor")
-        return Cursor(_bounded_int(raw[0], _MAX_BIGINT), _bounded_int(raw[1], _MAX_ITEMS))
-    except ValueError:  # also base64, JSON and Unicode errors
-        raise InvalidArgument(
-            field,
-            "is not a cursor this feed issued; pass an entry's cursor or a resume_cursor",
-            reason="INVALID_CURSOR",
-        ) from None
+        Raises InvalidArgument naming `field` (reason INVALID_PAGE_TOKEN) for anything
+        this feed did not issue.
+        """
+        position = self.tokens.read(text, FEED_SCOPE, {}, (int, int), field)
+        if position is None:
+            return Cursor()
+        seq, items = int(position[0]), int(position[1])
+        if seq < 0 or not 0 <= items <= _MAX_ITEMS:
+            raise invalid_token(field)
+        return Cursor(seq, items)
 
 
 # -- interactions from events -------------------------------------------------------------
@@ -291,12 +283,14 @@ class InteractionFeed:
         database: Database,
         consent: ConsentCache,
         max_staleness_seconds: float,
+        tokens: PageTokens,
         weights: Mapping[int, float] = DEFAULT_WEIGHTS,
         heartbeat_seconds: float = 10.0,
         poll_seconds: float = 0.5,
     ):
         self.db = database
         self.consent = consent
+        self.cursors = CursorCodec(tokens)
         self.max_staleness = max_staleness_seconds
         self.weights = dict(weights)
         self.heartbeat_seconds = heartbeat_seconds  # at most 30 (the proto's promise)
@@ -346,10 +340,12 @@ class InteractionFeed:
             position = Cursor(step.seq, step.items)
             if step.interaction is not None:
                 entries.append(
-                    pb.InteractionFeedEntry(cursor=position.encode(), interaction=step.interaction)
+                    pb.InteractionFeedEntry(cursor=self.cursors.text(position), interaction=step.interaction)
                 )
             elif step.merge is not None:
-                entries.append(pb.InteractionFeedEntry(cursor=position.encode(), customer_merge=step.merge))
+                entries.append(
+                    pb.InteractionFeedEntry(cursor=self.cursors.text(position), customer_merge=step.merge)
+                )
         caught_up = reached_head and not pending
         if caught_up:
             position = Cursor(head)
@@ -418,7 +414,7 @@ class InteractionFeed:
                     continue
                 idle = time.monotonic() - last_sent
                 if not caught_up_before or idle >= self.heartbeat_seconds:
-                    yield [], position.encode()
+                    yield [], self.cursors.text(position)
                     last_sent = time.monotonic()
                     idle = 0.0
                 caught_up_before = True
@@ -471,6 +467,9 @@ class InteractionFeed:
 
 
 def _merge_step(row: _MergeRow) -> _Step:
-    notice = pb.CustomerMerge(source_customer_id=row.source, target_customer_id=row.target)
-    notice.merge_time.FromMicroseconds(row.merged_at_us)
+    notice = pb.CustomerMerge(
+        source_customer_id=row.source,
+        target_customer_id=row.target,
+        merge_time=timestamp_of(row.merged_at_us),
+    )
     return _Step(row.seq, 0, merge=notice)

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
@@ -34,7 +33,7 @@ from services.profile.identity import (
     check_identifiers,
     normalised,
 )
-from services.profile.interactions import InteractionFeed, cursor_of
+from services.profile.interactions import InteractionFeed
 from services.profile.masking import mask_email, mask_name, mask_phone
 from services.profile.merges import PII_EMAIL, PII_NAME, PII_PHONE, Conflict, MergeOutcome
 from services.profile.store import ProfileStore, erased_error
@@ -45,9 +44,10 @@ from shared.auth import Principal, current_principal
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import now_micros
 from shared.errors import InvalidArgument, NotFound
-from shared.proto_time import timestamp_of
+from shared.page_tokens import PageTokens
+from shared.proto_time import micros_from, timestamp_of
 from shared.settings import Settings
-from shared.validation import Violations, decode_page_token, encode_page_token, is_valid_id, page_size_of
+from shared.validation import Violations, is_valid_id, page_size_of
 
 MAX_EVENTS_PER_CALL = 1000  # the documented batch limit of IngestEvents and StreamEvents
 
@@ -72,20 +72,10 @@ IDENTIFIER_KINDS = {
     pb.IDENTIFIER_TYPE_EXTERNAL_ID: "external_id",
 }
 IDENTIFIER_TYPES = {kind: value for value, kind in IDENTIFIER_KINDS.items()}
-
-# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+SERVICE = pb.DESCRIPTOR.services_by_name["ProfileService"]
 
 
 # -- protobuf -> domain ---------------------------------------------------------------
-
-
-def micros_of(stamp: timestamp_pb2.Timestamp, violations: Violations, path: str) -> int:
-    """Microseconds of a timestamp (finer digits are dropped); a violation when it is not valid."""
-    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
-        violations.add(path, "is not a valid timestamp")
-        return 0
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
 
 
 def attribute_of(value: pb.AttributeValue, violations: Violations, path: str) -> Attribute:
@@ -100,9 +90,8 @@ def attribute_of(value: pb.AttributeValue, violations: Violations, path: str) ->
     if kind == "bool_value":
         return Attribute("bool", value.bool_value, category)
     if kind == "point_in_time":
-        return Attribute(
-            "timestamp", micros_of(value.point_in_time, violations, f"{path}.point_in_time"), category
-        )
+        micros = micros_from(value.point_in_time, f"{path}.point_in_time", violations=violations)
+        return Attribute("timestamp", micros or 0, category)
     return Attribute("", "", category)  # no value set: the domain rules report it
 
 
@@ -117,7 +106,7 @@ def profile_of(customer: pb.Customer, violations: Violations, path: str) -> Prof
         region=customer.region,
         language_code=customer.language_code,
         signup_time_us=(
-            micros_of(customer.signup_time, violations, f"{path}.signup_time")
+            micros_from(customer.signup_time, f"{path}.signup_time", violations=violations) or 0
             if customer.HasField("signup_time")
             else None
         ),
@@ -264,20 +253,6 @@ def id_or_identifier(
     return None, None
 
 
-def identity_position_of(position: object) -> tuple[int, str]:
-    """The (link time, identity id) a ListIdentities page token continues after."""
-    if (
-        isinstance(position, list)
-        and len(position) == 2
-        and type(position[0]) is int
-        and -(2**63) <= position[0] < 2**63
-        and isinstance(position[1], str)
-        and IDENTITY_ID.match(position[1])
-    ):
-        return position[0], position[1]
-    raise InvalidArgument("page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN")
-
-
 def may_read_pii(principal: Principal) -> bool:
     return str(principal) in PII_READERS
 
@@ -300,8 +275,10 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         self.store = store
         self.consent = consent  # the consent state every consent-dependent RPC obeys
         self.settings = settings
+        tokens = PageTokens.from_settings(settings)
+        self.pages = tokens.of_service(SERVICE)
         # The recommender's feed; the ingestor wakes its watchers after each commit (app.py).
-        self.interactions = InteractionFeed(store.db, consent, settings.consent_max_staleness_seconds)
+        self.interactions = InteractionFeed(store.db, consent, settings.consent_max_staleness_seconds, tokens)
         # Keeps the trait aggregates current by following the events (started in app.py).
         self.trait_worker = TraitWorker(store.db)
 
@@ -317,17 +294,17 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         try:
             # A page token is a cursor too; when set, since_cursor is ignored (the proto).
             if request.page_token:
-                since = cursor_of(request.page_token, "page_token")
+                since = self.interactions.cursors.cursor_of(request.page_token, "page_token")
             else:
-                since = cursor_of(request.since_cursor, "since_cursor")
+                since = self.interactions.cursors.cursor_of(request.since_cursor, "since_cursor")
         except InvalidArgument as error:
             problems.append(error)
         if len(problems) == 1:
-            raise problems[0]  # with its own reason (e.g. INVALID_CURSOR)
+            raise problems[0]  # with its own reason (e.g. INVALID_PAGE_TOKEN)
         if problems:
             raise InvalidArgument.of([v for problem in problems for v in problem.violations])
         page = await self.interactions.page(since, size)
-        resume = page.resume.encode()
+        resume = self.interactions.cursors.text(page.resume)
         return pb.ListInteractionsResponse(
             entries=page.entries, next_page_token="" if page.caught_up else resume, resume_cursor=resume
         )
@@ -335,7 +312,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
     async def WatchInteractions(
         self, request: pb.WatchInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchInteractionsResponse]:
-        since = cursor_of(request.since_cursor, "since_cursor")
+        since = self.interactions.cursors.cursor_of(request.since_cursor, "since_cursor")
         async for entries, resume in self.interactions.watch(since):
             yield pb.WatchInteractionsResponse(entries=entries, resume_cursor=resume)
 
@@ -362,7 +339,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext) -> Any:
         staleness = self.settings.consent_max_staleness_seconds
-        return await trait_rpcs.list_events(self.store.db, self.consent, staleness, request)
+        return await trait_rpcs.list_events(self.store.db, self.consent, staleness, self.pages, request)
 
     async def GetTraits(self, request: pb.GetTraitsRequest, context: grpc.aio.ServicerContext) -> Any:
         staleness = self.settings.consent_max_staleness_seconds
@@ -484,7 +461,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
     async def ListCustomers(self, request: pb.ListCustomersRequest, context: grpc.aio.ServicerContext) -> Any:
         violations = Violations()
         updated_after = (
-            micros_of(request.min_update_time, violations, "min_update_time")
+            micros_from(request.min_update_time, "min_update_time", violations=violations)
             if request.HasField("min_update_time")
             else None
         )
@@ -495,22 +472,17 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         principal = current_principal()
         require_purpose_if_bound(request.purpose, principal)
         view = await self._view_for(request.purpose) if request.purpose else None
-        # The filters travel in the token, so a token cannot be replayed with other filters.
         filters = {
             "min_update_time": updated_after,
             "show_merged": request.show_merged,
             "purpose": request.purpose,
         }
-        position = decode_page_token(request.page_token)
-        if position and position.get("filters") != filters:
-            raise InvalidArgument("page_token", "was issued for other filters; send the first page's filters")
-        after = str(position.get("after", ""))
+        position = self.pages.read("ListCustomers", request.page_token, filters, (str,))
+        after = str(position[0]) if position else ""
         found = await self.store.list_customers(after, updated_after, size, request.show_merged)
         reveal = may_read_pii(principal)
         next_token = (
-            encode_page_token({"after": found[-1].customer_id, "filters": filters})
-            if len(found) == size
-            else ""
+            self.pages.issue("ListCustomers", filters, (found[-1].customer_id,)) if len(found) == size else ""
         )
         page = [customer_message(c, reveal) for c in found]
         return pb.ListCustomersResponse(
@@ -578,21 +550,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 )
         violations.raise_if_any()
         size = page_size_of(request.page_size)
-        # The filters travel in the token, so a token cannot be replayed with other filters.
         filters = {"customer_id": request.customer_id, "types": sorted(kinds)}
-        position = decode_page_token(request.page_token)
-        after = None
-        if position:
-            if position.get("filters") != filters:
-                raise InvalidArgument(
-                    "page_token", "was issued for other filters; send the first page's filters"
-                )
-            after = identity_position_of(position.get("after"))
+        position = self.pages.read("ListIdentities", request.page_token, filters, (int, str))
+        after = (int(position[0]), str(position[1])) if position else None
         found = await identity_store.list_identities(
             self.store, request.customer_id, sorted(kinds), after, size
         )
         next_token = (
-            encode_page_token({"after": [found[-1].link_time_us, found[-1].identity_id], "filters": filters})
+            self.pages.issue("ListIdentities", filters, (found[-1].link_time_us, found[-1].identity_id))
             if len(found) == size
             else ""
         )

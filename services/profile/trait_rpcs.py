@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from google.protobuf import duration_pb2, timestamp_pb2
 from najimi.profile.v1 import profile_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
@@ -25,15 +24,9 @@ from services.profile.customers import CUSTOMER_ID
 from services.profile.trait_store import EventQuery
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.errors import InvalidArgument
-from shared.proto_time import timestamp_of
-from shared.validation import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
-    Violations,
-    decode_page_token,
-    encode_page_token,
-)
+from shared.page_tokens import ServiceTokens
+from shared.proto_time import duration_micros_from, duration_of_micros, micros_from, timestamp_of
+from shared.validation import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Violations
 
 # The data categories events can belong to (the proto's EventType comments).
 EVENT_DATA_CATEGORIES = (
@@ -46,29 +39,18 @@ EVENT_DATA_CATEGORIES = (
 KNOWN_EVENT_TYPES = frozenset(pb.EventType.values()) - {pb.EVENT_TYPE_UNSPECIFIED}
 KNOWN_CHANNELS = frozenset(pb.Channel.values()) - {pb.CHANNEL_UNSPECIFIED}
 
-# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
-
-
-def _micros_of(stamp: timestamp_pb2.Timestamp, violations: Violations, path: str) -> int:
-    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
-        violations.add(path, "is not a valid timestamp")
-        return 0
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
-
 
 def _limit_of(value: int, default: int, maximum: int, violations: Violations, path: str) -> int:
     if value == 0:
         return default
-    if not 1 <= value <= maximum:
-        violations.add(path, f"must be between 0 and {maximum}")
+    violations.require_range(path, value, 1, maximum, f"must be between 0 and {maximum}")
     return value
 
 
 # -- ListEvents ------------------------------------------------------------------------------
 
 
-def event_query_of(request: pb.ListEventsRequest) -> EventQuery:
+def event_query_of(request: pb.ListEventsRequest, pages: ServiceTokens) -> EventQuery:
     """The page of the timeline `request` asks for; INVALID_ARGUMENT naming each bad field."""
     violations = Violations()
     violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
@@ -79,9 +61,15 @@ def event_query_of(request: pb.ListEventsRequest) -> EventQuery:
         if channel not in KNOWN_CHANNELS:
             violations.add(f"channels[{index}]", "must be a known channel")
     start = (
-        _micros_of(request.start_time, violations, "start_time") if request.HasField("start_time") else None
+        micros_from(request.start_time, "start_time", violations=violations)
+        if request.HasField("start_time")
+        else None
     )
-    end = _micros_of(request.end_time, violations, "end_time") if request.HasField("end_time") else None
+    end = (
+        micros_from(request.end_time, "end_time", violations=violations)
+        if request.HasField("end_time")
+        else None
+    )
     if start is not None and end is not None and end <= start:
         violations.add("end_time", "must be after start_time")
     size = _limit_of(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, violations, "page_size")
@@ -96,17 +84,8 @@ def event_query_of(request: pb.ListEventsRequest) -> EventQuery:
         "start": start,
         "end": end,
     }
-    position = decode_page_token(request.page_token)
-    after = None
-    if position:
-        if position.get("filters") != filters:
-            raise InvalidArgument("page_token", "was issued for other filters; send the first page's filters")
-        mark = position.get("after")
-        if not (isinstance(mark, list) and len(mark) == 2 and all(type(v) is int for v in mark)):
-            raise InvalidArgument(
-                "page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN"
-            )
-        after = (mark[0], mark[1])
+    position = pages.read("ListEvents", request.page_token, filters, (int, int))
+    after = (int(position[0]), int(position[1])) if position else None
     return EventQuery(
         customer_id=request.customer_id,
         event_types=event_types,
@@ -128,9 +107,13 @@ def visible_event_categories(consent: ConsentCache, customer_id: str, max_stalen
 
 
 async def list_events(
-    database: Database, consent: ConsentCache, max_staleness: float, request: pb.ListEventsRequest
+    database: Database,
+    consent: ConsentCache,
+    max_staleness: float,
+    pages: ServiceTokens,
+    request: pb.ListEventsRequest,
 ) -> pb.ListEventsResponse:
-    query = event_query_of(request)
+    query = event_query_of(request, pages)
     await database.read(lambda connection: trait_store.require_live_customer(connection, query.customer_id))
     categories = visible_event_categories(consent, query.customer_id, max_staleness)
     # One more than the page: whether a next page exists, without an empty last page.
@@ -140,17 +123,11 @@ async def list_events(
     token = ""
     if len(found) > query.limit:
         last = page[-1]
-        token = encode_page_token({"after": [last.occurred_at_us, last.seq], "filters": query.filters})
+        token = pages.issue("ListEvents", query.filters, (last.occurred_at_us, last.seq))
     return pb.ListEventsResponse(events=[entry.event for entry in page], next_page_token=token)
 
 
 # -- GetTraits ---------------------------------------------------------------------------------
-
-
-def _duration(micros: int) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromMicroseconds(micros)
-    return duration
 
 
 def traits_message(found: traits.Traits) -> pb.Traits:
@@ -172,7 +149,7 @@ def traits_message(found: traits.Traits) -> pb.Traits:
         message.frequency.CopyFrom(
             pb.FrequencyTrait(
                 purchase_count=found.frequency.purchase_count,
-                window=_duration(found.frequency.window_us),
+                window=duration_of_micros(found.frequency.window_us),
                 explanation=found.frequency.explanation,
             )
         )
@@ -181,7 +158,7 @@ def traits_message(found: traits.Traits) -> pb.Traits:
             pb.MonetaryTrait(
                 total_micros=found.monetary.total_micros,
                 currency_code=found.monetary.currency_code,
-                window=_duration(found.monetary.window_us),
+                window=duration_of_micros(found.monetary.window_us),
                 explanation=found.monetary.explanation,
             )
         )
@@ -189,7 +166,7 @@ def traits_message(found: traits.Traits) -> pb.Traits:
         pb.CategoryAffinity(
             category_path=list(a.category_path),
             score=a.score,
-            half_life=_duration(a.half_life_us),
+            half_life=duration_of_micros(a.half_life_us),
             explanation=a.explanation,
         )
         for a in found.affinities
@@ -197,8 +174,8 @@ def traits_message(found: traits.Traits) -> pb.Traits:
     message.item_cadences.extend(
         pb.ItemCadence(
             item_id=c.item_id,
-            mean_interval=_duration(c.mean_interval_us),
-            interval_stddev=_duration(c.interval_stddev_us),
+            mean_interval=duration_of_micros(c.mean_interval_us),
+            interval_stddev=duration_of_micros(c.interval_stddev_us),
             purchase_count=c.purchase_count,
             last_purchase_time=timestamp_of(c.last_purchase_us),
             next_expected_time=timestamp_of(c.next_expected_us),
@@ -220,10 +197,17 @@ async def get_traits(
     violations.require_id("customer_id", request.customer_id, CUSTOMER_ID)
     window = traits.DEFAULT_WINDOW_US
     if request.HasField("window"):
-        seconds, nanos = request.window.seconds, request.window.nanos
-        window = seconds * 1_000_000 + nanos // 1000 if 0 <= nanos < 1_000_000_000 else -1
-        if not traits.MIN_WINDOW_US <= window <= traits.MAX_WINDOW_US:
-            violations.add("window", "must be between 1 and 730 days")
+        window = (
+            duration_micros_from(
+                request.window,
+                "window",
+                at_least=traits.MIN_WINDOW_US,
+                at_most=traits.MAX_WINDOW_US,
+                bounds="must be between 1 and 730 days",
+                violations=violations,
+            )
+            or traits.DEFAULT_WINDOW_US
+        )
     max_categories = _limit_of(
         request.max_categories, traits.DEFAULT_MAX_CATEGORIES, traits.MAX_LIMIT, violations, "max_categories"
     )

@@ -13,6 +13,7 @@ from services.recommendation.store import RecommendationStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.idempotency import Idempotency
+from shared.page_tokens import PageTokens
 from shared.server import App, Registration
 from shared.settings import Settings
 
@@ -35,7 +36,11 @@ def build_app(settings: Settings) -> App:
             Registration(
                 recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
                 recommendation_service_pb2_grpc.add_RecommendationServiceServicer_to_server,
-                RecommendationServicer(store, max_response_bytes=settings.max_message_bytes * 3 // 4),
+                RecommendationServicer(
+                    store,
+                    max_response_bytes=settings.max_message_bytes * 3 // 4,
+                    tokens=PageTokens.from_settings(settings),
+                ),
             ),
             data_subject_registration(RecommendationDataSubjectServicer(store)),
         ],

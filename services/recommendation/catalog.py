@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.validation import Violations
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE = 256
@@ -133,8 +133,7 @@ def check_item(prefix: str, item: Item, violations: Violations) -> None:
 
     _check_free_text(violations, f"{prefix}.brand", item.brand, 0, MAX_BRAND)
 
-    if item.price_micros < 0:
-        violations.add(f"{prefix}.price_micros", "must be 0 or more")
+    violations.require_range(f"{prefix}.price_micros", item.price_micros, 0, MAX_MONEY_MICROS, MONEY_RANGE)
     if item.currency_code and not CURRENCY_CODE.match(item.currency_code):
         violations.add(
             f"{prefix}.currency_code", "must be an ISO 4217 code of three capital letters, e.g. EUR"

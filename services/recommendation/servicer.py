@@ -17,8 +17,9 @@ from services.recommendation.catalog import Item, Outcome, check_upsert, parse_c
 from services.recommendation.store import RecommendationStore
 from shared.auth import current_principal
 from shared.errors import InvalidArgument, NotFound
+from shared.page_tokens import PageTokens
 from shared.proto_time import timestamp_of
-from shared.validation import RESOURCE_ID, Violations, decode_page_token, encode_page_token, page_size_of
+from shared.validation import Violations, page_size_of
 
 OUTCOMES = {
     Outcome.CREATED: pb.UPSERT_ITEM_OUTCOME_CREATED,
@@ -58,30 +59,13 @@ def item_message(item: Item) -> pb.Item:
     )
 
 
-def _list_position(request: pb.ListItemsRequest) -> str:
-    """The item_id after which this page starts; the token must come from the same filters."""
-    if not request.page_token:
-        return ""
-    try:
-        position = decode_page_token(request.page_token)
-    except InvalidArgument:
-        position = {}
-    after = position.get("after")
-    if (
-        not isinstance(after, str)
-        or not RESOURCE_ID.match(after)
-        or position.get("category_prefix") != request.category_prefix
-        or position.get("available_only") != request.available_only
-    ):
-        raise InvalidArgument(
-            "page_token", "is not a token ListItems returned for these filters", reason="INVALID_PAGE_TOKEN"
-        )
-    return after
+SERVICE = pb.DESCRIPTOR.services_by_name["RecommendationService"]
 
 
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
-    def __init__(self, store: RecommendationStore, max_response_bytes: int):
+    def __init__(self, store: RecommendationStore, max_response_bytes: int, tokens: PageTokens):
         self.store = store
+        self.pages = tokens.of_service(SERVICE)
         # A page of 1000 items with every attribute filled would exceed the message limit:
         # a List page then holds fewer items (AIP-158 allows it) and the token goes on from there.
         self.max_response_bytes = max_response_bytes
@@ -124,7 +108,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             size = 0
         prefix = parse_category_prefix("category_prefix", request.category_prefix, violations)
         violations.raise_if_any()
-        after = _list_position(request)
+        filters = {"category_prefix": request.category_prefix, "available_only": request.available_only}
+        position = self.pages.read("ListItems", request.page_token, filters, (str,))
+        after = str(position[0]) if position else ""
         found, more = await self.store.list_items(after, size, prefix, request.available_only)
         page: list[pb.Item] = []
         used = 0
@@ -137,11 +123,5 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             page.append(message)
         token = ""
         if more:
-            token = encode_page_token(
-                {
-                    "after": page[-1].item_id,
-                    "category_prefix": request.category_prefix,
-                    "available_only": request.available_only,
-                }
-            )
+            token = self.pages.issue("ListItems", filters, (page[-1].item_id,))
         return pb.ListItemsResponse(items=page, next_page_token=token)

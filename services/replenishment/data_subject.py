@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
@@ -35,7 +35,7 @@ from services.replenishment.store import ReplenishmentStore
 from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
 from shared.idempotency import StoredReply
-from shared.proto_time import timestamp_of
+from shared.proto_time import duration_of_micros, timestamp_of
 
 SERVICE = "replenishment"
 # Stored responses by RPC, for the export to show them as JSON.
@@ -49,11 +49,8 @@ NOT_HELD_YET = {
 
 def duration_text(micros: int | None) -> str | None:
     """A duration as in protobuf's JSON mapping, e.g. "172800s"."""
-    if micros is None:
-        return None
-    duration = duration_pb2.Duration()
-    duration.FromMicroseconds(micros)
-    return duration.ToJsonString()
+    duration = duration_of_micros(micros)
+    return None if duration is None else duration.ToJsonString()
 
 
 def slot_document(slot: Slot) -> dict[str, Any]:

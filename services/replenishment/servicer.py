@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
@@ -22,7 +21,7 @@ from services.replenishment.devices import (
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from services.replenishment.store import ReplenishmentStore
 from shared.auth import current_principal, hash_token, new_token
-from shared.proto_time import timestamp_of
+from shared.proto_time import duration_micros_from, duration_of_micros, timestamp_of
 from shared.validation import Violations
 
 POLICIES = {
@@ -41,17 +40,8 @@ def _micros_of(violations: Violations, path: str, message: Any, name: str) -> in
     """The duration field `name` of `message` in microseconds; None when unset."""
     if not message.HasField(name):
         return None
-    duration: duration_pb2.Duration = getattr(message, name)
-    seconds, nanos = int(duration.seconds), int(duration.nanos)
-    if abs(nanos) > 999_999_999 or (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0):
-        violations.add(path, "is not a valid Duration (nanos out of range or of the wrong sign)")
-    return seconds * 1_000_000 + int(nanos / 1_000)
-
-
-def _duration_of(micros: int) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromMicroseconds(micros)
-    return duration
+    # An invalid one is a violation (None then, as if unset); the range is slots.py's check.
+    return duration_micros_from(getattr(message, name), path, violations=violations)
 
 
 def slot_settings_of(violations: Violations, prefix: str, slot: pb.Slot) -> SlotSettings:
@@ -99,13 +89,13 @@ def slot_message(slot: Slot) -> pb.Slot:
         unit_price_micros=settings.unit_price_micros,
         currency_code=settings.currency_code,
         policy=POLICY_VALUES[settings.policy],
-        lead_time=_duration_of(settings.lead_time_us),
+        lead_time=duration_of_micros(settings.lead_time_us),
         service_level=settings.service_level,
         safety_z=slot.safety_z,
         fallback_reorder_level=settings.fallback_reorder_level,
         limits=pb.SlotLimits(
             max_orders_per_period=settings.limits.max_orders_per_period,
-            period=_duration_of(settings.limits.period_us),
+            period=duration_of_micros(settings.limits.period_us),
             max_spend_micros=settings.limits.max_spend_micros,
             currency_code=settings.limits.currency_code,
         ),

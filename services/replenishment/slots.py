@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from services.replenishment.text import check_opaque_id, check_text
-from shared.validation import Violations
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 SLOT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")  # ISO 4217 alphabetic code
@@ -103,10 +103,16 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
     if not capacity_ok:
         violations.add(f"{prefix}.capacity", "must be a finite number greater than 0")
     check_text(violations, f"{prefix}.unit", slot.unit, 1, 16)
-    if not 0 <= slot.reorder_quantity <= MAX_REORDER_QUANTITY:
-        violations.add(f"{prefix}.reorder_quantity", f"must be 1 to {MAX_REORDER_QUANTITY}, or 0 for 1")
-    if slot.unit_price_micros < 0:
-        violations.add(f"{prefix}.unit_price_micros", "must not be negative")
+    violations.require_range(
+        f"{prefix}.reorder_quantity",
+        slot.reorder_quantity,
+        0,
+        MAX_REORDER_QUANTITY,
+        f"must be 1 to {MAX_REORDER_QUANTITY}, or 0 for 1",
+    )
+    violations.require_range(
+        f"{prefix}.unit_price_micros", slot.unit_price_micros, 0, MAX_MONEY_MICROS, MONEY_RANGE
+    )
     _check_currency(violations, f"{prefix}.currency_code", slot.currency_code)
     policy = slot.policy or SlotPolicy.NOTIFY_ONLY
     limits = slot.limits
@@ -132,15 +138,19 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
         violations.add(f"{prefix}.fallback_reorder_level", "must be 0 to capacity (0 means 20% of capacity)")
     elif fallback == 0 and capacity_ok:
         fallback = DEFAULT_FALLBACK_SHARE * slot.capacity
-    if not 0 <= limits.max_orders_per_period <= MAX_ORDERS_PER_PERIOD:
-        violations.add(
-            f"{prefix}.limits.max_orders_per_period", f"must be 0 (no limit) to {MAX_ORDERS_PER_PERIOD}"
-        )
+    violations.require_range(
+        f"{prefix}.limits.max_orders_per_period",
+        limits.max_orders_per_period,
+        0,
+        MAX_ORDERS_PER_PERIOD,
+        f"must be 0 (no limit) to {MAX_ORDERS_PER_PERIOD}",
+    )
     _check_range_us(
         violations, f"{prefix}.limits.period", limits.period_us, LIMIT_PERIOD_RANGE_US, "1 hour to 366 days"
     )
-    if limits.max_spend_micros < 0:
-        violations.add(f"{prefix}.limits.max_spend_micros", "must not be negative")
+    violations.require_range(
+        f"{prefix}.limits.max_spend_micros", limits.max_spend_micros, 0, MAX_MONEY_MICROS, MONEY_RANGE
+    )
     if limits.max_spend_micros > 0 and not limits.currency_code:
         violations.add(f"{prefix}.limits.currency_code", "is required with max_spend_micros")
     elif limits.currency_code and limits.currency_code != slot.currency_code:

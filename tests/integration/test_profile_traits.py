@@ -4,6 +4,8 @@ trait worker is awaited up to the newest event, never slept for."""
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +28,6 @@ from services.profile.trait_worker import TraitWorker
 from services.profile.traits import DAY_US, StoredEvent, date_text
 from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
-from shared.validation import encode_page_token
 from tests.conftest import InProcessService, error_reason, field_violations, rpc_error
 from tests.integration.test_consent_decisions import grant, withdraw
 
@@ -590,7 +591,8 @@ async def test_stale_consent_state_fails_closed(start_service):
 
 
 def _token(filters: object, after: object) -> str:
-    return encode_page_token({"after": after, "filters": filters})
+    """A token as the service once wrote them: plain base64 JSON, which anyone could forge."""
+    return base64.urlsafe_b64encode(json.dumps({"after": after, "filters": filters}).encode()).decode()
 
 
 FIRST_PAGE_FILTERS = {"customer_id": "c-1", "event_types": [], "channels": [], "start": None, "end": None}

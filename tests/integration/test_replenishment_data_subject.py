@@ -13,6 +13,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
 from shared.auth import hash_token
 from shared.db import Database
+from shared.validation import MAX_MONEY_MICROS
 from tests.conftest import error_reason, field_violations, rpc_error
 
 CUSTOMER_ID = "cus_42"
@@ -57,7 +58,7 @@ async def _register_devices(service, stub):
             "reg-1",
             "SN-1",
             slots=[
-                _slot("black", unit_price_micros=2**60, currency_code="EUR"),
+                _slot("black", unit_price_micros=MAX_MONEY_MICROS, currency_code="EUR"),
                 _slot("color", unit_price_micros=19_990_000, currency_code="EUR"),
             ],
         ),
@@ -121,8 +122,8 @@ async def test_export_lists_the_customers_devices_and_slots_without_tokens(start
     assert second["state"] == "DEVICE_STATE_DEREGISTERED" and second["deregister_time"].endswith("Z")
     assert [s["slot_id"] for s in first["slots"]] == ["black", "color"]
     black, color = first["slots"]
-    # Beyond 2^53 a double would round the value: it travels as a decimal string.
-    assert black["unit_price_micros"] == str(2**60) and color["unit_price_micros"] == 19_990_000
+    # Money is at most 10^15 micros, below 2^53: a double holds it exactly, so it travels as a number.
+    assert black["unit_price_micros"] == MAX_MONEY_MICROS and color["unit_price_micros"] == 19_990_000
     assert color["policy"] == "SLOT_POLICY_NOTIFY_ONLY" and color["lead_time"] == "259200s"
     assert color["limits"]["period"] == "2592000s" and color["capacity"] == 250.0
     assert [s["slot_id"] for s in second["slots"]] == ["cartridge"]

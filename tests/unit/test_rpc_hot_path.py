@@ -22,6 +22,7 @@ from shared import auth, interceptors
 from shared.consent_index import REASON_OF_STATUS, ConsentIndex, ConsentRecord, Decision
 from shared.db import now_micros, to_micros
 from shared.errors import InvalidArgument, Unauthenticated
+from shared.page_tokens import PageTokens
 from shared.validation import RESOURCE_ID, Violations, is_valid_id
 
 RECS = "personalize.recommendations"
@@ -242,7 +243,8 @@ def consent_servicer(now: int) -> ConsentServicer:
         [DataCategory(name, "C", "d", False, 0) for name in [PURCHASES, BROWSING, LOCATION]],
     )
     feed = types.SimpleNamespace(index=index_with_cases(now))
-    return ConsentServicer(types.SimpleNamespace(db=None), feed, None, b"k", vocabulary, None, None)  # type: ignore[arg-type]
+    tokens = PageTokens(bytes(32))
+    return ConsentServicer(types.SimpleNamespace(db=None), feed, None, b"k", vocabulary, None, None, tokens)  # type: ignore[arg-type]
 
 
 async def test_check_consent_replies_as_before():

@@ -591,7 +591,7 @@ class Purpose(_message.Message):
     def consent_validity(self) -> _duration_pb2.Duration:
         """How long a consent to this purpose lasts when a grant names no earlier
         expiry, e.g. 730 days for marketing. Unset means consents do not expire
-        unless a grant says so.
+        unless a grant says so. 1 second to 100 years.
         """
 
     @_builtins.property
@@ -885,7 +885,8 @@ class PrivacyNotice(_message.Message):
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When this version takes effect. Unset on creation means immediately; it may
-        not lie in the past nor before the previous version's effective_time.
+        not lie in the past, nor more than 5 years ahead, nor before the previous
+        version's effective_time.
         """
 
     @_builtins.property

@@ -1391,8 +1391,8 @@ class Event(_message.Message):
     """The rating given (RATING), from 1.0 to 5.0."""
     value_micros: _builtins.int
     """The order total in millionths of currency_code's unit (PURCHASE,
-    STORE_PURCHASE; the refunded amount for RETURN), at least 0; e.g. 1980 JPY is
-    1980000000.
+    STORE_PURCHASE; the refunded amount for RETURN), 0 to 10^15 (a billion units);
+    e.g. 1980 JPY is 1980000000.
     """
     currency_code: _builtins.str
     """ISO 4217 currency code of value_micros, e.g. "JPY". Required when value_micros
@@ -1485,7 +1485,7 @@ class EventItem(_message.Message):
     quantity: _builtins.int
     """Number of units; 0 means 1."""
     unit_price_micros: _builtins.int
-    """Price of one unit in millionths of currency_code's unit, at least 0. Optional."""
+    """Price of one unit in millionths of currency_code's unit, 0 to 10^15. Optional."""
     currency_code: _builtins.str
     """ISO 4217 currency code of unit_price_micros, e.g. "JPY". Required when
     unit_price_micros is set.

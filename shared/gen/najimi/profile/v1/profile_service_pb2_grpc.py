@@ -376,7 +376,9 @@ class ProfileServiceServicer:
         its data category for personalize.recommendations.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention; start again from an empty cursor (a full resync).
+        feed's retention; start again from an empty cursor (a full resync). Cursors and
+        page tokens are opaque and authenticated: one this feed did not issue (edited,
+        forged, from another RPC) is INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -390,7 +392,8 @@ class ProfileServiceServicer:
         reconnect with the last resume_cursor received and nothing is lost or repeated.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention.
+        feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
+        feed did not issue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

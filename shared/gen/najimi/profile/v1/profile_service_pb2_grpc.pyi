@@ -208,7 +208,9 @@ class ProfileServiceStub:
     its data category for personalize.recommendations.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention; start again from an empty cursor (a full resync).
+    feed's retention; start again from an empty cursor (a full resync). Cursors and
+    page tokens are opaque and authenticated: one this feed did not issue (edited,
+    forged, from another RPC) is INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN).
     """
     WatchInteractions: _grpc.UnaryStreamMultiCallable[_profile_service_pb2.WatchInteractionsRequest, _profile_service_pb2.WatchInteractionsResponse]
     """WatchInteractions streams the interaction feed from a cursor: first the backlog
@@ -218,7 +220,8 @@ class ProfileServiceStub:
     reconnect with the last resume_cursor received and nothing is lost or repeated.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention.
+    feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
+    feed did not issue.
     """
 
 @_typing.type_check_only
@@ -401,7 +404,9 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     its data category for personalize.recommendations.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention; start again from an empty cursor (a full resync).
+    feed's retention; start again from an empty cursor (a full resync). Cursors and
+    page tokens are opaque and authenticated: one this feed did not issue (edited,
+    forged, from another RPC) is INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN).
     """
     WatchInteractions: _aio.UnaryStreamMultiCallable[_profile_service_pb2.WatchInteractionsRequest, _profile_service_pb2.WatchInteractionsResponse]  # type: ignore[assignment]
     """WatchInteractions streams the interaction feed from a cursor: first the backlog
@@ -411,7 +416,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     reconnect with the last resume_cursor received and nothing is lost or repeated.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention.
+    feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
+    feed did not issue.
     """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -675,7 +681,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         its data category for personalize.recommendations.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention; start again from an empty cursor (a full resync).
+        feed's retention; start again from an empty cursor (a full resync). Cursors and
+        page tokens are opaque and authenticated: one this feed did not issue (edited,
+        forged, from another RPC) is INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN).
         """
 
     @_abc_1.abstractmethod
@@ -691,7 +699,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         reconnect with the last resume_cursor received and nothing is lost or repeated.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention.
+        feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
+        feed did not issue.
         """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

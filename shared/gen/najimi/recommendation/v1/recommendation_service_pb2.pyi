@@ -301,7 +301,7 @@ class Item(_message.Message):
     """The brand, up to 128 characters; empty when unknown."""
     price_micros: _builtins.int
     """The price a customer pays, in millionths of one unit of currency_code (12.50
-    EUR is 12500000): 0 or more; 0 with an empty currency_code means the price is
+    EUR is 12500000): 0 to 10^15; 0 with an empty currency_code means the price is
     unknown, and the item then has no price-band feature.
     """
     currency_code: _builtins.str

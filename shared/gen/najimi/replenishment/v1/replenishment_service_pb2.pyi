@@ -1024,7 +1024,7 @@ class SlotLimits(_message.Message):
     """The most orders in one period: 0 to 1000; 0 means no limit."""
     max_spend_micros: _builtins.int
     """The most money spent in one period, in micros of currency_code (e.g.
-    50000000 for 50.00); 0 means no limit.
+    50000000 for 50.00), at most 10^15; 0 means no limit.
     """
     currency_code: _builtins.str
     """The ISO 4217 code of max_spend_micros, e.g. "EUR". Required when
@@ -1161,8 +1161,8 @@ class Slot(_message.Message):
     unit_price_micros: _builtins.int
     """The price of one item agreed with the customer, in micros of currency_code,
     as set by the customer-facing caller from its catalog; orders are priced
-    with it and count against max_spend_micros. 0 means unknown (then the slot
-    cannot order).
+    with it and count against max_spend_micros; at most 10^15. 0 means unknown
+    (then the slot cannot order).
     """
     currency_code: _builtins.str
     """The ISO 4217 code of unit_price_micros, e.g. "EUR"."""
