@@ -141,9 +141,7 @@ async def test_a_withdrawal_drops_the_withdrawn_categories(
 async def test_an_erasure_removes_the_customer_and_export_lists_them(
     consented_profile, start_service, dev_tokens, database_url
 ):
-    _, recommendation = await two_customers_copied(
-        consented_profile, start_service, dev_tokens, database_url
-    )
+    _, recommendation = await two_customers_copied(consented_profile, start_service, dev_tokens, database_url)
     data_subject = privacy_grpc.DataSubjectServiceStub(recommendation.channel)
     exported = await data_subject.ExportCustomerData(
         privacy_pb.ExportCustomerDataRequest(customer_id="c-1", request_id="x-1"),
