@@ -11,11 +11,16 @@ the copy is emptied and listed again from the start.
 What the copy holds follows the customer:
 - a merge notice re-keys the source customer's entries to the target, whose consent
   governs them from then on;
-- consent: profile serves only what was consented when it served it; this service's own
-  consent cache (shared/consent_cache.py) then decides. An entry whose category the
-  customer does not grant for personalize.recommendations is not stored, and whenever
-  the cache's revision moves, the customer's entries in categories no longer granted
-  are deleted (the sweep);
+- consent: profile serves an interaction only if the customer consents to its category
+  for personalize.recommendations when it serves it, so what arrives is stored. Later
+  withdrawals (and erasures, expiries) are this service's own consent cache's to find
+  (shared/consent_cache.py): a sweep deletes the entries in categories the customer no
+  longer grants. It runs on every consent revision the cache applies, over the whole
+  copy, and every RECENT_SWEEP_SECONDS over the entries stored since the last one.
+  The sweep judges only entries stored before the cache last confirmed it was caught
+  up with the consent feed (its last change or heartbeat): profile may have served an
+  entry under a grant this cache has not applied yet, and judging it then would
+  delete consented data for good.
 - erasure: DataSubjectService deletes the customer's entries (erase_customer).
 """
 
@@ -24,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -36,7 +43,7 @@ from sqlalchemy.engine import Connection
 
 from shared.clients import client_for
 from shared.consent_cache import ConsentCache
-from shared.db import Database
+from shared.db import Database, now_micros
 from shared.log import get_logger
 from shared.settings import Settings
 
@@ -46,9 +53,11 @@ PURPOSE = "personalize.recommendations"
 FEED = "profile.interactions"
 LIST_PAGE = 1000
 MAX_BACKOFF_SECONDS = 5.0
-# The sweep also runs this often without a consent change: expiries and material
-# notices end consents without a change on the feed.
-SWEEP_INTERVAL_SECONDS = 60.0
+# The sweep of entries stored since the last one runs this often; the sweep of the whole
+# copy this often too without a consent change (expiries and material notices end
+# consents without a change on the feed).
+RECENT_SWEEP_SECONDS = 2.0
+FULL_SWEEP_SECONDS = 60.0
 
 metadata = sa.MetaData()
 
@@ -64,6 +73,7 @@ interactions = sa.Table(
     sa.Column("event_id", sa.String(128), nullable=False),
     sa.Column("channel", sa.Integer, nullable=False),
     sa.Column("data_category", sa.String(128), nullable=False),
+    sa.Column("stored_at_us", sa.BigInteger, nullable=False),
 )
 
 feed_cursors = sa.Table(
@@ -137,12 +147,20 @@ def _stored(row: sa.Row[Any]) -> StoredInteraction:
     )
 
 
-def _drop_unconsented(
-    connection: Connection, consent: ConsentCache, customer_ids: Iterable[str] | None
+def drop_unconsented(
+    connection: Connection,
+    consent: ConsentCache,
+    stored_before_us: int,
+    customer_ids: Iterable[str] | None = None,
+    stored_since_us: int = 0,
 ) -> int:
-    """Deletes the entries of `customer_ids` (every customer when None) whose category the
-    customer no longer grants for personalize.recommendations; returns how many."""
-    select = sa.select(interactions.c.customer_id, interactions.c.data_category).distinct()
+    """Deletes the entries stored in [stored_since_us, stored_before_us) (of `customer_ids`,
+    or of everyone) whose category the customer does not grant for
+    personalize.recommendations; returns how many."""
+    window = sa.and_(
+        interactions.c.stored_at_us >= stored_since_us, interactions.c.stored_at_us < stored_before_us
+    )
+    select = sa.select(interactions.c.customer_id, interactions.c.data_category).where(window).distinct()
     if customer_ids is not None:
         select = select.where(interactions.c.customer_id.in_(sorted(set(customer_ids))))
     dropped = 0
@@ -150,10 +168,18 @@ def _drop_unconsented(
         if not consent.check(customer_id, PURPOSE, [category]).allowed:
             dropped += connection.execute(
                 interactions.delete().where(
-                    interactions.c.customer_id == customer_id, interactions.c.data_category == category
+                    window,
+                    interactions.c.customer_id == customer_id,
+                    interactions.c.data_category == category,
                 )
             ).rowcount
     return dropped
+
+
+def confirmed_at_us(consent: ConsentCache) -> int:
+    """When the consent cache last confirmed it was caught up (0: never)."""
+    staleness = consent.staleness
+    return 0 if staleness == float("inf") else now_micros() - int(staleness * 1_000_000)
 
 
 def apply_entries(
@@ -164,6 +190,7 @@ def apply_entries(
 ) -> int:
     """Applies feed entries, in order, and records `cursor`; returns the interactions stored."""
     stored = 0
+    now = now_micros()
     rows: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -174,8 +201,6 @@ def apply_entries(
     for entry in entries:
         if entry.HasField("interaction"):
             interaction = entry.interaction
-            if not consent.check(interaction.customer_id, PURPOSE, [interaction.data_category]).allowed:
-                continue
             rows.append(
                 {
                     "customer_id": interaction.customer_id,
@@ -186,6 +211,7 @@ def apply_entries(
                     "event_id": interaction.event_id,
                     "channel": interaction.channel,
                     "data_category": interaction.data_category,
+                    "stored_at_us": now,
                 }
             )
             stored += 1
@@ -198,7 +224,7 @@ def apply_entries(
                 .values(customer_id=merge.target_customer_id)
             )
             # From the merge on, the target's consent governs the merged data.
-            _drop_unconsented(connection, consent, [merge.target_customer_id])
+            drop_unconsented(connection, consent, confirmed_at_us(consent), [merge.target_customer_id])
     flush()
     _write_cursor(connection, cursor)
     return stored
@@ -280,15 +306,23 @@ class InteractionCopy:
             await asyncio.sleep(min(MAX_BACKOFF_SECONDS, 0.05 * 2**failures) * (0.5 + random.random() / 2))
 
     async def _sweep(self) -> None:
+        full_at = -FULL_SWEEP_SECONDS
+        swept_revision = -1
+        swept_until = 0
         while True:
             await self._consent_synced()
-            revision = self.consent.revision
+            revision, until = self.consent.revision, confirmed_at_us(self.consent)
+            full = revision != swept_revision or time.monotonic() - full_at >= FULL_SWEEP_SECONDS
+            since = 0 if full else swept_until
             dropped = await self.db.write(
-                lambda connection: _drop_unconsented(connection, self.consent, None)
+                partial(drop_unconsented, consent=self.consent, stored_before_us=until, stored_since_us=since)
             )
             if dropped:
                 log.info("interaction_copy_consent_sweep", dropped=dropped, revision=revision)
-            await self.consent.wait_for_revision(revision + 1, SWEEP_INTERVAL_SECONDS)
+            if full:
+                full_at, swept_revision = time.monotonic(), revision
+            swept_until = until
+            await self.consent.wait_for_revision(revision + 1, RECENT_SWEEP_SECONDS)
 
 
 def _reset(connection: Connection) -> None:

@@ -16,7 +16,14 @@ from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
 
-from services.recommendation.interactions import InteractionCopy, StoredInteraction, all_interactions
+from services.recommendation.interactions import (
+    InteractionCopy,
+    StoredInteraction,
+    all_interactions,
+    drop_unconsented,
+)
+from shared.consent_cache import ConsentCache
+from shared.db import now_micros
 from tests.conftest import InProcessService
 from tests.integration.test_profile_interactions import (
     BROWSING,
@@ -196,3 +203,19 @@ async def test_the_copy_lives_in_the_migrated_tables(
     recommendation = await start_recommendation(start_service, dev_tokens, suite, database_url)
     inspector = await copy_of(recommendation).db.read(lambda c: sa.inspect(c).get_table_names())
     assert {"interactions", "feed_cursors"} <= set(inspector)
+
+
+async def test_the_sweep_leaves_entries_newer_than_the_caches_confirmation(
+    consented_profile, start_service, dev_tokens, database_url
+):
+    """Profile may serve an entry under a grant this service's cache has not applied yet: the
+    sweep judges only entries stored before the cache last confirmed it was caught up."""
+    _, recommendation = await two_customers_copied(consented_profile, start_service, dev_tokens, database_url)
+    # A cache that has applied nothing refuses everyone, as a lagging one refuses a new grant.
+    lagging = ConsentCache("127.0.0.1:9", "")
+    db = copy_of(recommendation).db
+    newest = max(e.occur_time_us for e in await held(recommendation))  # long before storing
+    assert await db.write(lambda c: drop_unconsented(c, lagging, stored_before_us=newest)) == 0
+    assert len(await held(recommendation)) == 3
+    assert await db.write(lambda c: drop_unconsented(c, lagging, stored_before_us=now_micros())) == 3
+    assert await held(recommendation) == []

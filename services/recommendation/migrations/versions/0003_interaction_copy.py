@@ -29,6 +29,9 @@ def upgrade() -> None:
         sa.Column("event_id", sa.String(128), nullable=False),
         sa.Column("channel", sa.Integer, nullable=False),
         sa.Column("data_category", sa.String(128), nullable=False),
+        # When this service stored it: the consent sweep judges only entries stored
+        # before its consent cache last confirmed being caught up.
+        sa.Column("stored_at_us", sa.BigInteger, nullable=False),
     )
     op.create_index("interactions_by_customer", "interactions", ["customer_id", "data_category"])
     op.create_table(
