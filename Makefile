@@ -28,23 +28,16 @@ help:
 venv: $(STAMP)
 
 # pip's own lines are cut down to what it is fetching and building, so the minute or
-# two of a first install shows progress without pages of output.
+# so of a first install shows progress without pages of output.
 PIP := set -o pipefail; $(BIN)/pip install --progress-bar off
 PIP_SHOW := sed -un -E -e 's/^Collecting ([^ ;]*).*/      fetching \1/p' \
   -e 's/^Building wheel for ([^ ]*).*/      building \1/p' -e 's/^Installing collected packages.*/      installing/p'
 
-# LightFM 1.17 only builds without build isolation, against an already installed
-# setuptools/wheel/numpy/scipy, and only through pip's legacy setup.py path, which
-# pip 25 removed: hence the pinned pip and the order of these steps.
 $(STAMP): pyproject.toml
-	@echo "Setting up $(VENV) (first run only; about two minutes):"
-	@echo "  [1/4] creating the virtual environment with $(PYTHON)"
+	@echo "Setting up $(VENV) (first run only; about a minute):"
+	@echo "  [1/2] creating the virtual environment with $(PYTHON)"
 	@$(PYTHON) -m venv $(VENV)
-	@echo "  [2/4] installing the build tools LightFM needs (pip, setuptools, wheel, numpy, scipy)"
-	@$(PIP) 'pip<25' 'setuptools<80' wheel 'numpy>=1.26' 'scipy>=1.11' | $(PIP_SHOW)
-	@echo "  [3/4] building LightFM 1.17 from source (the slowest step)"
-	@$(PIP) --no-build-isolation 'lightfm==1.17' | $(PIP_SHOW)
-	@echo "  [4/4] installing najimi and its dependencies (gRPC, SQLAlchemy, ...; dev tools)"
+	@echo "  [2/2] installing najimi and its dependencies (gRPC, SQLAlchemy, LightFM, ...; dev tools)"
 	@$(PIP) -e '.[dev]' | $(PIP_SHOW)
 	@touch $(STAMP)
 	@echo "  $(VENV) is ready."

@@ -8,8 +8,11 @@ from pathlib import Path
 from najimi.recommendation.v1 import recommendation_service_pb2, recommendation_service_pb2_grpc
 
 from services.recommendation.data_subject import RecommendationDataSubjectServicer
+from services.recommendation.interactions import InteractionCopy
 from services.recommendation.servicer import RecommendationServicer
 from services.recommendation.store import RecommendationStore
+from shared.clients import channel_credentials
+from shared.consent_cache import ConsentCache
 from shared.data_subject import data_subject_registration
 from shared.db import Database
 from shared.idempotency import Idempotency
@@ -23,11 +26,21 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def build_app(settings: Settings) -> App:
     database = Database(settings.effective_database_url, "recommendation", MIGRATIONS)
     store = RecommendationStore(database, Idempotency.from_settings(settings))
+    # The consent state this service obeys, and the consented interaction copy it decides.
+    consent = ConsentCache(
+        settings.consent_address, settings.service_token, credentials=channel_credentials(settings)
+    )
+    copy = InteractionCopy(database, consent, settings)
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
+        # Both follow their feeds in the background (and retry while the others are down).
+        consent.start()
+        copy.start()
 
     async def stop() -> None:
+        await copy.stop()
+        await consent.stop()
         database.close()
 
     return App(
@@ -42,7 +55,7 @@ def build_app(settings: Settings) -> App:
                     tokens=PageTokens.from_settings(settings),
                 ),
             ),
-            data_subject_registration(RecommendationDataSubjectServicer(store)),
+            data_subject_registration(RecommendationDataSubjectServicer(store, copy)),
         ],
         start=start,
         stop=stop,

@@ -34,9 +34,11 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
+from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from najimi.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as repl_pb
@@ -222,6 +224,25 @@ async def _replenishment(suite: Suite, storefront) -> None:
         assert len(registered.device.slots) == 2
 
 
+async def _recommendation_copy(suite: Suite) -> None:
+    """Waits until the recommender's interaction copy (fed by profile's feed) holds the
+    customer's purchases, so the erasure has them to remove."""
+    async with grpc.aio.insecure_channel(suite.address("recommendation")) as channel:
+        stub = privacy_grpc.DataSubjectServiceStub(channel)
+        deadline = time.monotonic() + 30
+        while True:
+            exported = await stub.ExportCustomerData(
+                privacy_pb.ExportCustomerDataRequest(customer_id=CUSTOMER, request_id="copy-check"),
+                metadata=_metadata(suite, "admin"),
+                timeout=10,
+            )
+            held = json_format.MessageToDict(exported.document)["held"]
+            if len(held.get("interactions", [])) == 3:
+                return
+            assert time.monotonic() < deadline, f"the recommender's copy never got the events: {held}"
+            await asyncio.sleep(0.1)
+
+
 async def _data_subject_request(suite: Suite, kind: int, request_id: str) -> consent_pb.DataSubjectRequest:
     """Creates the request and follows it until it has finished."""
     crm = _metadata(suite, "service:crm")
@@ -392,6 +413,7 @@ async def test_an_erasure_leaves_nothing_behind(erasure_suite: Suite):
         await _consent(suite, storefront)
         await _profile(suite, storefront)
         await _replenishment(suite, storefront)
+        await _recommendation_copy(suite)
         await _poll(lambda: watcher.check(CUSTOMER, PURPOSES[0]).allowed, "the watcher never saw the grant")
         # An export first: its document (with the PII profile keeps encrypted) is kept by
         # consent, and must go too.

@@ -18,7 +18,7 @@ async def _recommendation(start_service, database_url=None):
     return service, privacy_grpc.DataSubjectServiceStub(service.channel)
 
 
-async def test_export_says_truthfully_that_nothing_is_held(start_service, database_url):
+async def test_export_of_a_customer_without_interactions_holds_nothing(start_service, database_url):
     service, data_subject = await _recommendation(start_service, database_url)
     # Catalog data is about items, not customers: it stays out of the export.
     await pb_grpc.RecommendationServiceStub(service.channel).UpsertItems(
@@ -32,7 +32,7 @@ async def test_export_says_truthfully_that_nothing_is_held(start_service, databa
     assert exported.service == "recommendation" and exported.export_time.seconds > 1_700_000_000
     document = json_format.MessageToDict(exported.document)
     assert document["customer_id"] == "cus_1" and document["held"] == {}
-    assert set(document["not_held_yet"]) == {"interactions", "model"}
+    assert set(document["not_held_yet"]) == {"model"}
 
 
 async def test_erasure_is_idempotent_and_erases_nothing_held(start_service, database_url):

@@ -323,12 +323,17 @@ class RecommendationServiceServicer:
 
         TrainModel starts training a new model version and returns at once with its
         training run (state QUEUED) and the new model version (status TRAINING).
-        Training runs outside the request path, in the training worker (the training
-        Job in Kubernetes): it reads the consented interactions from the profile
-        service's interaction feed and the catalog, holds out part of each customer's
-        interactions, trains, and evaluates the model and the popularity baseline on
-        the held-out part. The model then becomes READY (it beats the baseline) or
-        REJECTED (it does not), or FAILED; follow it with GetTrainingRun.
+        Training runs outside the request path, in the training worker (started by
+        `make run`; a Job or CronJob in Kubernetes): it reads this service's local
+        consented copy of the interactions (fed by the profile service's interaction
+        feed), the customers' consented attributes and the catalog, builds features
+        as options.features says, holds out data and evaluates the model and the
+        popularity baseline as options.evaluation says (EvaluationProtocol), and by
+        default refits the model on all the data once it passes the gate. The model
+        then becomes ACTIVE (auto_activate, the default) or READY when it passes the
+        gate, REJECTED (with its figures) when it does not, or FAILED with a readable
+        error; a run that fails or is rejected leaves the active model untouched.
+        Follow it with GetTrainingRun.
         Callers: admin.
         Idempotent by request_id. Returns FAILED_PRECONDITION (reason
         TRAINING_IN_PROGRESS, with the running training_run_id in the ErrorInfo
@@ -374,9 +379,10 @@ class RecommendationServiceServicer:
     def ActivateModel(self, request, context):
         """ActivateModel makes one model version the serving model, retiring the one
         that was active. A model may be activated when its status is READY, or RETIRED
-        with an evaluation that beat the baseline (a rollback). A REJECTED model (or a
-        retired one that did not beat the baseline) is activated only with force and a
-        force_reason, which the model records. The swap is atomic: every replica
+        with an evaluation that passed the gate: activating a retired version is the
+        rollback. A REJECTED model (or a retired one that did not pass the gate) is
+        activated only with force and a force_reason, which the model records. The
+        active version is recorded in the database. The swap is atomic: every replica
         switches within seconds between two requests, each request is served wholly by
         the old or the new model (its model_version says which), and no request fails
         because of the swap.
@@ -384,8 +390,8 @@ class RecommendationServiceServicer:
         Idempotent: activating the model that is already active changes nothing and
         returns it. Returns NOT_FOUND (reason MODEL_NOT_FOUND) for an unknown version;
         FAILED_PRECONDITION with reason MODEL_NOT_TRAINED when the model is TRAINING or
-        FAILED, or reason MODEL_BELOW_BASELINE when it did not beat the baseline and
-        force is not set; INVALID_ARGUMENT when force is set without a force_reason.
+        FAILED, or reason MODEL_REJECTED when it did not pass the gate and force is
+        not set; INVALID_ARGUMENT when force is set without a force_reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -397,8 +403,9 @@ class RecommendationServiceServicer:
         ---------------------------------------------------------------------------
 
         GetModelEvaluation returns how one model version did on its held-out data,
-        next to the popularity baseline on the same data, and whether it beat the
-        baseline (the activation gate). Every model is evaluated as the last step of
+        next to the popularity baseline on the same data, for warm and cold-start
+        customers, and whether it passed the gate (EvaluationProtocol). A model refit
+        on all the data keeps the evaluation of its split run. Every model is evaluated as the last step of
         its training run; this is the same evaluation as Model.evaluation, on its own
         for dashboards and release checks.
         Callers: admin, service:storefront, service:campaign.
