@@ -10,11 +10,12 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN := shared/gen
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint protos protos-check bench clean
+.PHONY: help venv run test test-postgres fuzz lint protos protos-check bench clean
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
 	@echo "make test         run the test suite (PostgreSQL tests start their own throwaway cluster)"
+	@echo "make fuzz         fuzz every RPC with many more generated requests than make test sends"
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
@@ -41,6 +42,12 @@ test: $(STAMP)
 # The PostgreSQL-backed tests alone; they fail (instead of skipping) when no cluster can start.
 test-postgres: $(STAMP)
 	NAJIMI_TEST_REQUIRE_POSTGRES=1 $(PY) -m pytest -m postgres $(PYTEST_ARGS)
+
+# The fuzz tests alone, with the `fuzz` Hypothesis profile: many examples per RPC, new ones
+# every run (make test runs the same tests with a few fixed ones). FUZZ_EXAMPLES=N sets how many.
+FUZZ_EXAMPLES ?=
+fuzz: $(STAMP)
+	NAJIMI_FUZZ_PROFILE=fuzz NAJIMI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz --timeout=0 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check services shared tests $(wildcard bench)
