@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.fuzz.rpcs import discover_rpcs
-from tests.fuzz.suite import FuzzSuite, resident_set_kib
+from tests.fuzz.suite import FuzzSuite
 
 PROFILE = os.environ.get("NAJIMI_FUZZ_PROFILE", "ci")
-EXAMPLES = {"ci": 12, "fuzz": 400}
+EXAMPLES = {"ci": 25, "fuzz": 400}
 _SLOW_IS_FINE = [
     HealthCheck.too_slow,
     HealthCheck.data_too_large,
@@ -51,25 +51,34 @@ FUZZ_SETTINGS = settings(
 DERANDOMIZE = PROFILE == "ci"
 
 RPCS = discover_rpcs()
+MEMORY: list[tuple[str, int]] = []  # the suite's memory samples, for the summary
 
 
 @pytest.fixture(scope="package")
 def fuzz_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzSuite]:
-    suite = FuzzSuite(tmp_path_factory.mktemp("fuzz")).start()
+    suite = FuzzSuite(tmp_path_factory.mktemp("fuzz"), MEMORY).start()
     try:
         suite.load_demo_data()
         suite.probe_access(RPCS)
         suite.collect_page_tokens(RPCS)
-        suite.baseline_rss_kib = resident_set_kib()
+        suite.record_memory("start")
         yield suite
     finally:
         suite.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The known faults the run let through, and how the process's memory went."""
     from tests.fuzz.faults import SEEN_KNOWN_FAULTS
 
     if SEEN_KNOWN_FAULTS:
         terminalreporter.section("fuzz: known faults allowed for now (tests/fuzz/faults.py KNOWN_FAULTS)")
         for (name, rpc), calls in sorted(SEEN_KNOWN_FAULTS.items()):
             terminalreporter.write_line(f"{calls:5d}  {name}  {rpc}")
+    if len(MEMORY) > 1:
+        (_, start), (_, end) = MEMORY[0], MEMORY[-1]
+        label, peak = max(MEMORY[1:], key=lambda sample: sample[1])
+        terminalreporter.write_line(
+            f"fuzz: VmRSS {start // 1024} MiB at the start, {end // 1024} MiB at the end, "
+            f"at most {peak // 1024} MiB (after {label})"
+        )

@@ -3,7 +3,8 @@
 An answer is acceptable when its code is documented: OK or the code of one of the
 domain errors in shared/errors.py (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED,
 UNAVAILABLE, UNIMPLEMENTED, ...). INTERNAL and UNKNOWN never are, nor is
-DEADLINE_EXCEEDED, except on a watch, which the test itself cuts off.
+DEADLINE_EXCEEDED, except on a watch, which the test itself cuts off. A caller with no
+token or a bad one gets UNAUTHENTICATED, whatever it sends.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _domain_codes(base: type[errors.DomainError]) -> set[grpc.StatusCode]:
 DOCUMENTED = frozenset({grpc.StatusCode.OK, *_domain_codes(errors.DomainError)})
 # A watch is ended by the test: by its deadline, or by a cancel once it has read enough.
 DOCUMENTED_ON_A_WATCH = DOCUMENTED | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# A caller without a valid token learns nothing else, whatever it sends (authentication
+# comes first); only a message over the size limit is refused before that, by gRPC itself.
+ANSWERS_WITHOUT_A_VALID_TOKEN = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 TOKEN_FIELDS = ("page_token", "cursor")
 HEX_SHOWN = 2_048  # bytes of a body shown in hex; a longer body is also written to a file
 

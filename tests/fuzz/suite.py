@@ -1,7 +1,8 @@
 """The four services, served in this process and wired to each other, for the fuzz tests.
 
-The servers run on an event loop of their own in a background thread, so the tests
-can call them with plain (blocking) gRPC channels and send any bytes they like: the
+Each server runs on an event loop of its own in a background thread (as if in a process
+of its own: one that blocks its loop stalls only itself), so the tests can call them
+with plain (blocking) gRPC channels and send any bytes they like: the
 channel's serializers are the identity. They get the demo data (services/demo_data.py,
 a few customers) and a device registered through RegisterDevice, whose token is the
 `device` principal's.
@@ -13,7 +14,6 @@ import asyncio
 import ctypes
 import gc
 import itertools
-import json
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -65,9 +65,9 @@ class Outcome:
 class ServerLoop:
     """An asyncio event loop in a daemon thread, for servers that must not share the tests' thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-servers", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"fuzz-{name}", daemon=True)
         self.thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
@@ -107,12 +107,12 @@ class ServerFailures:
 class FuzzSuite:
     """consent, profile, recommendation and replenishment, started like the real suite."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, memory: list[tuple[str, int]]):
         self.data_dir = data_dir
         self.tokens = ensure_dev_tokens(data_dir)
         self.ports = {name: free_port() for name in SERVICE_NAMES}
         self.addresses = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
-        self.servers = ServerLoop()
+        self.loops: dict[str, ServerLoop] = {}
         self.services: dict[str, InProcessService] = {}
         self.channels: dict[str, grpc.Channel] = {}
         self.failures = ServerFailures()
@@ -125,7 +125,8 @@ class FuzzSuite:
         self.demo_ids: list[str] = []
         # Who gets past authentication and authorisation, by RPC path (see `probe_access`).
         self.admitted: dict[str, list[str]] = {}
-        self.baseline_rss_kib = 0
+        # (what had just run, VmRSS in KiB) after each test; the first is the baseline.
+        self.memory = memory
 
     # Start and stop ----------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class FuzzSuite:
         self.failures.install()
         wiring = {f"{name}_address": address for name, address in self.addresses.items()}
         for name in ("consent", *(n for n in SERVICE_NAMES if n != "consent")):
-            self.services[name] = self.servers.run(
+            self.loops[name] = ServerLoop(name)
+            self.services[name] = self.loops[name].run(
                 start_in_process(
                     name,
                     self.data_dir,
@@ -179,15 +181,16 @@ class FuzzSuite:
         for channel in self.channels.values():
             channel.close()
 
-        async def stop_all() -> None:
-            for service in self.services.values():
-                await service.channel.close()
-                await service.running.stop(0)
+        async def stop(service: InProcessService) -> None:
+            await service.channel.close()
+            await service.running.stop(0)
 
         try:
-            self.servers.run(stop_all())
+            for name, service in self.services.items():
+                self.loops[name].run(stop(service))
         finally:
-            self.servers.close()
+            for loop in self.loops.values():
+                loop.close()
             self.failures.remove()
 
     # Calling -----------------------------------------------------------------------------
@@ -277,9 +280,6 @@ class FuzzSuite:
         wanted = {"page_size": 1, "customer_id": "demo-aiko", "device_id": self.device_id}
         return {name: value for name, value in wanted.items() if name in rpc.input_type.fields_by_name}
 
-    def all_page_tokens(self) -> list[str]:
-        return [token for tokens in self.page_tokens.values() for token in tokens]
-
     # Liveness and memory -------------------------------------------------------------------
 
     def health(self) -> dict[str, str]:
@@ -295,8 +295,10 @@ class FuzzSuite:
                 found[name] = f"{error.code().name}: {error.details()}"
         return found
 
-    def describe(self) -> str:
-        return json.dumps({"ports": self.ports, "device_id": self.device_id}, indent=2)
+    def record_memory(self, label: str) -> float:
+        """Samples VmRSS after `label`; returns the growth since the first sample, in MiB."""
+        self.memory.append((label, resident_set_kib()))
+        return (self.memory[-1][1] - self.memory[0][1]) / 1024
 
 
 def _release_free_memory() -> None:

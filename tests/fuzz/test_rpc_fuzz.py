@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz.conftest import DERANDOMIZE, FUZZ_SETTINGS, RPCS
 from tests.fuzz.faults import (
+    ANSWERS_WITHOUT_A_VALID_TOKEN,
     DOCUMENTED,
     DOCUMENTED_ON_A_WATCH,
     SEEN_KNOWN_FAULTS,
@@ -36,13 +37,15 @@ from tests.fuzz.messages import (
     request_bodies,
 )
 from tests.fuzz.rpcs import Rpc
-from tests.fuzz.suite import BAD_TOKEN_PRINCIPAL, DEVICE, NOBODY, FuzzSuite, resident_set_kib
+from tests.fuzz.suite import BAD_TOKEN_PRINCIPAL, DEVICE, NOBODY, FuzzSuite
 
 # How much the test process (the four servers run in it) may grow over the whole run: the
 # servers' caches and SQLite page caches fill, Python's allocator keeps freed arenas, and
 # requests of up to 4 MiB are built, sent and parsed. A leak per call grows past it.
 RSS_GROWTH_BOUND_MIB = 150
 STREAM_MESSAGES = 4  # at most this many request messages on a streaming call
+
+pytestmark = pytest.mark.fuzz
 
 
 def _run(rpc: Rpc, test: Callable[..., None]) -> None:
@@ -61,10 +64,8 @@ def _principals(suite: FuzzSuite, rpc: Rpc) -> st.SearchStrategy[str]:
 
 
 def _generator(suite: FuzzSuite, rpc: Rpc) -> RequestGenerator:
-    seeds = Seeds(
-        known_strings=[*suite.demo_ids, suite.device_id, *_vocabulary(), *suite.all_page_tokens()],
-        page_tokens=suite.page_tokens,
-    )
+    seeds = Seeds([*suite.demo_ids, suite.device_id, *_vocabulary()], suite.page_tokens)
+    seeds.known_strings += seeds.all_tokens()  # a token where an id belongs, too
     return RequestGenerator(seeds, suite.page_tokens.get(rpc.path, []), field_names(rpc.input_type))
 
 
@@ -85,6 +86,8 @@ def _send_and_check(suite: FuzzSuite, rpc: Rpc, principal: str, bodies: list[byt
     if principal == DEVICE and outcome.code == grpc.StatusCode.UNAUTHENTICATED:
         suite.register_device()  # the fuzzer deregistered it (or rotated its token): a new one
     documented = DOCUMENTED_ON_A_WATCH if rpc.is_watch else DOCUMENTED
+    if principal in (NOBODY, BAD_TOKEN_PRINCIPAL):
+        documented = ANSWERS_WITHOUT_A_VALID_TOKEN
     if outcome.code in documented:
         return
     fault = Fault(rpc, principal, outcome, bodies, request_id, suite.failures.by_request_id.get(request_id))
@@ -92,13 +95,14 @@ def _send_and_check(suite: FuzzSuite, rpc: Rpc, principal: str, bodies: list[byt
     if known is not None:
         SEEN_KNOWN_FAULTS[known.name, str(rpc)] += 1
         return
-    raise AssertionError(fault.report())
+    expected = ", ".join(sorted(code.name for code in documented))
+    raise AssertionError(f"{fault.report()}\n  expected   one of {expected}")
 
 
 def _still_well(suite: FuzzSuite, rpc: Rpc) -> None:
     health = suite.health()
     assert set(health.values()) == {"SERVING"}, f"after fuzzing {rpc}, health answered {health}"
-    grown_mib = (resident_set_kib() - suite.baseline_rss_kib) / 1024
+    grown_mib = suite.record_memory(str(rpc))
     assert grown_mib < RSS_GROWTH_BOUND_MIB, (
         f"after fuzzing {rpc}, the process has grown {grown_mib:.0f} MiB since the suite started "
         f"(bound {RSS_GROWTH_BOUND_MIB} MiB)"
