@@ -11,7 +11,7 @@ GEN := shared/gen
 PYTEST_ARGS ?=
 DATA_DIR := $(or $(NAJIMI_DATA_DIR),data)
 
-.PHONY: help venv run test test-postgres lint protos protos-check bench h2load clean deploy-check
+.PHONY: help venv run reset test test-postgres fuzz lint protos protos-check bench h2load clean deploy-check
 
 help:
 	@echo "make run          start all four services on SQLite with demo data (Ctrl-C stops them)"
@@ -19,6 +19,7 @@ help:
 	@echo "make reset        remove the data directory (databases, logs, tokens); keeps .venv"
 	@echo "make clean        remove .venv, the caches and the data directory"
 	@echo "make test         run the test suite (PostgreSQL tests start their own throwaway cluster)"
+	@echo "make fuzz         fuzz every RPC with many more generated requests than make test sends"
 	@echo "make lint         ruff, mypy and buf lint"
 	@echo "make protos       regenerate the Python stubs from protos/"
 	@echo "make protos-check fail when the committed stubs are stale"
@@ -60,6 +61,12 @@ test-postgres: $(STAMP)
 # (these tests also run in `make test`).
 deploy-check: $(STAMP)
 	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
+# The fuzz tests alone, with the `fuzz` Hypothesis profile: many examples per RPC, new ones
+# every run (make test runs the same tests with a few fixed ones). FUZZ_EXAMPLES=N sets how many.
+FUZZ_EXAMPLES ?=
+fuzz: $(STAMP)
+	NAJIMI_FUZZ_PROFILE=fuzz NAJIMI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz --timeout=0 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check services shared tests $(wildcard bench)

@@ -64,6 +64,21 @@ class InProcessService:
         return (("authorization", f"Bearer {self.tokens[principal]}"),)
 
 
+async def start_in_process(
+    name: str, data_dir: Path, tokens: dict[str, str], database_url: str | None = None, **overrides: Any
+) -> InProcessService:
+    """Builds the service `name` with settings for `data_dir`, serves it on loopback (port 0
+    unless `port` is given) in the running event loop, and returns it once it is ready."""
+    build_app = importlib.import_module(f"services.{name}.app").build_app
+    port = overrides.pop("port", 0)
+    settings = load_settings(
+        name, data_dir=data_dir, database_url=database_url or "", metrics_port=0, **overrides
+    )
+    running = await create_server(settings, build_app(settings), port=port)
+    await start_app(running)
+    return InProcessService(running, grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"), tokens)
+
+
 @pytest.fixture
 async def start_service(
     tmp_path: Path, dev_tokens: dict[str, str]
@@ -72,22 +87,7 @@ async def start_service(
     started: list[InProcessService] = []
 
     async def start(name: str, database_url: str | None = None, **overrides: Any) -> InProcessService:
-        builders = {
-            "consent": "services.consent.app",
-            "profile": "services.profile.app",
-            "recommendation": "services.recommendation.app",
-            "replenishment": "services.replenishment.app",
-        }
-        build_app = importlib.import_module(builders[name]).build_app
-        port = overrides.pop("port", 0)
-        settings = load_settings(
-            name, data_dir=tmp_path, database_url=database_url or "", metrics_port=0, **overrides
-        )
-        running = await create_server(settings, build_app(settings), port=port)
-        await start_app(running)
-        service = InProcessService(
-            running, grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"), dev_tokens
-        )
+        service = await start_in_process(name, tmp_path, dev_tokens, database_url, **overrides)
         started.append(service)
         return service
 
