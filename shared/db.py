@@ -194,6 +194,13 @@ class Database:
         config.set_main_option("script_location", str(self._migrations))
         config.attributes.update(attributes)
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas and the migration Job may start at once: one migrates, the others wait
+                # here and then find the schema current (the lock ends with the transaction).
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"),
+                    {"name": f"najimi-migrate:{self.schema}"},
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

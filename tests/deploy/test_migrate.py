@@ -63,3 +63,34 @@ def test_migrate_refuses_unknown_or_missing_services_and_names_the_known_ones(
     assert "usage: najimi-migrate SERVICE" in result.stderr
     assert all(name in result.stderr for name in SERVICE_NAMES)
     assert not (tmp_path / "x.db").exists()  # nothing was migrated before the refusal
+
+
+@pytest.mark.postgres
+def test_replicas_starting_at_once_migrate_once_and_all_start(postgres_cluster, tmp_path: Path) -> None:
+    """The migration Job and several replicas run the same migrations at the same moment:
+    every one succeeds (the advisory lock makes the others wait, then find the schema current)."""
+    database_url = postgres_cluster.create_database("t_migrate_race")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "shared.migrate", "profile", "consent"],
+            env={
+                **os.environ,
+                "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'shared' / 'gen'}",
+                "NAJIMI_DATABASE_URL": database_url,
+                "NAJIMI_DATA_DIR": str(tmp_path),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+    for service in ("profile", "consent"):
+        database = Database(database_url, service)
+        try:
+            assert database.current_revision() == newest_revision(service)
+        finally:
+            database.close()
