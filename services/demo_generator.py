@@ -40,7 +40,7 @@ HOUR_US = 3600 * SECOND_US
 DAY_US = 24 * HOUR_US
 YEN = 1_000_000  # micros of one yen
 
-# Consent vocabulary (DESIGN §2) and what each event type is collected as (the proto's
+# Consent vocabulary (README, Architecture) and what each event type is collected as (the proto's
 # EventType comments).
 RECOMMENDATIONS = "personalize.recommendations"
 PROFILING = "personalize.profiling"

@@ -149,7 +149,7 @@ POLICY: dict[str, dict[str, Rule]] = {
         "IngestEvents": _CUSTOMER,
         "StreamEvents": _CUSTOMER,
         "ListEvents": _CUSTOMER,
-        # Traits serve personalize.profiling; the recommender uses its own features (DESIGN §6).
+        # Traits serve personalize.profiling; the recommender uses its own features (README, Architecture).
         "GetTraits": _CUSTOMER,
         "ListInteractions": callers(RECOMMENDER),
         "WatchInteractions": callers(RECOMMENDER),

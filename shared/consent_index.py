@@ -1,7 +1,7 @@
 """The consent decision, made locally from the change feed.
 
 A ConsentIndex holds, per customer and purpose, the last decision of the consent
-change feed (DESIGN.md §2), plus each purpose's material notice versions. It answers
+change feed (README, "Consent is enforced everywhere"), plus each purpose's material notice versions. It answers
 "may this customer's data be used for this purpose and these categories?" with a
 dictionary lookup. The consent service answers CheckConsent from one, and every other
 service keeps one fed by list-then-watch (shared/consent_cache.py).

@@ -37,7 +37,7 @@ from tests.deploy.manifests import (
     workloads,
 )
 
-# DESIGN.md §1, the calls between the suite's services (caller, callee); nothing else.
+# The calls between the suite's services (caller, callee) of README, "Data flows"; nothing else.
 DESIGN_CALLS = {
     ("profile", "consent"),
     ("recommendation", "consent"),

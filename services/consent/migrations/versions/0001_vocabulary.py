@@ -14,7 +14,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# Data categories of DESIGN.md §2 (fideslang names), as a customer reads them.
+# The data categories of the consent vocabulary (fideslang names), as a customer reads them.
 DATA_CATEGORIES = [
     (
         "user.demographic.age_range",

@@ -34,7 +34,7 @@ class ProfileServiceStub:
     cadence, churn risk). It feeds the recommendation service with consented
     interactions only.
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
     - service:recommendation reads the interaction feed and customer attributes
@@ -50,7 +50,7 @@ class ProfileServiceStub:
     looked up through keyed hashes, and responses mask PII (see Customer) unless the
     calling principal is granted PII read in this service's configuration (by default
     only admin). Every stored attribute and event belongs to one consent data
-    category (DESIGN §2); events are collected only when the customer has consented
+    category (README, "Consent is enforced everywhere"); events are collected only when the customer has consented
     to their category, and the interaction feed and traits use only what is
     consented for their purpose.
 
@@ -155,7 +155,7 @@ class ProfileServiceServicer:
     cadence, churn risk). It feeds the recommendation service with consented
     interactions only.
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
     - service:recommendation reads the interaction feed and customer attributes
@@ -171,7 +171,7 @@ class ProfileServiceServicer:
     looked up through keyed hashes, and responses mask PII (see Customer) unless the
     calling principal is granted PII read in this service's configuration (by default
     only admin). Every stored attribute and event belongs to one consent data
-    category (DESIGN §2); events are collected only when the customer has consented
+    category (README, "Consent is enforced everywhere"); events are collected only when the customer has consented
     to their category, and the interaction feed and traits use only what is
     consented for their purpose.
 
@@ -494,7 +494,7 @@ class ProfileService:
     cadence, churn risk). It feeds the recommendation service with consented
     interactions only.
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - service:storefront, service:store (POS and store systems) and service:crm write
     and read customers, identities and events;
     - service:recommendation reads the interaction feed and customer attributes
@@ -510,7 +510,7 @@ class ProfileService:
     looked up through keyed hashes, and responses mask PII (see Customer) unless the
     calling principal is granted PII read in this service's configuration (by default
     only admin). Every stored attribute and event belongs to one consent data
-    category (DESIGN §2); events are collected only when the customer has consented
+    category (README, "Consent is enforced everywhere"); events are collected only when the customer has consented
     to their category, and the interaction feed and traits use only what is
     consented for their purpose.
 

@@ -48,7 +48,7 @@ class RecommendationServiceStub:
     principal not listed for the RPC fails with PERMISSION_DENIED (reason
     PRINCIPAL_NOT_ALLOWED).
 
-    Consent (DESIGN §2). A customer's data is used only under a valid consent to the
+    Consent (README, "Consent is enforced everywhere"). A customer's data is used only under a valid consent to the
     purpose `personalize.recommendations`, and only the data categories that consent
     grants: at training time (the interactions and customer attributes a model learns
     from) and at serving time (the customer's vector, the fold-in of fresh events and
@@ -266,7 +266,7 @@ class RecommendationServiceAsyncStub(RecommendationServiceStub):
     principal not listed for the RPC fails with PERMISSION_DENIED (reason
     PRINCIPAL_NOT_ALLOWED).
 
-    Consent (DESIGN §2). A customer's data is used only under a valid consent to the
+    Consent (README, "Consent is enforced everywhere"). A customer's data is used only under a valid consent to the
     purpose `personalize.recommendations`, and only the data categories that consent
     grants: at training time (the interactions and customer attributes a model learns
     from) and at serving time (the customer's vector, the fold-in of fresh events and
@@ -480,7 +480,7 @@ class RecommendationServiceServicer(metaclass=_abc_1.ABCMeta):
     principal not listed for the RPC fails with PERMISSION_DENIED (reason
     PRINCIPAL_NOT_ALLOWED).
 
-    Consent (DESIGN §2). A customer's data is used only under a valid consent to the
+    Consent (README, "Consent is enforced everywhere"). A customer's data is used only under a valid consent to the
     purpose `personalize.recommendations`, and only the data categories that consent
     grants: at training time (the interactions and customer attributes a model learns
     from) and at serving time (the customer's vector, the fold-in of fresh events and

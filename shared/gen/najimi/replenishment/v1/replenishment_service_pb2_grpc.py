@@ -52,7 +52,7 @@ class ReplenishmentServiceStub:
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
     service:crm) register and manage devices, slots and orders on behalf of a
     customer;
@@ -228,7 +228,7 @@ class ReplenishmentServiceServicer:
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
     service:crm) register and manage devices, slots and orders on behalf of a
     customer;
@@ -665,7 +665,7 @@ class ReplenishmentService:
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
     service:crm) register and manage devices, slots and orders on behalf of a
     customer;

@@ -53,7 +53,7 @@ class ReplenishmentServiceStub:
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
       service:crm) register and manage devices, slots and orders on behalf of a
       customer;
@@ -314,7 +314,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
       service:crm) register and manage devices, slots and orders on behalf of a
       customer;
@@ -571,7 +571,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
     ReplenishOutcome).
 
-    Principals (DESIGN §5). Each RPC names its callers in a "Callers:" line:
+    Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
       service:crm) register and manage devices, slots and orders on behalf of a
       customer;
