@@ -4,6 +4,7 @@ and a second start, are checked by test_readme_examples.py on the same launch.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import grpc
@@ -45,9 +46,12 @@ def test_a_bad_console_level_stops_the_launcher_naming_the_variable(tmp_path):
 def test_the_make_switches_reach_the_launcher():
     def planned(*args: str) -> str:
         # -n: print the commands only; -o: take .venv as installed (it is not rebuilt).
+        # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
         return subprocess.run(
-            ["make", "-n", "-o", ".venv/.installed", *args],
+            ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", *args],
             cwd=ROOT,
+            env=env,
             capture_output=True,
             text=True,
             check=True,
