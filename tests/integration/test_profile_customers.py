@@ -152,7 +152,7 @@ async def test_pii_is_encrypted_at_rest(start_service, database_url):
         b"+81312345678",
         b"4000-1234",
     ]
-    plaintexts.append(str(THIS_YEAR - 30).encode())
+    birth_year = THIS_YEAR - 30
     database = Database(database_url, "profile")
     try:
         tables = database.transaction(
@@ -166,15 +166,18 @@ async def test_pii_is_encrypted_at_rest(start_service, database_url):
     assert (
         len(tables["customers"]) == 1 and len(tables["identities"]) == 2 and len(tables["idempotency"]) == 1
     )
+    values = [value for rows in tables.values() for row in rows for value in row]
+    # Integers (times in microseconds, counters) are left out of the byte search: their digits
+    # can hold a year by chance. No integer column may be the birth year itself.
     stored = b"".join(
         value if isinstance(value, bytes) else str(value).encode()
-        for rows in tables.values()
-        for row in rows
-        for value in row
+        for value in values
+        if not isinstance(value, int)
     )
     assert created.customer.customer_id.encode() in stored  # the search below does find what is there
-    for plaintext in plaintexts:
+    for plaintext in [*plaintexts, str(birth_year).encode()]:
         assert plaintext not in stored
+    assert birth_year not in [value for value in values if isinstance(value, int)]
 
 
 async def test_customers_survive_a_restart(start_service, database_url, tmp_path):
