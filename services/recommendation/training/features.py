@@ -38,7 +38,7 @@ class CustomerAttributes:
     gender: str = ""  # "female", "male", "non_binary", "undisclosed"; empty when unknown
     region: str = ""
     custom: Mapping[str, str] = field(default_factory=dict)  # key -> value as text
-    data_categories: frozenset[str] = frozenset()  # the categories of the values present
+    custom_categories: Mapping[str, str] = field(default_factory=dict)  # key -> its data category
 
 
 @dataclass(frozen=True)
