@@ -64,6 +64,16 @@ class FittedModel:
     item_feature_embeddings: np.ndarray
     item_feature_biases: np.ndarray
 
+    @classmethod
+    def of(cls, model: LightFM) -> FittedModel:
+        """The feature embeddings and biases of a fitted LightFM, as float32 C arrays."""
+        return cls(
+            np.ascontiguousarray(model.user_embeddings, dtype=np.float32),
+            np.ascontiguousarray(model.user_biases, dtype=np.float32),
+            np.ascontiguousarray(model.item_embeddings, dtype=np.float32),
+            np.ascontiguousarray(model.item_biases, dtype=np.float32),
+        )
+
     def customers(self, features: sp.csr_matrix) -> Representations:
         return _represent(features, self.customer_feature_embeddings, self.customer_feature_biases)
 
@@ -107,9 +117,4 @@ def fit(
             num_threads=threads,
         )
         on_epoch(epoch + 1)
-    return FittedModel(
-        np.ascontiguousarray(model.user_embeddings, dtype=np.float32),
-        np.ascontiguousarray(model.user_biases, dtype=np.float32),
-        np.ascontiguousarray(model.item_embeddings, dtype=np.float32),
-        np.ascontiguousarray(model.item_biases, dtype=np.float32),
-    )
+    return FittedModel.of(model)
