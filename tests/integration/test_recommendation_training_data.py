@@ -60,11 +60,7 @@ async def test_a_run_reads_the_copy_the_catalog_and_only_consented_attributes(
     )
 
     copy = copy_of(recommendation)
-    source = TrainingSource.from_settings(copy.db, copy._settings)
-    try:
-        data = await source.load()
-    finally:
-        await source.close()
+    data = await TrainingSource(copy._settings, copy.db).load()
 
     assert sorted((i.customer_id, i.item_id, i.event_id) for i in data.interactions) == [
         ("c-1", "a", "e-1"),

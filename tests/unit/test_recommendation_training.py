@@ -5,6 +5,9 @@ the gate, and hands back float32 representations that are its feature rows summe
 
 from __future__ import annotations
 
+import dataclasses
+
+import grpc
 import numpy as np
 import pytest
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
@@ -88,7 +91,34 @@ async def test_a_model_below_the_gate_is_rejected_and_not_refit():
 
 async def test_too_few_interactions_fail_with_a_reason():
     data = generate(Shape(customers=5, items=10, interactions=10, seed=2))
-    lone = data.__class__(data.interactions[:1], data.items, data.customers, data.data_cursor)
+    lone = dataclasses.replace(data, interactions=data.interactions[:1])
     with pytest.raises(TrainingFailed) as failed:
         await run_training(StaticSource(lone), options(), lambda progress: None)
     assert failed.value.reason == "NOT_ENOUGH_INTERACTIONS"
+
+
+async def test_customers_profile_no_longer_lists_are_left_out_of_training():
+    data = generate(SHAPE)
+    erased = "cust-00007"
+    customers = {cid: c for cid, c in data.customers.items() if cid != erased}
+    assert any(i.customer_id == erased for i in data.interactions)  # still in this copy of the data
+    outcome = await run_training(
+        StaticSource(dataclasses.replace(data, customers=customers)), options(), lambda progress: None
+    )
+    assert outcome.artefact is not None
+    assert erased not in outcome.artefact.customer_ids and len(outcome.artefact.customer_ids) == 299
+    assert f"customer:{erased}" not in outcome.artefact.customer_feature_names
+
+
+class UnreachableProfile:
+    async def load(self):
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection refused"
+        )
+
+
+async def test_an_unreachable_profile_fails_the_run_with_a_reason():
+    with pytest.raises(TrainingFailed) as failed:
+        await run_training(UnreachableProfile(), options(), lambda progress: None)
+    assert failed.value.reason == "PROFILE_UNAVAILABLE"
+    assert "UNAVAILABLE connection refused" in failed.value.message

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from najimi.profile.v1 import profile_service_pb2_grpc as profile_grpc
@@ -43,46 +42,49 @@ class TrainingData:
 
 
 class TrainingSource:
-    """Reads a run's data: the copy and the catalog in one read transaction, then profile."""
+    """Reads a run's data: the copy and the catalog in one read transaction, then profile
+    (at settings.profile_address, as this service: its token and TLS; a stub given in
+    `profile` instead, e.g. in tests)."""
 
     def __init__(
         self,
+        settings: Settings,
         database: Database,
-        profile: profile_grpc.ProfileServiceStub,
-        channel: grpc.aio.Channel | None = None,
+        profile: profile_grpc.ProfileServiceStub | None = None,
     ):
+        self.settings = settings
         self.db = database
         self.profile = profile
-        self._channel = channel
-
-    @classmethod
-    def from_settings(cls, database: Database, settings: Settings) -> TrainingSource:
-        """Reads profile at settings.profile_address as this service (its token and TLS)."""
-        stub, channel = client_for(profile_grpc.ProfileServiceStub, settings.profile_address, settings)
-        return cls(database, stub, channel)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
 
     async def load(self) -> TrainingData:
         def read(connection: Connection) -> tuple[list[StoredInteraction], list[Item], str]:
             return all_interactions(connection), catalog_items(connection), read_cursor(connection)
 
         interactions, catalog, cursor = await self.db.read(read)
-        return TrainingData(interactions, catalog, await self.customers(), cursor)
+        if self.profile is not None:
+            return TrainingData(interactions, catalog, await customers(self.profile), cursor)
+        # A channel per run: a run is minutes apart from the next, and the worker holds nothing open.
+        stub, channel = client_for(
+            profile_grpc.ProfileServiceStub, self.settings.profile_address, self.settings
+        )
+        try:
+            return TrainingData(interactions, catalog, await customers(stub), cursor)
+        finally:
+            await channel.close()
 
-    async def customers(self) -> dict[str, CustomerAttributes]:
-        found: dict[str, CustomerAttributes] = {}
-        token = ""
-        while True:
-            page = await self.profile.ListCustomers(
-                profile_pb.ListCustomersRequest(page_size=PROFILE_PAGE, page_token=token, purpose=PURPOSE)
-            )
-            found.update((c.customer_id, consented_attributes(c)) for c in page.customers)
-            token = page.next_page_token
-            if not token:
-                return found
+
+async def customers(profile: profile_grpc.ProfileServiceStub) -> dict[str, CustomerAttributes]:
+    """Every live customer's attributes, as far as they consent to them for recommendations."""
+    found: dict[str, CustomerAttributes] = {}
+    token = ""
+    while True:
+        page = await profile.ListCustomers(
+            profile_pb.ListCustomersRequest(page_size=PROFILE_PAGE, page_token=token, purpose=PURPOSE)
+        )
+        found.update((c.customer_id, consented_attributes(c)) for c in page.customers)
+        token = page.next_page_token
+        if not token:
+            return found
 
 
 def consented_attributes(customer: profile_pb.Customer) -> CustomerAttributes:
