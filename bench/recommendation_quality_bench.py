@@ -29,8 +29,9 @@ from lightfm import evaluation as lightfm_evaluation
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
 from services.recommendation.training.evaluation import split_pairs
+from services.recommendation.training.features import without_identity
 from services.recommendation.training.options import resolve_options
-from services.recommendation.training.pipeline import build_features, run_training, without_identity
+from services.recommendation.training.pipeline import build_features, run_training
 from services.recommendation.training.synthetic import Shape, StaticSource, generate
 from services.recommendation.training.trainer import available_cores, lightfm_model
 

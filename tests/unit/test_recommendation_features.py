@@ -19,6 +19,7 @@ from services.recommendation.training.features import (
     interaction_weight,
     item_metadata,
     price_band,
+    without_identity,
 )
 from services.recommendation.training.options import resolve_options
 
@@ -75,13 +76,11 @@ def test_customer_metadata_keeps_only_the_scheme_attributes_the_read_returned():
 
 
 def test_rows_split_identity_weight_and_metadata_shares_the_rest():
-    features = feature_matrix(
-        "customer",
-        ["a", "b", "c"],
-        [["age_range:25-34", "region:JP"], [], ["region:JP"]],
-        0.6,
-        with_identity=[True, True, False],
+    full = feature_matrix(
+        "customer", ["a", "b", "c"], [["age_range:25-34", "region:JP"], [], ["region:JP"]], 0.6
     )
+    np.testing.assert_allclose(full.matrix.toarray()[2], [0, 0, 0.6, 0, 0.4], rtol=1e-6)
+    features = without_identity(full, np.array([2]))
     assert features.names == ["customer:a", "customer:b", "customer:c", "age_range:25-34", "region:JP"]
     dense = features.matrix.toarray()
     assert features.matrix.dtype == np.float32

@@ -97,22 +97,19 @@ def feature_matrix(
     ids: Sequence[str],
     metadata: Sequence[Sequence[str]],
     identity_weight: float,
-    with_identity: Sequence[bool] | None = None,
 ) -> FeatureMatrix:
-    """Identity plus metadata features of each row of `ids`. A row whose `with_identity` is
-    False (a cold-start customer) gets its metadata weights alone, as in a row with one."""
+    """Identity plus metadata features of each row of `ids`; row r's identity is column r."""
     names: list[str] = [f"{identity_kind}:{row_id}" for row_id in ids]
     index = {name: i for i, name in enumerate(names)}
     rows: list[int] = []
     cols: list[int] = []
     weights: list[float] = []
-    for row, (row_id, row_metadata) in enumerate(zip(ids, metadata, strict=True)):
+    for row, row_metadata in enumerate(metadata):
         distinct = list(dict.fromkeys(row_metadata))
         identity_share = identity_weight if distinct else 1.0
-        if with_identity is None or with_identity[row]:
-            rows.append(row)
-            cols.append(index[f"{identity_kind}:{row_id}"])
-            weights.append(identity_share)
+        rows.append(row)
+        cols.append(row)
+        weights.append(identity_share)
         for name in distinct:
             if name not in index:
                 index[name] = len(names)
@@ -124,6 +121,19 @@ def feature_matrix(
         (np.asarray(weights, dtype=np.float32), (rows, cols)), shape=(len(ids), len(names)), dtype=np.float32
     )
     return FeatureMatrix(list(ids), names, matrix)
+
+
+def without_identity(features: FeatureMatrix, rows: np.ndarray) -> FeatureMatrix:
+    """`features` with the identity feature of `rows` dropped: those rows (cold-start
+    customers held out whole) keep their metadata weights alone, as LightFM sees a row
+    whose identity embedding is zero."""
+    matrix = features.matrix.tocoo()
+    keep = ~(np.isin(matrix.row, rows) & (matrix.col == matrix.row))
+    return FeatureMatrix(
+        features.ids,
+        features.names,
+        sp.csr_matrix((matrix.data[keep], (matrix.row[keep], matrix.col[keep])), shape=matrix.shape),
+    )
 
 
 def interaction_weight(interaction: StoredInteraction, scheme: pb.FeatureScheme) -> float:

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
-import scipy.sparse as sp
 from google.protobuf import json_format
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
@@ -34,6 +33,7 @@ from services.recommendation.training.features import (
     feature_matrix,
     interaction_pairs,
     item_metadata,
+    without_identity,
 )
 from services.recommendation.training.options import resolve_options
 from services.recommendation.training.trainer import FittedModel, fit
@@ -113,18 +113,6 @@ def build_features(data: TrainingData, options: pb.TrainingOptions) -> Features:
     rows_metadata = [metadata[cid] for cid in customer_ids]
     customers = feature_matrix("customer", customer_ids, rows_metadata, scheme.identity_weight)
     return Features(items, customers, customers, pairs)
-
-
-def without_identity(customers: FeatureMatrix, rows: np.ndarray) -> FeatureMatrix:
-    """The split fit's customer features: the customers of `rows` (held out whole as cold
-    start) by their attributes alone. Row r's identity feature is column r."""
-    matrix = customers.matrix.tocoo()
-    keep = ~(np.isin(matrix.row, rows) & (matrix.col == matrix.row))
-    return FeatureMatrix(
-        customers.ids,
-        customers.names,
-        sp.csr_matrix((matrix.data[keep], (matrix.row[keep], matrix.col[keep])), shape=matrix.shape),
-    )
 
 
 def ranker(model: FittedModel, customers: FeatureMatrix, items: FeatureMatrix) -> Ranker:
