@@ -163,6 +163,11 @@ class RecommendationStore:
         return await self.db.read(query)
 
 
+def catalog_items(connection: Connection) -> list[Item]:
+    """The whole catalog, unavailable items included, in item_id order (training reads it)."""
+    return [_item(row) for row in connection.execute(sa.select(items).order_by(items.c.item_id))]
+
+
 def _locked_items(connection: Connection, item_ids: Sequence[str]) -> dict[str, Item]:
     """The stored items among `item_ids`, locked for this transaction (PostgreSQL) in id order."""
     found: dict[str, Item] = {}

@@ -1,0 +1,1 @@
+"""Training: the data a model learns from, its features, the fit, its evaluation, the run."""
