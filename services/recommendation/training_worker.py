@@ -11,6 +11,7 @@ readable reason and message, and leaves the active model as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
 import platform
@@ -125,10 +126,20 @@ class TrainingWorker:
         return await self.train(run)
 
     async def serve(self, stop: asyncio.Event, poll_seconds: float) -> None:
-        """Runs queued runs until `stop` is set, polling every `poll_seconds` while idle."""
+        """Runs queued runs until `stop` is set, polling every `poll_seconds` while idle. A stop
+        during a run abandons it: the run fails (WORKER_STOPPED) and the active model stays."""
         while not stop.is_set():
+            work = asyncio.create_task(self.run_once())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return
             try:
-                ran = await self.run_once()
+                ran = work.result()
             except Exception:  # the database is away, say: log, and try again at the next poll
                 log.exception("training_poll_failed")
                 ran = None
@@ -151,6 +162,16 @@ class TrainingWorker:
         try:
             outcome = await self.run_training(self.make_source(), run.options, progress)
             finished = await self._register_artefact(run, outcome)
+        except asyncio.CancelledError:
+            reporter.cancel()
+            log.warning("training_abandoned", training_run_id=run.training_run_id)
+            # Shielded: the run is marked failed even though this task is being cancelled.
+            await asyncio.shield(
+                self.registry.fail(
+                    run.training_run_id, "WORKER_STOPPED", "the training worker was stopped during the run"
+                )
+            )
+            raise
         except Exception as error:
             reason = error.reason if isinstance(error, TrainingError) else getattr(error, "reason", "")
             reason = reason if isinstance(reason, str) and reason else "TRAINING_ERROR"

@@ -466,3 +466,23 @@ async def test_train_model_names_each_bad_option(rig: Rig) -> None:
         "options.evaluation.k",
     }
     assert (await rig.stub.ListModels(pb.ListModelsRequest(), metadata=rig.auth())).models == []
+
+
+async def test_a_worker_stopped_during_a_run_fails_it_and_frees_the_slot(rig: Rig) -> None:
+    good = await rig.trained("good")
+    rig.pipeline.hold = asyncio.Event()  # never released: the run is under way when stopped
+    queued = await rig.train("interrupted")
+    stop = asyncio.Event()
+    serving = asyncio.create_task(rig.worker.serve(stop, 0.05))
+
+    async def running() -> bool:
+        return (await rig.run(queued.training_run.training_run_id)).phase == pb.TRAINING_PHASE_FITTING
+
+    await wait_for(running, "the run is fitting")
+    stop.set()
+    await serving
+    run = await rig.run(queued.training_run.training_run_id)
+    assert run.state == pb.TRAINING_RUN_STATE_FAILED and run.failure_reason == "WORKER_STOPPED"
+    assert (await rig.model(good.model_version)).status == pb.MODEL_STATUS_ACTIVE
+    rig.pipeline.hold = None
+    assert (await rig.trained("after")).status == pb.MODEL_STATUS_ACTIVE
