@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import importlib.metadata
 import platform
 import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +50,19 @@ class ProgressLike(Protocol):
 
 RunTraining = Callable[[Any, pb.TrainingOptions, Callable[[Any], None]], Awaitable[Any]]
 Observer = Callable[[TrainingRun, ProgressLike], None]
+
+
+@dataclass
+class Step:
+    """A progress report of the worker's own (the pipeline's have the same three fields)."""
+
+    phase: str
+    fraction: float
+    message: str
+
+
+# Where writing starts in the whole run's progress (training/pipeline.py PHASE_SPANS["WRITING"]).
+WRITING_FROM = 0.95
 
 
 class TrainingError(Exception):
@@ -92,9 +107,12 @@ class ProgressTracker:
                 self.changed.set()  # a new phase is written at once
             self.phase = phase
             self.fraction = min(max(float(progress.fraction), self.fraction), 1.0)
-            epoch = EPOCH.search(progress.message or "")
-            if epoch and phase in (pb.TRAINING_PHASE_FITTING, pb.TRAINING_PHASE_REFITTING):
-                self.epochs = int(epoch.group(1))
+            if phase in (pb.TRAINING_PHASE_FITTING, pb.TRAINING_PHASE_REFITTING):
+                # Progress.epochs_completed when the pipeline gives it, else "epoch N" in the message.
+                epochs = getattr(progress, "epochs_completed", None)
+                epoch = EPOCH.search(progress.message or "") if epochs is None else None
+                if epochs is not None or epoch:
+                    self.epochs = int(epochs if epochs is not None else epoch.group(1))  # type: ignore[union-attr]
 
     def snapshot(self) -> tuple[int, float, int, float | None]:
         with self.lock:
@@ -161,6 +179,9 @@ class TrainingWorker:
         reporter = asyncio.create_task(self._report(run.training_run_id, tracker))
         try:
             outcome = await self.run_training(self.make_source(), run.options, progress)
+            progress(
+                Step("WRITING_ARTEFACTS", WRITING_FROM, "writing the artefact")
+            )  # the worker's own phase
             finished = await self._register_artefact(run, outcome)
         except asyncio.CancelledError:
             reporter.cancel()
@@ -214,25 +235,31 @@ class TrainingWorker:
             evaluation.protocol.CopyFrom(options.evaluation)
         if not evaluation.HasField("evaluate_time"):
             evaluation.evaluate_time.GetCurrentTime()
-        training_data = pb.TrainingData(data_cursor=outcome.data_cursor or "")
+        training_data = pb.TrainingData()
         versions = library_versions()
         checksum = ""
         if outcome.artefact is not None:
+            # The pipeline's account of its data (TrainingData as JSON), when it gives one.
+            json_format.ParseDict(
+                outcome.artefact.metadata.get("training_data") or {},
+                training_data,
+                ignore_unknown_fields=True,
+            )
             artefact = dataclasses.replace(
                 outcome.artefact,
                 version=run.model_version,
                 metadata={
                     **outcome.artefact.metadata,
-                    "options": json_format.MessageToDict(options),
-                    "evaluation": json_format.MessageToDict(evaluation),
+                    "options": json_format.MessageToDict(options, preserving_proto_field_name=True),
+                    "evaluation": json_format.MessageToDict(evaluation, preserving_proto_field_name=True),
                     "data_cursor": outcome.data_cursor,
                     "phase_seconds": outcome.phase_seconds,
                     "library_versions": versions,
-                    "created_time": time.time(),
+                    "created_time": datetime.datetime.now(datetime.UTC).isoformat(),
                 },
             )
-            training_data.customer_count = len(artefact.customer_ids)
-            training_data.item_count = len(artefact.item_ids)
+            training_data.customer_count = training_data.customer_count or len(artefact.customer_ids)
+            training_data.item_count = training_data.item_count or len(artefact.item_ids)
             training_data.customer_feature_count = len(artefact.customer_feature_names)
             training_data.item_feature_count = len(artefact.item_feature_names)
             checksum = await asyncio.to_thread(write_artefact, self.model_dir, artefact)
@@ -240,6 +267,7 @@ class TrainingWorker:
             raise TrainingError(
                 "NO_ARTEFACT", "the model passed the gate but the pipeline returned no artefact"
             )
+        training_data.data_cursor = outcome.data_cursor or training_data.data_cursor
         return Finished(
             evaluation=evaluation,
             passed_gate=bool(outcome.passed_gate),

@@ -78,7 +78,9 @@ def random_artefact(seed: int, items: int = 7, customers: int = 5, d: int = 4) -
         customer_feature_names=customer_names,
         item_features=item_features,
         customer_features=customer_features,
-        metadata={"fake": True},
+        metadata={
+            "training_data": {"interaction_count": 42, "data_categories": ["user.behavior.purchase_history"]}
+        },
     )
 
 
@@ -246,6 +248,8 @@ async def test_a_queued_run_is_trained_by_the_worker_and_activated(rig: Rig) -> 
     assert active.status == pb.MODEL_STATUS_ACTIVE and active.HasField("activate_time")
     assert len(active.artefact_sha256) == 64 and "numpy" in active.library_versions
     assert active.training_data.data_cursor == "cursor-1" and active.training_data.item_count == 7
+    assert active.training_data.interaction_count == 42  # the pipeline's account of its data
+    assert list(active.training_data.data_categories) == ["user.behavior.purchase_history"]
     evaluation = (
         await rig.stub.GetModelEvaluation(
             pb.GetModelEvaluationRequest(model_version=run.model_version), metadata=rig.auth()
