@@ -137,7 +137,7 @@ def start_services(
     return children
 
 
-TRAINING_WORKER = "recommendation-training"
+TRAINING_WORKER = "training"  # its console label and log name (data/training.log)
 
 
 def start_training_worker(
