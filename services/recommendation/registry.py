@@ -204,6 +204,7 @@ class ModelRegistry:
         the slot."""
 
         def work(connection: Connection) -> bytes:
+            _fail_lost_runs(connection, now_micros())
             busy = connection.execute(
                 sa.select(training_runs.c.training_run_id).where(training_runs.c.slot == TRAINING_SLOT)
             ).scalar()
@@ -277,14 +278,7 @@ class ModelRegistry:
 
         def work(connection: Connection) -> sa.Row[Any] | None:
             now = now_micros()
-            lost = connection.execute(
-                sa.select(training_runs.c.training_run_id).where(
-                    training_runs.c.state == pb.TRAINING_RUN_STATE_RUNNING,
-                    training_runs.c.heartbeat_us < now - WORKER_LOST_AFTER_US,
-                )
-            ).scalars()
-            for run_id in list(lost):
-                _fail(connection, run_id, "WORKER_LOST", "the training worker stopped reporting", now)
+            _fail_lost_runs(connection, now)
             row = connection.execute(
                 sa.select(training_runs)
                 .where(training_runs.c.state == pb.TRAINING_RUN_STATE_QUEUED)
@@ -476,6 +470,18 @@ def _activate(connection: Connection, version: str, now: int, forced_reason: str
         )
     )
     return previous or ""
+
+
+def _fail_lost_runs(connection: Connection, now: int) -> None:
+    """Fails the RUNNING runs whose worker stopped reporting (WORKER_LOST), freeing the slot."""
+    lost = connection.execute(
+        sa.select(training_runs.c.training_run_id).where(
+            training_runs.c.state == pb.TRAINING_RUN_STATE_RUNNING,
+            training_runs.c.heartbeat_us < now - WORKER_LOST_AFTER_US,
+        )
+    ).scalars()
+    for run_id in list(lost):
+        _fail(connection, run_id, "WORKER_LOST", "the training worker stopped reporting for 10 minutes", now)
 
 
 def _fail(connection: Connection, run_id: str, reason: str, message: str, now: int) -> None:

@@ -490,3 +490,24 @@ async def test_a_worker_stopped_during_a_run_fails_it_and_frees_the_slot(rig: Ri
     assert (await rig.model(good.model_version)).status == pb.MODEL_STATUS_ACTIVE
     rig.pipeline.hold = None
     assert (await rig.trained("after")).status == pb.MODEL_STATUS_ACTIVE
+
+
+async def test_a_run_whose_worker_went_silent_is_failed_and_frees_the_slot(rig: Rig) -> None:
+    from services.recommendation.registry import WORKER_LOST_AFTER_US, training_runs
+
+    queued = await rig.train("orphan")
+    claimed = await rig.registry.claim_next()
+    assert claimed is not None and claimed.training_run_id == queued.training_run.training_run_id
+    # Its worker died long ago: the heartbeat is older than the limit.
+    rig.registry.db.transaction(
+        lambda c: c.execute(
+            training_runs.update().values(heartbeat_us=claimed.start_time_us - WORKER_LOST_AFTER_US - 1)
+        )
+    )
+    # TrainModel finds the slot free again (as would the next worker's poll).
+    following = await rig.train("next")
+    run = await rig.run(claimed.training_run_id)
+    assert run.state == pb.TRAINING_RUN_STATE_FAILED and run.failure_reason == "WORKER_LOST"
+    assert (await rig.model(claimed.model_version)).status == pb.MODEL_STATUS_FAILED
+    assert await rig.worker.run_once() is not None
+    assert (await rig.model(following.model.model_version)).status == pb.MODEL_STATUS_ACTIVE
