@@ -6,11 +6,18 @@ run and the model; here only what a caller sent is judged, naming each bad field
 
 from __future__ import annotations
 
+from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
 from shared.validation import Violations
 
 ATTRIBUTES = {"age_range", "gender", "region"}
+# The profile feed's interaction types by name; ratings are weighted by rating_threshold instead.
+INTERACTION_TYPES = {
+    name.removeprefix("INTERACTION_TYPE_")
+    for name in profile_pb.InteractionType.keys()
+    if name not in ("INTERACTION_TYPE_UNSPECIFIED", "INTERACTION_TYPE_RATING")
+}
 
 
 def _optional_range(
@@ -59,9 +66,10 @@ def check_training_options(
             )
     seen: set[str] = set()
     for i, entry in enumerate(features.interaction_type_weights):
-        if not entry.interaction_type or entry.interaction_type in seen:
+        if entry.interaction_type not in INTERACTION_TYPES or entry.interaction_type in seen:
             violations.add(
-                f"{at}.interaction_type_weights[{i}].interaction_type", "must be a type, each once"
+                f"{at}.interaction_type_weights[{i}].interaction_type",
+                f"must be one of {', '.join(sorted(INTERACTION_TYPES))}, each once",
             )
         seen.add(entry.interaction_type)
         if not 0 < entry.weight <= 10:

@@ -290,6 +290,8 @@ async def test_a_model_that_fails_the_gate_is_rejected_and_activated_only_with_f
     assert no_reason.code() == grpc.StatusCode.INVALID_ARGUMENT and "force_reason" in field_violations(
         no_reason
     )
+    nul = await rpc_error(rig.activate(bad.model_version, force=True, force_reason="why\x00"))
+    assert "NUL" in field_violations(nul)["force_reason"]
     forced = await rig.activate(
         bad.model_version, force=True, force_reason="baseline misleading after overhaul"
     )
@@ -453,7 +455,14 @@ async def test_list_models_pages_newest_first_and_checks_its_input(rig: Rig) -> 
 async def test_train_model_names_each_bad_option(rig: Rig) -> None:
     options = pb.TrainingOptions(
         lightfm=pb.LightFMParameters(no_components=513, epochs=-1, learning_rate=2.0),
-        features=pb.FeatureScheme(customer_attributes=["shoe_size"], rating_threshold=6),
+        features=pb.FeatureScheme(
+            customer_attributes=["shoe_size"],
+            rating_threshold=6,
+            interaction_type_weights=[
+                pb.InteractionTypeWeight(interaction_type="PURCHASE", weight=4),
+                pb.InteractionTypeWeight(interaction_type="HUG", weight=float("nan")),
+            ],
+        ),
         evaluation=pb.EvaluationProtocol(test_fraction=0.9, cold_start_fraction=0.7, k=101),
     )
     error = await rpc_error(rig.train("bad options", options=options))
@@ -465,6 +474,8 @@ async def test_train_model_names_each_bad_option(rig: Rig) -> None:
         "options.lightfm.learning_rate",
         "options.features.customer_attributes[0]",
         "options.features.rating_threshold",
+        "options.features.interaction_type_weights[1].interaction_type",
+        "options.features.interaction_type_weights[1].weight",
         "options.evaluation.test_fraction",
         "options.evaluation.cold_start_fraction",
         "options.evaluation.k",
