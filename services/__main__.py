@@ -1,7 +1,8 @@
 """`python -m services` (what `make run` calls): the whole suite for development.
 
 Generates development tokens (kept in <data_dir>/dev-tokens.json), starts the four
-services on SQLite under the data directory, says when each is SERVING, loads the demo
+services on SQLite under the data directory, says when each is SERVING, starts the
+recommendation training worker (which runs the runs TrainModel queues), loads the demo
 data (unless --no-demo), prints where everything is, and on Ctrl-C (or SIGTERM) stops
 them all gracefully.
 
@@ -136,12 +137,34 @@ def start_services(
     return children
 
 
+TRAINING_WORKER = "training"  # its console label and log name (data/training.log)
+
+
+def start_training_worker(
+    data_dir: Path, addresses: Mapping[str, str], tokens: Mapping[str, str], echo: ConsoleEcho
+) -> ServiceProcess:
+    """The training worker (`python -m services.recommendation.train --worker`), with the
+    recommendation service's settings: the same database, model directory and token."""
+    env = {f"NAJIMI_{name.upper()}_ADDRESS": address for name, address in addresses.items()}
+    if echo.threshold == 0 and "NAJIMI_LOG_LEVEL" not in os.environ:
+        env["NAJIMI_LOG_LEVEL"] = "debug"
+    env |= {"NAJIMI_DATA_DIR": str(data_dir), "NAJIMI_SERVICE_TOKEN": tokens["service:recommendation"]}
+    return ServiceProcess(
+        "recommendation.train",
+        env,
+        data_dir / f"{TRAINING_WORKER}.log",
+        echo=lambda _service, line: echo(TRAINING_WORKER, line),
+        args=["--worker"],
+    )
+
+
 def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
     tokens_file = relative(data_dir / "dev-tokens.json")
     consent = children["consent"].address
     return (
         "\nnajimi is running:\n"
         + "".join(f"  {name:<15} {child.address}\n" for name, child in children.items())
+        + f"  {TRAINING_WORKER:<15} runs the training runs TrainModel queues\n"
         + f"Logs: {relative(data_dir)}/<service>.log (the console shows warnings and errors;"
         f" {CONSOLE_LEVEL_VARIABLE}=info or `make run LOG=info` shows more).\n"
         f"Development tokens (principal -> token): {tokens_file}. For example:\n"
@@ -190,15 +213,22 @@ def main(argv: list[str] | None = None) -> None:
 
     say(f"Starting the four services (data and logs in {relative(data_dir)}/):")
     children: dict[str, ServiceProcess] = {}
+    workers: dict[str, ServiceProcess] = {}
     failed = False
     try:
         children = start_services(data_dir, addresses, tokens, echo)
+        # After the services: the recommendation service has migrated the schema it polls.
+        workers[TRAINING_WORKER] = start_training_worker(
+            data_dir, {name: child.address for name, child in children.items()}, tokens, echo
+        )
         if not args.no_demo:
             load_demo_data(data_dir, children, tokens["admin"])
         say(banner(data_dir, children))
         running = True
         while not stop.wait(1.0):
-            ended = [name for name, child in children.items() if child.process.poll() is not None]
+            ended = [
+                name for name, child in {**children, **workers}.items() if child.process.poll() is not None
+            ]
             if ended:
                 say(f"{', '.join(ended)} stopped on its own (see its log): stopping the others")
                 failed = True
@@ -212,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         running = True  # a second Ctrl-C while stopping only repeats the request
         if children:
             say("Stopping…")
-        codes = {name: child.terminate() for name, child in children.items()}
+        codes = {name: child.terminate() for name, child in {**workers, **children}.items()}
     exits = [f"{name} exited {code}" for name, code in codes.items() if code != 0]
     if children:
         say("Stopped: " + (", ".join(exits) if exits else "every service exited 0"))

@@ -9,14 +9,42 @@ the same NAJIMI_* variables as the service it migrates (NAJIMI_DATABASE_URL abov
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from shared.db import Database
 from shared.log import configure_logging, get_logger
 from shared.settings import SERVICE_NAMES, Settings, load_settings
 
 log = get_logger("najimi.migrate")
+
+SCHEMA_POLL_SECONDS = 0.5
+
+
+def newest_revision(migrations: Path) -> str | None:
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+async def wait_for_schema(database: Database, migrations: Path, stop: asyncio.Event) -> bool:
+    """For a service's side processes (workers that never migrate): waits until the service
+    has brought the schema to the newest revision; False if `stop` is set first."""
+    newest = newest_revision(migrations)
+    while not stop.is_set():
+        if await asyncio.to_thread(database.current_revision) == newest:
+            return True
+        log.info("waiting_for_schema", schema=database.schema, revision=newest)
+        try:
+            await asyncio.wait_for(stop.wait(), SCHEMA_POLL_SECONDS)
+        except TimeoutError:
+            pass
+    return False
 
 
 def migrate(settings: Settings) -> str | None:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -27,8 +27,9 @@ from shared.stop_signals import STOP_SIGNALS
 
 
 class ServiceProcess:
-    """One `python -m services.<name>` child whose log lines are kept and written to a file
-    (and handed to `echo(service, line)`, if given)."""
+    """One `python -m services.<name> [args]` child whose log lines are kept and written to a
+    file (and handed to `echo(service, line)`, if given). A worker that serves no port (the
+    training worker) is started the same way; only `wait_serving` is not for it."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class ServiceProcess:
         env: Mapping[str, str],
         log_path: Path,
         echo: Callable[[str, str], None] | None = None,
+        args: Sequence[str] = (),
     ):
         self.service = service
         self.log_path = log_path
@@ -47,7 +49,7 @@ class ServiceProcess:
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
+                [sys.executable, "-m", f"services.{service}", *args],
                 env={**os.environ, **env, "NAJIMI_LOG_FORMAT": "json"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

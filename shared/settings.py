@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     data_subject_max_attempts: int = Field(
         8, ge=1, le=100, description="Calls to a service before its part fails."
     )
+    model_dir: Path | None = Field(
+        None,
+        description=(
+            "Recommendation model directory (artefacts, one sub-directory per version), shared by the "
+            "training worker and every replica; unset means <data_dir>/models."
+        ),
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="One log line per RPC (at level info).")
@@ -171,6 +178,10 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / (self.service + '.db')}"
+
+    @property
+    def effective_model_dir(self) -> Path:
+        return self.model_dir or self.data_dir / "models"
 
     @property
     def effective_token_hashes_file(self) -> Path:

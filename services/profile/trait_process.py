@@ -24,39 +24,15 @@ if __name__ == "__main__":
 
 import asyncio
 
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-
 from services.profile.app import MIGRATIONS
 from services.profile.trait_worker import TraitWorker
 from shared.db import Database
 from shared.log import configure_logging, get_logger
+from shared.migrate import wait_for_schema
 from shared.server import tune_garbage_collector
 from shared.settings import Settings, load_settings
 
 log = get_logger("najimi.profile.trait_process")
-
-SCHEMA_POLL_SECONDS = 0.5
-
-
-def newest_revision() -> str | None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return ScriptDirectory.from_config(config).get_current_head()
-
-
-async def wait_for_schema(database: Database, stop: asyncio.Event) -> bool:
-    """Waits until the profile service has migrated the schema; False if stopped first."""
-    newest = newest_revision()
-    while not stop.is_set():
-        if await asyncio.to_thread(database.current_revision) == newest:
-            return True
-        log.info("waiting_for_schema", revision=newest)
-        try:
-            await asyncio.wait_for(stop.wait(), SCHEMA_POLL_SECONDS)
-        except TimeoutError:
-            pass
-    return False
 
 
 async def run(settings: Settings) -> None:
@@ -68,7 +44,7 @@ async def run(settings: Settings) -> None:
 
 async def _work(database: Database, stop: asyncio.Event) -> None:
     try:
-        if not await wait_for_schema(database, stop):
+        if not await wait_for_schema(database, MIGRATIONS, stop):
             return
         worker = TraitWorker(database)
         worker.start()

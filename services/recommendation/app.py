@@ -7,8 +7,10 @@ from pathlib import Path
 
 from najimi.recommendation.v1 import recommendation_service_pb2, recommendation_service_pb2_grpc
 
+from services.recommendation.active_model import ActiveModel
 from services.recommendation.data_subject import RecommendationDataSubjectServicer
 from services.recommendation.interactions import InteractionCopy
+from services.recommendation.registry import ModelRegistry
 from services.recommendation.servicer import RecommendationServicer
 from services.recommendation.store import RecommendationStore
 from shared.clients import channel_credentials
@@ -25,7 +27,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build_app(settings: Settings) -> App:
     database = Database(settings.effective_database_url, "recommendation", MIGRATIONS)
-    store = RecommendationStore(database, Idempotency.from_settings(settings))
+    idempotency = Idempotency.from_settings(settings)
+    store = RecommendationStore(database, idempotency)
+    registry = ModelRegistry(database, idempotency)
+    active_model = ActiveModel(registry, settings.effective_model_dir)
     # The consent state this service obeys, and the consented interaction copy it decides.
     consent = ConsentCache(
         settings.consent_address, settings.service_token, credentials=channel_credentials(settings)
@@ -37,8 +42,12 @@ def build_app(settings: Settings) -> App:
         # Both follow their feeds in the background (and retry while the others are down).
         consent.start()
         copy.start()
+        # Serves the database's active version, and follows every later activation.
+        await active_model.refresh()
+        active_model.start()
 
     async def stop() -> None:
+        await active_model.stop()
         await copy.stop()
         await consent.stop()
         database.close()
@@ -53,6 +62,9 @@ def build_app(settings: Settings) -> App:
                     store,
                     max_response_bytes=settings.max_message_bytes * 3 // 4,
                     tokens=PageTokens.from_settings(settings),
+                    registry=registry,
+                    model_dir=settings.effective_model_dir,
+                    active_model=active_model,
                 ),
             ),
             data_subject_registration(RecommendationDataSubjectServicer(store, copy)),

@@ -1,24 +1,32 @@
 """RecommendationService over gRPC: protobuf in, domain calls, protobuf out — nothing else.
 
-Implemented so far: the catalog's UpsertItems, GetItem and ListItems. Every other RPC
-is left to the generated base class, whose NotImplementedError the interceptor answers
-with UNIMPLEMENTED naming the RPC.
+Implemented so far: the catalog's UpsertItems, GetItem and ListItems, and the model
+registry's TrainModel, GetTrainingRun, GetModel, ListModels, ActivateModel and
+GetModelEvaluation (registry.py; training itself runs in the training worker). Every
+other RPC is left to the generated base class, whose NotImplementedError the interceptor
+answers with UNIMPLEMENTED naming the RPC.
 """
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc
 
+from services.recommendation.active_model import ActiveModel
+from services.recommendation.artefacts import ArtefactError, read_artefact
 from services.recommendation.catalog import Item, Outcome, check_upsert, parse_category_prefix
+from services.recommendation.registry import Model, ModelRegistry, TrainingRun
 from services.recommendation.store import RecommendationStore
+from services.recommendation.training_options import check_training_options
 from shared.auth import current_principal
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.page_tokens import PageTokens
-from shared.proto_time import timestamp_of
+from shared.proto_time import duration_of_micros, timestamp_of
 from shared.validation import Violations, page_size_of
 
 OUTCOMES = {
@@ -59,12 +67,65 @@ def item_message(item: Item) -> pb.Item:
     )
 
 
+def training_run_message(run: TrainingRun) -> pb.TrainingRun:
+    running = run.state == pb.TRAINING_RUN_STATE_RUNNING
+    eta = run.eta_seconds if running and run.eta_seconds is not None else None
+    return pb.TrainingRun(
+        training_run_id=run.training_run_id,
+        model_version=run.model_version,
+        state=run.state,
+        options=run.options,
+        auto_activate=run.auto_activate,
+        requested_by=run.requested_by,
+        create_time=timestamp_of(run.create_time_us),
+        start_time=timestamp_of(run.start_time_us),
+        end_time=timestamp_of(run.end_time_us),
+        epochs_completed=run.epochs_completed,
+        failure_reason=run.failure_reason,
+        failure_message=run.failure_message,
+        phase=run.phase if running else pb.TRAINING_PHASE_UNSPECIFIED,
+        progress=run.progress,
+        estimated_time_remaining=duration_of_micros(None if eta is None else int(eta * 1_000_000)),
+    )
+
+
+def model_message(model: Model) -> pb.Model:
+    return pb.Model(
+        model_version=model.model_version,
+        status=model.status,
+        training_run_id=model.training_run_id,
+        options=model.options,
+        training_data=model.training_data,
+        evaluation=model.evaluation,
+        status_message=model.status_message,
+        create_time=timestamp_of(model.create_time_us),
+        update_time=timestamp_of(model.update_time_us),
+        activate_time=timestamp_of(model.activate_time_us),
+        retire_time=timestamp_of(model.retire_time_us),
+        forced_activation_reason=model.forced_activation_reason,
+        library_versions=model.library_versions,
+        artefact_sha256=model.artefact_sha256,
+    )
+
+
 SERVICE = pb.DESCRIPTOR.services_by_name["RecommendationService"]
 
 
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
-    def __init__(self, store: RecommendationStore, max_response_bytes: int, tokens: PageTokens):
+    def __init__(
+        self,
+        store: RecommendationStore,
+        max_response_bytes: int,
+        tokens: PageTokens,
+        registry: ModelRegistry,
+        model_dir: Path,
+        active_model: ActiveModel,
+    ):
         self.store = store
+        self.registry = registry
+        self.model_dir = model_dir
+        # The served model (Recommend, next issue, reads active_model.current()).
+        self.active_model = active_model
         self.pages = tokens.of_service(SERVICE)
         # A page of 1000 items with every attribute filled would exceed the message limit:
         # a List page then holds fewer items (AIP-158 allows it) and the token goes on from there.
@@ -125,3 +186,95 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         if more:
             token = self.pages.issue("ListItems", filters, (page[-1].item_id,))
         return pb.ListItemsResponse(items=page, next_page_token=token)
+
+    async def TrainModel(self, request: pb.TrainModelRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_request_id("request_id", request.request_id)
+        check_training_options(request.options, violations)
+        violations.raise_if_any()
+        auto_activate = request.auto_activate if request.HasField("auto_activate") else True
+        run, model = await self.registry.queue_training(
+            str(current_principal()), request, request.options, auto_activate
+        )
+        return pb.TrainModelResponse(training_run=training_run_message(run), model=model_message(model))
+
+    async def GetTrainingRun(
+        self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("training_run_id", request.training_run_id)
+        violations.raise_if_any()
+        run = await self.registry.get_run(request.training_run_id)
+        return pb.GetTrainingRunResponse(training_run=training_run_message(run))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_id("model_version", request.model_version)
+        violations.raise_if_any()
+        return pb.GetModelResponse(model=model_message(await self.registry.get_model(request.model_version)))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        try:
+            size = page_size_of(request.page_size)
+        except InvalidArgument as error:
+            violations.found.extend(error.violations)
+            size = 0
+        for i, status in enumerate(request.statuses):
+            if status not in pb.ModelStatus.values() or status == pb.MODEL_STATUS_UNSPECIFIED:
+                violations.add(f"statuses[{i}]", "must be a ModelStatus other than UNSPECIFIED")
+        violations.raise_if_any()
+        statuses = sorted(set(request.statuses))
+        filters = {"statuses": statuses}
+        position = self.pages.read("ListModels", request.page_token, filters, (str,))
+        before = str(position[0]) if position else ""
+        found, more = await self.registry.list_models(before, size, statuses)
+        token = self.pages.issue("ListModels", filters, (found[-1].model_version,)) if more else ""
+        return pb.ListModelsResponse(models=[model_message(m) for m in found], next_page_token=token)
+
+    async def ActivateModel(self, request: pb.ActivateModelRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_id("model_version", request.model_version)
+        if request.force:
+            violations.require_text("force_reason", request.force_reason, max_length=512)
+            if "\x00" in request.force_reason:  # PostgreSQL text cannot hold it
+                violations.add("force_reason", "must not contain NUL characters")
+        violations.raise_if_any()
+        model = await self.registry.get_model(request.model_version)
+        if model.status != pb.MODEL_STATUS_ACTIVE and model.artefact_sha256:
+            # Checked here too, so a corrupt artefact is refused before any replica is told to load it.
+            try:
+                await asyncio.to_thread(
+                    read_artefact, self.model_dir, model.model_version, model.artefact_sha256
+                )
+            except ArtefactError as error:
+                raise FailedPrecondition(
+                    str(error),
+                    reason="MODEL_ARTEFACT_INVALID",
+                    metadata={"model_version": model.model_version},
+                ) from error
+        elif model.status in (pb.MODEL_STATUS_READY, pb.MODEL_STATUS_REJECTED, pb.MODEL_STATUS_RETIRED):
+            raise FailedPrecondition(
+                f"model {model.model_version} has no artefact to serve",
+                reason="MODEL_ARTEFACT_INVALID",
+                metadata={"model_version": model.model_version},
+            )
+        activation = await self.registry.activate(request.model_version, request.force, request.force_reason)
+        return pb.ActivateModelResponse(
+            model=model_message(activation.model), previous_model_version=activation.previous_model_version
+        )
+
+    async def GetModelEvaluation(
+        self, request: pb.GetModelEvaluationRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        violations = Violations()
+        violations.require_id("model_version", request.model_version)
+        violations.raise_if_any()
+        model = await self.registry.get_model(request.model_version)
+        if model.evaluation is None:
+            raise FailedPrecondition(
+                f"model {model.model_version} is {pb.ModelStatus.Name(model.status)}: it has no evaluation",
+                reason="EVALUATION_NOT_AVAILABLE",
+                metadata={"model_version": model.model_version},
+            )
+        return pb.GetModelEvaluationResponse(evaluation=model.evaluation)

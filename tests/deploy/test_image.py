@@ -15,11 +15,6 @@ import pytest
 from tests.deploy.manifests import ROOT, TARGETS, containers, name, render, workloads
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-# Commands of the manifests that come with a later issue, and why they may be missing today.
-ARRIVING_LATER = {
-    "najimi-recommendation-train": "the training worker arrives with the recommendation issue "
-    "(python -m services.recommendation.train); its CronJob is suspended until then",
-}
 # Binaries the Dockerfile puts in the image besides the console scripts.
 IMAGE_BINARIES = {"grpc_health_probe"}
 PINNED_IMAGE = re.compile(r"^[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
@@ -142,15 +137,14 @@ def manifest_commands() -> set[str]:
 
 def test_every_command_the_manifests_run_is_in_the_image() -> None:
     commands = manifest_commands()
-    assert {"najimi-consent", "najimi-profile", "najimi-profile-traits", "najimi-recommendation"} <= commands
-    missing = commands - set(scripts()) - IMAGE_BINARIES - set(ARRIVING_LATER)
+    assert {
+        "najimi-consent",
+        "najimi-profile",
+        "najimi-profile-traits",
+        "najimi-recommendation",
+        "najimi-recommendation-train",
+    } <= commands
+    missing = commands - set(scripts()) - IMAGE_BINARIES
     assert not missing, f"commands that are neither console scripts nor in the image: {missing}"
     dockerfile = DOCKERFILE.read_text()
     assert all(binary in dockerfile for binary in IMAGE_BINARIES)
-
-
-@pytest.mark.parametrize("command", sorted(ARRIVING_LATER))
-def test_commands_arriving_later(command: str) -> None:
-    if command not in scripts():
-        pytest.skip(f"{command}: {ARRIVING_LATER[command]}")
-    assert command in manifest_commands()

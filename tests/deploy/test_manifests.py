@@ -269,6 +269,10 @@ def test_recommendation_replicas_and_training_share_the_model_volume(target: str
     assert serving_claim == training_claim and serving_claim in claims
     assert serving_mount["mountPath"] == training_mount["mountPath"]
     assert serving_mount.get("readOnly") is True and not training_mount.get("readOnly")
+    # Both read and write the artefacts where the volume is mounted (NAJIMI_MODEL_DIR).
+    for template in (pod_template(deployment), pod_template(training)):
+        [container] = containers(template)
+        assert environment(objects, container)["NAJIMI_MODEL_DIR"]["value"] == serving_mount["mountPath"]
     if target != "overlays/dev":  # one node in dev: ReadWriteOnce
         assert claims[serving_claim]["spec"]["accessModes"] == ["ReadWriteMany"]
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import grpc
 from najimi.profile.v1 import profile_service_pb2 as pb
 from najimi.profile.v1 import profile_service_pb2_grpc as pb_grpc
+from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
+from najimi.recommendation.v1 import recommendation_service_pb2_grpc as rec_grpc
 
 from tests.e2e.launcher import ROOT, Launcher
 
@@ -30,6 +33,19 @@ def test_no_demo_starts_empty_and_log_info_shows_the_services_info_lines(tmp_pat
         assert list(listed.customers) == []
         for name in ("consent", "profile", "recommendation", "replenishment"):
             assert any(line.startswith(f"  [{name}] INFO listening") for line in launcher.stderr), name
+        # The training worker it started takes a queued run (with no data, the run then fails).
+        with grpc.insecure_channel(f"127.0.0.1:{launcher.ports['recommendation']}") as channel:
+            models = rec_grpc.RecommendationServiceStub(channel)
+            admin = (("authorization", f"Bearer {tokens['admin']}"),)
+            queued = models.TrainModel(rec_pb.TrainModelRequest(request_id="t-1"), metadata=admin, timeout=10)
+            deadline = time.monotonic() + 60
+            state = rec_pb.TRAINING_RUN_STATE_QUEUED
+            while state == rec_pb.TRAINING_RUN_STATE_QUEUED and time.monotonic() < deadline:
+                time.sleep(0.1)
+                request = rec_pb.GetTrainingRunRequest(training_run_id=queued.training_run.training_run_id)
+                state = models.GetTrainingRun(request, metadata=admin, timeout=10).training_run.state
+        assert state != rec_pb.TRAINING_RUN_STATE_QUEUED, launcher.console()
+        assert any(line.startswith("  [training] INFO training_started") for line in launcher.stderr)
     finally:
         code = launcher.stop()
     assert code == 0, launcher.console()

@@ -131,6 +131,10 @@ CASES: dict[str, Case] = {
         recommendation_pb.ListItemsRequest(page_size=1),
         recommendation_pb.ListItemsRequest(page_size=1, available_only=True),
     ),
+    f"{RECOMMENDATION}/ListModels": Case(
+        recommendation_pb.ListModelsRequest(page_size=1),
+        recommendation_pb.ListModelsRequest(page_size=1, statuses=[recommendation_pb.MODEL_STATUS_FAILED]),
+    ),
 }
 
 
@@ -254,6 +258,16 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
         ),
         metadata=recommendation.auth("service:catalog"),
     )
+    # Two models for two pages: each run is failed at once, freeing the one training slot.
+    registry = recommendation.running.app.registrations[0].servicer.registry
+    for index in range(2):
+        queued, _ = await registry.queue_training(
+            "admin",
+            recommendation_pb.TrainModelRequest(request_id=f"train-{index}"),
+            recommendation_pb.TrainingOptions(),
+            True,
+        )
+        await registry.fail(queued.training_run_id, "TEST", "failed so that another run may queue")
     return Suite(
         {
             "consent": consent,

@@ -74,12 +74,6 @@ UNIMPLEMENTED = [
     ("DeleteItem", pb.DeleteItemRequest(item_id="sku-1")),
     ("Recommend", pb.RecommendRequest(customer_id="c-1")),
     ("SimilarItems", pb.SimilarItemsRequest(item_id="sku-1")),
-    ("TrainModel", pb.TrainModelRequest(request_id="t1")),
-    ("GetTrainingRun", pb.GetTrainingRunRequest(training_run_id="run-1")),
-    ("GetModel", pb.GetModelRequest(model_version="m-000001")),
-    ("ListModels", pb.ListModelsRequest()),
-    ("ActivateModel", pb.ActivateModelRequest(model_version="m-000001")),
-    ("GetModelEvaluation", pb.GetModelEvaluationRequest(model_version="m-000001")),
 ]
 
 
