@@ -11,6 +11,7 @@ from shared.errors import FieldViolation, InvalidArgument
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DEFAULT_PAGE_SIZE = 100
+NUL = "\x00"
 MAX_PAGE_SIZE = 1000
 # What SQLite INTEGER and PostgreSQL BIGINT hold: any integer that reaches SQL stays inside.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -50,12 +51,14 @@ class Violations:
     def require_text(self, field: str, value: str, max_length: int = 256) -> None:
         if not value.strip():
             self.add(field, "is required")
-        elif len(value) > max_length:
-            self.add(field, f"must be at most {max_length} characters")
+        else:
+            self.limit_text(field, value, max_length)
 
     def limit_text(self, field: str, value: str, max_length: int = 256) -> None:
         if len(value) > max_length:
             self.add(field, f"must be at most {max_length} characters")
+        elif NUL in value:  # PostgreSQL text cannot hold it: refused here, not as a storage error
+            self.add(field, "must not contain NUL characters")
 
     def require_range(
         self, field: str, value: float, lo: float, hi: float, description: str | None = None

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
+from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, NUL, Violations
 
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE = 256
@@ -29,8 +29,6 @@ CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 CATEGORY_SEPARATOR = "/"
 # Each violation travels twice in the error's trailers (message and BadRequest), and gRPC
 # clients refuse trailers over 8 KiB by default: past this many bytes of violations, a
-# PostgreSQL text cannot hold NUL, so it is refused up front rather than failing in storage.
-NUL = "\x00"
 
 
 @dataclass(frozen=True)

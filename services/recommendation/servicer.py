@@ -237,8 +237,6 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         violations.require_id("model_version", request.model_version)
         if request.force:
             violations.require_text("force_reason", request.force_reason, max_length=512)
-            if "\x00" in request.force_reason:  # PostgreSQL text cannot hold it
-                violations.add("force_reason", "must not contain NUL characters")
         violations.raise_if_any()
         model = await self.registry.get_model(request.model_version)
         if model.status != pb.MODEL_STATUS_ACTIVE and model.artefact_sha256:
