@@ -109,6 +109,11 @@ def create_engine(url: str, schema: str) -> Engine:
 
         return engine
     with sa.create_engine(url).connect() as bootstrap:
+        # IF NOT EXISTS still races when processes create the schema at once: the same lock
+        # as the migrations makes them take turns (it ends with the transaction).
+        bootstrap.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"najimi-migrate:{schema}"}
+        )
         bootstrap.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         bootstrap.commit()
     return sa.create_engine(
