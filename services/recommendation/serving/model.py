@@ -1,0 +1,58 @@
+"""ServingModel: one model version's arrays laid out for serving.
+
+A LightFM score is user_repr · item_repr + user_bias + item_bias. For ranking one
+customer's items the user bias is a constant, so the items are held as one C-contiguous
+float32 matrix [n_items, d + 1]: the representation, then the item bias; a query is
+[user_repr, 1]. One matrix-vector product scores every item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.recommendation.artefacts import ModelArtefact
+
+
+@dataclass(frozen=True, eq=False)
+class ServingModel:
+    version: str
+    artefact: ModelArtefact
+    item_ids: list[str]
+    item_rows: dict[str, int]
+    items: np.ndarray  # float32 C-contiguous [n_items, d + 1]: representation, bias
+    customer_rows: dict[str, int]
+    item_feature_rows: dict[str, int]
+    customer_feature_rows: dict[str, int]
+    item_norms: np.ndarray  # float32 [n_items]: |item representation| (cosine, MMR)
+    ann: object | None = field(default=None)  # an ann_index.AnnIndex for large catalogs
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.items.shape[1]) - 1
+
+    @classmethod
+    def from_artefact(cls, artefact: ModelArtefact, ann: object | None = None) -> ServingModel:
+        representations = np.asarray(artefact.item_embeddings, dtype=np.float32)
+        biases = np.asarray(artefact.item_biases, dtype=np.float32).reshape(-1, 1)
+        items = np.ascontiguousarray(np.hstack([representations, biases]), dtype=np.float32)
+        return cls(
+            version=artefact.version,
+            artefact=artefact,
+            item_ids=list(artefact.item_ids),
+            item_rows={item_id: row for row, item_id in enumerate(artefact.item_ids)},
+            items=items,
+            customer_rows={customer_id: row for row, customer_id in enumerate(artefact.customer_ids)},
+            item_feature_rows={name: row for row, name in enumerate(artefact.item_feature_names)},
+            customer_feature_rows={name: row for row, name in enumerate(artefact.customer_feature_names)},
+            item_norms=np.linalg.norm(representations, axis=1).astype(np.float32),
+            ann=ann,
+        )
+
+    def query_of(self, representation: np.ndarray) -> np.ndarray:
+        """The query vector [representation, 1] for a customer representation [d]."""
+        query = np.empty(self.dimensions + 1, dtype=np.float32)
+        query[:-1] = representation
+        query[-1] = 1.0
+        return query
