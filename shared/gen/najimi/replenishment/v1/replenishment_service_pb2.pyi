@@ -70,14 +70,14 @@ class _SlotPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotPolicy
     slot's limits and with the customer's automatic-ordering consent.
     """
     SLOT_POLICY_NOTIFY_ONLY: _SlotPolicy.ValueType  # 2
-    """Never order automatically. Status and forecast are still computed, and a
-    customer app is expected to tell the customer when the status turns LOW.
-    Replenish answers PAUSED.
+    """Never order automatically. Status and forecast are still computed, and when
+    the slot is due a NOTIFICATION slot event tells the customer app. The
+    outcome is NOTIFIED.
     """
     SLOT_POLICY_OFF: _SlotPolicy.ValueType  # 3
     """Never order automatically and do not notify: the customer does not want to
-    hear about this slot. Telemetry, status and forecast are still kept.
-    Replenish answers PAUSED.
+    hear about this slot. Telemetry, status and forecast are still kept. The
+    outcome is POLICY_OFF.
     """
 
 class SlotPolicy(_SlotPolicy, metaclass=_SlotPolicyEnumTypeWrapper):
@@ -97,14 +97,14 @@ SLOT_POLICY_AUTO: SlotPolicy.ValueType  # 1
 slot's limits and with the customer's automatic-ordering consent.
 """
 SLOT_POLICY_NOTIFY_ONLY: SlotPolicy.ValueType  # 2
-"""Never order automatically. Status and forecast are still computed, and a
-customer app is expected to tell the customer when the status turns LOW.
-Replenish answers PAUSED.
+"""Never order automatically. Status and forecast are still computed, and when
+the slot is due a NOTIFICATION slot event tells the customer app. The
+outcome is NOTIFIED.
 """
 SLOT_POLICY_OFF: SlotPolicy.ValueType  # 3
 """Never order automatically and do not notify: the customer does not want to
-hear about this slot. Telemetry, status and forecast are still kept.
-Replenish answers PAUSED.
+hear about this slot. Telemetry, status and forecast are still kept. The
+outcome is POLICY_OFF.
 """
 Global___SlotPolicy: _TypeAlias = SlotPolicy  # noqa: Y015
 
@@ -268,12 +268,20 @@ class ReplenishOutcome(_ReplenishOutcome, metaclass=_ReplenishOutcomeEnumTypeWra
     ReplenishOutcome is the decision for one slot, the same whether it was reached
     from telemetry, from a device's Replenish (najimi.replenishment.device.v1, whose
     enum of the same name has the same values) or shown on the slot feed. The
-    service checks, in this order: an open order (ORDER_IN_PROGRESS), the slot's
-    policy (POLICY_OFF, NOTIFIED), a pause of the slot or device (PAUSED), the
-    customer's automatic-ordering consent (CONSENT_REQUIRED), the need
-    (NOT_NEEDED), the limits (LIMIT_REACHED); otherwise ORDER_PLACED. Every outcome
-    other than ORDER_PLACED, ORDER_IN_PROGRESS and NOT_NEEDED is put on the slot
-    feed as ORDER_SKIPPED (or NOTIFICATION) when it changes.
+    service decides, in this order (services/replenishment/ordering.py):
+    1. the slot has an open order: ORDER_IN_PROGRESS;
+    2. policy OFF: POLICY_OFF;
+    3. policy NOTIFY_ONLY: NOT_NEEDED above the reorder point, else NOTIFIED;
+    4. (policy AUTO) the slot or its device is paused: PAUSED;
+    5. `replenishment.automatic_ordering` not validly granted, or the consent
+       copy staler than its bound: CONSENT_REQUIRED;
+    6. the level is above the reorder point: NOT_NEEDED;
+    7. another order would exceed the limits: LIMIT_REACHED;
+    8. otherwise ORDER_PLACED.
+    Every outcome for a due slot goes on the slot feed when it changes: ORDER_PLACED as an
+    ORDER_PLACED event, NOTIFIED as NOTIFICATION, CONSENT_REQUIRED, PAUSED and
+    LIMIT_REACHED as ORDER_SKIPPED with the outcome as its reason; POLICY_OFF,
+    NOT_NEEDED and ORDER_IN_PROGRESS put nothing on the feed.
     """
 
 REPLENISH_OUTCOME_UNSPECIFIED: ReplenishOutcome.ValueType  # 0
@@ -517,7 +525,7 @@ class _SlotEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotEve
     """An order was placed for the slot (PENDING); order_id names it."""
     SLOT_EVENT_TYPE_ORDER_SKIPPED: _SlotEventType.ValueType  # 5
     """No order although the slot is due: outcome says why (CONSENT_REQUIRED,
-    PAUSED, LIMIT_REACHED, POLICY_OFF is not reported). Emitted when the reason
+    PAUSED or LIMIT_REACHED; OFF slots are silent). Emitted when the reason
     changes, not for every reading.
     """
     SLOT_EVENT_TYPE_NOTIFICATION: _SlotEventType.ValueType  # 6
@@ -559,7 +567,7 @@ SLOT_EVENT_TYPE_ORDER_PLACED: SlotEventType.ValueType  # 4
 """An order was placed for the slot (PENDING); order_id names it."""
 SLOT_EVENT_TYPE_ORDER_SKIPPED: SlotEventType.ValueType  # 5
 """No order although the slot is due: outcome says why (CONSENT_REQUIRED,
-PAUSED, LIMIT_REACHED, POLICY_OFF is not reported). Emitted when the reason
+PAUSED or LIMIT_REACHED; OFF slots are silent). Emitted when the reason
 changes, not for every reading.
 """
 SLOT_EVENT_TYPE_NOTIFICATION: SlotEventType.ValueType  # 6

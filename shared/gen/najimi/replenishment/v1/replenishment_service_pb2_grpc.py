@@ -419,7 +419,8 @@ class ReplenishmentServiceServicer:
         """DeregisterDevice retires a device: its token (and any previous token still
         in its grace period) stops authenticating at once, its PENDING orders are
         cancelled (reason DEVICE_DEREGISTERED), and it accepts no more telemetry or
-        orders. PLACED and SHIPPED orders continue to delivery. The record stays
+        orders. PLACED and SHIPPED orders continue to delivery. A
+        DEVICE_DEREGISTERED slot event is emitted. The record stays
         readable with state DEREGISTERED; the same serial number may then be
         registered again.
         Callers: admin, service:storefront, service:store, service:crm.
@@ -481,7 +482,8 @@ class ReplenishmentServiceServicer:
         """UpdateSlot changes the slot fields named in update_mask. Updatable paths:
         display_name, item_id, capacity, unit, reorder_quantity, unit_price_micros,
         currency_code, policy, lead_time, service_level, fallback_reorder_level,
-        limits (the whole message) or limits.<field>. Changing policy away from AUTO
+        expected_stock_after_delivery, limits (the whole message) or limits.<field>.
+        Pausing is PauseSlot, not a field. Changing policy away from AUTO
         cancels the slot's PENDING order if the service or the device placed it
         (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
         item_id or the price affects later orders only.

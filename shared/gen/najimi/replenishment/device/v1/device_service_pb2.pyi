@@ -58,11 +58,12 @@ class ReplenishOutcome(_ReplenishOutcome, metaclass=_ReplenishOutcomeEnumTypeWra
     Outcomes
     ---------------------------------------------------------------------------
 
-    ReplenishOutcome is the decision for one slot. The service checks, in this
-    order: an open order (ORDER_IN_PROGRESS), the slot's policy (POLICY_OFF,
-    NOTIFIED), a pause of the slot or device (PAUSED), the customer's
-    automatic-ordering consent (CONSENT_REQUIRED), the need (NOT_NEEDED), the
-    limits (LIMIT_REACHED); otherwise ORDER_PLACED.
+    ReplenishOutcome is the decision for one slot. The service decides, in this
+    order: an open order (ORDER_IN_PROGRESS); policy OFF (POLICY_OFF); policy
+    NOTIFY_ONLY (NOT_NEEDED above the reorder point, else NOTIFIED); for AUTO, a
+    pause of the slot or device (PAUSED), the customer's automatic-ordering
+    consent (CONSENT_REQUIRED), the need (NOT_NEEDED), the limits
+    (LIMIT_REACHED); otherwise ORDER_PLACED.
     """
 
 REPLENISH_OUTCOME_UNSPECIFIED: ReplenishOutcome.ValueType  # 0
