@@ -131,6 +131,8 @@ def device_message(device: Device) -> pb.Device:
         deregister_time=timestamp_of(device.deregister_time_us),
         token_create_time=timestamp_of(device.token_create_time_us),
         last_seen_time=timestamp_of(device.last_seen_time_us),
+        test=device.test,
+        paused=device.paused,
     )
 
 
@@ -165,6 +167,7 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
                     slot_settings_of(violations, f"slots[{index}]", slot)
                     for index, slot in enumerate(request.slots)
                 ),
+                test=request.test,
             ),
         )
         violations.raise_if_any()

@@ -287,6 +287,8 @@ def _device(row: sa.Row, device_slots: tuple[Slot, ...]) -> Device:
         deregister_time_us=row.deregister_time_us,
         token_create_time_us=row.token_create_time_us,
         last_seen_time_us=row.last_seen_time_us,
+        test=row.test,
+        paused=row.paused,
     )
 
 
@@ -358,6 +360,7 @@ class ReplenishmentStore:
                 create_time_us=now,
                 update_time_us=now,
                 deregister_time_us=None,
+                test=registration.test,
             )
         )
         if registration.slots:

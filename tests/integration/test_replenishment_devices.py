@@ -130,6 +130,21 @@ async def test_a_registered_device_is_stored_with_its_slots_and_survives_a_resta
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_a_test_device_is_marked_test_and_a_new_device_is_not_paused(start_service, database_url):
+    service, stub, _ = await _replenishment(start_service, database_url)
+    as_store = service.auth("service:store")
+    test_device = await stub.RegisterDevice(
+        _registration(request_id="reg-test", test=True), metadata=as_store
+    )
+    plain = await stub.RegisterDevice(_registration(request_id="reg-plain", serial="SN-2"), metadata=as_store)
+    assert test_device.device.test and not plain.device.test
+    assert not test_device.device.paused and not plain.device.paused
+    fetched = await stub.GetDevice(
+        pb.GetDeviceRequest(device_id=test_device.device.device_id), metadata=as_store
+    )
+    assert fetched.device.test
+
+
 async def test_only_the_token_hash_is_stored(start_service, database_url):
     service, stub, _ = await _replenishment(start_service, database_url)
     registered = await stub.RegisterDevice(_registration(), metadata=service.auth("service:storefront"))
