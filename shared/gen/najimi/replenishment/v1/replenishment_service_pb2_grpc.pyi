@@ -132,7 +132,9 @@ class ReplenishmentServiceStub:
     """RegisterDevice registers a customer's device with its slots and issues the
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
-    again, only replaced with RotateDeviceToken.
+    again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+    is emitted. A test device (test) orders like any other, but its orders are
+    test orders that never reach fulfilment.
     Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
@@ -499,7 +501,9 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """RegisterDevice registers a customer's device with its slots and issues the
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
-    again, only replaced with RotateDeviceToken.
+    again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+    is emitted. A test device (test) orders like any other, but its orders are
+    test orders that never reach fulfilment.
     Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
@@ -869,7 +873,9 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """RegisterDevice registers a customer's device with its slots and issues the
         device's bearer token. The token is returned in plaintext only in this
         response; the service stores only its hash, so a lost token cannot be read
-        again, only replaced with RotateDeviceToken.
+        again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+        is emitted. A test device (test) orders like any other, but its orders are
+        test orders that never reach fulfilment.
         Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same device but an empty
         device_token (the token is shown once); a caller that lost the first response
