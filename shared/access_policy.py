@@ -22,6 +22,7 @@ from najimi.consent.v1 import consent_service_pb2
 from najimi.privacy.v1 import data_subject_service_pb2
 from najimi.profile.v1 import profile_service_pb2
 from najimi.recommendation.v1 import recommendation_service_pb2
+from najimi.replenishment.device.v1 import device_service_pb2
 from najimi.replenishment.v1 import replenishment_service_pb2
 
 from shared.auth import AccessRule
@@ -102,7 +103,7 @@ CONSENT_SERVICE = "najimi.consent.v1.ConsentService"
 PROFILE_SERVICE = "najimi.profile.v1.ProfileService"
 RECOMMENDATION_SERVICE = "najimi.recommendation.v1.RecommendationService"
 REPLENISHMENT_SERVICE = "najimi.replenishment.v1.ReplenishmentService"
-DEVICE_SERVICE = "najimi.replenishment.v1.DeviceService"
+DEVICE_SERVICE = "najimi.replenishment.device.v1.DeviceService"
 DATA_SUBJECT_SERVICE = "najimi.privacy.v1.DataSubjectService"
 
 POLICY: dict[str, dict[str, Rule]] = {
@@ -181,14 +182,25 @@ POLICY: dict[str, dict[str, Rule]] = {
         "ListSlots": _CUSTOMER,
         "UpdateSlot": _CUSTOMER,
         "DeleteSlot": _CUSTOMER,
+        # Customer controls: pausing stops orders, not telemetry.
+        "PauseDevice": _CUSTOMER,
+        "ResumeDevice": _CUSTOMER,
+        "PauseSlot": _CUSTOMER,
+        "ResumeSlot": _CUSTOMER,
         "GetSlotForecast": _CUSTOMER,
         "ReplenishSlot": _CUSTOMER,
         "GetOrder": _ORDER_READERS,
         "ListOrders": _ORDER_READERS,
         "CancelOrder": _CUSTOMER,
-        "UpdateOrderState": callers(FULFILMENT),
+        # Order transitions are fulfilment's (AIP-136 custom methods).
+        "ShipOrder": callers(FULFILMENT),
+        "DeliverOrder": callers(FULFILMENT),
+        "RejectOrder": callers(FULFILMENT),
         "ListOrderEvents": callers(FULFILMENT),
         "WatchOrderEvents": callers(FULFILMENT),
+        # The slot feed is for customer apps.
+        "ListSlotEvents": _CUSTOMER,
+        "WatchSlotEvents": _CUSTOMER,
     },
     # Each handler also checks that the device named is the caller's own (check_own_device).
     DEVICE_SERVICE: {
@@ -220,6 +232,7 @@ DESCRIPTORS: dict[str, ServiceDescriptor] = {
         profile_service_pb2,
         recommendation_service_pb2,
         replenishment_service_pb2,
+        device_service_pb2,
         data_subject_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()

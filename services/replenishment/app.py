@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from najimi.replenishment.device.v1 import device_service_pb2, device_service_pb2_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_service_pb2_grpc
 
 from services.replenishment.data_subject import ReplenishmentDataSubjectServicer
@@ -40,8 +41,8 @@ def build_app(settings: Settings) -> App:
                 ReplenishmentServicer(store),
             ),
             Registration(
-                SERVICES["DeviceService"],
-                replenishment_service_pb2_grpc.add_DeviceServiceServicer_to_server,
+                device_service_pb2.DESCRIPTOR.services_by_name["DeviceService"],
+                device_service_pb2_grpc.add_DeviceServiceServicer_to_server,
                 DeviceServicer(store),
             ),
             data_subject_registration(ReplenishmentDataSubjectServicer(store)),

@@ -41,6 +41,7 @@ class Registration:
     firmware_version: str = ""
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
     slots: tuple[SlotSettings, ...] = ()
+    test: bool = False  # a test device: its orders never reach fulfilment
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Device:
     deregister_time_us: int | None
     token_create_time_us: int
     last_seen_time_us: int | None
+    test: bool = False
+    paused: bool = False
 
 
 def new_device_id() -> str:

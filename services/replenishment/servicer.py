@@ -1,4 +1,9 @@
-"""ReplenishmentService and DeviceService over gRPC: protobuf in, domain calls, protobuf out."""
+"""ReplenishmentService (back ends) and najimi.replenishment.device.v1.DeviceService (devices)
+over gRPC: protobuf in, domain calls, protobuf out.
+
+RPCs not written here yet are answered UNIMPLEMENTED by the generated base classes, after
+the access check (shared/interceptors.py); the module map is in services/replenishment/__init__.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
@@ -124,6 +131,8 @@ def device_message(device: Device) -> pb.Device:
         deregister_time=timestamp_of(device.deregister_time_us),
         token_create_time=timestamp_of(device.token_create_time_us),
         last_seen_time=timestamp_of(device.last_seen_time_us),
+        test=device.test,
+        paused=device.paused,
     )
 
 
@@ -158,6 +167,7 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
                     slot_settings_of(violations, f"slots[{index}]", slot)
                     for index, slot in enumerate(request.slots)
                 ),
+                test=request.test,
             ),
         )
         violations.raise_if_any()
@@ -192,7 +202,7 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
         return pb.DeregisterDeviceResponse(device=device_message(device))
 
 
-class DeviceServicer(pb_grpc.DeviceServiceServicer):
+class DeviceServicer(device_grpc.DeviceServiceServicer):
     """The device API; every RPC answers UNIMPLEMENTED until telemetry and ordering land.
 
     A device may act only for itself (access_policy), so each RPC checks the device_id it
@@ -203,24 +213,28 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         self.store = store
 
     async def ReportTelemetry(
-        self, request: pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         check_own_device(current_principal(), request.device_id)
         raise NotImplementedError
 
     async def StreamTelemetry(
-        self, request_iterator: AsyncIterator[pb.StreamTelemetryRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamTelemetryResponse]:
+        self,
+        request_iterator: AsyncIterator[device_pb.StreamTelemetryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[device_pb.StreamTelemetryResponse]:
         async for request in request_iterator:
             check_own_device(current_principal(), request.device_id)  # the first message names it
             break
         raise NotImplementedError
-        yield pb.StreamTelemetryResponse()  # unreachable: makes this an async generator
+        yield device_pb.StreamTelemetryResponse()  # unreachable: makes this an async generator
 
-    async def GetForecast(self, request: pb.GetForecastRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetForecast(
+        self, request: device_pb.GetForecastRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
         check_own_device(current_principal(), request.device_id)
         raise NotImplementedError
 
-    async def Replenish(self, request: pb.ReplenishRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Replenish(self, request: device_pb.ReplenishRequest, context: grpc.aio.ServicerContext) -> Any:
         check_own_device(current_principal(), request.device_id)
         raise NotImplementedError

@@ -38,6 +38,11 @@ devices = sa.Table(
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
     sa.Column("deregister_time_us", sa.BigInteger, nullable=True),
+    # Migration 0004:
+    sa.Column("test", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("previous_token_hash", sa.String(64), nullable=True),
+    sa.Column("previous_token_expire_time_us", sa.BigInteger, nullable=True),
 )
 
 slots = sa.Table(
@@ -62,7 +67,156 @@ slots = sa.Table(
     sa.Column("limit_currency_code", sa.String(3), nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    # Migration 0004: pause, the expected stock after a delivery, and the service's view of
+    # the slot: the latest level by measure_time (source READING or DELIVERY), the
+    # consumption epoch (a refill or delivery starts the next), the latest decision (a
+    # ReplenishOutcome name; slot events on change only) and when a deferred one is due.
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("expected_stock_after_delivery", sa.Double, nullable=False, server_default="0"),
+    sa.Column("level", sa.Double, nullable=True),
+    sa.Column("level_time_us", sa.BigInteger, nullable=True),
+    sa.Column("level_source", sa.String(16), nullable=True),
+    sa.Column("epoch", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("epoch_start_time_us", sa.BigInteger, nullable=True),
+    sa.Column("last_refill_time_us", sa.BigInteger, nullable=True),
+    sa.Column("last_outcome", sa.String(32), nullable=True),
+    sa.Column("last_outcome_time_us", sa.BigInteger, nullable=True),
+    sa.Column("decision_due_time_us", sa.BigInteger, nullable=True),
 )
+
+# Every accepted reading; the primary key makes telemetry idempotent by reading_id.
+readings = sa.Table(
+    "readings",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("reading_id", sa.String(64), primary_key=True),
+    sa.Column("slot_id", sa.String(64), nullable=False),
+    sa.Column("level", sa.Double, nullable=False),
+    sa.Column("measure_time_us", sa.BigInteger, nullable=False),
+    sa.Column("receive_time_us", sa.BigInteger, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("refill", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("readings_by_slot", "device_id", "slot_id", "measure_time_us"),
+)
+
+# The head revision of each feed ('orders', 'slots'): allocate under its row lock, so
+# revisions commit in order (as services/consent/store.py allocate_revision).
+feed_heads = sa.Table(
+    "feed_heads",
+    metadata,
+    sa.Column("feed", sa.String(16), primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+ORDER_FEED = "orders"
+SLOT_FEED = "slots"
+
+OPEN_ORDER_STATES = ("PENDING", "PLACED", "SHIPPED")
+_OPEN = sa.text("state IN ('PENDING', 'PLACED', 'SHIPPED')")
+_PENDING = sa.text("state = 'PENDING'")
+
+# No foreign key to devices or slots: orders outlive both. Erasure pseudonymises customer_id.
+orders = sa.Table(
+    "orders",
+    metadata,
+    sa.Column("order_id", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("slot_id", sa.String(64), nullable=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("item_id", sa.String(128), nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+    sa.Column("unit_price_micros", sa.BigInteger, nullable=False),
+    sa.Column("total_price_micros", sa.BigInteger, nullable=False),
+    sa.Column("currency_code", sa.String(3), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("order_trigger", sa.String(16), nullable=False),
+    sa.Column("test", sa.Boolean, nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Column("pending_until_us", sa.BigInteger, nullable=False),
+    sa.Column("cancellation_reason", sa.String(32), nullable=True),
+    sa.Column("cancellation_note", sa.String(500), nullable=True),
+    sa.Column("rejection_reason", sa.String(32), nullable=True),
+    sa.Column("rejection_note", sa.String(500), nullable=True),
+    sa.Column("carrier", sa.String(64), nullable=True),
+    sa.Column("tracking_number", sa.String(128), nullable=True),
+    sa.Column("tracking_url", sa.String(2048), nullable=True),
+    sa.Column("estimated_delivery_time_us", sa.BigInteger, nullable=True),
+    sa.Column("expected_delivery_time_us", sa.BigInteger, nullable=True),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    sa.Column("place_time_us", sa.BigInteger, nullable=True),
+    sa.Column("ship_time_us", sa.BigInteger, nullable=True),
+    sa.Column("deliver_time_us", sa.BigInteger, nullable=True),
+    sa.Column("cancel_time_us", sa.BigInteger, nullable=True),
+    sa.Column("reject_time_us", sa.BigInteger, nullable=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    # Exactly once: at most one open order per slot (an IntegrityError on a race).
+    sa.Index(
+        "orders_one_open_per_slot",
+        "device_id",
+        "slot_id",
+        unique=True,
+        sqlite_where=_OPEN,
+        postgresql_where=_OPEN,
+    ),
+    sa.Index("orders_pending_until", "pending_until_us", sqlite_where=_PENDING, postgresql_where=_PENDING),
+    sa.Index("orders_by_slot", "device_id", "slot_id", "create_time_us"),
+    sa.Index("orders_by_customer", "customer_id", "create_time_us"),
+)
+
+order_events = sa.Table(
+    "order_events",
+    metadata,
+    sa.Column("revision", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("order_id", sa.String(64), nullable=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("type", sa.String(24), nullable=False),
+    sa.Column("previous_state", sa.String(16), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("test", sa.Boolean, nullable=False),
+    sa.Column("order_message", sa.LargeBinary, nullable=False),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Index("order_events_by_order", "order_id"),
+    sa.Index("order_events_by_customer", "customer_id"),
+    sa.Index("order_events_by_age", "create_time_us"),
+)
+
+slot_events = sa.Table(
+    "slot_events",
+    metadata,
+    sa.Column("revision", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("slot_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(24), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=True),
+    sa.Column("order_id", sa.String(64), nullable=True),
+    sa.Column("cancellation_reason", sa.String(32), nullable=True),
+    sa.Column("level", sa.Double, nullable=True),
+    sa.Column("message", sa.String(200), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("test", sa.Boolean, nullable=False),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Index("slot_events_by_customer", "customer_id", "revision"),
+    sa.Index("slot_events_by_device", "device_id", "revision"),
+    sa.Index("slot_events_by_age", "create_time_us"),
+)
+
+
+def allocate_revision(connection: Connection, feed: str) -> int:
+    """The next revision of `feed` ('orders' or 'slots'). The row lock it takes is held to
+    commit, so revisions commit in order: a reader that saw N saw everything below it."""
+    connection.execute(
+        feed_heads.update().where(feed_heads.c.feed == feed).values(revision=feed_heads.c.revision + 1)
+    )
+    return current_revision(connection, feed)
+
+
+def current_revision(connection: Connection, feed: str) -> int:
+    return int(
+        connection.execute(sa.select(feed_heads.c.revision).where(feed_heads.c.feed == feed)).scalar_one()
+    )
 
 
 def _slot_row(device_id: str, settings: SlotSettings, now: int) -> dict[str, object]:
@@ -133,6 +287,8 @@ def _device(row: sa.Row, device_slots: tuple[Slot, ...]) -> Device:
         deregister_time_us=row.deregister_time_us,
         token_create_time_us=row.token_create_time_us,
         last_seen_time_us=row.last_seen_time_us,
+        test=row.test,
+        paused=row.paused,
     )
 
 
@@ -204,6 +360,7 @@ class ReplenishmentStore:
                 create_time_us=now,
                 update_time_us=now,
                 deregister_time_us=None,
+                test=registration.test,
             )
         )
         if registration.slots:
@@ -280,13 +437,27 @@ class ReplenishmentStore:
                 .with_for_update()
             ).scalars()
         )
-        erased_slots = erased_devices = 0
+        erased_slots = erased_devices = erased_readings = 0
         if device_ids:
+            erased_readings = connection.execute(
+                readings.delete().where(readings.c.device_id.in_(device_ids))
+            ).rowcount
             erased_slots = connection.execute(
                 slots.delete().where(slots.c.device_id.in_(device_ids))
             ).rowcount
             erased_devices = connection.execute(
                 devices.delete().where(devices.c.device_id.in_(device_ids))
             ).rowcount
+        erased_events = connection.execute(
+            slot_events.delete().where(slot_events.c.customer_id == customer_id)
+        ).rowcount
+        # Orders (and order_events) are kept for accounting with customer_id pseudonymised:
+        # orders.py adds that here when orders exist.
         stored = self.idempotency.forget_customers(connection, [customer_id])
-        return {"devices": erased_devices, "slots": erased_slots, "stored_responses": stored}
+        return {
+            "devices": erased_devices,
+            "slots": erased_slots,
+            "readings": erased_readings,
+            "slot_events": erased_events,
+            "stored_responses": stored,
+        }

@@ -28,7 +28,7 @@ SERVICES = {
     ],
     "replenishment": [
         "najimi.replenishment.v1.ReplenishmentService",
-        "najimi.replenishment.v1.DeviceService",
+        "najimi.replenishment.device.v1.DeviceService",
         "najimi.privacy.v1.DataSubjectService",
     ],
 }

@@ -170,7 +170,7 @@ def test_the_fuzzer_found_every_rpc_and_real_page_tokens(fuzz_suite: FuzzSuite) 
     served = {(rpc.app, rpc.method.containing_service.full_name) for rpc in RPCS}
     for app in ("consent", "profile", "recommendation", "replenishment"):
         assert (app, "najimi.privacy.v1.DataSubjectService") in served
-    assert ("replenishment", "najimi.replenishment.v1.DeviceService") in served
+    assert ("replenishment", "najimi.replenishment.device.v1.DeviceService") in served
     running = {
         (name, registration.descriptor.full_name, method.name)
         for name, service in fuzz_suite.services.items()
@@ -179,4 +179,4 @@ def test_the_fuzzer_found_every_rpc_and_real_page_tokens(fuzz_suite: FuzzSuite) 
     }
     assert running == {(r.app, r.method.containing_service.full_name, r.method.name) for r in RPCS}
     assert len(fuzz_suite.page_tokens) >= 3, fuzz_suite.page_tokens
-    assert DEVICE in fuzz_suite.admitted["/najimi.replenishment.v1.DeviceService/ReportTelemetry"]
+    assert DEVICE in fuzz_suite.admitted["/najimi.replenishment.device.v1.DeviceService/ReportTelemetry"]

@@ -18,7 +18,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
-from najimi.replenishment.v1 import replenishment_service_pb2 as repl_pb
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as repl_grpc
 
 from shared import access_policy
@@ -137,21 +138,21 @@ async def test_every_rpc_answers_every_principal_as_the_policy_says(start_servic
 async def test_a_device_may_not_act_for_another_device(start_service):
     service = await start_service("replenishment")
     device_id, token = await registered_device(service)
-    stub = repl_grpc.DeviceServiceStub(service.channel)
+    stub = device_grpc.DeviceServiceStub(service.channel)
     as_device = (("authorization", f"Bearer {token}"),)
     for call in (
         stub.GetForecast(
-            repl_pb.GetForecastRequest(device_id="d-other", slot_id="black"), metadata=as_device
+            device_pb.GetForecastRequest(device_id="d-other", slot_id="black"), metadata=as_device
         ),
-        stub.Replenish(repl_pb.ReplenishRequest(device_id="d-other", slot_id="black"), metadata=as_device),
-        stub.ReportTelemetry(repl_pb.ReportTelemetryRequest(device_id="d-other"), metadata=as_device),
+        stub.Replenish(device_pb.ReplenishRequest(device_id="d-other", slot_id="black"), metadata=as_device),
+        stub.ReportTelemetry(device_pb.ReportTelemetryRequest(device_id="d-other"), metadata=as_device),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error_reason(caught.value) == "DEVICE_MISMATCH"
     stream = stub.StreamTelemetry(
-        _requests(repl_pb.StreamTelemetryRequest(device_id="d-other")), metadata=as_device
+        _requests(device_pb.StreamTelemetryRequest(device_id="d-other")), metadata=as_device
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stream:
@@ -160,7 +161,7 @@ async def test_a_device_may_not_act_for_another_device(start_service):
     # Its own device passes the check (and reaches the RPC, not built yet).
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetForecast(
-            repl_pb.GetForecastRequest(device_id=device_id, slot_id="black"), metadata=as_device
+            device_pb.GetForecastRequest(device_id=device_id, slot_id="black"), metadata=as_device
         )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 

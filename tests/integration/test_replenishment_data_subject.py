@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from google.protobuf import json_format
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
@@ -45,7 +47,7 @@ async def _replenishment(start_service, database_url=None):
     return (
         service,
         pb_grpc.ReplenishmentServiceStub(service.channel),
-        pb_grpc.DeviceServiceStub(service.channel),
+        device_grpc.DeviceServiceStub(service.channel),
         privacy_grpc.DataSubjectServiceStub(service.channel),
     )
 
@@ -155,10 +157,22 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
 
     erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
     assert erased.service == "replenishment" and erased.erase_time.seconds > 1_700_000_000
-    assert dict(erased.erased_records) == {"devices": 2, "slots": 3, "stored_responses": 2}
+    assert dict(erased.erased_records) == {
+        "devices": 2,
+        "slots": 3,
+        "readings": 0,
+        "slot_events": 0,
+        "stored_responses": 2,
+    }
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=service.auth())
-    assert dict(later.erased_records) == {"devices": 0, "slots": 0, "stored_responses": 0}
+    assert dict(later.erased_records) == {
+        "devices": 0,
+        "slots": 0,
+        "readings": 0,
+        "slot_events": 0,
+        "stored_responses": 0,
+    }
 
     for device in (printer.device, filter_.device):
         error = await rpc_error(
@@ -168,7 +182,7 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
     # The erased device's token authenticates no more.
     error = await rpc_error(
         devices.GetForecast(
-            pb.GetForecastRequest(device_id=printer.device.device_id, slot_id="black"),
+            device_pb.GetForecastRequest(device_id=printer.device.device_id, slot_id="black"),
             metadata=(("authorization", f"Bearer {printer.device_token}"),),
         )
     )

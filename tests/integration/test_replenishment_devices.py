@@ -9,6 +9,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import duration_pb2
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
@@ -69,7 +71,7 @@ async def _replenishment(start_service, database_url=None):
     return (
         service,
         pb_grpc.ReplenishmentServiceStub(service.channel),
-        pb_grpc.DeviceServiceStub(service.channel),
+        device_grpc.DeviceServiceStub(service.channel),
     )
 
 
@@ -121,11 +123,26 @@ async def test_a_registered_device_is_stored_with_its_slots_and_survives_a_resta
     # The token still authenticates after the restart: the call gets past auth to the RPC itself.
     error = await rpc_error(
         devices.GetForecast(
-            pb.GetForecastRequest(device_id=device.device_id, slot_id="black"),
+            device_pb.GetForecastRequest(device_id=device.device_id, slot_id="black"),
             metadata=_device_auth(registered.device_token),
         )
     )
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_test_device_is_marked_test_and_a_new_device_is_not_paused(start_service, database_url):
+    service, stub, _ = await _replenishment(start_service, database_url)
+    as_store = service.auth("service:store")
+    test_device = await stub.RegisterDevice(
+        _registration(request_id="reg-test", test=True), metadata=as_store
+    )
+    plain = await stub.RegisterDevice(_registration(request_id="reg-plain", serial="SN-2"), metadata=as_store)
+    assert test_device.device.test and not plain.device.test
+    assert not test_device.device.paused and not plain.device.paused
+    fetched = await stub.GetDevice(
+        pb.GetDeviceRequest(device_id=test_device.device.device_id), metadata=as_store
+    )
+    assert fetched.device.test
 
 
 async def test_only_the_token_hash_is_stored(start_service, database_url):
@@ -361,12 +378,19 @@ async def test_a_device_token_opens_the_device_api_only(start_service):
     for name, call in [
         (
             "Replenish",
-            devices.Replenish(pb.ReplenishRequest(request_id="r", device_id=device_id), metadata=as_device),
+            devices.Replenish(
+                device_pb.ReplenishRequest(request_id="r", device_id=device_id), metadata=as_device
+            ),
         ),
-        ("GetForecast", devices.GetForecast(pb.GetForecastRequest(device_id=device_id), metadata=as_device)),
+        (
+            "GetForecast",
+            devices.GetForecast(device_pb.GetForecastRequest(device_id=device_id), metadata=as_device),
+        ),
         (
             "ReportTelemetry",
-            devices.ReportTelemetry(pb.ReportTelemetryRequest(device_id=device_id), metadata=as_device),
+            devices.ReportTelemetry(
+                device_pb.ReportTelemetryRequest(device_id=device_id), metadata=as_device
+            ),
         ),
     ]:
         error = await rpc_error(call)
@@ -384,7 +408,9 @@ async def test_a_device_token_opens_the_device_api_only(start_service):
         assert error_reason(error) == "PRINCIPAL_NOT_ALLOWED"
     # A token that was never issued does not authenticate.
     error = await rpc_error(
-        devices.GetForecast(pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token + "x"))
+        devices.GetForecast(
+            device_pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token + "x")
+        )
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -401,7 +427,9 @@ async def test_principals_not_listed_are_refused(start_service):
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     # Back ends do not call the device API; only devices and admin do.
     error = await rpc_error(
-        devices.Replenish(pb.ReplenishRequest(device_id="dev_x"), metadata=service.auth("service:storefront"))
+        devices.Replenish(
+            device_pb.ReplenishRequest(device_id="dev_x"), metadata=service.auth("service:storefront")
+        )
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     error = await rpc_error(stub.RegisterDevice(_registration()))
@@ -419,7 +447,7 @@ async def test_deregistering_revokes_the_token_and_frees_the_serial(start_servic
     assert retired.device.HasField("deregister_time") and list(retired.cancelled_order_ids) == []
     assert [s.slot_id for s in retired.device.slots] == ["black", "color"]
     error = await rpc_error(
-        devices.GetForecast(pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token))
+        devices.GetForecast(device_pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token))
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     again = await stub.DeregisterDevice(
@@ -434,7 +462,7 @@ async def test_deregistering_revokes_the_token_and_frees_the_serial(start_servic
     )
     assert renewed.device.device_id != device_id and renewed.device_token != token
     error = await rpc_error(
-        devices.GetForecast(pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token))
+        devices.GetForecast(device_pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token))
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 

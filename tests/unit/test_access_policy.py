@@ -103,7 +103,9 @@ def test_each_internal_service_reaches_only_what_its_job_calls():
         "ReplenishmentService": {
             "GetOrder",
             "ListOrders",
-            "UpdateOrderState",
+            "ShipOrder",
+            "DeliverOrder",
+            "RejectOrder",
             "ListOrderEvents",
             "WatchOrderEvents",
         }

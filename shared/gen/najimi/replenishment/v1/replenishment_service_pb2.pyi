@@ -70,14 +70,14 @@ class _SlotPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotPolicy
     slot's limits and with the customer's automatic-ordering consent.
     """
     SLOT_POLICY_NOTIFY_ONLY: _SlotPolicy.ValueType  # 2
-    """Never order automatically. Status and forecast are still computed, and a
-    customer app is expected to tell the customer when the status turns LOW.
-    Replenish answers PAUSED.
+    """Never order automatically. Status and forecast are still computed, and when
+    the slot is due a NOTIFICATION slot event tells the customer app. The
+    outcome is NOTIFIED.
     """
     SLOT_POLICY_OFF: _SlotPolicy.ValueType  # 3
     """Never order automatically and do not notify: the customer does not want to
-    hear about this slot. Telemetry, status and forecast are still kept.
-    Replenish answers PAUSED.
+    hear about this slot. Telemetry, status and forecast are still kept. The
+    outcome is POLICY_OFF.
     """
 
 class SlotPolicy(_SlotPolicy, metaclass=_SlotPolicyEnumTypeWrapper):
@@ -97,14 +97,14 @@ SLOT_POLICY_AUTO: SlotPolicy.ValueType  # 1
 slot's limits and with the customer's automatic-ordering consent.
 """
 SLOT_POLICY_NOTIFY_ONLY: SlotPolicy.ValueType  # 2
-"""Never order automatically. Status and forecast are still computed, and a
-customer app is expected to tell the customer when the status turns LOW.
-Replenish answers PAUSED.
+"""Never order automatically. Status and forecast are still computed, and when
+the slot is due a NOTIFICATION slot event tells the customer app. The
+outcome is NOTIFIED.
 """
 SLOT_POLICY_OFF: SlotPolicy.ValueType  # 3
 """Never order automatically and do not notify: the customer does not want to
-hear about this slot. Telemetry, status and forecast are still kept.
-Replenish answers PAUSED.
+hear about this slot. Telemetry, status and forecast are still kept. The
+outcome is POLICY_OFF.
 """
 Global___SlotPolicy: _TypeAlias = SlotPolicy  # noqa: Y015
 
@@ -144,56 +144,6 @@ SLOT_STATUS_EMPTY: SlotStatus.ValueType  # 4
 """The latest reading is zero."""
 Global___SlotStatus: _TypeAlias = SlotStatus  # noqa: Y015
 
-class _ReadingOutcome:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ReadingOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadingOutcome.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    READING_OUTCOME_UNSPECIFIED: _ReadingOutcome.ValueType  # 0
-    """Not used."""
-    READING_OUTCOME_ACCEPTED: _ReadingOutcome.ValueType  # 1
-    """Stored and used for the slot's state and forecast (also when it arrived late
-    or out of order).
-    """
-    READING_OUTCOME_DUPLICATE: _ReadingOutcome.ValueType  # 2
-    """A reading with this reading_id was already received from this device; this
-    one was not stored again.
-    """
-    READING_OUTCOME_INVALID: _ReadingOutcome.ValueType  # 3
-    """Not stored: a field is missing or out of range, or slot_id names no slot of
-    the device. ReadingResult.field says which.
-    """
-    READING_OUTCOME_REFILL_DETECTED: _ReadingOutcome.ValueType  # 4
-    """Stored, and the level rose enough since the reading before it (in measure_time
-    order) to mean the consumable was refilled or replaced. The forecast starts a
-    new cycle from here.
-    """
-
-class ReadingOutcome(_ReadingOutcome, metaclass=_ReadingOutcomeEnumTypeWrapper):
-    """ReadingOutcome is what the service did with one reading."""
-
-READING_OUTCOME_UNSPECIFIED: ReadingOutcome.ValueType  # 0
-"""Not used."""
-READING_OUTCOME_ACCEPTED: ReadingOutcome.ValueType  # 1
-"""Stored and used for the slot's state and forecast (also when it arrived late
-or out of order).
-"""
-READING_OUTCOME_DUPLICATE: ReadingOutcome.ValueType  # 2
-"""A reading with this reading_id was already received from this device; this
-one was not stored again.
-"""
-READING_OUTCOME_INVALID: ReadingOutcome.ValueType  # 3
-"""Not stored: a field is missing or out of range, or slot_id names no slot of
-the device. ReadingResult.field says which.
-"""
-READING_OUTCOME_REFILL_DETECTED: ReadingOutcome.ValueType  # 4
-"""Stored, and the level rose enough since the reading before it (in measure_time
-order) to mean the consumable was refilled or replaced. The forecast starts a
-new cycle from here.
-"""
-Global___ReadingOutcome: _TypeAlias = ReadingOutcome  # noqa: Y015
-
 class _ForecastStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -202,16 +152,19 @@ class _ForecastStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Foreca
     DESCRIPTOR: _descriptor.EnumDescriptor
     FORECAST_STATUS_UNSPECIFIED: _ForecastStatus.ValueType  # 0
     """Not used."""
-    FORECAST_STATUS_READY: _ForecastStatus.ValueType  # 1
-    """Enough readings: every field is set."""
+    FORECAST_STATUS_OK: _ForecastStatus.ValueType  # 1
+    """Enough recent readings: every field is set (with a rate of 0, no use seen,
+    days_to_empty and the times derived from it are unset).
+    """
     FORECAST_STATUS_INSUFFICIENT_DATA: _ForecastStatus.ValueType  # 2
     """Too few readings since the last refill (or at all) to estimate a rate: the
     rate fields, days_to_empty and the times derived from them are unset and the
     reorder point is the slot's fallback_reorder_level.
     """
-    FORECAST_STATUS_NO_CONSUMPTION: _ForecastStatus.ValueType  # 3
-    """The readings show no consumption: the rate is 0 and days_to_empty, the empty
-    time and the reorder time are unset.
+    FORECAST_STATUS_STALE: _ForecastStatus.ValueType  # 3
+    """The device stopped reporting: no reading for more than 3 days or 3 of its
+    usual reporting intervals, whichever is longer. The figures come from the
+    last readings, the dates are extrapolated, and confidence is lowered.
     """
 
 class ForecastStatus(_ForecastStatus, metaclass=_ForecastStatusEnumTypeWrapper):
@@ -224,18 +177,53 @@ class ForecastStatus(_ForecastStatus, metaclass=_ForecastStatusEnumTypeWrapper):
 
 FORECAST_STATUS_UNSPECIFIED: ForecastStatus.ValueType  # 0
 """Not used."""
-FORECAST_STATUS_READY: ForecastStatus.ValueType  # 1
-"""Enough readings: every field is set."""
+FORECAST_STATUS_OK: ForecastStatus.ValueType  # 1
+"""Enough recent readings: every field is set (with a rate of 0, no use seen,
+days_to_empty and the times derived from it are unset).
+"""
 FORECAST_STATUS_INSUFFICIENT_DATA: ForecastStatus.ValueType  # 2
 """Too few readings since the last refill (or at all) to estimate a rate: the
 rate fields, days_to_empty and the times derived from them are unset and the
 reorder point is the slot's fallback_reorder_level.
 """
-FORECAST_STATUS_NO_CONSUMPTION: ForecastStatus.ValueType  # 3
-"""The readings show no consumption: the rate is 0 and days_to_empty, the empty
-time and the reorder time are unset.
+FORECAST_STATUS_STALE: ForecastStatus.ValueType  # 3
+"""The device stopped reporting: no reading for more than 3 days or 3 of its
+usual reporting intervals, whichever is longer. The figures come from the
+last readings, the dates are extrapolated, and confidence is lowered.
 """
 Global___ForecastStatus: _TypeAlias = ForecastStatus  # noqa: Y015
+
+class _ForecastMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ForecastMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ForecastMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FORECAST_METHOD_UNSPECIFIED: _ForecastMethod.ValueType  # 0
+    """Not used, or no rate (INSUFFICIENT_DATA)."""
+    FORECAST_METHOD_ROBUST_TREND: _ForecastMethod.ValueType  # 1
+    """A robust trend of the level over time within the current consumption epoch
+    (robust to noise and outliers), for steady use.
+    """
+    FORECAST_METHOD_INTERMITTENT_TSB: _ForecastMethod.ValueType  # 2
+    """An intermittent-demand method (TSB, Teunter-Syntetos-Babai 2011) over daily
+    consumption, for use on a few days only (a printer used twice a week).
+    """
+
+class ForecastMethod(_ForecastMethod, metaclass=_ForecastMethodEnumTypeWrapper):
+    """ForecastMethod says which estimator produced the consumption rate."""
+
+FORECAST_METHOD_UNSPECIFIED: ForecastMethod.ValueType  # 0
+"""Not used, or no rate (INSUFFICIENT_DATA)."""
+FORECAST_METHOD_ROBUST_TREND: ForecastMethod.ValueType  # 1
+"""A robust trend of the level over time within the current consumption epoch
+(robust to noise and outliers), for steady use.
+"""
+FORECAST_METHOD_INTERMITTENT_TSB: ForecastMethod.ValueType  # 2
+"""An intermittent-demand method (TSB, Teunter-Syntetos-Babai 2011) over daily
+consumption, for use on a few days only (a printer used twice a week).
+"""
+Global___ForecastMethod: _TypeAlias = ForecastMethod  # noqa: Y015
 
 class _ReplenishOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -246,66 +234,84 @@ class _ReplenishOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repl
     REPLENISH_OUTCOME_UNSPECIFIED: _ReplenishOutcome.ValueType  # 0
     """Not used."""
     REPLENISH_OUTCOME_ORDER_PLACED: _ReplenishOutcome.ValueType  # 1
-    """A new order was created (PENDING until its cancellation window closes); it
-    is returned.
-    """
+    """A new order was created (PENDING until its cancellation window closes)."""
     REPLENISH_OUTCOME_ORDER_IN_PROGRESS: _ReplenishOutcome.ValueType  # 2
-    """The slot already has an open order (PENDING, PLACED or SHIPPED); that order
-    is returned and no new one is created.
+    """The slot already has an open order (PENDING, PLACED or SHIPPED); no new one
+    is created.
     """
     REPLENISH_OUTCOME_CONSENT_REQUIRED: _ReplenishOutcome.ValueType  # 3
-    """The customer has not granted `replenishment.automatic_ordering`, or the
-    consent expired or predates the current material privacy notice. The customer
-    must consent in a customer app first.
+    """The customer has not validly granted `replenishment.automatic_ordering`
+    (never, withdrawn, expired, predating the current material notice, or the
+    service's copy is staler than its bound: it fails closed). No order;
+    re-evaluated when the consent state changes.
     """
     REPLENISH_OUTCOME_PAUSED: _ReplenishOutcome.ValueType  # 4
-    """The slot's policy is NOTIFY_ONLY or OFF, so the service does not order for
-    it; the customer can switch it to AUTO.
-    """
+    """The customer paused the slot or its device (PauseSlot, PauseDevice)."""
     REPLENISH_OUTCOME_LIMIT_REACHED: _ReplenishOutcome.ValueType  # 5
-    """Another order would exceed the slot's orders-per-period or spend limit;
-    retry_time says when that changes.
+    """Another order would exceed the slot's orders or spend per period (30 days
+    by default).
     """
     REPLENISH_OUTCOME_NOT_NEEDED: _ReplenishOutcome.ValueType  # 6
-    """The slot's latest reading is above its reorder point, so no order is
-    needed yet; retry_time is the forecast's reorder time when known.
+    """The slot's level is above its reorder point: no order is needed yet."""
+    REPLENISH_OUTCOME_NOTIFIED: _ReplenishOutcome.ValueType  # 7
+    """The slot's policy is NOTIFY_ONLY: a NOTIFICATION slot event tells the
+    customer instead of an order.
     """
+    REPLENISH_OUTCOME_POLICY_OFF: _ReplenishOutcome.ValueType  # 8
+    """The slot's policy is OFF: no order, no notification."""
 
 class ReplenishOutcome(_ReplenishOutcome, metaclass=_ReplenishOutcomeEnumTypeWrapper):
     """---------------------------------------------------------------------------
     Replenishing
     ---------------------------------------------------------------------------
 
-    ReplenishOutcome is the answer to a request to re-order a slot.
+    ReplenishOutcome is the decision for one slot, the same whether it was reached
+    from telemetry, from a device's Replenish (najimi.replenishment.device.v1, whose
+    enum of the same name has the same values) or shown on the slot feed. The
+    service decides, in this order (services/replenishment/ordering.py):
+    1. the slot has an open order: ORDER_IN_PROGRESS;
+    2. policy OFF: POLICY_OFF;
+    3. policy NOTIFY_ONLY: NOT_NEEDED above the reorder point, else NOTIFIED;
+    4. (policy AUTO) the slot or its device is paused: PAUSED;
+    5. `replenishment.automatic_ordering` not validly granted, or the consent
+       copy staler than its bound: CONSENT_REQUIRED;
+    6. the level is above the reorder point: NOT_NEEDED;
+    7. another order would exceed the limits: LIMIT_REACHED;
+    8. otherwise ORDER_PLACED.
+    Every outcome for a due slot goes on the slot feed when it changes: ORDER_PLACED as an
+    ORDER_PLACED event, NOTIFIED as NOTIFICATION, CONSENT_REQUIRED, PAUSED and
+    LIMIT_REACHED as ORDER_SKIPPED with the outcome as its reason; POLICY_OFF,
+    NOT_NEEDED and ORDER_IN_PROGRESS put nothing on the feed.
     """
 
 REPLENISH_OUTCOME_UNSPECIFIED: ReplenishOutcome.ValueType  # 0
 """Not used."""
 REPLENISH_OUTCOME_ORDER_PLACED: ReplenishOutcome.ValueType  # 1
-"""A new order was created (PENDING until its cancellation window closes); it
-is returned.
-"""
+"""A new order was created (PENDING until its cancellation window closes)."""
 REPLENISH_OUTCOME_ORDER_IN_PROGRESS: ReplenishOutcome.ValueType  # 2
-"""The slot already has an open order (PENDING, PLACED or SHIPPED); that order
-is returned and no new one is created.
+"""The slot already has an open order (PENDING, PLACED or SHIPPED); no new one
+is created.
 """
 REPLENISH_OUTCOME_CONSENT_REQUIRED: ReplenishOutcome.ValueType  # 3
-"""The customer has not granted `replenishment.automatic_ordering`, or the
-consent expired or predates the current material privacy notice. The customer
-must consent in a customer app first.
+"""The customer has not validly granted `replenishment.automatic_ordering`
+(never, withdrawn, expired, predating the current material notice, or the
+service's copy is staler than its bound: it fails closed). No order;
+re-evaluated when the consent state changes.
 """
 REPLENISH_OUTCOME_PAUSED: ReplenishOutcome.ValueType  # 4
-"""The slot's policy is NOTIFY_ONLY or OFF, so the service does not order for
-it; the customer can switch it to AUTO.
-"""
+"""The customer paused the slot or its device (PauseSlot, PauseDevice)."""
 REPLENISH_OUTCOME_LIMIT_REACHED: ReplenishOutcome.ValueType  # 5
-"""Another order would exceed the slot's orders-per-period or spend limit;
-retry_time says when that changes.
+"""Another order would exceed the slot's orders or spend per period (30 days
+by default).
 """
 REPLENISH_OUTCOME_NOT_NEEDED: ReplenishOutcome.ValueType  # 6
-"""The slot's latest reading is above its reorder point, so no order is
-needed yet; retry_time is the forecast's reorder time when known.
+"""The slot's level is above its reorder point: no order is needed yet."""
+REPLENISH_OUTCOME_NOTIFIED: ReplenishOutcome.ValueType  # 7
+"""The slot's policy is NOTIFY_ONLY: a NOTIFICATION slot event tells the
+customer instead of an order.
 """
+REPLENISH_OUTCOME_POLICY_OFF: ReplenishOutcome.ValueType  # 8
+"""The slot's policy is OFF: no order, no notification."""
 Global___ReplenishOutcome: _TypeAlias = ReplenishOutcome  # noqa: Y015
 
 class _OrderState:
@@ -327,7 +333,11 @@ class _OrderStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderState
     ORDER_STATE_DELIVERED: _OrderState.ValueType  # 4
     """Delivered. Final."""
     ORDER_STATE_CANCELLED: _OrderState.ValueType  # 5
-    """Cancelled; cancellation_reason says why. Final."""
+    """Cancelled before fulfilment; cancellation_reason says why. Final."""
+    ORDER_STATE_REJECTED: _OrderState.ValueType  # 6
+    """Fulfilment could not complete it (RejectOrder); rejection_reason says why.
+    Final.
+    """
 
 class OrderState(_OrderState, metaclass=_OrderStateEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -350,8 +360,44 @@ ORDER_STATE_SHIPPED: OrderState.ValueType  # 3
 ORDER_STATE_DELIVERED: OrderState.ValueType  # 4
 """Delivered. Final."""
 ORDER_STATE_CANCELLED: OrderState.ValueType  # 5
-"""Cancelled; cancellation_reason says why. Final."""
+"""Cancelled before fulfilment; cancellation_reason says why. Final."""
+ORDER_STATE_REJECTED: OrderState.ValueType  # 6
+"""Fulfilment could not complete it (RejectOrder); rejection_reason says why.
+Final.
+"""
 Global___OrderState: _TypeAlias = OrderState  # noqa: Y015
+
+class _RejectionReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectionReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REJECTION_REASON_UNSPECIFIED: _RejectionReason.ValueType  # 0
+    """Not used; the order is not rejected."""
+    REJECTION_REASON_OUT_OF_STOCK: _RejectionReason.ValueType  # 1
+    """The item is out of stock or discontinued."""
+    REJECTION_REASON_UNDELIVERABLE: _RejectionReason.ValueType  # 2
+    """The address cannot be delivered to."""
+    REJECTION_REASON_PAYMENT_FAILED: _RejectionReason.ValueType  # 3
+    """Payment failed."""
+    REJECTION_REASON_OTHER: _RejectionReason.ValueType  # 4
+    """Anything else; the note says what."""
+
+class RejectionReason(_RejectionReason, metaclass=_RejectionReasonEnumTypeWrapper):
+    """RejectionReason says why fulfilment rejected an order."""
+
+REJECTION_REASON_UNSPECIFIED: RejectionReason.ValueType  # 0
+"""Not used; the order is not rejected."""
+REJECTION_REASON_OUT_OF_STOCK: RejectionReason.ValueType  # 1
+"""The item is out of stock or discontinued."""
+REJECTION_REASON_UNDELIVERABLE: RejectionReason.ValueType  # 2
+"""The address cannot be delivered to."""
+REJECTION_REASON_PAYMENT_FAILED: RejectionReason.ValueType  # 3
+"""Payment failed."""
+REJECTION_REASON_OTHER: RejectionReason.ValueType  # 4
+"""Anything else; the note says what."""
+Global___RejectionReason: _TypeAlias = RejectionReason  # noqa: Y015
 
 class _OrderTrigger:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -366,7 +412,7 @@ class _OrderTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderTri
     reorder point.
     """
     ORDER_TRIGGER_DEVICE_REQUEST: _OrderTrigger.ValueType  # 2
-    """The device asked with DeviceService.Replenish."""
+    """The device asked with najimi.replenishment.device.v1.DeviceService.Replenish."""
     ORDER_TRIGGER_CUSTOMER: _OrderTrigger.ValueType  # 3
     """The customer asked, through ReplenishmentService.ReplenishSlot."""
 
@@ -380,7 +426,7 @@ ORDER_TRIGGER_AUTOMATIC: OrderTrigger.ValueType  # 1
 reorder point.
 """
 ORDER_TRIGGER_DEVICE_REQUEST: OrderTrigger.ValueType  # 2
-"""The device asked with DeviceService.Replenish."""
+"""The device asked with najimi.replenishment.device.v1.DeviceService.Replenish."""
 ORDER_TRIGGER_CUSTOMER: OrderTrigger.ValueType  # 3
 """The customer asked, through ReplenishmentService.ReplenishSlot."""
 Global___OrderTrigger: _TypeAlias = OrderTrigger  # noqa: Y015
@@ -405,10 +451,10 @@ class _CancellationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ca
     """The slot was deleted while the order was PENDING."""
     CANCELLATION_REASON_DEVICE_DEREGISTERED: _CancellationReason.ValueType  # 5
     """The device was deregistered while the order was PENDING."""
-    CANCELLATION_REASON_FULFILMENT_REJECTED: _CancellationReason.ValueType  # 6
-    """Fulfilment could not complete the order (out of stock, undeliverable ...)."""
     CANCELLATION_REASON_ADMIN: _CancellationReason.ValueType  # 7
     """The platform team cancelled it."""
+    CANCELLATION_REASON_CUSTOMER_ERASED: _CancellationReason.ValueType  # 8
+    """The customer's data was erased (DataSubjectService) while it was PENDING."""
 
 class CancellationReason(_CancellationReason, metaclass=_CancellationReasonEnumTypeWrapper):
     """CancellationReason says why an order was cancelled."""
@@ -427,10 +473,10 @@ CANCELLATION_REASON_SLOT_DELETED: CancellationReason.ValueType  # 4
 """The slot was deleted while the order was PENDING."""
 CANCELLATION_REASON_DEVICE_DEREGISTERED: CancellationReason.ValueType  # 5
 """The device was deregistered while the order was PENDING."""
-CANCELLATION_REASON_FULFILMENT_REJECTED: CancellationReason.ValueType  # 6
-"""Fulfilment could not complete the order (out of stock, undeliverable ...)."""
 CANCELLATION_REASON_ADMIN: CancellationReason.ValueType  # 7
 """The platform team cancelled it."""
+CANCELLATION_REASON_CUSTOMER_ERASED: CancellationReason.ValueType  # 8
+"""The customer's data was erased (DataSubjectService) while it was PENDING."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
 
 class _OrderEventType:
@@ -460,6 +506,89 @@ ORDER_EVENT_TYPE_STATE_CHANGED: OrderEventType.ValueType  # 2
 ORDER_EVENT_TYPE_TRACKING_UPDATED: OrderEventType.ValueType  # 3
 """The tracking of a SHIPPED order changed; the state did not."""
 Global___OrderEventType: _TypeAlias = OrderEventType  # noqa: Y015
+
+class _SlotEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SlotEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SLOT_EVENT_TYPE_UNSPECIFIED: _SlotEventType.ValueType  # 0
+    """Not used."""
+    SLOT_EVENT_TYPE_LOW: _SlotEventType.ValueType  # 1
+    """The slot's level fell to or below its reorder point (status LOW)."""
+    SLOT_EVENT_TYPE_EMPTY: _SlotEventType.ValueType  # 2
+    """The slot's latest reading is zero (status EMPTY)."""
+    SLOT_EVENT_TYPE_REFILLED: _SlotEventType.ValueType  # 3
+    """A refill was detected (or an order delivered): a new consumption epoch."""
+    SLOT_EVENT_TYPE_ORDER_PLACED: _SlotEventType.ValueType  # 4
+    """An order was placed for the slot (PENDING); order_id names it."""
+    SLOT_EVENT_TYPE_ORDER_SKIPPED: _SlotEventType.ValueType  # 5
+    """No order although the slot is due: outcome says why (CONSENT_REQUIRED,
+    PAUSED or LIMIT_REACHED; OFF slots are silent). Emitted when the reason
+    changes, not for every reading.
+    """
+    SLOT_EVENT_TYPE_NOTIFICATION: _SlotEventType.ValueType  # 6
+    """A NOTIFY_ONLY slot is due: tell the customer (outcome NOTIFIED)."""
+    SLOT_EVENT_TYPE_ORDER_CANCELLED: _SlotEventType.ValueType  # 7
+    """The slot's order was cancelled; order_id names it, cancellation_reason why."""
+    SLOT_EVENT_TYPE_ORDER_SHIPPED: _SlotEventType.ValueType  # 8
+    """The slot's order was shipped."""
+    SLOT_EVENT_TYPE_ORDER_DELIVERED: _SlotEventType.ValueType  # 9
+    """The slot's order was delivered."""
+    SLOT_EVENT_TYPE_ORDER_REJECTED: _SlotEventType.ValueType  # 10
+    """The slot's order was rejected by fulfilment."""
+    SLOT_EVENT_TYPE_PAUSED: _SlotEventType.ValueType  # 11
+    """The slot (or, with slot_id empty, the device) was paused."""
+    SLOT_EVENT_TYPE_RESUMED: _SlotEventType.ValueType  # 12
+    """The slot (or, with slot_id empty, the device) was resumed."""
+    SLOT_EVENT_TYPE_DEVICE_REGISTERED: _SlotEventType.ValueType  # 13
+    """The device was registered (slot_id empty)."""
+    SLOT_EVENT_TYPE_DEVICE_DEREGISTERED: _SlotEventType.ValueType  # 14
+    """The device was deregistered (slot_id empty)."""
+
+class SlotEventType(_SlotEventType, metaclass=_SlotEventTypeEnumTypeWrapper):
+    """---------------------------------------------------------------------------
+    Slot events
+    ---------------------------------------------------------------------------
+
+    SlotEventType says what happened to a slot or device.
+    """
+
+SLOT_EVENT_TYPE_UNSPECIFIED: SlotEventType.ValueType  # 0
+"""Not used."""
+SLOT_EVENT_TYPE_LOW: SlotEventType.ValueType  # 1
+"""The slot's level fell to or below its reorder point (status LOW)."""
+SLOT_EVENT_TYPE_EMPTY: SlotEventType.ValueType  # 2
+"""The slot's latest reading is zero (status EMPTY)."""
+SLOT_EVENT_TYPE_REFILLED: SlotEventType.ValueType  # 3
+"""A refill was detected (or an order delivered): a new consumption epoch."""
+SLOT_EVENT_TYPE_ORDER_PLACED: SlotEventType.ValueType  # 4
+"""An order was placed for the slot (PENDING); order_id names it."""
+SLOT_EVENT_TYPE_ORDER_SKIPPED: SlotEventType.ValueType  # 5
+"""No order although the slot is due: outcome says why (CONSENT_REQUIRED,
+PAUSED or LIMIT_REACHED; OFF slots are silent). Emitted when the reason
+changes, not for every reading.
+"""
+SLOT_EVENT_TYPE_NOTIFICATION: SlotEventType.ValueType  # 6
+"""A NOTIFY_ONLY slot is due: tell the customer (outcome NOTIFIED)."""
+SLOT_EVENT_TYPE_ORDER_CANCELLED: SlotEventType.ValueType  # 7
+"""The slot's order was cancelled; order_id names it, cancellation_reason why."""
+SLOT_EVENT_TYPE_ORDER_SHIPPED: SlotEventType.ValueType  # 8
+"""The slot's order was shipped."""
+SLOT_EVENT_TYPE_ORDER_DELIVERED: SlotEventType.ValueType  # 9
+"""The slot's order was delivered."""
+SLOT_EVENT_TYPE_ORDER_REJECTED: SlotEventType.ValueType  # 10
+"""The slot's order was rejected by fulfilment."""
+SLOT_EVENT_TYPE_PAUSED: SlotEventType.ValueType  # 11
+"""The slot (or, with slot_id empty, the device) was paused."""
+SLOT_EVENT_TYPE_RESUMED: SlotEventType.ValueType  # 12
+"""The slot (or, with slot_id empty, the device) was resumed."""
+SLOT_EVENT_TYPE_DEVICE_REGISTERED: SlotEventType.ValueType  # 13
+"""The device was registered (slot_id empty)."""
+SLOT_EVENT_TYPE_DEVICE_DEREGISTERED: SlotEventType.ValueType  # 14
+"""The device was deregistered (slot_id empty)."""
+Global___SlotEventType: _TypeAlias = SlotEventType  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):
@@ -503,6 +632,8 @@ class Device(_message.Message):
     DEREGISTER_TIME_FIELD_NUMBER: _builtins.int
     TOKEN_CREATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id, assigned by this service at registration. Output only."""
     customer_id: _builtins.str
@@ -532,6 +663,14 @@ class Device(_message.Message):
     """
     state: Global___DeviceState.ValueType
     """The life-cycle state. Output only."""
+    test: _builtins.bool
+    """A test device (set at registration; immutable): it behaves as any other,
+    but its orders are test orders that never reach fulfilment.
+    """
+    paused: _builtins.bool
+    """Whether the customer paused the whole device (PauseDevice): no slot of it
+    orders until ResumeDevice. Output only.
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form properties, e.g. {"location": "kitchen"}. At most 32 entries; keys
@@ -587,10 +726,12 @@ class Device(_message.Message):
         deregister_time: _timestamp_pb2.Timestamp | None = ...,
         token_create_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        test: _builtins.bool = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deregister_time", b"deregister_time", "last_seen_time", b"last_seen_time", "token_create_time", b"token_create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "create_time", b"create_time", "customer_id", b"customer_id", "deregister_time", b"deregister_time", "device_id", b"device_id", "display_name", b"display_name", "firmware_version", b"firmware_version", "kind", b"kind", "last_seen_time", b"last_seen_time", "manufacturer", b"manufacturer", "model", b"model", "serial_number", b"serial_number", "slots", b"slots", "state", b"state", "token_create_time", b"token_create_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "create_time", b"create_time", "customer_id", b"customer_id", "deregister_time", b"deregister_time", "device_id", b"device_id", "display_name", b"display_name", "firmware_version", b"firmware_version", "kind", b"kind", "last_seen_time", b"last_seen_time", "manufacturer", b"manufacturer", "model", b"model", "paused", b"paused", "serial_number", b"serial_number", "slots", b"slots", "state", b"state", "test", b"test", "token_create_time", b"token_create_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -632,6 +773,7 @@ class RegisterDeviceRequest(_message.Message):
     FIRMWARE_VERSION_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
     first result and never creates a second one.
@@ -650,6 +792,10 @@ class RegisterDeviceRequest(_message.Message):
     """A name the customer chose; optional."""
     firmware_version: _builtins.str
     """The firmware version; optional."""
+    test: _builtins.bool
+    """Register a test device, whose orders never reach fulfilment (e.g. for a
+    manufacturer's certification runs). Immutable.
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form properties; see Device.attributes."""
@@ -673,10 +819,11 @@ class RegisterDeviceRequest(_message.Message):
         firmware_version: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         slots: _abc.Iterable[Global___Slot] | None = ...,
+        test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "customer_id", b"customer_id", "display_name", b"display_name", "firmware_version", b"firmware_version", "kind", b"kind", "manufacturer", b"manufacturer", "model", b"model", "request_id", b"request_id", "serial_number", b"serial_number", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "customer_id", b"customer_id", "display_name", b"display_name", "firmware_version", b"firmware_version", "kind", b"kind", "manufacturer", b"manufacturer", "model", b"model", "request_id", b"request_id", "serial_number", b"serial_number", "slots", b"slots", "test", b"test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -692,8 +839,10 @@ class RegisterDeviceResponse(_message.Message):
     DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
     device_token: _builtins.str
     """The device's bearer token, to be sent by the device as
-    `authorization: Bearer <token>`. Shown only here and only once: empty on a
-    retry with the same request_id. Store it on the device; never log it.
+    `authorization: Bearer <token>` to najimi.replenishment.device.v1.DeviceService.
+    Shown only here and only once (and in RotateDeviceTokenResponse for a new
+    one): empty on a retry with the same request_id. The service stores only its
+    hash. Store it on the device; never log it.
     """
     @_builtins.property
     def device(self) -> Global___Device:
@@ -1065,6 +1214,8 @@ class SlotState(_message.Message):
     LAST_REFILL_TIME_FIELD_NUMBER: _builtins.int
     ORDERS_IN_PERIOD_FIELD_NUMBER: _builtins.int
     SPEND_IN_PERIOD_MICROS_FIELD_NUMBER: _builtins.int
+    LAST_OUTCOME_FIELD_NUMBER: _builtins.int
+    EPOCH_START_TIME_FIELD_NUMBER: _builtins.int
     level: _builtins.float
     """The latest level (the reading with the latest measure_time), in the slot's
     unit; 0 when status is NO_DATA.
@@ -1077,6 +1228,10 @@ class SlotState(_message.Message):
     """The non-cancelled orders in the current limit period."""
     spend_in_period_micros: _builtins.int
     """The spend of those orders, in micros of the slot's currency_code."""
+    last_outcome: Global___ReplenishOutcome.ValueType
+    """The latest decision for the slot (as its latest telemetry or Replenish got
+    it); UNSPECIFIED before any.
+    """
     @_builtins.property
     def level_time(self) -> _timestamp_pb2.Timestamp:
         """When the latest level was measured; unset when status is NO_DATA."""
@@ -1085,6 +1240,12 @@ class SlotState(_message.Message):
     def last_refill_time(self) -> _timestamp_pb2.Timestamp:
         """When the latest refill (a new cartridge, a refilled tank) was detected;
         unset if never.
+        """
+
+    @_builtins.property
+    def epoch_start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current consumption epoch started: the latest refill or delivery,
+        or the first reading. Unset with no data.
         """
 
     def __init__(
@@ -1097,10 +1258,12 @@ class SlotState(_message.Message):
         last_refill_time: _timestamp_pb2.Timestamp | None = ...,
         orders_in_period: _builtins.int = ...,
         spend_in_period_micros: _builtins.int = ...,
+        last_outcome: Global___ReplenishOutcome.ValueType = ...,
+        epoch_start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_refill_time", b"last_refill_time", "level_time", b"level_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["epoch_start_time", b"epoch_start_time", "last_refill_time", b"last_refill_time", "level_time", b"level_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_refill_time", b"last_refill_time", "level", b"level", "level_time", b"level_time", "open_order_id", b"open_order_id", "orders_in_period", b"orders_in_period", "spend_in_period_micros", b"spend_in_period_micros", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_start_time", b"epoch_start_time", "last_outcome", b"last_outcome", "last_refill_time", b"last_refill_time", "level", b"level", "level_time", b"level_time", "open_order_id", b"open_order_id", "orders_in_period", b"orders_in_period", "spend_in_period_micros", b"spend_in_period_micros", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1133,6 +1296,8 @@ class Slot(_message.Message):
     FALLBACK_REORDER_LEVEL_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    EXPECTED_STOCK_AFTER_DELIVERY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
@@ -1181,6 +1346,15 @@ class Slot(_message.Message):
     """The reorder point used while the forecast has too few readings, in unit:
     0 to capacity; 0 means 20% of capacity.
     """
+    paused: _builtins.bool
+    """Whether the customer paused this slot (PauseSlot). Output only. The slot
+    orders only when neither it nor its device is paused.
+    """
+    expected_stock_after_delivery: _builtins.float
+    """The level the slot is expected to hold after a delivery (a new cartridge, a
+    full tank), in unit: 0 to capacity; 0 means capacity. A delivered order sets
+    the slot's expected level to it until a reading says otherwise.
+    """
     @_builtins.property
     def lead_time(self) -> _duration_pb2.Duration:
         """How long an order takes from placing to delivery: 1 hour to 60 days; unset
@@ -1222,12 +1396,14 @@ class Slot(_message.Message):
         fallback_reorder_level: _builtins.float = ...,
         limits: Global___SlotLimits | None = ...,
         state: Global___SlotState | None = ...,
+        paused: _builtins.bool = ...,
+        expected_stock_after_delivery: _builtins.float = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lead_time", b"lead_time", "limits", b"limits", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "create_time", b"create_time", "currency_code", b"currency_code", "device_id", b"device_id", "display_name", b"display_name", "fallback_reorder_level", b"fallback_reorder_level", "item_id", b"item_id", "lead_time", b"lead_time", "limits", b"limits", "policy", b"policy", "reorder_quantity", b"reorder_quantity", "safety_z", b"safety_z", "service_level", b"service_level", "slot_id", b"slot_id", "state", b"state", "unit", b"unit", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "create_time", b"create_time", "currency_code", b"currency_code", "device_id", b"device_id", "display_name", b"display_name", "expected_stock_after_delivery", b"expected_stock_after_delivery", "fallback_reorder_level", b"fallback_reorder_level", "item_id", b"item_id", "lead_time", b"lead_time", "limits", b"limits", "paused", b"paused", "policy", b"policy", "reorder_quantity", b"reorder_quantity", "safety_z", b"safety_z", "service_level", b"service_level", "slot_id", b"slot_id", "state", b"state", "unit", b"unit", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1471,10 +1647,134 @@ class DeleteSlotRequest(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     SLOT_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The slot's device."""
     slot_id: _builtins.str
     """The slot to remove."""
+    allow_missing: _builtins.bool
+    """When true, a slot (or device) that does not exist is a success with an
+    empty response instead of NOT_FOUND: a retry after a lost answer is safe.
+    """
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        slot_id: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "device_id", b"device_id", "slot_id", b"slot_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSlotRequest: _TypeAlias = DeleteSlotRequest  # noqa: Y015
+
+@_typing.final
+class PauseDeviceRequest(_message.Message):
+    """PauseDeviceRequest names the device to pause."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseDeviceRequest: _TypeAlias = PauseDeviceRequest  # noqa: Y015
+
+@_typing.final
+class PauseDeviceResponse(_message.Message):
+    """PauseDeviceResponse holds the paused device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device(self) -> Global___Device:
+        """The device, paused."""
+
+    def __init__(
+        self,
+        *,
+        device: Global___Device | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseDeviceResponse: _TypeAlias = PauseDeviceResponse  # noqa: Y015
+
+@_typing.final
+class ResumeDeviceRequest(_message.Message):
+    """ResumeDeviceRequest names the device to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeDeviceRequest: _TypeAlias = ResumeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ResumeDeviceResponse(_message.Message):
+    """ResumeDeviceResponse holds the resumed device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device(self) -> Global___Device:
+        """The device, not paused."""
+
+    def __init__(
+        self,
+        *,
+        device: Global___Device | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeDeviceResponse: _TypeAlias = ResumeDeviceResponse  # noqa: Y015
+
+@_typing.final
+class PauseSlotRequest(_message.Message):
+    """PauseSlotRequest names the slot to pause."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SLOT_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The slot's device."""
+    slot_id: _builtins.str
+    """The slot."""
     def __init__(
         self,
         *,
@@ -1487,7 +1787,81 @@ class DeleteSlotRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteSlotRequest: _TypeAlias = DeleteSlotRequest  # noqa: Y015
+Global___PauseSlotRequest: _TypeAlias = PauseSlotRequest  # noqa: Y015
+
+@_typing.final
+class PauseSlotResponse(_message.Message):
+    """PauseSlotResponse holds the paused slot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slot(self) -> Global___Slot:
+        """The slot, paused."""
+
+    def __init__(
+        self,
+        *,
+        slot: Global___Slot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseSlotResponse: _TypeAlias = PauseSlotResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSlotRequest(_message.Message):
+    """ResumeSlotRequest names the slot to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SLOT_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The slot's device."""
+    slot_id: _builtins.str
+    """The slot."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        slot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "slot_id", b"slot_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSlotRequest: _TypeAlias = ResumeSlotRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSlotResponse(_message.Message):
+    """ResumeSlotResponse holds the resumed slot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slot(self) -> Global___Slot:
+        """The slot, not paused."""
+
+    def __init__(
+        self,
+        *,
+        slot: Global___Slot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSlotResponse: _TypeAlias = ResumeSlotResponse  # noqa: Y015
 
 @_typing.final
 class DeleteSlotResponse(_message.Message):
@@ -1512,257 +1886,6 @@ class DeleteSlotResponse(_message.Message):
 Global___DeleteSlotResponse: _TypeAlias = DeleteSlotResponse  # noqa: Y015
 
 @_typing.final
-class Reading(_message.Message):
-    """---------------------------------------------------------------------------
-    Telemetry
-    ---------------------------------------------------------------------------
-
-    Reading is one measurement of a slot's level by the device.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    READING_ID_FIELD_NUMBER: _builtins.int
-    SLOT_ID_FIELD_NUMBER: _builtins.int
-    LEVEL_FIELD_NUMBER: _builtins.int
-    MEASURE_TIME_FIELD_NUMBER: _builtins.int
-    reading_id: _builtins.str
-    """The device's id for this reading, unique per device: 1 to 64 characters of
-    [A-Za-z0-9._:-]; a retry with the same id returns the first result and never
-    creates a second one: the reading is not stored again and its result is
-    DUPLICATE.
-    """
-    slot_id: _builtins.str
-    """The slot measured; must be one of the device's slots."""
-    level: _builtins.float
-    """The level measured, in the slot's unit: 0 to the slot's capacity."""
-    @_builtins.property
-    def measure_time(self) -> _timestamp_pb2.Timestamp:
-        """When the device measured it, by the device's clock: not more than 5 minutes
-        ahead of the server's clock and not more than 30 days old.
-        """
-
-    def __init__(
-        self,
-        *,
-        reading_id: _builtins.str = ...,
-        slot_id: _builtins.str = ...,
-        level: _builtins.float = ...,
-        measure_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["measure_time", b"measure_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "measure_time", b"measure_time", "reading_id", b"reading_id", "slot_id", b"slot_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Reading: _TypeAlias = Reading  # noqa: Y015
-
-@_typing.final
-class ReadingResult(_message.Message):
-    """ReadingResult is the result of one reading of a batch."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    READING_ID_FIELD_NUMBER: _builtins.int
-    OUTCOME_FIELD_NUMBER: _builtins.int
-    FIELD_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
-    reading_id: _builtins.str
-    """The reading's id, as sent."""
-    outcome: Global___ReadingOutcome.ValueType
-    """What happened to the reading."""
-    field: _builtins.str
-    """For INVALID: the offending field of the Reading, e.g. "level", "slot_id",
-    "measure_time", "reading_id". Empty otherwise.
-    """
-    description: _builtins.str
-    """For INVALID: why, in English, e.g. "above the slot's capacity of 250 ml".
-    Empty otherwise.
-    """
-    def __init__(
-        self,
-        *,
-        reading_id: _builtins.str = ...,
-        outcome: Global___ReadingOutcome.ValueType = ...,
-        field: _builtins.str = ...,
-        description: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field", "outcome", b"outcome", "reading_id", b"reading_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReadingResult: _TypeAlias = ReadingResult  # noqa: Y015
-
-@_typing.final
-class ReportTelemetryRequest(_message.Message):
-    """ReportTelemetryRequest carries a batch of readings from one device."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEVICE_ID_FIELD_NUMBER: _builtins.int
-    READINGS_FIELD_NUMBER: _builtins.int
-    device_id: _builtins.str
-    """The reporting device; must be the caller's own."""
-    @_builtins.property
-    def readings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reading]:
-        """1 to 1000 readings, of any of the device's slots, in any order."""
-
-    def __init__(
-        self,
-        *,
-        device_id: _builtins.str = ...,
-        readings: _abc.Iterable[Global___Reading] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "readings", b"readings"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReportTelemetryRequest: _TypeAlias = ReportTelemetryRequest  # noqa: Y015
-
-@_typing.final
-class ReportTelemetryResponse(_message.Message):
-    """ReportTelemetryResponse holds the result of every reading and the state of the
-    slots they touched.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class SlotStatesEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> Global___SlotState: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: Global___SlotState | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    RESULTS_FIELD_NUMBER: _builtins.int
-    SLOT_STATES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadingResult]:
-        """One result per reading, in the order of the request."""
-
-    @_builtins.property
-    def slot_states(self) -> _containers.MessageMap[_builtins.str, Global___SlotState]:
-        """The state, after the batch, of every slot that a reading of the batch
-        named, keyed by slot_id.
-        """
-
-    def __init__(
-        self,
-        *,
-        results: _abc.Iterable[Global___ReadingResult] | None = ...,
-        slot_states: _abc.Mapping[_builtins.str, Global___SlotState] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "slot_states", b"slot_states"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReportTelemetryResponse: _TypeAlias = ReportTelemetryResponse  # noqa: Y015
-
-@_typing.final
-class StreamTelemetryRequest(_message.Message):
-    """StreamTelemetryRequest is one batch of readings on a telemetry stream."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEVICE_ID_FIELD_NUMBER: _builtins.int
-    READINGS_FIELD_NUMBER: _builtins.int
-    device_id: _builtins.str
-    """The reporting device; must be the caller's own. Required in the first
-    message; later messages may leave it empty or must repeat it.
-    """
-    @_builtins.property
-    def readings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reading]:
-        """1 to 1000 readings, of any of the device's slots, in any order."""
-
-    def __init__(
-        self,
-        *,
-        device_id: _builtins.str = ...,
-        readings: _abc.Iterable[Global___Reading] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "readings", b"readings"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StreamTelemetryRequest: _TypeAlias = StreamTelemetryRequest  # noqa: Y015
-
-@_typing.final
-class StreamTelemetryResponse(_message.Message):
-    """StreamTelemetryResponse answers one StreamTelemetryRequest, in order."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class SlotStatesEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> Global___SlotState: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: Global___SlotState | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    RESULTS_FIELD_NUMBER: _builtins.int
-    SLOT_STATES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadingResult]:
-        """One result per reading, in the order of the request message answered."""
-
-    @_builtins.property
-    def slot_states(self) -> _containers.MessageMap[_builtins.str, Global___SlotState]:
-        """The state, after the batch, of every slot that a reading of the batch
-        named, keyed by slot_id.
-        """
-
-    def __init__(
-        self,
-        *,
-        results: _abc.Iterable[Global___ReadingResult] | None = ...,
-        slot_states: _abc.Mapping[_builtins.str, Global___SlotState] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "slot_states", b"slot_states"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StreamTelemetryResponse: _TypeAlias = StreamTelemetryResponse  # noqa: Y015
-
-@_typing.final
 class SlotForecast(_message.Message):
     """SlotForecast is when a slot will run empty and when it should be reordered.
     The consumption rate comes from the slot's recent readings, robust to noise and
@@ -1777,6 +1900,8 @@ class SlotForecast(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     SLOT_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
     CURRENT_LEVEL_FIELD_NUMBER: _builtins.int
     LEVEL_TIME_FIELD_NUMBER: _builtins.int
@@ -1801,6 +1926,13 @@ class SlotForecast(_message.Message):
     """The slot."""
     status: Global___ForecastStatus.ValueType
     """How far the forecast can be trusted; says which fields are set."""
+    method: Global___ForecastMethod.ValueType
+    """Which estimator gave the rate (services/replenishment/forecast.py)."""
+    explanation: _builtins.str
+    """One line of English saying why the service orders when it does, e.g.
+    "about 12 days left; shipping takes 3; ordering when 5 days remain". Up to
+    200 characters.
+    """
     unit: _builtins.str
     """The unit of every level below, e.g. "ml"."""
     current_level: _builtins.float
@@ -1812,14 +1944,19 @@ class SlotForecast(_message.Message):
     days_to_empty: _builtins.float
     """Days from level_time until the slot is empty at the estimated rate."""
     reorder_point: _builtins.float
-    """The level at or below which the slot is due for a reorder."""
+    """The level at or below which the slot is due for a reorder, in unit:
+    consumption_rate_per_day * lead time in days + safety_stock
+    (fallback_reorder_level with INSUFFICIENT_DATA).
+    """
     safety_stock: _builtins.float
-    """The part of reorder_point kept against faster-than-expected consumption."""
+    """The part of reorder_point kept against faster-than-expected consumption:
+    z * consumption_stddev_per_day * sqrt(lead time in days), in unit.
+    """
     service_level: _builtins.float
     """The service level used, from the slot (e.g. 0.95)."""
     confidence: _builtins.float
-    """How much to trust the dates, from 0 (a guess) to 1 (many readings that fit
-    the rate closely). Below 0.5 the dates are rough. 0 with INSUFFICIENT_DATA.
+    """How much to trust the dates, in [0, 1]: 0 a guess, 1 many readings that fit
+    the rate closely. Below 0.5 the dates are rough. 0 with INSUFFICIENT_DATA.
     """
     readings_used: _builtins.int
     """How many readings the estimate is based on."""
@@ -1839,8 +1976,8 @@ class SlotForecast(_message.Message):
 
     @_builtins.property
     def reorder_time(self) -> _timestamp_pb2.Timestamp:
-        """When the level is expected to reach reorder_point; the level_time when it is
-        already at or below it.
+        """When the level is expected to reach reorder_point, that is the expected order
+        date; the level_time when it is already at or below it.
         """
 
     @_builtins.property
@@ -1864,6 +2001,8 @@ class SlotForecast(_message.Message):
         device_id: _builtins.str = ...,
         slot_id: _builtins.str = ...,
         status: Global___ForecastStatus.ValueType = ...,
+        method: Global___ForecastMethod.ValueType = ...,
+        explanation: _builtins.str = ...,
         unit: _builtins.str = ...,
         current_level: _builtins.float = ...,
         level_time: _timestamp_pb2.Timestamp | None = ...,
@@ -1885,7 +2024,7 @@ class SlotForecast(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_consumption_rate_per_day", b"_consumption_rate_per_day", "_consumption_stddev_per_day", b"_consumption_stddev_per_day", "_days_to_empty", b"_days_to_empty", "compute_time", b"compute_time", "consumption_rate_per_day", b"consumption_rate_per_day", "consumption_stddev_per_day", b"consumption_stddev_per_day", "days_to_empty", b"days_to_empty", "empty_time", b"empty_time", "expected_replenishment_time", b"expected_replenishment_time", "lead_time", b"lead_time", "level_time", b"level_time", "reorder_time", b"reorder_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_consumption_rate_per_day", b"_consumption_rate_per_day", "_consumption_stddev_per_day", b"_consumption_stddev_per_day", "_days_to_empty", b"_days_to_empty", "compute_time", b"compute_time", "confidence", b"confidence", "consumption_rate_per_day", b"consumption_rate_per_day", "consumption_stddev_per_day", b"consumption_stddev_per_day", "current_level", b"current_level", "days_to_empty", b"days_to_empty", "device_id", b"device_id", "empty_time", b"empty_time", "expected_replenishment_time", b"expected_replenishment_time", "lead_time", b"lead_time", "level_time", b"level_time", "open_order_id", b"open_order_id", "readings_used", b"readings_used", "reorder_point", b"reorder_point", "reorder_time", b"reorder_time", "safety_stock", b"safety_stock", "service_level", b"service_level", "slot_id", b"slot_id", "status", b"status", "unit", b"unit", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_consumption_rate_per_day", b"_consumption_rate_per_day", "_consumption_stddev_per_day", b"_consumption_stddev_per_day", "_days_to_empty", b"_days_to_empty", "compute_time", b"compute_time", "confidence", b"confidence", "consumption_rate_per_day", b"consumption_rate_per_day", "consumption_stddev_per_day", b"consumption_stddev_per_day", "current_level", b"current_level", "days_to_empty", b"days_to_empty", "device_id", b"device_id", "empty_time", b"empty_time", "expected_replenishment_time", b"expected_replenishment_time", "explanation", b"explanation", "lead_time", b"lead_time", "level_time", b"level_time", "method", b"method", "open_order_id", b"open_order_id", "readings_used", b"readings_used", "reorder_point", b"reorder_point", "reorder_time", b"reorder_time", "safety_stock", b"safety_stock", "service_level", b"service_level", "slot_id", b"slot_id", "status", b"status", "unit", b"unit", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__consumption_rate_per_day: _TypeAlias = _typing.Literal["consumption_rate_per_day"]  # noqa: Y015
     _WhichOneofArgType__consumption_rate_per_day: _TypeAlias = _typing.Literal["_consumption_rate_per_day", b"_consumption_rate_per_day"]  # noqa: Y015
@@ -1951,133 +2090,6 @@ class GetSlotForecastResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSlotForecastResponse: _TypeAlias = GetSlotForecastResponse  # noqa: Y015
-
-@_typing.final
-class GetForecastRequest(_message.Message):
-    """GetForecastRequest names one of the calling device's slots."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEVICE_ID_FIELD_NUMBER: _builtins.int
-    SLOT_ID_FIELD_NUMBER: _builtins.int
-    device_id: _builtins.str
-    """The device; must be the caller's own."""
-    slot_id: _builtins.str
-    """The slot."""
-    def __init__(
-        self,
-        *,
-        device_id: _builtins.str = ...,
-        slot_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "slot_id", b"slot_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetForecastRequest: _TypeAlias = GetForecastRequest  # noqa: Y015
-
-@_typing.final
-class GetForecastResponse(_message.Message):
-    """GetForecastResponse holds a slot's forecast for the device."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FORECAST_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def forecast(self) -> Global___SlotForecast:
-        """The forecast."""
-
-    def __init__(
-        self,
-        *,
-        forecast: Global___SlotForecast | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["forecast", b"forecast"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forecast", b"forecast"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetForecastResponse: _TypeAlias = GetForecastResponse  # noqa: Y015
-
-@_typing.final
-class ReplenishRequest(_message.Message):
-    """ReplenishRequest asks to re-order one of the calling device's slots."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DEVICE_ID_FIELD_NUMBER: _builtins.int
-    SLOT_ID_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
-    """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
-    first result and never creates a second one.
-    """
-    device_id: _builtins.str
-    """The device; must be the caller's own."""
-    slot_id: _builtins.str
-    """The slot to re-order. The quantity is the slot's reorder_quantity."""
-    def __init__(
-        self,
-        *,
-        request_id: _builtins.str = ...,
-        device_id: _builtins.str = ...,
-        slot_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "request_id", b"request_id", "slot_id", b"slot_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReplenishRequest: _TypeAlias = ReplenishRequest  # noqa: Y015
-
-@_typing.final
-class ReplenishResponse(_message.Message):
-    """ReplenishResponse is the answer to a device's request to re-order."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OUTCOME_FIELD_NUMBER: _builtins.int
-    ORDER_FIELD_NUMBER: _builtins.int
-    RETRY_TIME_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    outcome: Global___ReplenishOutcome.ValueType
-    """What happened."""
-    message: _builtins.str
-    """A short English explanation a device may show, e.g. "Monthly spend limit of
-    50.00 EUR reached".
-    """
-    @_builtins.property
-    def order(self) -> Global___Order:
-        """The new order (ORDER_PLACED) or the open one (ORDER_IN_PROGRESS); unset for
-        the other outcomes.
-        """
-
-    @_builtins.property
-    def retry_time(self) -> _timestamp_pb2.Timestamp:
-        """The earliest time a new request may get a different answer: when a limit
-        frees up (LIMIT_REACHED) or the forecast's reorder time (NOT_NEEDED); unset
-        otherwise.
-        """
-
-    def __init__(
-        self,
-        *,
-        outcome: Global___ReplenishOutcome.ValueType = ...,
-        order: Global___Order | None = ...,
-        retry_time: _timestamp_pb2.Timestamp | None = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order", "retry_time", b"retry_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "order", b"order", "outcome", b"outcome", "retry_time", b"retry_time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReplenishResponse: _TypeAlias = ReplenishResponse  # noqa: Y015
 
 @_typing.final
 class ReplenishSlotRequest(_message.Message):
@@ -2210,6 +2222,10 @@ class Order(_message.Message):
     DELIVER_TIME_FIELD_NUMBER: _builtins.int
     CANCEL_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    REJECTION_REASON_FIELD_NUMBER: _builtins.int
+    REJECT_TIME_FIELD_NUMBER: _builtins.int
+    REJECTION_NOTE_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's id, assigned by this service."""
     device_id: _builtins.str
@@ -2238,9 +2254,20 @@ class Order(_message.Message):
     """Free text given with the cancellation; empty when none."""
     revision: _builtins.int
     """The revision of the latest event about this order."""
+    test: _builtins.bool
+    """A test order, of a test device: same life cycle, never sent to fulfilment
+    (absent from the order feed for service:fulfilment), never charged.
+    """
+    rejection_reason: Global___RejectionReason.ValueType
+    """Why fulfilment rejected it; UNSPECIFIED unless state is REJECTED."""
+    rejection_note: _builtins.str
+    """The free text given with the rejection; empty when none."""
     @_builtins.property
     def cancel_deadline_time(self) -> _timestamp_pb2.Timestamp:
-        """Until when the customer may cancel it; after that it is PLACED."""
+        """The pending-until time: until when the customer may cancel it (create_time
+        plus the cancellation window, 24 hours by default); after that the service
+        moves it to PLACED.
+        """
 
     @_builtins.property
     def tracking(self) -> Global___ShipmentTracking:
@@ -2276,6 +2303,10 @@ class Order(_message.Message):
     def cancel_time(self) -> _timestamp_pb2.Timestamp:
         """When it was cancelled; unset unless cancelled."""
 
+    @_builtins.property
+    def reject_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was rejected; unset unless rejected."""
+
     def __init__(
         self,
         *,
@@ -2302,10 +2333,14 @@ class Order(_message.Message):
         deliver_time: _timestamp_pb2.Timestamp | None = ...,
         cancel_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        test: _builtins.bool = ...,
+        rejection_reason: Global___RejectionReason.ValueType = ...,
+        reject_time: _timestamp_pb2.Timestamp | None = ...,
+        rejection_note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "create_time", b"create_time", "deliver_time", b"deliver_time", "expected_delivery_time", b"expected_delivery_time", "place_time", b"place_time", "ship_time", b"ship_time", "tracking", b"tracking", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "create_time", b"create_time", "deliver_time", b"deliver_time", "expected_delivery_time", b"expected_delivery_time", "place_time", b"place_time", "reject_time", b"reject_time", "ship_time", b"ship_time", "tracking", b"tracking", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "cancellation_note", b"cancellation_note", "cancellation_reason", b"cancellation_reason", "create_time", b"create_time", "currency_code", b"currency_code", "customer_id", b"customer_id", "deliver_time", b"deliver_time", "device_id", b"device_id", "expected_delivery_time", b"expected_delivery_time", "item_id", b"item_id", "order_id", b"order_id", "place_time", b"place_time", "quantity", b"quantity", "revision", b"revision", "ship_time", b"ship_time", "slot_id", b"slot_id", "state", b"state", "total_price_micros", b"total_price_micros", "tracking", b"tracking", "trigger", b"trigger", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_deadline_time", b"cancel_deadline_time", "cancel_time", b"cancel_time", "cancellation_note", b"cancellation_note", "cancellation_reason", b"cancellation_reason", "create_time", b"create_time", "currency_code", b"currency_code", "customer_id", b"customer_id", "deliver_time", b"deliver_time", "device_id", b"device_id", "expected_delivery_time", b"expected_delivery_time", "item_id", b"item_id", "order_id", b"order_id", "place_time", b"place_time", "quantity", b"quantity", "reject_time", b"reject_time", "rejection_note", b"rejection_note", "rejection_reason", b"rejection_reason", "revision", b"revision", "ship_time", b"ship_time", "slot_id", b"slot_id", "state", b"state", "test", b"test", "total_price_micros", b"total_price_micros", "tracking", b"tracking", "trigger", b"trigger", "unit_price_micros", b"unit_price_micros", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2446,21 +2481,27 @@ class CancelOrderRequest(_message.Message):
 
     ORDER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order to cancel."""
     note: _builtins.str
     """Why, in free text for the record, e.g. "bought one in a shop". Up to 500
     characters; not for personal data.
     """
+    request_id: _builtins.str
+    """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
+    first answer. Required.
+    """
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
         note: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "order_id", b"order_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2491,40 +2532,29 @@ class CancelOrderResponse(_message.Message):
 Global___CancelOrderResponse: _TypeAlias = CancelOrderResponse  # noqa: Y015
 
 @_typing.final
-class UpdateOrderStateRequest(_message.Message):
-    """UpdateOrderStateRequest reports a fulfilment step."""
+class ShipOrderRequest(_message.Message):
+    """ShipOrderRequest reports that an order was shipped."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
     TRACKING_FIELD_NUMBER: _builtins.int
-    NOTE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
-    first result and never creates a second one.
+    first answer.
     """
     order_id: _builtins.str
     """The order."""
-    state: Global___OrderState.ValueType
-    """The new state: SHIPPED, DELIVERED or CANCELLED."""
-    note: _builtins.str
-    """For CANCELLED: free text for the record, e.g. "item discontinued". Up to 500
-    characters. The reason is always FULFILMENT_REJECTED (ADMIN when admin
-    calls).
-    """
     @_builtins.property
     def tracking(self) -> Global___ShipmentTracking:
-        """For SHIPPED: how to follow the parcel; carrier and tracking_number are
-        required. Ignored for other states.
-        """
+        """How to follow the parcel; carrier and tracking_number are required."""
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the step happened in the fulfilment system; unset means now. Must not
-        be in the future or before the order's last change.
+        """When it was shipped in the fulfilment system; unset means now. Not in the
+        future, not before the order's last change.
         """
 
     def __init__(
@@ -2532,29 +2562,27 @@ class UpdateOrderStateRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         order_id: _builtins.str = ...,
-        state: Global___OrderState.ValueType = ...,
         tracking: Global___ShipmentTracking | None = ...,
-        note: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "tracking", b"tracking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "note", b"note", "order_id", b"order_id", "request_id", b"request_id", "state", b"state", "tracking", b"tracking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "order_id", b"order_id", "request_id", b"request_id", "tracking", b"tracking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UpdateOrderStateRequest: _TypeAlias = UpdateOrderStateRequest  # noqa: Y015
+Global___ShipOrderRequest: _TypeAlias = ShipOrderRequest  # noqa: Y015
 
 @_typing.final
-class UpdateOrderStateResponse(_message.Message):
-    """UpdateOrderStateResponse holds the updated order."""
+class ShipOrderResponse(_message.Message):
+    """ShipOrderResponse holds the shipped order."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def order(self) -> Global___Order:
-        """The order after the step."""
+        """The order, state SHIPPED."""
 
     def __init__(
         self,
@@ -2567,7 +2595,137 @@ class UpdateOrderStateResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UpdateOrderStateResponse: _TypeAlias = UpdateOrderStateResponse  # noqa: Y015
+Global___ShipOrderResponse: _TypeAlias = ShipOrderResponse  # noqa: Y015
+
+@_typing.final
+class DeliverOrderRequest(_message.Message):
+    """DeliverOrderRequest reports that an order was delivered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
+    first answer.
+    """
+    order_id: _builtins.str
+    """The order."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was delivered; unset means now. Not in the future, not before the
+        order's last change.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "order_id", b"order_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverOrderRequest: _TypeAlias = DeliverOrderRequest  # noqa: Y015
+
+@_typing.final
+class DeliverOrderResponse(_message.Message):
+    """DeliverOrderResponse holds the delivered order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> Global___Order:
+        """The order, state DELIVERED."""
+
+    def __init__(
+        self,
+        *,
+        order: Global___Order | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverOrderResponse: _TypeAlias = DeliverOrderResponse  # noqa: Y015
+
+@_typing.final
+class RejectOrderRequest(_message.Message):
+    """RejectOrderRequest reports that fulfilment cannot complete an order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """1 to 64 characters of [A-Za-z0-9._:-]; a retry with the same id returns the
+    first answer.
+    """
+    order_id: _builtins.str
+    """The order."""
+    reason: Global___RejectionReason.ValueType
+    """Why. Required (not UNSPECIFIED)."""
+    note: _builtins.str
+    """Free text for the record, e.g. "item discontinued". Up to 500 characters;
+    not for personal data.
+    """
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was rejected; unset means now. Not in the future, not before the
+        order's last change.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        reason: Global___RejectionReason.ValueType = ...,
+        note: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "note", b"note", "order_id", b"order_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectOrderRequest: _TypeAlias = RejectOrderRequest  # noqa: Y015
+
+@_typing.final
+class RejectOrderResponse(_message.Message):
+    """RejectOrderResponse holds the rejected order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> Global___Order:
+        """The order, state REJECTED."""
+
+    def __init__(
+        self,
+        *,
+        order: Global___Order | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectOrderResponse: _TypeAlias = RejectOrderResponse  # noqa: Y015
 
 @_typing.final
 class OrderEvent(_message.Message):
@@ -2779,3 +2937,272 @@ class WatchOrderEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WatchOrderEventsResponse: _TypeAlias = WatchOrderEventsResponse  # noqa: Y015
+
+@_typing.final
+class SlotEvent(_message.Message):
+    """SlotEvent is one thing that happened to a slot or device, in the global slot
+    feed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SLOT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    CANCELLATION_REASON_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The event's position in the slot feed: strictly increasing, from 1; its own
+    sequence, independent of the order feed's.
+    """
+    type: Global___SlotEventType.ValueType
+    """What happened."""
+    customer_id: _builtins.str
+    """The device's owner."""
+    device_id: _builtins.str
+    """The device."""
+    slot_id: _builtins.str
+    """The slot; empty for device-wide events (DEVICE_*, device PAUSED/RESUMED)."""
+    outcome: Global___ReplenishOutcome.ValueType
+    """The decision, for ORDER_PLACED, ORDER_SKIPPED and NOTIFICATION;
+    UNSPECIFIED otherwise.
+    """
+    order_id: _builtins.str
+    """The order, for ORDER_* events; empty otherwise."""
+    cancellation_reason: Global___CancellationReason.ValueType
+    """For ORDER_CANCELLED: why."""
+    level: _builtins.float
+    """The slot's level when it happened, in the slot's unit; 0 when unknown."""
+    message: _builtins.str
+    """One line of English for the customer, e.g. "Black ink is low: about 5 days
+    left; ordering is paused". Up to 200 characters.
+    """
+    test: _builtins.bool
+    """Whether the device is a test device."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (for telemetry-driven events, the reading's measure_time)."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        type: Global___SlotEventType.ValueType = ...,
+        customer_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        slot_id: _builtins.str = ...,
+        outcome: Global___ReplenishOutcome.ValueType = ...,
+        order_id: _builtins.str = ...,
+        cancellation_reason: Global___CancellationReason.ValueType = ...,
+        level: _builtins.float = ...,
+        message: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        test: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancellation_reason", b"cancellation_reason", "customer_id", b"customer_id", "device_id", b"device_id", "event_time", b"event_time", "level", b"level", "message", b"message", "order_id", b"order_id", "outcome", b"outcome", "revision", b"revision", "slot_id", b"slot_id", "test", b"test", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotEvent: _TypeAlias = SlotEvent  # noqa: Y015
+
+@_typing.final
+class ListSlotEventsRequest(_message.Message):
+    """ListSlotEventsRequest asks for slot events after a revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    SINCE_REVISION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """Only events of this customer's devices; empty means any (admin only unless
+    device_id is set).
+    """
+    device_id: _builtins.str
+    """Only events of this device; empty means any."""
+    since_revision: _builtins.int
+    """Return events with a revision greater than this; 0 means from the oldest
+    retained event.
+    """
+    page_size: _builtins.int
+    """The maximum number of events to return: 1 to 1000; 0 means 100."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call; empty for the first page. The other
+    fields must not change between pages (shared/page_tokens.py).
+    """
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___SlotEventType.ValueType]:
+        """Only events of these types; empty means every type."""
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        types: _abc.Iterable[Global___SlotEventType.ValueType] | None = ...,
+        since_revision: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "device_id", b"device_id", "page_size", b"page_size", "page_token", b"page_token", "since_revision", b"since_revision", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSlotEventsRequest: _TypeAlias = ListSlotEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListSlotEventsResponse(_message.Message):
+    """ListSlotEventsResponse holds one page of slot events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENT_REVISION_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    current_revision: _builtins.int
+    """The current slot-feed revision when the page was read; watch from the
+    highest revision received (or this one, if higher) to continue without a
+    gap.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotEvent]:
+        """The events, in ascending revision order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___SlotEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+        current_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSlotEventsResponse: _TypeAlias = ListSlotEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchSlotEventsRequest(_message.Message):
+    """WatchSlotEventsRequest starts a watch of the slot feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    SINCE_REVISION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """Only events of this customer's devices; see ListSlotEventsRequest."""
+    device_id: _builtins.str
+    """Only events of this device."""
+    since_revision: _builtins.int
+    """Replay events with a revision greater than this, then stream live; 0 means
+    from the oldest retained event.
+    """
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___SlotEventType.ValueType]:
+        """Only events of these types; empty means every type."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How long the stream may stay silent before a heartbeat: 1 to 60 seconds;
+        unset means 15 seconds.
+        """
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        types: _abc.Iterable[Global___SlotEventType.ValueType] | None = ...,
+        since_revision: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "device_id", b"device_id", "heartbeat_interval", b"heartbeat_interval", "since_revision", b"since_revision", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSlotEventsRequest: _TypeAlias = WatchSlotEventsRequest  # noqa: Y015
+
+@_typing.final
+class SlotFeedHeartbeat(_message.Message):
+    """SlotFeedHeartbeat tells a watcher it has received every matching event up to
+    current_revision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENT_REVISION_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    current_revision: _builtins.int
+    """The current slot-feed revision; a resume point."""
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server sent it."""
+
+    def __init__(
+        self,
+        *,
+        current_revision: _builtins.int = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "send_time", b"send_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotFeedHeartbeat: _TypeAlias = SlotFeedHeartbeat  # noqa: Y015
+
+@_typing.final
+class WatchSlotEventsResponse(_message.Message):
+    """WatchSlotEventsResponse is one message of a slot watch stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___SlotEvent:
+        """A slot event."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___SlotFeedHeartbeat:
+        """A heartbeat. The first one marks the end of the replay."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___SlotEvent | None = ...,
+        heartbeat: Global___SlotFeedHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchSlotEventsResponse: _TypeAlias = WatchSlotEventsResponse  # noqa: Y015

@@ -34,23 +34,30 @@ class ReplenishmentServiceStub:
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-    (customer apps and storefronts) that register devices and manage slots and
-    orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-    `device:<id>` with the token it received at registration. It touches only that
-    device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+    store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+    ordering by measure_time, refill detection and consumption epochs, the
+    per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+    (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+    order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+    window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -58,11 +65,9 @@ class ReplenishmentServiceStub:
     customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-    device_id <id>: naming another device is PERMISSION_DENIED (reason
-    DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-    (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+    najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -85,11 +90,31 @@ class ReplenishmentServiceStub:
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -159,6 +184,26 @@ class ReplenishmentServiceStub:
                 request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeleteSlotRequest.SerializeToString,
                 response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeleteSlotResponse.FromString,
                 _registered_method=True)
+        self.PauseDevice = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/PauseDevice',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceResponse.FromString,
+                _registered_method=True)
+        self.ResumeDevice = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/ResumeDevice',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceResponse.FromString,
+                _registered_method=True)
+        self.PauseSlot = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/PauseSlot',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotResponse.FromString,
+                _registered_method=True)
+        self.ResumeSlot = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/ResumeSlot',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotResponse.FromString,
+                _registered_method=True)
         self.GetSlotForecast = channel.unary_unary(
                 '/najimi.replenishment.v1.ReplenishmentService/GetSlotForecast',
                 request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetSlotForecastRequest.SerializeToString,
@@ -184,10 +229,20 @@ class ReplenishmentServiceStub:
                 request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.CancelOrderRequest.SerializeToString,
                 response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.CancelOrderResponse.FromString,
                 _registered_method=True)
-        self.UpdateOrderState = channel.unary_unary(
-                '/najimi.replenishment.v1.ReplenishmentService/UpdateOrderState',
-                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateRequest.SerializeToString,
-                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateResponse.FromString,
+        self.ShipOrder = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/ShipOrder',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderResponse.FromString,
+                _registered_method=True)
+        self.DeliverOrder = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/DeliverOrder',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderResponse.FromString,
+                _registered_method=True)
+        self.RejectOrder = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/RejectOrder',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderResponse.FromString,
                 _registered_method=True)
         self.ListOrderEvents = channel.unary_unary(
                 '/najimi.replenishment.v1.ReplenishmentService/ListOrderEvents',
@@ -198,6 +253,16 @@ class ReplenishmentServiceStub:
                 '/najimi.replenishment.v1.ReplenishmentService/WatchOrderEvents',
                 request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchOrderEventsRequest.SerializeToString,
                 response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchOrderEventsResponse.FromString,
+                _registered_method=True)
+        self.ListSlotEvents = channel.unary_unary(
+                '/najimi.replenishment.v1.ReplenishmentService/ListSlotEvents',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchSlotEvents = channel.unary_stream(
+                '/najimi.replenishment.v1.ReplenishmentService/WatchSlotEvents',
+                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsRequest.SerializeToString,
+                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -210,23 +275,30 @@ class ReplenishmentServiceServicer:
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-    (customer apps and storefronts) that register devices and manage slots and
-    orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-    `device:<id>` with the token it received at registration. It touches only that
-    device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+    store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+    ordering by measure_time, refill detection and consumption epochs, the
+    per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+    (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+    order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+    window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -234,11 +306,9 @@ class ReplenishmentServiceServicer:
     customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-    device_id <id>: naming another device is PERMISSION_DENIED (reason
-    DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-    (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+    najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -261,11 +331,31 @@ class ReplenishmentServiceServicer:
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -278,7 +368,9 @@ class ReplenishmentServiceServicer:
         """RegisterDevice registers a customer's device with its slots and issues the
         device's bearer token. The token is returned in plaintext only in this
         response; the service stores only its hash, so a lost token cannot be read
-        again, only replaced with RotateDeviceToken.
+        again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+        is emitted. A test device (test) orders like any other, but its orders are
+        test orders that never reach fulfilment.
         Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same device but an empty
         device_token (the token is shown once); a caller that lost the first response
@@ -329,7 +421,8 @@ class ReplenishmentServiceServicer:
         """DeregisterDevice retires a device: its token (and any previous token still
         in its grace period) stops authenticating at once, its PENDING orders are
         cancelled (reason DEVICE_DEREGISTERED), and it accepts no more telemetry or
-        orders. PLACED and SHIPPED orders continue to delivery. The record stays
+        orders. PLACED and SHIPPED orders continue to delivery. A
+        DEVICE_DEREGISTERED slot event is emitted. The record stays
         readable with state DEREGISTERED; the same serial number may then be
         registered again.
         Callers: admin, service:storefront, service:store, service:crm.
@@ -391,7 +484,8 @@ class ReplenishmentServiceServicer:
         """UpdateSlot changes the slot fields named in update_mask. Updatable paths:
         display_name, item_id, capacity, unit, reorder_quantity, unit_price_micros,
         currency_code, policy, lead_time, service_level, fallback_reorder_level,
-        limits (the whole message) or limits.<field>. Changing policy away from AUTO
+        expected_stock_after_delivery, limits (the whole message) or limits.<field>.
+        Pausing is PauseSlot, not a field. Changing policy away from AUTO
         cancels the slot's PENDING order if the service or the device placed it
         (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
         item_id or the price affects later orders only.
@@ -410,8 +504,59 @@ class ReplenishmentServiceServicer:
         (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
         slot. Its telemetry is deleted with it.
         Callers: admin, service:storefront, service:store, service:crm.
-        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
-        success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
+        Retry-safe with allow_missing: a slot already gone is then a success with an
+        empty response. Without it: NOT_FOUND (reason DEVICE_NOT_FOUND or
+        SLOT_NOT_FOUND), also on a retry after success; FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseDevice(self, request, context):
+        """PauseDevice stops every order of a device's slots until ResumeDevice:
+        decisions answer PAUSED; telemetry, forecasts and notifications go on. A
+        PAUSED slot event is emitted for the device (slot_id empty).
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: pausing a paused device returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeDevice(self, request, context):
+        """ResumeDevice lets a paused device's slots order again (each still subject to
+        its own pause). A RESUMED slot event is emitted; the decision for each slot
+        is re-evaluated from its latest level.
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: resuming an active device returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSlot(self, request, context):
+        """PauseSlot stops the orders of one slot until ResumeSlot, as PauseDevice does
+        for a whole device.
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: pausing a paused slot returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+        (reason DEVICE_DEREGISTERED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSlot(self, request, context):
+        """ResumeSlot lets a paused slot order again (unless its device is paused).
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: resuming an unpaused slot returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+        (reason DEVICE_DEREGISTERED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -419,7 +564,8 @@ class ReplenishmentServiceServicer:
 
     def GetSlotForecast(self, request, context):
         """GetSlotForecast returns the depletion forecast of one slot, computed from its
-        recent telemetry: the same answer the device gets from DeviceService.GetForecast.
+        recent telemetry; the device sees the same figures through
+        najimi.replenishment.device.v1.DeviceService.GetForecast.
         Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
         normal answer (status INSUFFICIENT_DATA), not an error.
@@ -472,30 +618,61 @@ class ReplenishmentServiceServicer:
     def CancelOrder(self, request, context):
         """CancelOrder cancels a PENDING order within its cancellation window, on the
         customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
-        order (reason ADMIN); fulfilment cancels through UpdateOrderState.
+        order (reason ADMIN); fulfilment refuses an order with RejectOrder.
         Callers: admin, service:storefront, service:store, service:crm.
-        Idempotent: cancelling a CANCELLED order returns it unchanged.
+        Idempotent by request_id (shared/idempotency.py): a retry returns the first
+        answer, a reused request_id with a different request is INVALID_ARGUMENT
+        (reason REQUEST_ID_REUSED). Cancelling an order already CANCELLED returns it
+        unchanged.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
         CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
-        past PENDING (past PLACED for admin), and the order was not cancelled before.
+        past PENDING (past PLACED for admin), with the current state in the
+        ErrorInfo metadata ("state").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UpdateOrderState(self, request, context):
-        """UpdateOrderState records what fulfilment did with an order. Allowed
-        transitions: PLACED to SHIPPED (with tracking), SHIPPED to DELIVERED, and
-        PLACED or SHIPPED to CANCELLED when fulfilment cannot complete the order
-        (reason FULFILMENT_REJECTED). Sending SHIPPED again for a SHIPPED order
-        updates its tracking. PENDING orders are not yet fulfilment's: they become
-        PLACED when their cancellation window closes.
+    def ShipOrder(self, request, context):
+        """ShipOrder records that fulfilment shipped a PLACED order, with its tracking.
+        Shipping a SHIPPED order again updates its tracking (event
+        TRACKING_UPDATED).
         Callers: admin, service:fulfilment.
         Idempotent by request_id.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-        INVALID_ORDER_TRANSITION) for any other transition, with the order's current
-        state in the ErrorInfo metadata ("state"); INVALID_ARGUMENT when state is not
-        SHIPPED, DELIVERED or CANCELLED, or event_time is in the future.
+        INVALID_ORDER_TRANSITION, metadata "state" = the current state) from any
+        state but PLACED and SHIPPED (a PENDING order is not yet fulfilment's);
+        INVALID_ARGUMENT when tracking lacks carrier or tracking_number, or
+        event_time is in the future or before the order's last change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeliverOrder(self, request, context):
+        """DeliverOrder records that a SHIPPED (or PLACED, for a hand delivery) order
+        was delivered. The slot's expected stock becomes its
+        expected_stock_after_delivery until a reading says otherwise.
+        Callers: admin, service:fulfilment.
+        Idempotent by request_id; delivering a DELIVERED order returns it unchanged.
+        NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+        INVALID_ORDER_TRANSITION, metadata "state") from PENDING, CANCELLED or
+        REJECTED; INVALID_ARGUMENT when event_time is in the future or before the
+        order's last change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectOrder(self, request, context):
+        """RejectOrder records that fulfilment cannot complete a PLACED or SHIPPED order
+        (out of stock, undeliverable ...). The order becomes REJECTED (final) and the
+        slot may order again.
+        Callers: admin, service:fulfilment.
+        Idempotent by request_id; rejecting a REJECTED order returns it unchanged.
+        NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+        INVALID_ORDER_TRANSITION, metadata "state") from PENDING, DELIVERED or
+        CANCELLED; INVALID_ARGUMENT when reason is UNSPECIFIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -510,6 +687,7 @@ class ReplenishmentServiceServicer:
         since_revision is older than the retained events (reason REVISION_COMPACTED:
         resynchronise with ListOrders and continue from its revision) or ahead of
         the current revision (reason REVISION_AHEAD).
+        Test orders (Order.test) are left out for service:fulfilment; admin sees them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -527,6 +705,36 @@ class ReplenishmentServiceServicer:
         INVALID_ARGUMENT for a negative since_revision or a heartbeat_interval out of
         range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
         ListOrderEvents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSlotEvents(self, request, context):
+        """ListSlotEvents returns slot events after since_revision in ascending revision
+        order, for a customer or a device: the "list" half of list-then-watch for
+        customer apps. Events are kept for the same retention as order events.
+        Callers: admin, service:storefront, service:store, service:crm.
+        INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
+        neither customer_id nor device_id, for a negative since_revision, or a
+        page_token not returned for the same filters (reason INVALID_PAGE_TOKEN);
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
+        ListOrderEvents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSlotEvents(self, request, context):
+        """WatchSlotEvents streams slot events matching the filters: first the replay
+        after since_revision, then live, in ascending revision order, with a
+        heartbeat at once after the replay and then every heartbeat_interval of
+        silence, as WatchOrderEvents does. The server may end the stream at any time
+        (OK or UNAVAILABLE); the caller watches again from the last revision it
+        received.
+        Callers: admin, service:storefront, service:store, service:crm.
+        INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -590,6 +798,26 @@ def add_ReplenishmentServiceServicer_to_server(servicer, server):
                     request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeleteSlotRequest.FromString,
                     response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeleteSlotResponse.SerializeToString,
             ),
+            'PauseDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseDevice,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceResponse.SerializeToString,
+            ),
+            'ResumeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeDevice,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceResponse.SerializeToString,
+            ),
+            'PauseSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSlot,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotResponse.SerializeToString,
+            ),
+            'ResumeSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSlot,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotResponse.SerializeToString,
+            ),
             'GetSlotForecast': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSlotForecast,
                     request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetSlotForecastRequest.FromString,
@@ -615,10 +843,20 @@ def add_ReplenishmentServiceServicer_to_server(servicer, server):
                     request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.CancelOrderRequest.FromString,
                     response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.CancelOrderResponse.SerializeToString,
             ),
-            'UpdateOrderState': grpc.unary_unary_rpc_method_handler(
-                    servicer.UpdateOrderState,
-                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateRequest.FromString,
-                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateResponse.SerializeToString,
+            'ShipOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShipOrder,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderResponse.SerializeToString,
+            ),
+            'DeliverOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverOrder,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderResponse.SerializeToString,
+            ),
+            'RejectOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectOrder,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderResponse.SerializeToString,
             ),
             'ListOrderEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOrderEvents,
@@ -629,6 +867,16 @@ def add_ReplenishmentServiceServicer_to_server(servicer, server):
                     servicer.WatchOrderEvents,
                     request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchOrderEventsRequest.FromString,
                     response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchOrderEventsResponse.SerializeToString,
+            ),
+            'ListSlotEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSlotEvents,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsResponse.SerializeToString,
+            ),
+            'WatchSlotEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSlotEvents,
+                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsRequest.FromString,
+                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -647,23 +895,30 @@ class ReplenishmentService:
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-    (customer apps and storefronts) that register devices and manage slots and
-    orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-    `device:<id>` with the token it received at registration. It touches only that
-    device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+    store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+    ordering by measure_time, refill detection and consumption epochs, the
+    per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+    (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+    order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+    window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -671,11 +926,9 @@ class ReplenishmentService:
     customer;
     - service:fulfilment reads and watches orders and reports their shipping,
     delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-    device_id <id>: naming another device is PERMISSION_DENIED (reason
-    DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-    (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+    najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -698,11 +951,31 @@ class ReplenishmentService:
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -1009,6 +1282,114 @@ class ReplenishmentService:
             _registered_method=True)
 
     @staticmethod
+    def PauseDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/PauseDevice',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/ResumeDevice',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/PauseSlot',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.PauseSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/ResumeSlot',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ResumeSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetSlotForecast(request,
             target,
             options=(),
@@ -1144,7 +1525,7 @@ class ReplenishmentService:
             _registered_method=True)
 
     @staticmethod
-    def UpdateOrderState(request,
+    def ShipOrder(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1157,9 +1538,63 @@ class ReplenishmentService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/najimi.replenishment.v1.ReplenishmentService/UpdateOrderState',
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateRequest.SerializeToString,
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.UpdateOrderStateResponse.FromString,
+            '/najimi.replenishment.v1.ReplenishmentService/ShipOrder',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ShipOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/DeliverOrder',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.DeliverOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/najimi.replenishment.v1.ReplenishmentService/RejectOrder',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.RejectOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1224,167 +1659,8 @@ class ReplenishmentService:
             metadata,
             _registered_method=True)
 
-
-class DeviceServiceStub:
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.ReportTelemetry = channel.unary_unary(
-                '/najimi.replenishment.v1.DeviceService/ReportTelemetry',
-                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryRequest.SerializeToString,
-                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryResponse.FromString,
-                _registered_method=True)
-        self.StreamTelemetry = channel.stream_stream(
-                '/najimi.replenishment.v1.DeviceService/StreamTelemetry',
-                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryRequest.SerializeToString,
-                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryResponse.FromString,
-                _registered_method=True)
-        self.GetForecast = channel.unary_unary(
-                '/najimi.replenishment.v1.DeviceService/GetForecast',
-                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastRequest.SerializeToString,
-                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastResponse.FromString,
-                _registered_method=True)
-        self.Replenish = channel.unary_unary(
-                '/najimi.replenishment.v1.DeviceService/Replenish',
-                request_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishRequest.SerializeToString,
-                response_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishResponse.FromString,
-                _registered_method=True)
-
-
-class DeviceServiceServicer:
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
-    def ReportTelemetry(self, request, context):
-        """ReportTelemetry sends a batch of slot level readings. Each reading is judged
-        on its own and gets a result in the same position of the response; one bad
-        reading does not reject the batch. Readings may arrive late and out of order:
-        a slot's current level is its reading with the latest measure_time, not the
-        last one received, and refills are detected in measure_time order. When an
-        accepted reading takes an AUTO slot to or below its reorder point, the service
-        places an order by itself (trigger AUTOMATIC) under the same rules as
-        Replenish; the slot_states of the response show it as open_order_id.
-        Callers: admin, the device itself (device:<device_id>).
-        Idempotent per reading by reading_id.
-        INVALID_ARGUMENT when readings is empty or has more than 1000 entries;
-        FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-        deregistered device; NOT_FOUND (reason DEVICE_NOT_FOUND).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def StreamTelemetry(self, request_iterator, context):
-        """StreamTelemetry is ReportTelemetry over one long-lived bidirectional stream,
-        for devices that report at high rates. The device sends batches of readings;
-        the server answers every request message with exactly one response message,
-        in the same order, holding the results of that batch. The device may send
-        further batches before earlier answers arrive; gRPC flow control slows it down
-        when the server falls behind. The server may end the stream at any time (with
-        OK or UNAVAILABLE); readings without a result are then sent again, and their
-        reading_id makes that safe.
-        Callers: admin, the device itself (device:<device_id>).
-        Ends the stream with INVALID_ARGUMENT when a message has no or more than 1000
-        readings or names a different device_id than the first message;
-        RESOURCE_EXHAUSTED (reason TELEMETRY_RATE_EXCEEDED) when the device sends
-        faster than its configured rate allows.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetForecast(self, request, context):
-        """GetForecast returns the depletion forecast of one of the device's slots, so the
-        device can show it (e.g. "about 12 days of ink left"): the same answer as
-        ReplenishmentService.GetSlotForecast.
-        Callers: admin, the device itself (device:<device_id>).
-        NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin). Too few
-        readings is a normal answer (status INSUFFICIENT_DATA), not an error.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Replenish(self, request, context):
-        """Replenish asks the service to re-order the consumable of one of the device's
-        slots, for devices that decide by themselves when to order (a low-level
-        sensor, a button). The answer is a normal response whatever the outcome; only
-        malformed or unauthorised requests are errors. In order, the service answers:
-        ORDER_IN_PROGRESS when the slot already has an open order; PAUSED when the
-        slot's policy is not AUTO; CONSENT_REQUIRED when the customer has not validly
-        granted `replenishment.automatic_ordering`; NOT_NEEDED when the slot's latest
-        reading is less than 24 hours old and above its reorder point (a device that
-        reports no telemetry is never told NOT_NEEDED); LIMIT_REACHED when another
-        order would exceed the slot's limits; and otherwise ORDER_PLACED with a new
-        PENDING order (trigger DEVICE_REQUEST).
-        Callers: admin, the device itself (device:<device_id>).
-        Idempotent by request_id: a retry returns the first outcome; ask again with a
-        new request_id for a fresh decision.
-        NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin);
-        FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-        deregistered device; UNAVAILABLE (reason CONSENT_STATE_STALE) when the
-        service's copy of the consent state is older than its staleness bound (it
-        fails closed; retry with backoff).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_DeviceServiceServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'ReportTelemetry': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportTelemetry,
-                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryRequest.FromString,
-                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryResponse.SerializeToString,
-            ),
-            'StreamTelemetry': grpc.stream_stream_rpc_method_handler(
-                    servicer.StreamTelemetry,
-                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryRequest.FromString,
-                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryResponse.SerializeToString,
-            ),
-            'GetForecast': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetForecast,
-                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastRequest.FromString,
-                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastResponse.SerializeToString,
-            ),
-            'Replenish': grpc.unary_unary_rpc_method_handler(
-                    servicer.Replenish,
-                    request_deserializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishRequest.FromString,
-                    response_serializer=najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'najimi.replenishment.v1.DeviceService', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('najimi.replenishment.v1.DeviceService', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class DeviceService:
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
     @staticmethod
-    def ReportTelemetry(request,
+    def ListSlotEvents(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1397,9 +1673,9 @@ class DeviceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/najimi.replenishment.v1.DeviceService/ReportTelemetry',
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryRequest.SerializeToString,
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReportTelemetryResponse.FromString,
+            '/najimi.replenishment.v1.ReplenishmentService/ListSlotEvents',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ListSlotEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1411,7 +1687,7 @@ class DeviceService:
             _registered_method=True)
 
     @staticmethod
-    def StreamTelemetry(request_iterator,
+    def WatchSlotEvents(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1421,66 +1697,12 @@ class DeviceService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/najimi.replenishment.v1.DeviceService/StreamTelemetry',
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryRequest.SerializeToString,
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.StreamTelemetryResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetForecast(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
-            '/najimi.replenishment.v1.DeviceService/GetForecast',
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastRequest.SerializeToString,
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.GetForecastResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Replenish(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/najimi.replenishment.v1.DeviceService/Replenish',
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishRequest.SerializeToString,
-            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.ReplenishResponse.FromString,
+            '/najimi.replenishment.v1.ReplenishmentService/WatchSlotEvents',
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsRequest.SerializeToString,
+            najimi_dot_replenishment_dot_v1_dot_replenishment__service__pb2.WatchSlotEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

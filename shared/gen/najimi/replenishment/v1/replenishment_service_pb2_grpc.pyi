@@ -35,23 +35,30 @@ class ReplenishmentServiceStub:
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-      (customer apps and storefronts) that register devices and manage slots and
-      orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-      `device:<id>` with the token it received at registration. It touches only that
-      device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+      store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+      ordering by measure_time, refill detection and consumption epochs, the
+      per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+      (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+      order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+      window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -59,11 +66,9 @@ class ReplenishmentServiceStub:
       customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-      device_id <id>: naming another device is PERMISSION_DENIED (reason
-      DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-      (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+      najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -86,11 +91,31 @@ class ReplenishmentServiceStub:
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -107,7 +132,9 @@ class ReplenishmentServiceStub:
     """RegisterDevice registers a customer's device with its slots and issues the
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
-    again, only replaced with RotateDeviceToken.
+    again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+    is emitted. A test device (test) orders like any other, but its orders are
+    test orders that never reach fulfilment.
     Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
@@ -142,7 +169,8 @@ class ReplenishmentServiceStub:
     """DeregisterDevice retires a device: its token (and any previous token still
     in its grace period) stops authenticating at once, its PENDING orders are
     cancelled (reason DEVICE_DEREGISTERED), and it accepts no more telemetry or
-    orders. PLACED and SHIPPED orders continue to delivery. The record stays
+    orders. PLACED and SHIPPED orders continue to delivery. A
+    DEVICE_DEREGISTERED slot event is emitted. The record stays
     readable with state DEREGISTERED; the same serial number may then be
     registered again.
     Callers: admin, service:storefront, service:store, service:crm.
@@ -184,7 +212,8 @@ class ReplenishmentServiceStub:
     """UpdateSlot changes the slot fields named in update_mask. Updatable paths:
     display_name, item_id, capacity, unit, reorder_quantity, unit_price_micros,
     currency_code, policy, lead_time, service_level, fallback_reorder_level,
-    limits (the whole message) or limits.<field>. Changing policy away from AUTO
+    expected_stock_after_delivery, limits (the whole message) or limits.<field>.
+    Pausing is PauseSlot, not a field. Changing policy away from AUTO
     cancels the slot's PENDING order if the service or the device placed it
     (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
     item_id or the price affects later orders only.
@@ -199,12 +228,48 @@ class ReplenishmentServiceStub:
     (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
     slot. Its telemetry is deleted with it.
     Callers: admin, service:storefront, service:store, service:crm.
-    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
-    success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
+    Retry-safe with allow_missing: a slot already gone is then a success with an
+    empty response. Without it: NOT_FOUND (reason DEVICE_NOT_FOUND or
+    SLOT_NOT_FOUND), also on a retry after success; FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    PauseDevice: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.PauseDeviceRequest, _replenishment_service_pb2.PauseDeviceResponse]
+    """PauseDevice stops every order of a device's slots until ResumeDevice:
+    decisions answer PAUSED; telemetry, forecasts and notifications go on. A
+    PAUSED slot event is emitted for the device (slot_id empty).
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: pausing a paused device returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    ResumeDevice: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ResumeDeviceRequest, _replenishment_service_pb2.ResumeDeviceResponse]
+    """ResumeDevice lets a paused device's slots order again (each still subject to
+    its own pause). A RESUMED slot event is emitted; the decision for each slot
+    is re-evaluated from its latest level.
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: resuming an active device returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    PauseSlot: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.PauseSlotRequest, _replenishment_service_pb2.PauseSlotResponse]
+    """PauseSlot stops the orders of one slot until ResumeSlot, as PauseDevice does
+    for a whole device.
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: pausing a paused slot returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+    (reason DEVICE_DEREGISTERED).
+    """
+    ResumeSlot: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ResumeSlotRequest, _replenishment_service_pb2.ResumeSlotResponse]
+    """ResumeSlot lets a paused slot order again (unless its device is paused).
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: resuming an unpaused slot returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+    (reason DEVICE_DEREGISTERED).
     """
     GetSlotForecast: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotForecastRequest, _replenishment_service_pb2.GetSlotForecastResponse]
     """GetSlotForecast returns the depletion forecast of one slot, computed from its
-    recent telemetry: the same answer the device gets from DeviceService.GetForecast.
+    recent telemetry; the device sees the same figures through
+    najimi.replenishment.device.v1.DeviceService.GetForecast.
     Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
     normal answer (status INSUFFICIENT_DATA), not an error.
@@ -241,26 +306,49 @@ class ReplenishmentServiceStub:
     CancelOrder: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.CancelOrderRequest, _replenishment_service_pb2.CancelOrderResponse]
     """CancelOrder cancels a PENDING order within its cancellation window, on the
     customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
-    order (reason ADMIN); fulfilment cancels through UpdateOrderState.
+    order (reason ADMIN); fulfilment refuses an order with RejectOrder.
     Callers: admin, service:storefront, service:store, service:crm.
-    Idempotent: cancelling a CANCELLED order returns it unchanged.
+    Idempotent by request_id (shared/idempotency.py): a retry returns the first
+    answer, a reused request_id with a different request is INVALID_ARGUMENT
+    (reason REQUEST_ID_REUSED). Cancelling an order already CANCELLED returns it
+    unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
     CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
-    past PENDING (past PLACED for admin), and the order was not cancelled before.
+    past PENDING (past PLACED for admin), with the current state in the
+    ErrorInfo metadata ("state").
     """
-    UpdateOrderState: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateOrderStateRequest, _replenishment_service_pb2.UpdateOrderStateResponse]
-    """UpdateOrderState records what fulfilment did with an order. Allowed
-    transitions: PLACED to SHIPPED (with tracking), SHIPPED to DELIVERED, and
-    PLACED or SHIPPED to CANCELLED when fulfilment cannot complete the order
-    (reason FULFILMENT_REJECTED). Sending SHIPPED again for a SHIPPED order
-    updates its tracking. PENDING orders are not yet fulfilment's: they become
-    PLACED when their cancellation window closes.
+    ShipOrder: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ShipOrderRequest, _replenishment_service_pb2.ShipOrderResponse]
+    """ShipOrder records that fulfilment shipped a PLACED order, with its tracking.
+    Shipping a SHIPPED order again updates its tracking (event
+    TRACKING_UPDATED).
     Callers: admin, service:fulfilment.
     Idempotent by request_id.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-    INVALID_ORDER_TRANSITION) for any other transition, with the order's current
-    state in the ErrorInfo metadata ("state"); INVALID_ARGUMENT when state is not
-    SHIPPED, DELIVERED or CANCELLED, or event_time is in the future.
+    INVALID_ORDER_TRANSITION, metadata "state" = the current state) from any
+    state but PLACED and SHIPPED (a PENDING order is not yet fulfilment's);
+    INVALID_ARGUMENT when tracking lacks carrier or tracking_number, or
+    event_time is in the future or before the order's last change.
+    """
+    DeliverOrder: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.DeliverOrderRequest, _replenishment_service_pb2.DeliverOrderResponse]
+    """DeliverOrder records that a SHIPPED (or PLACED, for a hand delivery) order
+    was delivered. The slot's expected stock becomes its
+    expected_stock_after_delivery until a reading says otherwise.
+    Callers: admin, service:fulfilment.
+    Idempotent by request_id; delivering a DELIVERED order returns it unchanged.
+    NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+    INVALID_ORDER_TRANSITION, metadata "state") from PENDING, CANCELLED or
+    REJECTED; INVALID_ARGUMENT when event_time is in the future or before the
+    order's last change.
+    """
+    RejectOrder: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.RejectOrderRequest, _replenishment_service_pb2.RejectOrderResponse]
+    """RejectOrder records that fulfilment cannot complete a PLACED or SHIPPED order
+    (out of stock, undeliverable ...). The order becomes REJECTED (final) and the
+    slot may order again.
+    Callers: admin, service:fulfilment.
+    Idempotent by request_id; rejecting a REJECTED order returns it unchanged.
+    NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+    INVALID_ORDER_TRANSITION, metadata "state") from PENDING, DELIVERED or
+    CANCELLED; INVALID_ARGUMENT when reason is UNSPECIFIED.
     """
     ListOrderEvents: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListOrderEventsRequest, _replenishment_service_pb2.ListOrderEventsResponse]
     """ListOrderEvents returns the order events after since_revision in ascending
@@ -271,6 +359,7 @@ class ReplenishmentServiceStub:
     since_revision is older than the retained events (reason REVISION_COMPACTED:
     resynchronise with ListOrders and continue from its revision) or ahead of
     the current revision (reason REVISION_AHEAD).
+    Test orders (Order.test) are left out for service:fulfilment; admin sees them.
     """
     WatchOrderEvents: _grpc.UnaryStreamMultiCallable[_replenishment_service_pb2.WatchOrderEventsRequest, _replenishment_service_pb2.WatchOrderEventsResponse]
     """WatchOrderEvents streams order events: first it replays every event after
@@ -285,6 +374,28 @@ class ReplenishmentServiceStub:
     range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
     ListOrderEvents.
     """
+    ListSlotEvents: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotEventsRequest, _replenishment_service_pb2.ListSlotEventsResponse]
+    """ListSlotEvents returns slot events after since_revision in ascending revision
+    order, for a customer or a device: the "list" half of list-then-watch for
+    customer apps. Events are kept for the same retention as order events.
+    Callers: admin, service:storefront, service:store, service:crm.
+    INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
+    neither customer_id nor device_id, for a negative since_revision, or a
+    page_token not returned for the same filters (reason INVALID_PAGE_TOKEN);
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
+    ListOrderEvents.
+    """
+    WatchSlotEvents: _grpc.UnaryStreamMultiCallable[_replenishment_service_pb2.WatchSlotEventsRequest, _replenishment_service_pb2.WatchSlotEventsResponse]
+    """WatchSlotEvents streams slot events matching the filters: first the replay
+    after since_revision, then live, in ascending revision order, with a
+    heartbeat at once after the replay and then every heartbeat_interval of
+    silence, as WatchOrderEvents does. The server may end the stream at any time
+    (OK or UNAVAILABLE); the caller watches again from the last revision it
+    received.
+    Callers: admin, service:storefront, service:store, service:crm.
+    INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+    """
 
 @_typing.type_check_only
 class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
@@ -296,23 +407,30 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-      (customer apps and storefronts) that register devices and manage slots and
-      orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-      `device:<id>` with the token it received at registration. It touches only that
-      device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+      store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+      ordering by measure_time, refill detection and consumption epochs, the
+      per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+      (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+      order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+      window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -320,11 +438,9 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
       customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-      device_id <id>: naming another device is PERMISSION_DENIED (reason
-      DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-      (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+      najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -347,11 +463,31 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -365,7 +501,9 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """RegisterDevice registers a customer's device with its slots and issues the
     device's bearer token. The token is returned in plaintext only in this
     response; the service stores only its hash, so a lost token cannot be read
-    again, only replaced with RotateDeviceToken.
+    again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+    is emitted. A test device (test) orders like any other, but its orders are
+    test orders that never reach fulfilment.
     Callers: admin, service:storefront, service:store, service:crm.
     Idempotent by request_id: a retry returns the same device but an empty
     device_token (the token is shown once); a caller that lost the first response
@@ -400,7 +538,8 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """DeregisterDevice retires a device: its token (and any previous token still
     in its grace period) stops authenticating at once, its PENDING orders are
     cancelled (reason DEVICE_DEREGISTERED), and it accepts no more telemetry or
-    orders. PLACED and SHIPPED orders continue to delivery. The record stays
+    orders. PLACED and SHIPPED orders continue to delivery. A
+    DEVICE_DEREGISTERED slot event is emitted. The record stays
     readable with state DEREGISTERED; the same serial number may then be
     registered again.
     Callers: admin, service:storefront, service:store, service:crm.
@@ -442,7 +581,8 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     """UpdateSlot changes the slot fields named in update_mask. Updatable paths:
     display_name, item_id, capacity, unit, reorder_quantity, unit_price_micros,
     currency_code, policy, lead_time, service_level, fallback_reorder_level,
-    limits (the whole message) or limits.<field>. Changing policy away from AUTO
+    expected_stock_after_delivery, limits (the whole message) or limits.<field>.
+    Pausing is PauseSlot, not a field. Changing policy away from AUTO
     cancels the slot's PENDING order if the service or the device placed it
     (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
     item_id or the price affects later orders only.
@@ -457,12 +597,48 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
     slot. Its telemetry is deleted with it.
     Callers: admin, service:storefront, service:store, service:crm.
-    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
-    success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
+    Retry-safe with allow_missing: a slot already gone is then a success with an
+    empty response. Without it: NOT_FOUND (reason DEVICE_NOT_FOUND or
+    SLOT_NOT_FOUND), also on a retry after success; FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    PauseDevice: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.PauseDeviceRequest, _replenishment_service_pb2.PauseDeviceResponse]  # type: ignore[assignment]
+    """PauseDevice stops every order of a device's slots until ResumeDevice:
+    decisions answer PAUSED; telemetry, forecasts and notifications go on. A
+    PAUSED slot event is emitted for the device (slot_id empty).
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: pausing a paused device returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    ResumeDevice: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ResumeDeviceRequest, _replenishment_service_pb2.ResumeDeviceResponse]  # type: ignore[assignment]
+    """ResumeDevice lets a paused device's slots order again (each still subject to
+    its own pause). A RESUMED slot event is emitted; the decision for each slot
+    is re-evaluated from its latest level.
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: resuming an active device returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+    DEVICE_DEREGISTERED).
+    """
+    PauseSlot: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.PauseSlotRequest, _replenishment_service_pb2.PauseSlotResponse]  # type: ignore[assignment]
+    """PauseSlot stops the orders of one slot until ResumeSlot, as PauseDevice does
+    for a whole device.
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: pausing a paused slot returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+    (reason DEVICE_DEREGISTERED).
+    """
+    ResumeSlot: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ResumeSlotRequest, _replenishment_service_pb2.ResumeSlotResponse]  # type: ignore[assignment]
+    """ResumeSlot lets a paused slot order again (unless its device is paused).
+    Callers: admin, service:storefront, service:store, service:crm.
+    Idempotent: resuming an unpaused slot returns it unchanged (no event).
+    NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+    (reason DEVICE_DEREGISTERED).
     """
     GetSlotForecast: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetSlotForecastRequest, _replenishment_service_pb2.GetSlotForecastResponse]  # type: ignore[assignment]
     """GetSlotForecast returns the depletion forecast of one slot, computed from its
-    recent telemetry: the same answer the device gets from DeviceService.GetForecast.
+    recent telemetry; the device sees the same figures through
+    najimi.replenishment.device.v1.DeviceService.GetForecast.
     Callers: admin, service:storefront, service:store, service:crm.
     NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
     normal answer (status INSUFFICIENT_DATA), not an error.
@@ -499,26 +675,49 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     CancelOrder: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.CancelOrderRequest, _replenishment_service_pb2.CancelOrderResponse]  # type: ignore[assignment]
     """CancelOrder cancels a PENDING order within its cancellation window, on the
     customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
-    order (reason ADMIN); fulfilment cancels through UpdateOrderState.
+    order (reason ADMIN); fulfilment refuses an order with RejectOrder.
     Callers: admin, service:storefront, service:store, service:crm.
-    Idempotent: cancelling a CANCELLED order returns it unchanged.
+    Idempotent by request_id (shared/idempotency.py): a retry returns the first
+    answer, a reused request_id with a different request is INVALID_ARGUMENT
+    (reason REQUEST_ID_REUSED). Cancelling an order already CANCELLED returns it
+    unchanged.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
     CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
-    past PENDING (past PLACED for admin), and the order was not cancelled before.
+    past PENDING (past PLACED for admin), with the current state in the
+    ErrorInfo metadata ("state").
     """
-    UpdateOrderState: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.UpdateOrderStateRequest, _replenishment_service_pb2.UpdateOrderStateResponse]  # type: ignore[assignment]
-    """UpdateOrderState records what fulfilment did with an order. Allowed
-    transitions: PLACED to SHIPPED (with tracking), SHIPPED to DELIVERED, and
-    PLACED or SHIPPED to CANCELLED when fulfilment cannot complete the order
-    (reason FULFILMENT_REJECTED). Sending SHIPPED again for a SHIPPED order
-    updates its tracking. PENDING orders are not yet fulfilment's: they become
-    PLACED when their cancellation window closes.
+    ShipOrder: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ShipOrderRequest, _replenishment_service_pb2.ShipOrderResponse]  # type: ignore[assignment]
+    """ShipOrder records that fulfilment shipped a PLACED order, with its tracking.
+    Shipping a SHIPPED order again updates its tracking (event
+    TRACKING_UPDATED).
     Callers: admin, service:fulfilment.
     Idempotent by request_id.
     NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-    INVALID_ORDER_TRANSITION) for any other transition, with the order's current
-    state in the ErrorInfo metadata ("state"); INVALID_ARGUMENT when state is not
-    SHIPPED, DELIVERED or CANCELLED, or event_time is in the future.
+    INVALID_ORDER_TRANSITION, metadata "state" = the current state) from any
+    state but PLACED and SHIPPED (a PENDING order is not yet fulfilment's);
+    INVALID_ARGUMENT when tracking lacks carrier or tracking_number, or
+    event_time is in the future or before the order's last change.
+    """
+    DeliverOrder: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.DeliverOrderRequest, _replenishment_service_pb2.DeliverOrderResponse]  # type: ignore[assignment]
+    """DeliverOrder records that a SHIPPED (or PLACED, for a hand delivery) order
+    was delivered. The slot's expected stock becomes its
+    expected_stock_after_delivery until a reading says otherwise.
+    Callers: admin, service:fulfilment.
+    Idempotent by request_id; delivering a DELIVERED order returns it unchanged.
+    NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+    INVALID_ORDER_TRANSITION, metadata "state") from PENDING, CANCELLED or
+    REJECTED; INVALID_ARGUMENT when event_time is in the future or before the
+    order's last change.
+    """
+    RejectOrder: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.RejectOrderRequest, _replenishment_service_pb2.RejectOrderResponse]  # type: ignore[assignment]
+    """RejectOrder records that fulfilment cannot complete a PLACED or SHIPPED order
+    (out of stock, undeliverable ...). The order becomes REJECTED (final) and the
+    slot may order again.
+    Callers: admin, service:fulfilment.
+    Idempotent by request_id; rejecting a REJECTED order returns it unchanged.
+    NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+    INVALID_ORDER_TRANSITION, metadata "state") from PENDING, DELIVERED or
+    CANCELLED; INVALID_ARGUMENT when reason is UNSPECIFIED.
     """
     ListOrderEvents: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListOrderEventsRequest, _replenishment_service_pb2.ListOrderEventsResponse]  # type: ignore[assignment]
     """ListOrderEvents returns the order events after since_revision in ascending
@@ -529,6 +728,7 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     since_revision is older than the retained events (reason REVISION_COMPACTED:
     resynchronise with ListOrders and continue from its revision) or ahead of
     the current revision (reason REVISION_AHEAD).
+    Test orders (Order.test) are left out for service:fulfilment; admin sees them.
     """
     WatchOrderEvents: _aio.UnaryStreamMultiCallable[_replenishment_service_pb2.WatchOrderEventsRequest, _replenishment_service_pb2.WatchOrderEventsResponse]  # type: ignore[assignment]
     """WatchOrderEvents streams order events: first it replays every event after
@@ -543,6 +743,28 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
     ListOrderEvents.
     """
+    ListSlotEvents: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotEventsRequest, _replenishment_service_pb2.ListSlotEventsResponse]  # type: ignore[assignment]
+    """ListSlotEvents returns slot events after since_revision in ascending revision
+    order, for a customer or a device: the "list" half of list-then-watch for
+    customer apps. Events are kept for the same retention as order events.
+    Callers: admin, service:storefront, service:store, service:crm.
+    INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
+    neither customer_id nor device_id, for a negative since_revision, or a
+    page_token not returned for the same filters (reason INVALID_PAGE_TOKEN);
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
+    ListOrderEvents.
+    """
+    WatchSlotEvents: _aio.UnaryStreamMultiCallable[_replenishment_service_pb2.WatchSlotEventsRequest, _replenishment_service_pb2.WatchSlotEventsResponse]  # type: ignore[assignment]
+    """WatchSlotEvents streams slot events matching the filters: first the replay
+    after since_revision, then live, in ascending revision order, with a
+    heartbeat at once after the replay and then every heartbeat_interval of
+    silence, as WatchOrderEvents does. The server may end the stream at any time
+    (OK or UNAVAILABLE); the caller watches again from the last revision it
+    received.
+    Callers: admin, service:storefront, service:store, service:crm.
+    INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+    """
 
 class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The replenishment service keeps track of connected devices (printers, water
@@ -553,23 +775,30 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     consent purpose. Fulfilment systems follow the resulting orders through an event
     feed and report shipping and delivery back.
 
-    Two services in one file. This file holds two services that share one data model
-    (Device, Slot, SlotForecast, Order):
-    - ReplenishmentService is called by back ends: the customer-facing services
-      (customer apps and storefronts) that register devices and manage slots and
-      orders for a customer, the fulfilment system, and the platform team.
-    - DeviceService is the small API an IoT device itself calls, authenticated as
-      `device:<id>` with the token it received at registration. It touches only that
-      device and its slots.
-    The split is deliberate: the device API has different callers, a different
-    threat model (it is the only part reachable from devices in customers' homes, so
-    a gateway can expose exactly `/najimi.replenishment.v1.DeviceService/*` and keep
-    the rest internal), and a different life cycle (device firmware is updated
-    rarely, so this surface must stay small and stable). Where both sides need the
-    same thing, the RPCs differ in name only (DeviceService.GetForecast and
-    ReplenishmentService.GetSlotForecast return the same SlotForecast;
-    DeviceService.Replenish and ReplenishmentService.ReplenishSlot share
-    ReplenishOutcome).
+    This file holds the back-end API, ReplenishmentService. The API devices call
+    themselves is a separate, self-contained package, najimi.replenishment.device.v1
+    (DeviceService: ReportTelemetry, StreamTelemetry, GetForecast, Replenish), so a
+    gateway can expose it alone and it can be versioned on its own (device firmware
+    is updated rarely). Where both sides need the same thing they agree in meaning:
+    device.v1 GetForecast is a view of GetSlotForecast's SlotForecast, and its
+    ReplenishOutcome values mean the same as this package's.
+
+    Who implements what (services/replenishment/):
+    - devices.py, slots.py: device and slot rules (registration, tokens, pause);
+      store.py holds every table (migrations/versions/0004_replenishment_engine.py);
+    - telemetry.py: reading validation, skew bound, idempotency by reading_id,
+      ordering by measure_time, refill detection and consumption epochs, the
+      per-device stream rate limit;
+    - slot_events.py: the slot event feed (ListSlotEvents, WatchSlotEvents);
+    - forecast.py: the consumption rate, reorder point and explanation
+      (SlotForecast; pure functions over readings);
+    - ordering.py: the decision (ReplenishOutcome), consent, limits, exactly-once
+      order creation (the database allows one open order per slot);
+    - orders.py: order life cycle: cancellation, promotion PENDING -> PLACED when the
+      window closes (survives restarts), Ship/Deliver/Reject;
+    - order_feed.py: the order event feed (ListOrderEvents, WatchOrderEvents);
+    - data_subject.py: export and erasure;
+    - servicer.py, device_api.py: thin gRPC servicers over the modules above.
 
     Principals (README, "Principals and tokens"). Each RPC names its callers in a "Callers:" line:
     - customer-facing service principals (service:storefront, service:store and
@@ -577,11 +806,9 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
       customer;
     - service:fulfilment reads and watches orders and reports their shipping,
       delivery or rejection;
-    - a device principal `device:<id>` may call DeviceService only, and only for
-      device_id <id>: naming another device is PERMISSION_DENIED (reason
-      DEVICE_MISMATCH); a deregistered device's token no longer authenticates
-      (UNAUTHENTICATED);
-    - admin may call every RPC of both services, for any device.
+    - a device principal `device:<id>` may call no RPC of this service: only
+      najimi.replenishment.device.v1.DeviceService, for its own device;
+    - admin may call every RPC, for any device.
     A missing or invalid token is UNAUTHENTICATED; a principal not listed for an RPC
     gets PERMISSION_DENIED (reason PRINCIPAL_NOT_ALLOWED).
 
@@ -604,11 +831,31 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     currency_code.
 
     Orders. A slot has at most one open order (PENDING, PLACED or SHIPPED) at a time,
-    enforced by the database. An order starts PENDING and may be cancelled by the
-    customer until cancel_deadline_time; then this service moves it to PLACED by itself
-    and fulfilment takes over (SHIPPED, DELIVERED, or CANCELLED when it cannot
-    fulfil). Every change of an order gets the next value of one global, strictly
-    increasing int64 revision, which ListOrderEvents and WatchOrderEvents follow.
+    enforced by a partial unique index of the database. An order starts PENDING (the
+    cancellation window, by default 24 hours) and may be cancelled by the customer
+    until cancel_deadline_time (its pending-until time); then this service moves it
+    to PLACED by itself (a restart-safe promotion: none stuck, none placed twice)
+    and fulfilment takes over with the custom methods ShipOrder, DeliverOrder and
+    RejectOrder (AIP-136) rather than a settable state, so each transition has its
+    own request fields and rules. An illegal transition is FAILED_PRECONDITION
+    (reason INVALID_ORDER_TRANSITION) with the order's current state in the
+    ErrorInfo metadata ("state", e.g. "DELIVERED") and in the message. Orders of a
+    test device are marked test: they follow the same life cycle, never reach
+    fulfilment (not in ListOrderEvents / WatchOrderEvents for service:fulfilment)
+    and are never charged. Every change of an order gets the next value of one
+    global, strictly increasing int64 revision, which ListOrderEvents and
+    WatchOrderEvents follow.
+
+    Slot events. Customer apps follow a second feed, of what happens to slots (low,
+    empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
+    slots, pause and resume, devices registered and deregistered), with its own
+    revision: ListSlotEvents then WatchSlotEvents.
+
+    Pause. A customer pauses a whole device (PauseDevice) or one slot (PauseSlot):
+    custom methods, not settable fields, so each is one audited act with a slot
+    event. A paused slot or device keeps reporting telemetry and forecasts; it only
+    places no order (outcome PAUSED; a PENDING order is not cancelled by a pause,
+    the customer cancels it with CancelOrder).
 
     Errors use canonical gRPC codes with google.rpc.Status details: an ErrorInfo
     whose UPPER_SNAKE reason a caller can switch on (named in each RPC's comment)
@@ -626,7 +873,9 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """RegisterDevice registers a customer's device with its slots and issues the
         device's bearer token. The token is returned in plaintext only in this
         response; the service stores only its hash, so a lost token cannot be read
-        again, only replaced with RotateDeviceToken.
+        again, only replaced with RotateDeviceToken. A DEVICE_REGISTERED slot event
+        is emitted. A test device (test) orders like any other, but its orders are
+        test orders that never reach fulfilment.
         Callers: admin, service:storefront, service:store, service:crm.
         Idempotent by request_id: a retry returns the same device but an empty
         device_token (the token is shown once); a caller that lost the first response
@@ -685,7 +934,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """DeregisterDevice retires a device: its token (and any previous token still
         in its grace period) stops authenticating at once, its PENDING orders are
         cancelled (reason DEVICE_DEREGISTERED), and it accepts no more telemetry or
-        orders. PLACED and SHIPPED orders continue to delivery. The record stays
+        orders. PLACED and SHIPPED orders continue to delivery. A
+        DEVICE_DEREGISTERED slot event is emitted. The record stays
         readable with state DEREGISTERED; the same serial number may then be
         registered again.
         Callers: admin, service:storefront, service:store, service:crm.
@@ -757,7 +1007,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """UpdateSlot changes the slot fields named in update_mask. Updatable paths:
         display_name, item_id, capacity, unit, reorder_quantity, unit_price_micros,
         currency_code, policy, lead_time, service_level, fallback_reorder_level,
-        limits (the whole message) or limits.<field>. Changing policy away from AUTO
+        expected_stock_after_delivery, limits (the whole message) or limits.<field>.
+        Pausing is PauseSlot, not a field. Changing policy away from AUTO
         cancels the slot's PENDING order if the service or the device placed it
         (reason POLICY_CHANGED); an order that is already PLACED continues. Changing
         item_id or the price affects later orders only.
@@ -778,8 +1029,67 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         (reason SLOT_DELETED); PLACED and SHIPPED orders continue and keep naming the
         slot. Its telemetry is deleted with it.
         Callers: admin, service:storefront, service:store, service:crm.
-        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND), also on a retry after
-        success; FAILED_PRECONDITION (reason DEVICE_DEREGISTERED).
+        Retry-safe with allow_missing: a slot already gone is then a success with an
+        empty response. Without it: NOT_FOUND (reason DEVICE_NOT_FOUND or
+        SLOT_NOT_FOUND), also on a retry after success; FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+
+    @_abc_1.abstractmethod
+    def PauseDevice(
+        self,
+        request: _replenishment_service_pb2.PauseDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.PauseDeviceResponse, _abc.Awaitable[_replenishment_service_pb2.PauseDeviceResponse]]:
+        """PauseDevice stops every order of a device's slots until ResumeDevice:
+        decisions answer PAUSED; telemetry, forecasts and notifications go on. A
+        PAUSED slot event is emitted for the device (slot_id empty).
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: pausing a paused device returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeDevice(
+        self,
+        request: _replenishment_service_pb2.ResumeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.ResumeDeviceResponse, _abc.Awaitable[_replenishment_service_pb2.ResumeDeviceResponse]]:
+        """ResumeDevice lets a paused device's slots order again (each still subject to
+        its own pause). A RESUMED slot event is emitted; the decision for each slot
+        is re-evaluated from its latest level.
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: resuming an active device returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND); FAILED_PRECONDITION (reason
+        DEVICE_DEREGISTERED).
+        """
+
+    @_abc_1.abstractmethod
+    def PauseSlot(
+        self,
+        request: _replenishment_service_pb2.PauseSlotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.PauseSlotResponse, _abc.Awaitable[_replenishment_service_pb2.PauseSlotResponse]]:
+        """PauseSlot stops the orders of one slot until ResumeSlot, as PauseDevice does
+        for a whole device.
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: pausing a paused slot returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+        (reason DEVICE_DEREGISTERED).
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSlot(
+        self,
+        request: _replenishment_service_pb2.ResumeSlotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.ResumeSlotResponse, _abc.Awaitable[_replenishment_service_pb2.ResumeSlotResponse]]:
+        """ResumeSlot lets a paused slot order again (unless its device is paused).
+        Callers: admin, service:storefront, service:store, service:crm.
+        Idempotent: resuming an unpaused slot returns it unchanged (no event).
+        NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND); FAILED_PRECONDITION
+        (reason DEVICE_DEREGISTERED).
         """
 
     @_abc_1.abstractmethod
@@ -789,7 +1099,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replenishment_service_pb2.GetSlotForecastResponse, _abc.Awaitable[_replenishment_service_pb2.GetSlotForecastResponse]]:
         """GetSlotForecast returns the depletion forecast of one slot, computed from its
-        recent telemetry: the same answer the device gets from DeviceService.GetForecast.
+        recent telemetry; the device sees the same figures through
+        najimi.replenishment.device.v1.DeviceService.GetForecast.
         Callers: admin, service:storefront, service:store, service:crm.
         NOT_FOUND (reason DEVICE_NOT_FOUND or SLOT_NOT_FOUND). Too few readings is a
         normal answer (status INSUFFICIENT_DATA), not an error.
@@ -850,32 +1161,67 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_replenishment_service_pb2.CancelOrderResponse, _abc.Awaitable[_replenishment_service_pb2.CancelOrderResponse]]:
         """CancelOrder cancels a PENDING order within its cancellation window, on the
         customer's behalf (reason CUSTOMER_REQUEST). Admin may also cancel a PLACED
-        order (reason ADMIN); fulfilment cancels through UpdateOrderState.
+        order (reason ADMIN); fulfilment refuses an order with RejectOrder.
         Callers: admin, service:storefront, service:store, service:crm.
-        Idempotent: cancelling a CANCELLED order returns it unchanged.
+        Idempotent by request_id (shared/idempotency.py): a retry returns the first
+        answer, a reused request_id with a different request is INVALID_ARGUMENT
+        (reason REQUEST_ID_REUSED). Cancelling an order already CANCELLED returns it
+        unchanged.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
         CANCELLATION_WINDOW_CLOSED) when cancel_deadline_time has passed or the order is
-        past PENDING (past PLACED for admin), and the order was not cancelled before.
+        past PENDING (past PLACED for admin), with the current state in the
+        ErrorInfo metadata ("state").
         """
 
     @_abc_1.abstractmethod
-    def UpdateOrderState(
+    def ShipOrder(
         self,
-        request: _replenishment_service_pb2.UpdateOrderStateRequest,
+        request: _replenishment_service_pb2.ShipOrderRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_replenishment_service_pb2.UpdateOrderStateResponse, _abc.Awaitable[_replenishment_service_pb2.UpdateOrderStateResponse]]:
-        """UpdateOrderState records what fulfilment did with an order. Allowed
-        transitions: PLACED to SHIPPED (with tracking), SHIPPED to DELIVERED, and
-        PLACED or SHIPPED to CANCELLED when fulfilment cannot complete the order
-        (reason FULFILMENT_REJECTED). Sending SHIPPED again for a SHIPPED order
-        updates its tracking. PENDING orders are not yet fulfilment's: they become
-        PLACED when their cancellation window closes.
+    ) -> _typing.Union[_replenishment_service_pb2.ShipOrderResponse, _abc.Awaitable[_replenishment_service_pb2.ShipOrderResponse]]:
+        """ShipOrder records that fulfilment shipped a PLACED order, with its tracking.
+        Shipping a SHIPPED order again updates its tracking (event
+        TRACKING_UPDATED).
         Callers: admin, service:fulfilment.
         Idempotent by request_id.
         NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
-        INVALID_ORDER_TRANSITION) for any other transition, with the order's current
-        state in the ErrorInfo metadata ("state"); INVALID_ARGUMENT when state is not
-        SHIPPED, DELIVERED or CANCELLED, or event_time is in the future.
+        INVALID_ORDER_TRANSITION, metadata "state" = the current state) from any
+        state but PLACED and SHIPPED (a PENDING order is not yet fulfilment's);
+        INVALID_ARGUMENT when tracking lacks carrier or tracking_number, or
+        event_time is in the future or before the order's last change.
+        """
+
+    @_abc_1.abstractmethod
+    def DeliverOrder(
+        self,
+        request: _replenishment_service_pb2.DeliverOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.DeliverOrderResponse, _abc.Awaitable[_replenishment_service_pb2.DeliverOrderResponse]]:
+        """DeliverOrder records that a SHIPPED (or PLACED, for a hand delivery) order
+        was delivered. The slot's expected stock becomes its
+        expected_stock_after_delivery until a reading says otherwise.
+        Callers: admin, service:fulfilment.
+        Idempotent by request_id; delivering a DELIVERED order returns it unchanged.
+        NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+        INVALID_ORDER_TRANSITION, metadata "state") from PENDING, CANCELLED or
+        REJECTED; INVALID_ARGUMENT when event_time is in the future or before the
+        order's last change.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectOrder(
+        self,
+        request: _replenishment_service_pb2.RejectOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.RejectOrderResponse, _abc.Awaitable[_replenishment_service_pb2.RejectOrderResponse]]:
+        """RejectOrder records that fulfilment cannot complete a PLACED or SHIPPED order
+        (out of stock, undeliverable ...). The order becomes REJECTED (final) and the
+        slot may order again.
+        Callers: admin, service:fulfilment.
+        Idempotent by request_id; rejecting a REJECTED order returns it unchanged.
+        NOT_FOUND (reason ORDER_NOT_FOUND); FAILED_PRECONDITION (reason
+        INVALID_ORDER_TRANSITION, metadata "state") from PENDING, DELIVERED or
+        CANCELLED; INVALID_ARGUMENT when reason is UNSPECIFIED.
         """
 
     @_abc_1.abstractmethod
@@ -892,6 +1238,7 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         since_revision is older than the retained events (reason REVISION_COMPACTED:
         resynchronise with ListOrders and continue from its revision) or ahead of
         the current revision (reason REVISION_AHEAD).
+        Test orders (Order.test) are left out for service:fulfilment; admin sees them.
         """
 
     @_abc_1.abstractmethod
@@ -913,239 +1260,38 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         ListOrderEvents.
         """
 
+    @_abc_1.abstractmethod
+    def ListSlotEvents(
+        self,
+        request: _replenishment_service_pb2.ListSlotEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replenishment_service_pb2.ListSlotEventsResponse, _abc.Awaitable[_replenishment_service_pb2.ListSlotEventsResponse]]:
+        """ListSlotEvents returns slot events after since_revision in ascending revision
+        order, for a customer or a device: the "list" half of list-then-watch for
+        customer apps. Events are kept for the same retention as order events.
+        Callers: admin, service:storefront, service:store, service:crm.
+        INVALID_ARGUMENT (reason FILTER_REQUIRED) when a customer-facing caller sets
+        neither customer_id nor device_id, for a negative since_revision, or a
+        page_token not returned for the same filters (reason INVALID_PAGE_TOKEN);
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
+        ListOrderEvents.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchSlotEvents(
+        self,
+        request: _replenishment_service_pb2.WatchSlotEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_replenishment_service_pb2.WatchSlotEventsResponse], _abc.AsyncIterator[_replenishment_service_pb2.WatchSlotEventsResponse]]:
+        """WatchSlotEvents streams slot events matching the filters: first the replay
+        after since_revision, then live, in ascending revision order, with a
+        heartbeat at once after the replay and then every heartbeat_interval of
+        silence, as WatchOrderEvents does. The server may end the stream at any time
+        (OK or UNAVAILABLE); the caller watches again from the last revision it
+        received.
+        Callers: admin, service:storefront, service:store, service:crm.
+        INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+        """
+
 def add_ReplenishmentServiceServicer_to_server(servicer: ReplenishmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
-
-class DeviceServiceStub:
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> DeviceServiceAsyncStub: ...
-    ReportTelemetry: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ReportTelemetryRequest, _replenishment_service_pb2.ReportTelemetryResponse]
-    """ReportTelemetry sends a batch of slot level readings. Each reading is judged
-    on its own and gets a result in the same position of the response; one bad
-    reading does not reject the batch. Readings may arrive late and out of order:
-    a slot's current level is its reading with the latest measure_time, not the
-    last one received, and refills are detected in measure_time order. When an
-    accepted reading takes an AUTO slot to or below its reorder point, the service
-    places an order by itself (trigger AUTOMATIC) under the same rules as
-    Replenish; the slot_states of the response show it as open_order_id.
-    Callers: admin, the device itself (device:<device_id>).
-    Idempotent per reading by reading_id.
-    INVALID_ARGUMENT when readings is empty or has more than 1000 entries;
-    FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-    deregistered device; NOT_FOUND (reason DEVICE_NOT_FOUND).
-    """
-    StreamTelemetry: _grpc.StreamStreamMultiCallable[_replenishment_service_pb2.StreamTelemetryRequest, _replenishment_service_pb2.StreamTelemetryResponse]
-    """StreamTelemetry is ReportTelemetry over one long-lived bidirectional stream,
-    for devices that report at high rates. The device sends batches of readings;
-    the server answers every request message with exactly one response message,
-    in the same order, holding the results of that batch. The device may send
-    further batches before earlier answers arrive; gRPC flow control slows it down
-    when the server falls behind. The server may end the stream at any time (with
-    OK or UNAVAILABLE); readings without a result are then sent again, and their
-    reading_id makes that safe.
-    Callers: admin, the device itself (device:<device_id>).
-    Ends the stream with INVALID_ARGUMENT when a message has no or more than 1000
-    readings or names a different device_id than the first message;
-    RESOURCE_EXHAUSTED (reason TELEMETRY_RATE_EXCEEDED) when the device sends
-    faster than its configured rate allows.
-    """
-    GetForecast: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetForecastRequest, _replenishment_service_pb2.GetForecastResponse]
-    """GetForecast returns the depletion forecast of one of the device's slots, so the
-    device can show it (e.g. "about 12 days of ink left"): the same answer as
-    ReplenishmentService.GetSlotForecast.
-    Callers: admin, the device itself (device:<device_id>).
-    NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin). Too few
-    readings is a normal answer (status INSUFFICIENT_DATA), not an error.
-    """
-    Replenish: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ReplenishRequest, _replenishment_service_pb2.ReplenishResponse]
-    """Replenish asks the service to re-order the consumable of one of the device's
-    slots, for devices that decide by themselves when to order (a low-level
-    sensor, a button). The answer is a normal response whatever the outcome; only
-    malformed or unauthorised requests are errors. In order, the service answers:
-    ORDER_IN_PROGRESS when the slot already has an open order; PAUSED when the
-    slot's policy is not AUTO; CONSENT_REQUIRED when the customer has not validly
-    granted `replenishment.automatic_ordering`; NOT_NEEDED when the slot's latest
-    reading is less than 24 hours old and above its reorder point (a device that
-    reports no telemetry is never told NOT_NEEDED); LIMIT_REACHED when another
-    order would exceed the slot's limits; and otherwise ORDER_PLACED with a new
-    PENDING order (trigger DEVICE_REQUEST).
-    Callers: admin, the device itself (device:<device_id>).
-    Idempotent by request_id: a retry returns the first outcome; ask again with a
-    new request_id for a fresh decision.
-    NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin);
-    FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-    deregistered device; UNAVAILABLE (reason CONSENT_STATE_STALE) when the
-    service's copy of the consent state is older than its staleness bound (it
-    fails closed; retry with backoff).
-    """
-
-@_typing.type_check_only
-class DeviceServiceAsyncStub(DeviceServiceStub):
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    ReportTelemetry: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ReportTelemetryRequest, _replenishment_service_pb2.ReportTelemetryResponse]  # type: ignore[assignment]
-    """ReportTelemetry sends a batch of slot level readings. Each reading is judged
-    on its own and gets a result in the same position of the response; one bad
-    reading does not reject the batch. Readings may arrive late and out of order:
-    a slot's current level is its reading with the latest measure_time, not the
-    last one received, and refills are detected in measure_time order. When an
-    accepted reading takes an AUTO slot to or below its reorder point, the service
-    places an order by itself (trigger AUTOMATIC) under the same rules as
-    Replenish; the slot_states of the response show it as open_order_id.
-    Callers: admin, the device itself (device:<device_id>).
-    Idempotent per reading by reading_id.
-    INVALID_ARGUMENT when readings is empty or has more than 1000 entries;
-    FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-    deregistered device; NOT_FOUND (reason DEVICE_NOT_FOUND).
-    """
-    StreamTelemetry: _aio.StreamStreamMultiCallable[_replenishment_service_pb2.StreamTelemetryRequest, _replenishment_service_pb2.StreamTelemetryResponse]  # type: ignore[assignment]
-    """StreamTelemetry is ReportTelemetry over one long-lived bidirectional stream,
-    for devices that report at high rates. The device sends batches of readings;
-    the server answers every request message with exactly one response message,
-    in the same order, holding the results of that batch. The device may send
-    further batches before earlier answers arrive; gRPC flow control slows it down
-    when the server falls behind. The server may end the stream at any time (with
-    OK or UNAVAILABLE); readings without a result are then sent again, and their
-    reading_id makes that safe.
-    Callers: admin, the device itself (device:<device_id>).
-    Ends the stream with INVALID_ARGUMENT when a message has no or more than 1000
-    readings or names a different device_id than the first message;
-    RESOURCE_EXHAUSTED (reason TELEMETRY_RATE_EXCEEDED) when the device sends
-    faster than its configured rate allows.
-    """
-    GetForecast: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.GetForecastRequest, _replenishment_service_pb2.GetForecastResponse]  # type: ignore[assignment]
-    """GetForecast returns the depletion forecast of one of the device's slots, so the
-    device can show it (e.g. "about 12 days of ink left"): the same answer as
-    ReplenishmentService.GetSlotForecast.
-    Callers: admin, the device itself (device:<device_id>).
-    NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin). Too few
-    readings is a normal answer (status INSUFFICIENT_DATA), not an error.
-    """
-    Replenish: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ReplenishRequest, _replenishment_service_pb2.ReplenishResponse]  # type: ignore[assignment]
-    """Replenish asks the service to re-order the consumable of one of the device's
-    slots, for devices that decide by themselves when to order (a low-level
-    sensor, a button). The answer is a normal response whatever the outcome; only
-    malformed or unauthorised requests are errors. In order, the service answers:
-    ORDER_IN_PROGRESS when the slot already has an open order; PAUSED when the
-    slot's policy is not AUTO; CONSENT_REQUIRED when the customer has not validly
-    granted `replenishment.automatic_ordering`; NOT_NEEDED when the slot's latest
-    reading is less than 24 hours old and above its reorder point (a device that
-    reports no telemetry is never told NOT_NEEDED); LIMIT_REACHED when another
-    order would exceed the slot's limits; and otherwise ORDER_PLACED with a new
-    PENDING order (trigger DEVICE_REQUEST).
-    Callers: admin, the device itself (device:<device_id>).
-    Idempotent by request_id: a retry returns the first outcome; ask again with a
-    new request_id for a fresh decision.
-    NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin);
-    FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-    deregistered device; UNAVAILABLE (reason CONSENT_STATE_STALE) when the
-    service's copy of the consent state is older than its staleness bound (it
-    fails closed; retry with backoff).
-    """
-
-class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """DeviceService is the API an IoT device calls with its own bearer token (principal
-    `device:<id>`). Every request names the device_id, which must be the caller's own
-    (PERMISSION_DENIED, reason DEVICE_MISMATCH, otherwise); admin may name any device
-    for support and testing. A deregistered device's token does not authenticate.
-    See ReplenishmentService for the conventions shared by both services.
-    """
-
-    @_abc_1.abstractmethod
-    def ReportTelemetry(
-        self,
-        request: _replenishment_service_pb2.ReportTelemetryRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_replenishment_service_pb2.ReportTelemetryResponse, _abc.Awaitable[_replenishment_service_pb2.ReportTelemetryResponse]]:
-        """ReportTelemetry sends a batch of slot level readings. Each reading is judged
-        on its own and gets a result in the same position of the response; one bad
-        reading does not reject the batch. Readings may arrive late and out of order:
-        a slot's current level is its reading with the latest measure_time, not the
-        last one received, and refills are detected in measure_time order. When an
-        accepted reading takes an AUTO slot to or below its reorder point, the service
-        places an order by itself (trigger AUTOMATIC) under the same rules as
-        Replenish; the slot_states of the response show it as open_order_id.
-        Callers: admin, the device itself (device:<device_id>).
-        Idempotent per reading by reading_id.
-        INVALID_ARGUMENT when readings is empty or has more than 1000 entries;
-        FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-        deregistered device; NOT_FOUND (reason DEVICE_NOT_FOUND).
-        """
-
-    @_abc_1.abstractmethod
-    def StreamTelemetry(
-        self,
-        request_iterator: _MaybeAsyncIterator[_replenishment_service_pb2.StreamTelemetryRequest],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_replenishment_service_pb2.StreamTelemetryResponse], _abc.AsyncIterator[_replenishment_service_pb2.StreamTelemetryResponse]]:
-        """StreamTelemetry is ReportTelemetry over one long-lived bidirectional stream,
-        for devices that report at high rates. The device sends batches of readings;
-        the server answers every request message with exactly one response message,
-        in the same order, holding the results of that batch. The device may send
-        further batches before earlier answers arrive; gRPC flow control slows it down
-        when the server falls behind. The server may end the stream at any time (with
-        OK or UNAVAILABLE); readings without a result are then sent again, and their
-        reading_id makes that safe.
-        Callers: admin, the device itself (device:<device_id>).
-        Ends the stream with INVALID_ARGUMENT when a message has no or more than 1000
-        readings or names a different device_id than the first message;
-        RESOURCE_EXHAUSTED (reason TELEMETRY_RATE_EXCEEDED) when the device sends
-        faster than its configured rate allows.
-        """
-
-    @_abc_1.abstractmethod
-    def GetForecast(
-        self,
-        request: _replenishment_service_pb2.GetForecastRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_replenishment_service_pb2.GetForecastResponse, _abc.Awaitable[_replenishment_service_pb2.GetForecastResponse]]:
-        """GetForecast returns the depletion forecast of one of the device's slots, so the
-        device can show it (e.g. "about 12 days of ink left"): the same answer as
-        ReplenishmentService.GetSlotForecast.
-        Callers: admin, the device itself (device:<device_id>).
-        NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin). Too few
-        readings is a normal answer (status INSUFFICIENT_DATA), not an error.
-        """
-
-    @_abc_1.abstractmethod
-    def Replenish(
-        self,
-        request: _replenishment_service_pb2.ReplenishRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_replenishment_service_pb2.ReplenishResponse, _abc.Awaitable[_replenishment_service_pb2.ReplenishResponse]]:
-        """Replenish asks the service to re-order the consumable of one of the device's
-        slots, for devices that decide by themselves when to order (a low-level
-        sensor, a button). The answer is a normal response whatever the outcome; only
-        malformed or unauthorised requests are errors. In order, the service answers:
-        ORDER_IN_PROGRESS when the slot already has an open order; PAUSED when the
-        slot's policy is not AUTO; CONSENT_REQUIRED when the customer has not validly
-        granted `replenishment.automatic_ordering`; NOT_NEEDED when the slot's latest
-        reading is less than 24 hours old and above its reorder point (a device that
-        reports no telemetry is never told NOT_NEEDED); LIMIT_REACHED when another
-        order would exceed the slot's limits; and otherwise ORDER_PLACED with a new
-        PENDING order (trigger DEVICE_REQUEST).
-        Callers: admin, the device itself (device:<device_id>).
-        Idempotent by request_id: a retry returns the first outcome; ask again with a
-        new request_id for a fresh decision.
-        NOT_FOUND (reason SLOT_NOT_FOUND, or DEVICE_NOT_FOUND for admin);
-        FAILED_PRECONDITION (reason DEVICE_DEREGISTERED) for an admin call on a
-        deregistered device; UNAVAILABLE (reason CONSENT_STATE_STALE) when the
-        service's copy of the consent state is older than its staleness bound (it
-        fails closed; retry with backoff).
-        """
-
-def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
