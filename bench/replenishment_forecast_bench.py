@@ -227,7 +227,7 @@ def forecast_cost_us(repeats: int = 300) -> float:
     return statistics.median(samples)
 
 
-def run_forecast_accuracy(devices: int = 30, days: int = 365, seed: int = 11) -> dict[str, float]:
+def run_forecast_accuracy(devices: int = 42, days: int = 365, seed: int = 11) -> dict[str, float]:
     """The bench's figures: run-out errors in days, per-device-year ordering counts, cost."""
     fleet = simulated_devices(devices, seed, days)
     ours: list[float] = []
@@ -274,7 +274,7 @@ def run_forecast_accuracy(devices: int = 30, days: int = 365, seed: int = 11) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=30)
+    parser.add_argument("--devices", type=int, default=42)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
