@@ -73,7 +73,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.optimize import isotonic_regression
 
-from services.replenishment.slots import DAY_US
+from services.replenishment.slots import DAY_US, DEFAULT_FALLBACK_SHARE, DEFAULT_SERVICE_LEVEL, safety_z
 
 WINDOW_DAYS = 90
 MAX_READINGS = 500
@@ -86,9 +86,8 @@ STALE_AFTER_US = 3 * DAY_US
 INTERMITTENT_ADI = 1.32
 TSB_ALPHA = 0.1  # smoothing of the size of a use
 TSB_BETA = 0.05  # smoothing of the probability of use on a day
-DEFAULT_Z = 1.645  # a 95 % service level
+DEFAULT_Z = safety_z(DEFAULT_SERVICE_LEVEL)  # 1.645, a 95 % service level
 FULL_CONFIDENCE_DAYS = 14.0
-DEFAULT_FALLBACK_SHARE = 0.2
 MAX_REVIEW_DAYS = 7.0
 
 
