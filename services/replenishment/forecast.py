@@ -66,7 +66,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,9 +151,18 @@ def _median(values: np.ndarray) -> float:
 # Refills -------------------------------------------------------------------------------
 
 
-def is_refill(previous_level: float, level: float, capacity: float) -> bool:
-    """Whether a reading `level` after `previous_level` is a jump up large enough to be a refill."""
-    return level - previous_level > REFILL_TOLERANCE_SHARE * capacity
+def is_refill(recent_levels: Sequence[float], level: float, capacity: float) -> bool:
+    """Whether a new reading `level` rises enough above the epoch's recent levels to be a refill.
+
+    `recent_levels` are the epoch's latest readings in measure_time order (the last
+    REFERENCE_READINGS count). This is the test `split_epochs` applies, without the
+    confirmation by the next reading, which a reading just received cannot have yet: a
+    one-reading spike is taken for a refill until the next reading says otherwise.
+    """
+    if not recent_levels:
+        return False
+    base = _median(np.asarray(recent_levels[-REFERENCE_READINGS:], dtype=float))
+    return level - base > REFILL_TOLERANCE_SHARE * capacity
 
 
 def split_epochs(
@@ -246,6 +255,7 @@ def _sorted_readings(readings: Iterable[tuple[int, float]]) -> tuple[np.ndarray,
     pairs = np.array(readings if isinstance(readings, list | tuple) else list(readings), dtype=float)
     if pairs.size == 0:
         return np.empty(0, dtype=np.int64), np.empty(0)
+    pairs = pairs[np.isfinite(pairs).all(axis=1)]  # telemetry rejects these; never trust it here
     times, levels = pairs[:, 0].astype(np.int64), pairs[:, 1]
     order = np.argsort(times, kind="stable")
     times, levels = times[order], levels[order]
@@ -386,6 +396,8 @@ def forecast(
     `review_us` is how long until the decision is taken again: by default the device's
     usual interval between readings (pass 0 when the caller re-evaluates continuously).
     """
+    if not (math.isfinite(capacity) and capacity > 0):
+        raise ValueError("capacity must be a finite number greater than 0")
     times, levels = _sorted_readings(readings)
     lead_days = max(lead_time_us, 0) / DAY_US
     fallback = DEFAULT_FALLBACK_SHARE * capacity if fallback_reorder_level is None else fallback_reorder_level

@@ -216,8 +216,12 @@ def test_an_upward_spike_is_not_a_refill_and_does_not_move_the_rate() -> None:
 
 
 def test_refill_tolerance_is_five_percent_of_capacity() -> None:
-    assert not is_refill(500.0, 549.0, 1000.0)
-    assert is_refill(500.0, 551.0, 1000.0)
+    assert not is_refill([500.0], 549.0, 1000.0)
+    assert is_refill([500.0], 551.0, 1000.0)
+    assert not is_refill([], 1000.0, 1000.0)
+    # Measured from the median of the last five: one low glitch among them does not count.
+    assert not is_refill([900.0, 530.0, 520.0, 10.0, 510.0, 505.0], 549.0, 1000.0)
+    assert is_refill([520.0, 10.0, 510.0, 505.0, 500.0], 560.0, 1000.0)
     small_top_up = linear(10) + linear(10, start=835.0, first_day=10)  # +35 over 820
     assert detect_refills(small_top_up, capacity=1000) == []
 
@@ -280,6 +284,17 @@ def test_too_few_readings_fall_back_to_the_slot_level() -> None:
         forecast(hours, capacity=1000, lead_time_us=LEAD, now_us=T0).status
         is ForecastStatus.INSUFFICIENT_DATA
     )
+
+
+def test_non_finite_levels_are_ignored_and_capacity_must_be_positive() -> None:
+    readings = linear(21)
+    dirty = [*readings, (T0 + 3 * DAY_US + 1, float("nan")), (T0 + 5 * DAY_US + 1, float("inf"))]
+    now = now_after(readings)
+    assert forecast(dirty, capacity=1000, lead_time_us=LEAD, now_us=now) == forecast(
+        readings, capacity=1000, lead_time_us=LEAD, now_us=now
+    )
+    with pytest.raises(ValueError, match="capacity"):
+        forecast(readings, capacity=0.0, lead_time_us=LEAD, now_us=now)
 
 
 def test_no_consumption_is_said_and_nothing_is_ordered() -> None:
