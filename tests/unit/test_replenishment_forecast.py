@@ -165,6 +165,19 @@ def test_intermittent_scenario_over_seeds_tracks_the_realised_rate() -> None:
     assert 0.8 < statistics.median(ratios) < 1.25
 
 
+def test_a_printer_no_longer_used_stops_looking_due() -> None:
+    # Used twice a week for eight weeks, then not at all for five.
+    level, readings = 1000.0, []
+    for d in range(56 + 35):
+        readings.append((T0 + d * DAY_US, level))
+        if d < 56 and d % 7 in (0, 3):
+            level -= 35.0
+    result = forecast(readings, capacity=1000, lead_time_us=LEAD, now_us=now_after(readings))
+    assert result.method is ForecastMethod.TSB
+    assert result.rate_per_day is not None and result.rate_per_day < 0.3 * 10.0
+    assert result.days_to_empty is not None and result.days_to_empty > 4 * 440.0 / 10.0
+
+
 def test_tsb_and_croston_sba_follow_the_papers_recursions() -> None:
     rate, p, size = tsb(np.array([0.0, 0.0, 0.0, 10.0]), alpha=0.1, beta=0.05)
     expected_p = 0.25 * 0.95**3
@@ -305,6 +318,7 @@ def test_no_consumption_is_said_and_nothing_is_ordered() -> None:
     assert result.days_to_empty is None and result.reorder_time_us is None
     assert not result.order_now
     assert result.explanation == "no consumption seen over 9 days; nothing to order"
+    assert result.confidence == pytest.approx(9 / 14, abs=1e-3)
 
 
 def test_days_sitting_empty_do_not_dilute_the_rate() -> None:
