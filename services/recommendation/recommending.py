@@ -100,10 +100,21 @@ def check_ids(violations: Violations, field: str, ids: Sequence[str], most: int)
             violations.require_id(f"{field}[{index}]", item_id)
 
 
+# Filters a caller repeats (a storefront's page sends the same one again and again) are
+# checked once: the valid ones are kept, at most MAX_CACHED_FILTERS, then the cache starts over.
+MAX_CACHED_FILTERS = 1024
+_checked_filters: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[tuple[str, ...], frozenset[str]]] = {}
+
+
 def filter_of(
     violations: Violations, field: str, message: pb.ItemFilter
 ) -> tuple[tuple[str, ...], frozenset[str]]:
     """(category keys, excluded ids) of an ItemFilter."""
+    key = (tuple(message.category_prefixes), tuple(message.exclude_item_ids))
+    found = _checked_filters.get(key)
+    if found is not None:
+        return found
+    before = len(violations.found)
     prefixes = message.category_prefixes
     keys: list[str] = []
     if len(prefixes) > MAX_PREFIXES:
@@ -115,7 +126,12 @@ def filter_of(
                 violations.add(name, 'is required, e.g. "grocery/coffee"')
             keys.append(category_key(parse_category_prefix(name, text, violations)))
     check_ids(violations, f"{field}.exclude_item_ids", message.exclude_item_ids, MAX_EXCLUDED)
-    return tuple(sorted(set(keys))), frozenset(message.exclude_item_ids)
+    found = (tuple(sorted(set(keys))), frozenset(message.exclude_item_ids))
+    if len(violations.found) == before:
+        if len(_checked_filters) >= MAX_CACHED_FILTERS:
+            _checked_filters.clear()
+        _checked_filters[key] = found
+    return found
 
 
 def options_of(violations: Violations, field: str, message: pb.RecommendOptions) -> Options:

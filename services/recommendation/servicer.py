@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,21 @@ REASON_KINDS = {FEATURE: pb.REASON_KIND_FEATURE, POPULAR: pb.REASON_KIND_POPULAR
 def reason_text(reason: ScoreReason) -> str:
     """The display sentence of a reason (reasons.py's own text when it has one)."""
     text = getattr(reason, "text", "")
-    if text:
-        return str(text)
-    if reason.kind == POPULAR:
+    return str(text) if text else _text_of(reason.kind, reason.feature, reason.item_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_of(kind: str, feature: str, item_id: str) -> str:
+    if kind == POPULAR:
         return "Popular with other customers."
-    if reason.kind != FEATURE:
-        return f"Similar to {reason.item_id}, which you looked at or bought recently."
-    kind, _, value = reason.feature.partition(":")
-    if kind == "customer":
+    if kind != FEATURE:
+        return f"Similar to {item_id}, which you looked at or bought recently."
+    name, _, value = feature.partition(":")
+    if name == "customer":
         return "Chosen by customers whose history is like yours."
-    if kind == "item":
+    if name == "item":
         return "Chosen by the same customers."
-    return f"Matches {kind.replace('_', ' ')} {value}."
+    return f"Matches {name.replace('_', ' ')} {value}."
 
 
 def reason_message(reason: ScoreReason) -> pb.Reason:
