@@ -380,3 +380,21 @@ async def test_bad_input_names_each_field(serving: Serving):
         )
     )
     assert set(field_violations(error)) == {"item_id", "k", "max_reasons"}
+
+
+async def test_a_consent_cache_staler_than_its_bound_falls_back_and_says_so(serving: Serving):
+    await serving.activate("A")
+    assert (await serving.recommend("c-1")).personalized
+    # The bound is NAJIMI_CONSENT_MAX_STALENESS_SECONDS (30 s by default); a second here,
+    # while the consent cache hears a heartbeat every second as long as consent runs.
+    serving.servicer.recommender.max_staleness_seconds = 1.5
+    assert (await serving.recommend("c-1")).personalized
+    await serving.suite.consent.running.stop(0)
+
+    async def stale() -> pb.Recommendations | None:
+        found = await serving.recommend("c-1", k=2)
+        return found if found.fallback_reason == pb.FALLBACK_REASON_CONSENT_STALE else None
+
+    found = await until(stale, "CONSENT_STALE once consent is silent")
+    assert not found.personalized and not found.data_categories_used and ids(found) == ["i0", "i1"]
+    assert (await serving.recommend("", k=1)).fallback_reason == pb.FALLBACK_REASON_ANONYMOUS
