@@ -23,6 +23,7 @@ One request, in order:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -426,7 +427,8 @@ class Recommender:
         model = self.active.current()
         for start in range(0, len(customer_ids), BATCH_CHUNK):
             chunk = customer_ids[start : start + BATCH_CHUNK]
-            plans = [await self.plan(model, customer_id, options) for customer_id in chunk]
+            # The chunk's reads (history, attributes) overlap; the scoring is one product.
+            plans = await asyncio.gather(*(self.plan(model, customer_id, options) for customer_id in chunk))
             snapshot = self.catalog.snapshot()
             scored = [index for index, plan in enumerate(plans) if plan.vector is not None]
             ranked: dict[int, list[Recommended]] = {}
