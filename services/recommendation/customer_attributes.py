@@ -98,6 +98,9 @@ class CustomerAttributeCache:
                 return NONE, TTL_SECONDS
             log.warning("customer_attributes_unavailable", code=error.code().name)
             return NONE, FAILURE_SECONDS
+        except Exception as error:  # profile's trouble must not fail a recommendation
+            log.warning("customer_attributes_unavailable", error=type(error).__name__)
+            return NONE, FAILURE_SECONDS
         return consented_attributes(response.customer), TTL_SECONDS
 
     def forget(self, customer_ids: Iterable[str]) -> None:
