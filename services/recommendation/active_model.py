@@ -76,8 +76,13 @@ def load_model(model_dir: Path, version: str, sha256: str, fresh_after_us: int) 
     )
 
 
-def _erasures(connection: Connection) -> dict[str, int]:
-    rows = connection.execute(sa.select(serving_erasures.c.customer_ref, serving_erasures.c.erase_time_us))
+def _erasures(connection: Connection, since_us: int) -> dict[str, int]:
+    """The erasures recorded at or after `since_us` (older ones no loaded model holds)."""
+    rows = connection.execute(
+        sa.select(serving_erasures.c.customer_ref, serving_erasures.c.erase_time_us).where(
+            serving_erasures.c.erase_time_us >= since_us
+        )
+    )
     return {customer_ref: int(time_us) for customer_ref, time_us in rows}
 
 
@@ -129,10 +134,10 @@ class ActiveModel:
 
     async def refresh(self) -> LoadedModel | None:
         """Loads the active version if it is not the one held; returns what is held."""
-        # Only ever added to: a read that began before a local erasure committed loses nothing.
-        self._erased.update(await self.registry.db.read(_erasures))
-        active = await self.registry.active()
         held = self._current
+        if held is not None:
+            await self._read_erasures(held.fresh_after_us)
+        active = await self.registry.active()
         if active is None or (held is not None and (held.version, held.sha256) == active):
             return held
         if active == self._refused:
@@ -145,9 +150,15 @@ class ActiveModel:
             self._refused = active
             log.error("model_artefact_refused", model_version=version, error=str(error))
             return held
+        # Before the swap: an older model (a rollback) has rows of customers erased since its training.
+        await self._read_erasures(loaded.fresh_after_us)
         self._current = loaded
         log.info("model_loaded", model_version=version, items=len(loaded.serving.item_ids))
         return self._current
+
+    async def _read_erasures(self, since_us: int) -> None:
+        # Only ever added to: a read that began before a local erasure committed loses nothing.
+        self._erased.update(await self.registry.db.read(lambda connection: _erasures(connection, since_us)))
 
     async def _training_start(self, version: str) -> int:
         model = await self.registry.get_model(version)

@@ -329,6 +329,11 @@ async def test_an_erased_customer_is_a_cold_start_from_the_next_request(serving:
     active._erased.clear()
     await active.refresh()
     assert (await serving.recommend("c-1")).fallback_reason == pb.FALLBACK_REASON_COLD_START
+    # So does another model trained before the erasure (a rollback), from its first request.
+    active._erased.clear()
+    await serving.activate("B")
+    assert (await serving.recommend("c-1")).fallback_reason == pb.FALLBACK_REASON_COLD_START
+    assert (await serving.recommend("c-2")).personalized
 
 
 async def test_bad_input_names_each_field(serving: Serving):
