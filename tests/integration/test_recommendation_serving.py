@@ -305,13 +305,35 @@ async def test_activations_and_rollbacks_under_load_fail_no_request_and_never_mi
             count += 1
         return count
 
+    # A batch's customers span two scoring chunks (256 each): one model for the whole stream.
+    batch_ids = ["c-1", *(f"cold-{n}" for n in range(300)), "c-2"]
+    expected_c2 = {serving.versions["A"]: ["i0", "i1", "i2"], serving.versions["B"]: ["i19", "i18", "i17"]}
+
+    async def batcher() -> int:
+        count = 0
+        while not stop.is_set():
+            stream = serving.stub.BatchRecommend(
+                pb.BatchRecommendRequest(customer_ids=batch_ids, options=pb.RecommendOptions(k=3)),
+                metadata=serving.auth("service:campaign"),
+            )
+            answers = [response.recommendations async for response in stream]
+            first, last = answers[0], answers[-1]
+            assert first.model_version == last.model_version, (first.model_version, last.model_version)
+            assert (
+                ids(first) == expected[first.model_version] and ids(last) == expected_c2[last.model_version]
+            )
+            count += 1
+        return count
+
     callers = [asyncio.create_task(caller()) for _ in range(8)]
+    batchers = [asyncio.create_task(batcher()) for _ in range(2)]
     for name in ("B", "A", "B", "A", "B"):  # B, then rollbacks to A and back
         await serving.activate(name)
         await asyncio.sleep(0.05)
     stop.set()
     counts = await asyncio.gather(*callers)
     assert sum(counts) > 20 and seen == set(expected)
+    assert all(await asyncio.gather(*batchers))
 
 
 async def test_an_erased_customer_is_a_cold_start_from_the_next_request(serving: Serving):
