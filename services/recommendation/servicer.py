@@ -33,8 +33,7 @@ from services.recommendation.recommending import (
     options_of,
 )
 from services.recommendation.registry import Model, ModelRegistry, TrainingRun
-from services.recommendation.serving.customer_vectors import FEATURE
-from services.recommendation.serving.reasons import POPULAR, ScoreReason
+from services.recommendation.serving.reasons import POPULAR, SIMILAR_ITEM, ScoreReason
 from services.recommendation.serving_catalog import ServingCatalog
 from services.recommendation.similar_items import SimilarFinder, item_not_found
 from services.recommendation.store import RecommendationStore
@@ -124,7 +123,8 @@ def model_message(model: Model) -> pb.Model:
     )
 
 
-REASON_KINDS = {FEATURE: pb.REASON_KIND_FEATURE, POPULAR: pb.REASON_KIND_POPULAR}
+# Every other kind of ScoreReason is a feature (of the customer or of the item).
+REASON_KINDS = {SIMILAR_ITEM: pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM, POPULAR: pb.REASON_KIND_POPULAR}
 
 
 def reason_text(reason: ScoreReason) -> str:
@@ -137,7 +137,7 @@ def reason_text(reason: ScoreReason) -> str:
 def _text_of(kind: str, feature: str, item_id: str) -> str:
     if kind == POPULAR:
         return "Popular with other customers."
-    if kind != FEATURE:
+    if kind == SIMILAR_ITEM:
         return f"Similar to {item_id}, which you looked at or bought recently."
     name, _, value = feature.partition(":")
     if name == "customer":
@@ -149,7 +149,7 @@ def _text_of(kind: str, feature: str, item_id: str) -> str:
 
 def reason_message(reason: ScoreReason) -> pb.Reason:
     return pb.Reason(
-        kind=REASON_KINDS.get(reason.kind, pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM),
+        kind=REASON_KINDS.get(reason.kind, pb.REASON_KIND_FEATURE),
         feature=reason.feature,
         item_id=reason.item_id,
         contribution=reason.contribution,
