@@ -13,6 +13,7 @@ A snapshot is immutable: a request works on the one it took, while changes build
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class CatalogEntry:
     category_path: tuple[str, ...]
     available: bool
     deleted: bool
+    title: str = ""
 
 
 @dataclass(eq=False)
@@ -101,6 +103,11 @@ class CatalogSnapshot:
             found.setflags(write=False)
             _bounded(self._model_masks)[key] = found
         return found
+
+    def title_of(self, item_id: str) -> str:
+        """The item's title, for reason texts ("" when the catalog does not have it)."""
+        row = self.rows.get(item_id)
+        return "" if row is None else self.entries[row].title
 
     def popular(self, allowed: np.ndarray, k: int) -> np.ndarray:
         """The k most popular catalog rows that `allowed` admits, most popular first."""

@@ -35,6 +35,7 @@ def test_prefixes_match_whole_segments_and_unavailable_and_deleted_items_are_lef
     assert allowed_ids(snapshot, snapshot.mask(coffee, True)) == ["beans", "filter"]
     assert allowed_ids(snapshot, snapshot.mask((), False)) == ["beans", "machine", "tea"]
     assert snapshot.mask(coffee, False) is snapshot.mask(coffee, False)  # built once per filter
+    assert (snapshot.title_of("tea"), snapshot.title_of("nope")) == ("Tea", "")
     assert allowed_ids(snapshot, without(snapshot.mask((), False), snapshot.rows, ["tea", "nope"])) == [
         "beans",
         "machine",
