@@ -13,8 +13,8 @@ A snapshot is immutable: a request works on the one it took, while changes build
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -164,7 +164,7 @@ class ServingCatalog:
         changed = False
         for item, deleted in changes:
             entry = CatalogEntry(
-                category_key(item.category_path), item.category_path, item.available, deleted
+                category_key(item.category_path), item.category_path, item.available, deleted, item.title
             )
             if self._entries.get(item.item_id) != entry:
                 self._entries[item.item_id] = entry
@@ -176,9 +176,7 @@ class ServingCatalog:
     def deleted(self, item_id: str) -> None:
         entry = self._entries.get(item_id)
         if entry is not None and not entry.deleted:
-            self._entries[item_id] = CatalogEntry(
-                entry.category_key, entry.category_path, entry.available, True
-            )
+            self._entries[item_id] = dataclasses.replace(entry, deleted=True)
             self._snapshot = None
 
     async def refresh(self) -> None:
