@@ -9,8 +9,12 @@ and an erasure deletes them (erased_records {"interactions": n}), remembering it
 result for retries like every service does. Training reads the copy, so an erased
 customer is left out of every later training at once.
 
-Trained models' artefacts will hold for each customer only a latent vector derived from
-consented data; the issue that adds serving extends this export and erasure to cover it.
+A trained model holds for each customer it learned only a latent vector (their row)
+derived from consented data. An erasure masks that row in the active model
+(active_model.py's overlay, recorded in serving_erasures for every replica) and drops
+the customer from serving's caches (their history and attributes) at once: from the next
+request they are a cold start; the next training leaves them out. An export says whether
+the active model holds such a row.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from sqlalchemy.engine import Connection
 
+from services.recommendation.active_model import ActiveModel, record_erasure
+from services.recommendation.customer_attributes import CustomerAttributeCache
 from services.recommendation.interactions import (
     InteractionCopy,
     customer_interactions,
@@ -38,9 +44,13 @@ SERVICE = "recommendation"
 NOT_HELD_YET = {
     "model": "no model is trained yet; a trained one holds only a latent vector derived from consented data",
 }
+MODEL_ROW = (
+    "model {version} holds a latent vector (its row) derived from this customer's consented data; "
+    "it is masked on erasure and absent from the next model"
+)
 
 
-def export_document(connection: Connection, customer_id: str) -> dict[str, Any]:
+def export_document(connection: Connection, customer_id: str, model_row: str = "") -> dict[str, Any]:
     held = [
         {
             "item_id": entry.item_id,
@@ -53,11 +63,12 @@ def export_document(connection: Connection, customer_id: str) -> dict[str, Any]:
         }
         for entry in customer_interactions(connection, customer_id)
     ]
-    return {
-        "customer_id": customer_id,
-        "held": {"interactions": held} if held else {},
-        "not_held_yet": NOT_HELD_YET,
-    }
+    document: dict[str, Any] = {"customer_id": customer_id, "held": {"interactions": held} if held else {}}
+    if model_row:
+        document["held"]["model"] = model_row
+    else:
+        document["not_held_yet"] = NOT_HELD_YET
+    return document
 
 
 def _rfc3339(micros: int) -> str:
@@ -66,23 +77,46 @@ def _rfc3339(micros: int) -> str:
     return stamp.ToJsonString()
 
 
-def erase_customer(connection: Connection, customer_id: str) -> dict[str, int]:
-    """Deletes what is held about the customer: their entries of the interaction copy."""
+def erase_customer(
+    connection: Connection, customer_id: str, customer_ref: str, time_us: int
+) -> dict[str, int]:
+    """Deletes what is held about the customer (their entries of the interaction copy) and
+    records the erasure (by `customer_ref`), which masks their row in the models trained
+    before it."""
     erased = erase_customer_interactions(connection, customer_id)
+    record_erasure(connection, customer_ref, time_us)
     return {"interactions": erased} if erased else {}
 
 
 class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
-    def __init__(self, store: RecommendationStore, copy: InteractionCopy):
+    def __init__(
+        self,
+        store: RecommendationStore,
+        copy: InteractionCopy,
+        active_model: ActiveModel,
+        attributes: CustomerAttributeCache,
+    ):
         self.store = store
         self.copy = copy
+        self.active_model = active_model
+        self.attributes = attributes
 
     async def ExportCustomerData(
         self, request: privacy_pb.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         check_request(request.customer_id, request.request_id)
         document = struct_pb2.Struct()
-        document.update(await self.store.db.read(lambda c: export_document(c, request.customer_id)))
+        model = self.active_model.current()
+        model_row = (
+            MODEL_ROW.format(version=model.version)
+            if model is not None
+            and request.customer_id in model.serving.customer_rows
+            and not self.active_model.is_erased(model, request.customer_id)
+            else ""
+        )
+        document.update(
+            await self.store.db.read(lambda c: export_document(c, request.customer_id, model_row))
+        )
         return privacy_pb.ExportCustomerDataResponse(
             service=SERVICE, export_time=timestamp_of(now_micros()), document=document
         )
@@ -90,10 +124,18 @@ class RecommendationDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer)
     async def EraseCustomerData(
         self, request: privacy_pb.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        return await erase_once(
+        customer_ref = self.active_model.customer_ref(request.customer_id)
+        response = await erase_once(
             self.store.db,
             self.store.idempotency,
             SERVICE,
             request,
-            lambda connection, customer_id, *_: erase_customer(connection, customer_id),
+            lambda connection, customer_id, _, erased_at: erase_customer(
+                connection, customer_id, customer_ref, erased_at
+            ),
         )
+        # Every cache at once: the next request serves them as a cold start.
+        self.active_model.erased(customer_ref, response.erase_time.ToMicroseconds())
+        self.copy.changed([request.customer_id])
+        self.attributes.forget([request.customer_id])
+        return response

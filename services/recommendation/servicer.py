@@ -1,15 +1,16 @@
 """RecommendationService over gRPC: protobuf in, domain calls, protobuf out — nothing else.
 
-Implemented so far: the catalog's UpsertItems, GetItem and ListItems, and the model
-registry's TrainModel, GetTrainingRun, GetModel, ListModels, ActivateModel and
-GetModelEvaluation (registry.py; training itself runs in the training worker). Every
-other RPC is left to the generated base class, whose NotImplementedError the interceptor
-answers with UNIMPLEMENTED naming the RPC.
+Every RPC of the contract: the catalog (catalog.py, store.py; serving_catalog.py follows
+it), serving (recommending.py, similar_items.py over the active model, active_model.py)
+and the model registry (registry.py; training itself runs in the training worker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,25 @@ from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc
 from services.recommendation.active_model import ActiveModel
 from services.recommendation.artefacts import ArtefactError, read_artefact
 from services.recommendation.catalog import Item, Outcome, check_upsert, parse_category_prefix
+from services.recommendation.recommending import (
+    MAX_RECENT,
+    Recommendations,
+    Recommender,
+    check_batch,
+    check_ids,
+    check_k,
+    check_max_reasons,
+    filter_of,
+    options_of,
+)
 from services.recommendation.registry import Model, ModelRegistry, TrainingRun
+from services.recommendation.serving.reasons import POPULAR, SIMILAR_ITEM, ScoreReason
+from services.recommendation.serving_catalog import ServingCatalog
+from services.recommendation.similar_items import SimilarFinder, item_not_found
 from services.recommendation.store import RecommendationStore
 from services.recommendation.training_options import check_training_options
 from shared.auth import current_principal
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument
 from shared.page_tokens import PageTokens
 from shared.proto_time import duration_of_micros, timestamp_of
 from shared.validation import Violations, page_size_of
@@ -108,6 +123,63 @@ def model_message(model: Model) -> pb.Model:
     )
 
 
+# Every other kind of ScoreReason is a feature (of the customer or of the item).
+REASON_KINDS = {SIMILAR_ITEM: pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM, POPULAR: pb.REASON_KIND_POPULAR}
+
+
+def reason_text(reason: ScoreReason) -> str:
+    """The display sentence of a reason (reasons.py's own text when it has one)."""
+    text = getattr(reason, "text", "")
+    return str(text) if text else _text_of(reason.kind, reason.feature, reason.item_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_of(kind: str, feature: str, item_id: str) -> str:
+    if kind == POPULAR:
+        return "Popular with other customers."
+    if kind == SIMILAR_ITEM:
+        return f"Similar to {item_id}, which you looked at or bought recently."
+    name, _, value = feature.partition(":")
+    if name == "customer":
+        return "Chosen by customers whose history is like yours."
+    if name == "item":
+        return "Chosen by the same customers."
+    return f"Matches {name.replace('_', ' ')} {value}."
+
+
+def reason_message(reason: ScoreReason) -> pb.Reason:
+    return pb.Reason(
+        kind=REASON_KINDS.get(reason.kind, pb.REASON_KIND_FEATURE),
+        feature=reason.feature,
+        item_id=reason.item_id,
+        contribution=reason.contribution,
+        text=reason_text(reason),
+        data_category=reason.data_category,
+    )
+
+
+def recommendations_message(found: Recommendations) -> pb.Recommendations:
+    return pb.Recommendations(
+        customer_id=found.customer_id,
+        items=[
+            pb.RecommendedItem(
+                item_id=item.item_id,
+                score=item.score,
+                rank=rank,
+                reasons=[reason_message(reason) for reason in item.reasons],
+            )
+            for rank, item in enumerate(found.items, start=1)
+        ],
+        model_version=found.model_version,
+        personalized=found.personalized,
+        fallback_reason=found.fallback,  # type: ignore[arg-type]
+        data_categories_used=found.data_categories,
+        serve_time=timestamp_of(found.serve_time_us),
+        consent_revision=found.consent_revision,
+        recommendation_id=found.recommendation_id,
+    )
+
+
 SERVICE = pb.DESCRIPTOR.services_by_name["RecommendationService"]
 
 
@@ -120,12 +192,17 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         registry: ModelRegistry,
         model_dir: Path,
         active_model: ActiveModel,
+        catalog: ServingCatalog,
+        recommender: Recommender,
     ):
         self.store = store
         self.registry = registry
         self.model_dir = model_dir
-        # The served model (Recommend, next issue, reads active_model.current()).
+        # The served model; requests read active_model.current() once each.
         self.active_model = active_model
+        self.catalog = catalog
+        self.recommender = recommender
+        self.similar = SimilarFinder(active_model, catalog)
         self.pages = tokens.of_service(SERVICE)
         # A page of 1000 items with every attribute filled would exceed the message limit:
         # a List page then holds fewer items (AIP-158 allows it) and the token goes on from there.
@@ -138,6 +215,11 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         check_upsert(batch, violations)
         violations.raise_if_any()
         results = await self.store.upsert_items(str(current_principal()), request, batch)
+        # This replica serves the change from its next request (the others within a poll).
+        self.catalog.apply(
+            (dataclasses.replace(item, update_time_us=result.update_time_us), False)
+            for item, result in zip(batch, results, strict=True)
+        )
         return pb.UpsertItemsResponse(
             results=[
                 pb.UpsertItemResult(
@@ -153,12 +235,64 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         violations.raise_if_any()
         item = await self.store.get_item(request.item_id)
         if item is None:
-            raise NotFound(
-                f"item {request.item_id} does not exist",
-                reason="ITEM_NOT_FOUND",
-                metadata={"item_id": request.item_id},
-            )
+            raise item_not_found(request.item_id)
         return pb.GetItemResponse(item=item_message(item))
+
+    async def DeleteItem(self, request: pb.DeleteItemRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_id("item_id", request.item_id)
+        violations.raise_if_any()
+        deleted_at = await self.store.delete_item(request.item_id)
+        if deleted_at is None and not request.allow_missing:
+            raise item_not_found(request.item_id)
+        self.catalog.deleted(request.item_id)
+        return pb.DeleteItemResponse(item_id=request.item_id, deleted=deleted_at is not None)
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        if request.customer_id:
+            violations.require_id("customer_id", request.customer_id)
+        options = options_of(violations, "options", request.options)
+        recent = request.context.recent_item_ids
+        check_ids(violations, "context.recent_item_ids", recent, MAX_RECENT)
+        violations.raise_if_any()
+        found = await self.recommender.recommend(request.customer_id, options, recent)
+        return pb.RecommendResponse(recommendations=recommendations_message(found))
+
+    async def BatchRecommend(
+        self, request: pb.BatchRecommendRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BatchRecommendResponse]:
+        violations = Violations()
+        check_batch(violations, "customer_ids", request.customer_ids)
+        options = options_of(violations, "options", request.options)
+        violations.raise_if_any()
+        async for found in self.recommender.recommend_many(list(request.customer_ids), options):
+            yield pb.BatchRecommendResponse(recommendations=recommendations_message(found))
+
+    async def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext) -> Any:
+        violations = Violations()
+        violations.require_id("item_id", request.item_id)
+        k = check_k(violations, "k", request.k)
+        prefixes, excluded = filter_of(violations, "filter", request.filter)
+        max_reasons = check_max_reasons(violations, "max_reasons", request.max_reasons)
+        violations.raise_if_any()
+        found = self.similar.similar(
+            request.item_id, k, prefixes, excluded, request.filter.include_unavailable, max_reasons
+        )
+        return pb.SimilarItemsResponse(
+            items=[
+                pb.SimilarItem(
+                    item_id=item.item_id,
+                    similarity=item.similarity,
+                    rank=rank,
+                    reasons=[reason_message(reason) for reason in item.reasons],
+                )
+                for rank, item in enumerate(found.items, start=1)
+            ],
+            model_version=found.model_version,
+            fallback_reason=found.fallback,  # type: ignore[arg-type]
+            serve_time=timestamp_of(found.serve_time_us),
+        )
 
     async def ListItems(self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext) -> Any:
         violations = Violations()

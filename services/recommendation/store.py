@@ -37,7 +37,18 @@ items = sa.Table(
     sa.Column("attributes", sa.Text, nullable=False),  # JSON object, keys sorted
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    # Set by DeleteItem: the row stays as a tombstone that serving sees (migration 0005).
+    sa.Column("delete_time_us", sa.BigInteger, nullable=True),
 )
+
+serving_erasures = sa.Table(
+    "serving_erasures",
+    metadata,
+    sa.Column("customer_ref", sa.String(64), primary_key=True),  # keyed hash of the customer id
+    sa.Column("erase_time_us", sa.BigInteger, nullable=False),
+)
+
+LIVE = items.c.delete_time_us.is_(None)
 
 UPSERT_ITEMS = "UpsertItems"
 # Ids per `IN (...)` list, well below SQLite's and PostgreSQL's bound-parameter limits.
@@ -74,6 +85,7 @@ def _row(item: Item, create_time_us: int, update_time_us: int) -> dict[str, Any]
         "attributes": json.dumps(dict(item.attributes), sort_keys=True),
         "create_time_us": create_time_us,
         "update_time_us": update_time_us,
+        "delete_time_us": None,
     }
 
 
@@ -105,16 +117,19 @@ class RecommendationStore:
 
         def work(connection: Connection) -> bytes:
             now = now_micros()
-            existing = _locked_items(connection, [item.item_id for item in batch])
+            existing, deleted = _locked_items(connection, [item.item_id for item in batch])
             results: list[UpsertResult] = []
             inserts: list[dict[str, Any]] = []
             updates: list[dict[str, Any]] = []
             for item in batch:
                 old = existing.get(item.item_id)
-                outcome = outcome_of(old, item)
+                outcome = outcome_of(None if deleted.get(item.item_id) else old, item)
                 update_time_us = now
                 if old is None:
                     inserts.append(_row(item, now, now))
+                elif deleted.get(item.item_id):
+                    # A deleted id is created again: a new item from now on.
+                    updates.append({**_row(item, now, now), "key": item.item_id})
                 elif outcome is Outcome.UPDATED:
                     updates.append({**_row(item, old.create_time_us, now), "key": item.item_id})
                 else:
@@ -138,10 +153,24 @@ class RecommendationStore:
 
     async def get_item(self, item_id: str) -> Item | None:
         def query(connection: Connection) -> Item | None:
-            row = connection.execute(sa.select(items).where(items.c.item_id == item_id)).first()
+            row = connection.execute(sa.select(items).where(items.c.item_id == item_id, LIVE)).first()
             return _item(row) if row else None
 
         return await self.db.read(query)
+
+    async def delete_item(self, item_id: str) -> int | None:
+        """Marks the item deleted; returns the deletion time, or None when there is no live item."""
+
+        def work(connection: Connection) -> int | None:
+            now = now_micros()
+            deleted = connection.execute(
+                items.update()
+                .where(items.c.item_id == item_id, LIVE)
+                .values(delete_time_us=now, update_time_us=now)
+            ).rowcount
+            return now if deleted else None
+
+        return await self.db.write(work)
 
     async def list_items(
         self, after: str, limit: int, category_prefix: Sequence[str], available_only: bool
@@ -151,7 +180,7 @@ class RecommendationStore:
         prefix = category_key(category_prefix)
 
         def query(connection: Connection) -> tuple[list[Item], bool]:
-            select = sa.select(items).where(items.c.item_id > after)
+            select = sa.select(items).where(items.c.item_id > after, LIVE)
             if prefix:
                 # substr, not LIKE: exact and case-sensitive on both back ends, no wildcards to escape.
                 select = select.where(sa.func.substr(items.c.category_key, 1, len(prefix)) == prefix)
@@ -165,17 +194,28 @@ class RecommendationStore:
 
 def catalog_items(connection: Connection) -> list[Item]:
     """The whole catalog, unavailable items included, in item_id order (training reads it)."""
-    return [_item(row) for row in connection.execute(sa.select(items).order_by(items.c.item_id))]
+    return [_item(row) for row in connection.execute(sa.select(items).where(LIVE).order_by(items.c.item_id))]
 
 
-def _locked_items(connection: Connection, item_ids: Sequence[str]) -> dict[str, Item]:
-    """The stored items among `item_ids`, locked for this transaction (PostgreSQL) in id order."""
+def catalog_changes(connection: Connection, since_us: int) -> list[tuple[Item, bool]]:
+    """Items (deleted ones too, flagged True) changed at or after `since_us`: what the serving
+    catalog follows."""
+    rows = connection.execute(sa.select(items).where(items.c.update_time_us >= since_us))
+    return [(_item(row), row.delete_time_us is not None) for row in rows]
+
+
+def _locked_items(connection: Connection, item_ids: Sequence[str]) -> tuple[dict[str, Item], dict[str, bool]]:
+    """The stored items among `item_ids` (and whether each is deleted), locked for this
+    transaction (PostgreSQL) in id order."""
     found: dict[str, Item] = {}
+    deleted: dict[str, bool] = {}
     ordered = sorted(set(item_ids))
     for start in range(0, len(ordered), LOOKUP_CHUNK):
         chunk = ordered[start : start + LOOKUP_CHUNK]
         rows = connection.execute(
             sa.select(items).where(items.c.item_id.in_(chunk)).order_by(items.c.item_id).with_for_update()
         )
-        found.update((row.item_id, _item(row)) for row in rows)
-    return found
+        for row in rows:
+            found[row.item_id] = _item(row)
+            deleted[row.item_id] = row.delete_time_us is not None
+    return found, deleted

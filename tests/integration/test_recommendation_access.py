@@ -1,9 +1,8 @@
-"""Who may call the recommendation service, and what it does not do yet."""
+"""Who may call the recommendation service: the Callers lines of its contract."""
 
 from __future__ import annotations
 
 import grpc
-import pytest
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc
 
@@ -70,32 +69,36 @@ async def test_model_rpcs_are_refused_to_callers_the_proto_does_not_list(start_s
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-UNIMPLEMENTED = [
-    ("DeleteItem", pb.DeleteItemRequest(item_id="sku-1")),
-    ("Recommend", pb.RecommendRequest(customer_id="c-1")),
-    ("SimilarItems", pb.SimilarItemsRequest(item_id="sku-1")),
-]
-
-
-@pytest.mark.parametrize(("rpc", "request_"), UNIMPLEMENTED, ids=[name for name, _ in UNIMPLEMENTED])
-async def test_rpcs_of_later_issues_are_unimplemented_and_say_which(start_service, rpc, request_):
+async def test_serving_answers_storefronts_campaigns_and_admin_and_no_one_else(start_service):
     service = await start_service("recommendation")
     stub = pb_grpc.RecommendationServiceStub(service.channel)
-    error = await rpc_error(getattr(stub, rpc)(request_, metadata=service.auth()))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert f"RecommendationService/{rpc}" in (error.details() or "")
+    await stub.UpsertItems(pb.UpsertItemsRequest(request_id="seed", items=[ITEM]), metadata=service.auth())
 
+    async def batch(principal: str) -> list[pb.BatchRecommendResponse]:
+        return [
+            response
+            async for response in stub.BatchRecommend(
+                pb.BatchRecommendRequest(customer_ids=["c-1"]), metadata=service.auth(principal)
+            )
+        ]
 
-async def test_batch_recommend_is_unimplemented_and_says_so(start_service):
-    service = await start_service("recommendation")
-    stub = pb_grpc.RecommendationServiceStub(service.channel)
-
-    async def consume() -> None:
-        async for _ in stub.BatchRecommend(
-            pb.BatchRecommendRequest(customer_ids=["c-1"]), metadata=service.auth("service:campaign")
+    for principal in ["service:storefront", "service:campaign", "admin"]:
+        found = await stub.Recommend(pb.RecommendRequest(customer_id="c-1"), metadata=service.auth(principal))
+        assert [item.item_id for item in found.recommendations.items] == ["sku-1"]
+        assert [r.recommendations.customer_id for r in await batch(principal)] == ["c-1"]
+        similar = await stub.SimilarItems(
+            pb.SimilarItemsRequest(item_id="sku-1"), metadata=service.auth(principal)
+        )
+        assert similar.fallback_reason == pb.FALLBACK_REASON_NO_MODEL
+    for principal in ["service:catalog", "service:profile"]:
+        for call in (
+            stub.Recommend(pb.RecommendRequest(customer_id="c-1"), metadata=service.auth(principal)),
+            stub.SimilarItems(pb.SimilarItemsRequest(item_id="sku-1"), metadata=service.auth(principal)),
+            batch(principal),
         ):
-            pass
-
-    error = await rpc_error(consume())
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RecommendationService/BatchRecommend" in (error.details() or "")
+            error = await rpc_error(call)
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    deleted = await stub.DeleteItem(
+        pb.DeleteItemRequest(item_id="sku-1"), metadata=service.auth("service:catalog")
+    )
+    assert deleted.deleted

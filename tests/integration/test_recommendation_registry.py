@@ -394,7 +394,7 @@ async def test_a_corrupt_artefact_is_refused_on_activation_and_on_load(rig: Rig)
     assert (await rig.model(good.model_version)).status == pb.MODEL_STATUS_ACTIVE
 
     # Activated behind the servicer's back, a replica refuses to load it and keeps the old one.
-    holder = ActiveModel(rig.registry, rig.model_dir)
+    holder = ActiveModel(rig.registry, rig.model_dir, b"k" * 32)
     assert (await holder.refresh()).version == good.model_version  # type: ignore[union-attr]
     await rig.registry.activate(ready.model_version, force=False, reason="")
     held = await holder.refresh()

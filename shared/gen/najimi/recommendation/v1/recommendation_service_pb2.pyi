@@ -98,7 +98,10 @@ class _FallbackReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fallba
     FALLBACK_REASON_NONE: _FallbackReason.ValueType  # 1
     """No fallback: the results are personalised."""
     FALLBACK_REASON_ANONYMOUS: _FallbackReason.ValueType  # 2
-    """No customer_id was given (an anonymous visitor)."""
+    """No customer_id was given (an anonymous visitor): no customer's data is used.
+    The results are popular items, or folded in from the session's recent items
+    when the context has some (personalized true).
+    """
     FALLBACK_REASON_CONSENT_STALE: _FallbackReason.ValueType  # 3
     """The local consent cache is older than the configured staleness bound, so this
     service cannot know whether the customer consents, and fails closed.
@@ -108,7 +111,9 @@ class _FallbackReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fallba
     given, withdrawn, expired, or given under an outdated material notice).
     """
     FALLBACK_REASON_NO_MODEL: _FallbackReason.ValueType  # 5
-    """No model is active (or, for SimilarItems, none is loaded yet)."""
+    """No model is active (or, for SimilarItems, none is loaded yet or it does not
+    know the item).
+    """
     FALLBACK_REASON_COLD_START: _FallbackReason.ValueType  # 6
     """The customer is unknown to the active model and has no consented attributes
     or recent items to fold in.
@@ -122,7 +127,10 @@ FALLBACK_REASON_UNSPECIFIED: FallbackReason.ValueType  # 0
 FALLBACK_REASON_NONE: FallbackReason.ValueType  # 1
 """No fallback: the results are personalised."""
 FALLBACK_REASON_ANONYMOUS: FallbackReason.ValueType  # 2
-"""No customer_id was given (an anonymous visitor)."""
+"""No customer_id was given (an anonymous visitor): no customer's data is used.
+The results are popular items, or folded in from the session's recent items
+when the context has some (personalized true).
+"""
 FALLBACK_REASON_CONSENT_STALE: FallbackReason.ValueType  # 3
 """The local consent cache is older than the configured staleness bound, so this
 service cannot know whether the customer consents, and fails closed.
@@ -132,7 +140,9 @@ FALLBACK_REASON_NO_CONSENT: FallbackReason.ValueType  # 4
 given, withdrawn, expired, or given under an outdated material notice).
 """
 FALLBACK_REASON_NO_MODEL: FallbackReason.ValueType  # 5
-"""No model is active (or, for SimilarItems, none is loaded yet)."""
+"""No model is active (or, for SimilarItems, none is loaded yet or it does not
+know the item).
+"""
 FALLBACK_REASON_COLD_START: FallbackReason.ValueType  # 6
 """The customer is unknown to the active model and has no consented attributes
 or recent items to fold in.
@@ -836,9 +846,10 @@ class RecommendationContext(_message.Message):
         """Items the customer looked at or added to the cart in this session, most
         recent first: up to 50 ids. They are folded into the customer's vector, so
         the results follow the session before its events reach the profile service.
-        They are used only when the customer's consent grants
-        "user.behavior.browsing_history"; recent items are not excluded from the
-        results unless listed in ItemFilter.exclude_item_ids.
+        For a customer they are used only when their consent grants
+        "user.behavior.browsing_history"; for an anonymous visitor (no customer_id)
+        they are the only data used. Recent items are not excluded from the results
+        unless listed in ItemFilter.exclude_item_ids.
         """
 
     def __init__(
@@ -915,7 +926,10 @@ class RecommendRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The customer, as known to the profile service. Empty for an anonymous
-    visitor, who gets non-personalised results (fallback_reason ANONYMOUS).
+    visitor (fallback_reason ANONYMOUS): no customer's data is used; with
+    recent_item_ids in the context the results are folded in from those session
+    items (personalized true, data_categories_used
+    ["user.behavior.browsing_history"]), otherwise they are popular items.
     """
     @_builtins.property
     def options(self) -> Global___RecommendOptions:
@@ -1068,12 +1082,14 @@ class Recommendations(_message.Message):
     """
     personalized: _builtins.bool
     """True when the results use the customer's own data (learned vector, consented
-    attributes, fold-in of fresh events or recent items).
+    attributes, fold-in of fresh events or recent items), or an anonymous
+    visitor's session items.
     """
     fallback_reason: Global___FallbackReason.ValueType
-    """Why the results are not personalised; FALLBACK_REASON_NONE when they are.
-    When several apply, the first in this order: ANONYMOUS, CONSENT_STALE,
-    NO_CONSENT, NO_MODEL, COLD_START.
+    """Why the results are not (fully) personalised; FALLBACK_REASON_NONE when they
+    are. When several apply, the first in this order: ANONYMOUS, CONSENT_STALE,
+    NO_CONSENT, NO_MODEL, COLD_START. ANONYMOUS stays set when an anonymous
+    visitor's session items were folded in (personalized is then true).
     """
     consent_revision: _builtins.int
     """The consent revision (ConsentService's global revision) the consent decision
@@ -1090,8 +1106,11 @@ class Recommendations(_message.Message):
     @_builtins.property
     def data_categories_used(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The consent data categories of the customer's data that these results used,
-        e.g. ["user.behavior.purchase_history", "user.demographic.age_range"]; empty
-        for non-personalised results.
+        e.g. ["user.behavior.purchase_history", "user.demographic.age_range"]: those
+        the learned vector rests on, each consented attribute and folded-in item's,
+        and "user.behavior.purchase_history" whenever exclude_purchased read the
+        purchase history (also in non-personalised results, e.g. NO_MODEL). Empty
+        when none of the customer's data was read.
         """
 
     @_builtins.property
@@ -1292,8 +1311,9 @@ class SimilarItemsResponse(_message.Message):
     model_version: _builtins.str
     """The model version used; empty when no model was used."""
     fallback_reason: Global___FallbackReason.ValueType
-    """FALLBACK_REASON_NONE, or FALLBACK_REASON_NO_MODEL when no model is active and
-    the items are popular items under the same category.
+    """FALLBACK_REASON_NONE, or FALLBACK_REASON_NO_MODEL when no model is active (or
+    it does not know the item) and the items are popular items under the same
+    category.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarItem]:

@@ -157,7 +157,8 @@ class RecommendationServiceStub:
     """SimilarItems returns the k items most similar to one item in the active
     model's item space ("more like this"), each with the shared features that make
     it similar. It uses no customer data, so it needs no consent and suits
-    anonymous visitors. The item itself is never returned. Without an active model
+    anonymous visitors. The item itself is never returned. Without an active model,
+    or for an item the active model does not know yet (added after its training),
     it returns popular items under the item's own category (fallback_reason
     NO_MODEL).
     Callers: admin, service:storefront, service:campaign.
@@ -372,7 +373,8 @@ class RecommendationServiceAsyncStub(RecommendationServiceStub):
     """SimilarItems returns the k items most similar to one item in the active
     model's item space ("more like this"), each with the shared features that make
     it similar. It uses no customer data, so it needs no consent and suits
-    anonymous visitors. The item itself is never returned. Without an active model
+    anonymous visitors. The item itself is never returned. Without an active model,
+    or for an item the active model does not know yet (added after its training),
     it returns popular items under the item's own category (fallback_reason
     NO_MODEL).
     Callers: admin, service:storefront, service:campaign.
@@ -626,7 +628,8 @@ class RecommendationServiceServicer(metaclass=_abc_1.ABCMeta):
         """SimilarItems returns the k items most similar to one item in the active
         model's item space ("more like this"), each with the shared features that make
         it similar. It uses no customer data, so it needs no consent and suits
-        anonymous visitors. The item itself is never returned. Without an active model
+        anonymous visitors. The item itself is never returned. Without an active model,
+        or for an item the active model does not know yet (added after its training),
         it returns popular items under the item's own category (fallback_reason
         NO_MODEL).
         Callers: admin, service:storefront, service:campaign.

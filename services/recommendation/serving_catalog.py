@@ -1,0 +1,229 @@
+"""The catalog as serving sees it: every item's availability, deletion, categories and
+popularity, in arrays, with the candidate masks of each filter cached.
+
+Every replica holds one, loaded at start and then following the items table by
+update_time_us (every POLL_SECONDS; DeleteItem and UpsertItems also apply their own
+changes at once, so the replica that took a write masks a deleted or unavailable item
+from its very next request). Popularity is each item's interaction count in the local
+consented copy, recounted every POPULARITY_SECONDS: what non-personalised results rank by.
+
+A snapshot is immutable: a request works on the one it took, while changes build the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.recommendation.catalog import Item, category_key
+from services.recommendation.interactions import interactions
+from services.recommendation.serving.model import ServingModel
+from services.recommendation.store import catalog_changes
+from shared.db import Database, now_micros
+from shared.log import get_logger
+
+log = get_logger("najimi.recommendation.serving_catalog")
+
+POLL_SECONDS = 1.0
+POPULARITY_SECONDS = 30.0
+# A write's update_time is taken before it commits: each poll re-reads this much before
+# the newest time it saw, so a transaction that committed late is not passed over.
+POLL_OVERLAP_US = 10_000_000
+MAX_CACHED_MASKS = 256
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    category_key: str  # "grocery/coffee/beans/"
+    category_path: tuple[str, ...]
+    available: bool
+    deleted: bool
+    title: str = ""
+
+
+@dataclass(eq=False)
+class CatalogSnapshot:
+    """One immutable state of the catalog, items in item_id order."""
+
+    ids: list[str]
+    rows: dict[str, int]
+    entries: list[CatalogEntry]
+    live: np.ndarray  # bool [n]: in the catalog (not deleted)
+    available: np.ndarray  # bool [n]: live and available
+    popularity: np.ndarray  # float64 [n]: interaction count
+    by_popularity: np.ndarray  # int64 [n]: rows, most popular first (ties by item_id)
+    _masks: dict[tuple[tuple[str, ...], bool], np.ndarray] = field(default_factory=dict)
+    _model_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    _model_masks: dict[tuple[str, tuple[str, ...], bool], np.ndarray] = field(default_factory=dict)
+
+    def mask(self, prefixes: tuple[str, ...], include_unavailable: bool) -> np.ndarray:
+        """Catalog rows a filter allows (category keys as category_key() makes them). Do not modify."""
+        key = (prefixes, include_unavailable)
+        found = self._masks.get(key)
+        if found is None:
+            found = (self.live if include_unavailable else self.available).copy()
+            if prefixes:
+                found &= np.fromiter(
+                    (entry.category_key.startswith(prefixes) for entry in self.entries),
+                    dtype=bool,
+                    count=len(self.entries),
+                )
+            found.setflags(write=False)
+            _bounded(self._masks)[key] = found
+        return found
+
+    def model_rows(self, model: ServingModel) -> np.ndarray:
+        """For each item row of `model`, its catalog row, or -1 when the catalog lacks it."""
+        found = self._model_rows.get(model.version)
+        if found is None:
+            found = np.fromiter(
+                (self.rows.get(item_id, -1) for item_id in model.item_ids),
+                dtype=np.int64,
+                count=len(model.item_ids),
+            )
+            _bounded(self._model_rows)[model.version] = found
+        return found
+
+    def model_mask(
+        self, model: ServingModel, prefixes: tuple[str, ...], include_unavailable: bool
+    ) -> np.ndarray:
+        """The model's item rows a filter allows (items the catalog lacks never). Do not modify."""
+        key = (model.version, prefixes, include_unavailable)
+        found = self._model_masks.get(key)
+        if found is None:
+            # Row -1 (not in the catalog) picks the appended False.
+            found = np.append(self.mask(prefixes, include_unavailable), False)[self.model_rows(model)]
+            found.setflags(write=False)
+            _bounded(self._model_masks)[key] = found
+        return found
+
+    def title_of(self, item_id: str) -> str:
+        """The item's title, for reason texts ("" when the catalog does not have it)."""
+        row = self.rows.get(item_id)
+        return "" if row is None else self.entries[row].title
+
+    def popular(self, allowed: np.ndarray, k: int) -> np.ndarray:
+        """The k most popular catalog rows that `allowed` admits, most popular first."""
+        ordered = self.by_popularity[allowed[self.by_popularity]]
+        return ordered[:k]
+
+
+def without(allowed: np.ndarray, rows: dict[str, int], item_ids: Iterable[str]) -> np.ndarray:
+    """`allowed` (not modified) with the rows of `item_ids` (by `rows`; unknown ids ignored) False."""
+    found = [row for item_id in item_ids if (row := rows.get(item_id)) is not None]
+    if not found:
+        return allowed
+    allowed = allowed.copy()
+    allowed[found] = False
+    return allowed
+
+
+def _bounded(cache: dict) -> dict:  # type: ignore[type-arg]
+    if len(cache) >= MAX_CACHED_MASKS:
+        cache.clear()
+    return cache
+
+
+def popularity_counts(connection: Connection) -> dict[str, int]:
+    rows = connection.execute(
+        sa.select(interactions.c.item_id, sa.func.count()).group_by(interactions.c.item_id)
+    )
+    return {item_id: int(count) for item_id, count in rows}
+
+
+class ServingCatalog:
+    def __init__(
+        self,
+        database: Database,
+        poll_seconds: float = POLL_SECONDS,
+        popularity_seconds: float = POPULARITY_SECONDS,
+    ):
+        self.db = database
+        self.poll_seconds = poll_seconds
+        self.popularity_seconds = popularity_seconds
+        self._entries: dict[str, CatalogEntry] = {}
+        self._counts: dict[str, int] = {}
+        self._seen_until_us = 0
+        self._snapshot: CatalogSnapshot | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> CatalogSnapshot:
+        if self._snapshot is None:
+            self._snapshot = self._build()
+        return self._snapshot
+
+    def apply(self, changes: Iterable[tuple[Item, bool]]) -> None:
+        """Items written (or deleted: True) here or seen in the table."""
+        changed = False
+        for item, deleted in changes:
+            entry = CatalogEntry(
+                category_key(item.category_path), item.category_path, item.available, deleted, item.title
+            )
+            if self._entries.get(item.item_id) != entry:
+                self._entries[item.item_id] = entry
+                changed = True
+            self._seen_until_us = max(self._seen_until_us, item.update_time_us)
+        if changed:
+            self._snapshot = None
+
+    def deleted(self, item_id: str) -> None:
+        entry = self._entries.get(item_id)
+        if entry is not None and not entry.deleted:
+            self._entries[item_id] = dataclasses.replace(entry, deleted=True)
+            self._snapshot = None
+
+    async def refresh(self) -> None:
+        since = max(0, self._seen_until_us - POLL_OVERLAP_US)
+        self.apply(await self.db.read(lambda connection: catalog_changes(connection, since)))
+
+    async def recount(self) -> None:
+        counts = await self.db.read(popularity_counts)
+        if counts != self._counts:
+            self._counts = counts
+            self._snapshot = None
+
+    def _build(self) -> CatalogSnapshot:
+        ids = sorted(self._entries)
+        entries = [self._entries[item_id] for item_id in ids]
+        live = np.fromiter((not e.deleted for e in entries), dtype=bool, count=len(entries))
+        available = live & np.fromiter((e.available for e in entries), dtype=bool, count=len(entries))
+        popularity = np.fromiter((self._counts.get(i, 0) for i in ids), dtype=np.float64, count=len(ids))
+        return CatalogSnapshot(
+            ids=ids,
+            rows={item_id: row for row, item_id in enumerate(ids)},
+            entries=entries,
+            live=live,
+            available=available,
+            popularity=popularity,
+            by_popularity=np.argsort(-popularity, kind="stable"),
+        )
+
+    async def start(self) -> None:
+        await self.refresh()
+        await self.recount()
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        counted_at = now_micros()
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.refresh()
+                if now_micros() - counted_at >= self.popularity_seconds * 1_000_000:
+                    await self.recount()
+                    counted_at = now_micros()
+            except Exception as error:  # the database is away, say: keep serving what is held
+                log.warning("serving_catalog_poll_failed", error=type(error).__name__)

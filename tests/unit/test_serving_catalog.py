@@ -1,0 +1,58 @@
+"""The serving catalog's candidate masks: whole-segment category prefixes, availability,
+deletions, popularity order, and the model's rows the catalog lacks."""
+
+import numpy as np
+
+from services.recommendation.catalog import Item, category_key
+from services.recommendation.serving.model import ServingModel
+from services.recommendation.serving_catalog import ServingCatalog, without
+from tests.recommendation_models import artefact_of
+
+
+def catalog() -> ServingCatalog:
+    found = ServingCatalog(None)  # type: ignore[arg-type]  # no database: fed by apply()
+    found.apply(
+        [
+            (Item("beans", "Beans", ("grocery", "coffee", "beans"), available=True), False),
+            (Item("machine", "Machine", ("grocery", "coffee-machines"), available=True), False),
+            (Item("filter", "Filter", ("grocery", "coffee"), available=False), False),
+            (Item("gone", "Gone", ("grocery", "coffee"), available=True), True),
+            (Item("tea", "Tea", ("grocery", "tea"), available=True), False),
+        ]
+    )
+    found._counts = {"tea": 5, "machine": 3, "beans": 3}
+    return found
+
+
+def allowed_ids(snapshot, mask) -> list[str]:  # type: ignore[no-untyped-def]
+    return [snapshot.ids[row] for row in np.flatnonzero(mask)]
+
+
+def test_prefixes_match_whole_segments_and_unavailable_and_deleted_items_are_left_out() -> None:
+    snapshot = catalog().snapshot()
+    coffee = (category_key(("grocery", "coffee")),)
+    assert allowed_ids(snapshot, snapshot.mask(coffee, False)) == ["beans"]
+    assert allowed_ids(snapshot, snapshot.mask(coffee, True)) == ["beans", "filter"]
+    assert allowed_ids(snapshot, snapshot.mask((), False)) == ["beans", "machine", "tea"]
+    assert snapshot.mask(coffee, False) is snapshot.mask(coffee, False)  # built once per filter
+    assert (snapshot.title_of("tea"), snapshot.title_of("nope")) == ("Tea", "")
+    assert allowed_ids(snapshot, without(snapshot.mask((), False), snapshot.rows, ["tea", "nope"])) == [
+        "beans",
+        "machine",
+    ]
+    # Most popular first, ties by item_id.
+    popular = snapshot.popular(snapshot.mask((), True), 10)
+    assert [snapshot.ids[row] for row in popular] == ["tea", "beans", "machine", "filter"]
+
+
+def test_a_change_builds_a_new_snapshot_and_the_model_never_gets_items_the_catalog_lacks() -> None:
+    held = catalog()
+    before = held.snapshot()
+    held.deleted("beans")
+    after = held.snapshot()
+    assert before is not after and "beans" not in allowed_ids(after, after.mask((), False))
+    assert "beans" in allowed_ids(before, before.mask((), False))  # a request keeps its snapshot
+    vectors = np.eye(3, dtype=np.float32)
+    model = ServingModel.from_artefact(artefact_of(["tea", "unknown", "beans"], ["c"], vectors, vectors[:1]))
+    mask = after.model_mask(model, (), False)
+    assert list(mask) == [True, False, False]
