@@ -102,8 +102,8 @@ def mean_fold_in(
 
 @dataclass(frozen=True)
 class _Negatives:
-    representations: np.ndarray  # float32 [steps, negatives, d]
-    biases: np.ndarray  # float32 [steps, negatives]
+    representations: np.ndarray  # float32 [steps * negatives, d]: step t's are block t
+    biases: np.ndarray  # float32 [steps * negatives]
 
 
 _NEGATIVES: weakref.WeakKeyDictionary[ServingModel, _Negatives] = weakref.WeakKeyDictionary()
@@ -114,7 +114,7 @@ def _negatives(model: ServingModel) -> _Negatives:
     found = _NEGATIVES.get(model)
     if found is None:
         rows = np.random.default_rng(FOLD_IN_SEED).integers(
-            0, len(model.item_ids), (FOLD_IN_STEPS, FOLD_IN_NEGATIVES)
+            0, len(model.item_ids), FOLD_IN_STEPS * FOLD_IN_NEGATIVES
         )
         found = _Negatives(
             np.ascontiguousarray(model.items[rows, :-1]), np.ascontiguousarray(model.items[rows, -1])
@@ -130,23 +130,35 @@ def pairwise_fold_in(
     raising log sigmoid(score(item) - score(negative)) over the items and sampled negatives,
     with `base` (the customer's other terms) held fixed. The update is linear in each
     item's gradient, so the parts are carried one per item and sum to the fold-in.
-    `scale` scales the start and the steps (a learned row beside it keeps most weight)."""
+    `scale` scales the start and the steps (a learned row beside it keeps most weight).
+
+    Each step needs only the summed fold-in (the query), so the steps update that and
+    accumulate each item's pulls; the per-item parts are put together once at the end:
+    parts = decay^T * start + rate * Σ_t decay^(T-1-t) * (pulls_t.sum(1) * positive - pulls_t @ negatives_t).
+    """
     if not len(model.item_ids):
         return np.zeros((len(rows), model.dimensions), dtype=np.float32)
     shares = (scale * weights / weights.sum()).astype(np.float32)
     positives = model.items[rows, :-1]
     positive_biases = model.items[rows, -1]
-    parts = shares[:, None] * positives
+    start = shares[:, None] * positives
     negatives = _negatives(model)
     decay = np.float32(1.0 - FOLD_IN_LEARNING_RATE * FOLD_IN_REGULARISATION)
     rate = np.float32(FOLD_IN_LEARNING_RATE / FOLD_IN_NEGATIVES)  # shares carry the scale
+    fold = start.sum(axis=0)
+    pulled = np.zeros(len(rows), dtype=np.float32)  # Σ_t decay^(T-1-t) pulls_t.sum(1)
+    pushed = np.zeros_like(start)  # Σ_t decay^(T-1-t) pulls_t @ negatives_t
     for step in range(FOLD_IN_STEPS):
-        query = base + parts.sum(axis=0)
-        sampled = negatives.representations[step]
-        margins = (positives @ query + positive_biases)[:, None] - (sampled @ query + negatives.biases[step])
+        block = slice(step * FOLD_IN_NEGATIVES, (step + 1) * FOLD_IN_NEGATIVES)
+        sampled = negatives.representations[block]
+        query = base + fold
+        margins = (positives @ query + positive_biases)[:, None] - (sampled @ query + negatives.biases[block])
         # sigmoid(-margin): how much each (item, negative) pair still pulls; clipped against overflow.
-        pulls = shares[:, None] / (1.0 + np.exp(np.clip(margins, -30.0, 30.0)))
-        parts = decay * parts + rate * (pulls.sum(axis=1)[:, None] * positives - pulls @ sampled)
+        pull = shares[:, None] / (1.0 + np.exp(np.clip(margins, -30.0, 30.0)))
+        fold = decay * fold + rate * (pull.sum(axis=1) @ positives - pull.sum(axis=0) @ sampled)
+        pulled = decay * pulled + pull.sum(axis=1)
+        pushed = decay * pushed + pull @ sampled
+    parts = decay**FOLD_IN_STEPS * start + rate * (pulled[:, None] * positives - pushed)
     return parts.astype(np.float32, copy=False)
 
 
@@ -226,8 +238,8 @@ def customer_vector(
         biases.append(weight * float(artefact.customer_feature_biases[column]))
     base = representations[: len(features)].sum(axis=0, dtype=np.float32)
     if items:
-        rows = np.fromiter((row for row, *_ in items), dtype=np.int64, count=len(items))
-        weights = np.fromiter((weight for _, weight, *_ in items), dtype=np.float32, count=len(items))
+        rows = np.array([item[0] for item in items], dtype=np.int64)
+        weights = np.array([item[1] for item in items], dtype=np.float32)
         known = bool(features) and features[0][0].startswith(IDENTITY_PREFIX)
         scale = KNOWN_CUSTOMER_FOLD_IN_SCALE if known else 1.0
         representations[len(features) :] = fold_in(model, base, rows, weights, scale)

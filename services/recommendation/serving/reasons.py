@@ -72,39 +72,52 @@ def _item_features(model: ServingModel, row: int) -> tuple[np.ndarray, np.ndarra
     return matrix.indices[start:end], matrix.data[start:end].astype(np.float32)
 
 
-def _customer_side(customer: CustomerVector, item: np.ndarray) -> list[ScoreReason]:
+def _largest(contributions: np.ndarray, count: int) -> list[int]:
+    """Indices of the `count` largest positive contributions, largest first."""
+    positive = np.flatnonzero(contributions > 0)
+    if len(positive) > count:
+        positive = positive[np.argpartition(-contributions[positive], count - 1)[:count]]
+    return [int(i) for i in positive[np.argsort(-contributions[positive], kind="stable")]]
+
+
+def _customer_side(customer: CustomerVector, item: np.ndarray, count: int) -> list[ScoreReason]:
     contributions = customer.term_representations @ item[:-1]
-    return [
-        ScoreReason(
-            kind=FEATURE if term.kind == FEATURE else SIMILAR_ITEM,
-            feature=term.name if term.kind == FEATURE else "",
-            item_id="" if term.kind == FEATURE else term.name,
-            contribution=float(contribution),
-            data_category=term.data_category,
+    found = []
+    for index in _largest(contributions, count):
+        term = customer.terms[index]
+        feature = term.kind == FEATURE
+        found.append(
+            ScoreReason(
+                kind=FEATURE if feature else SIMILAR_ITEM,
+                feature=term.name if feature else "",
+                item_id="" if feature else term.name,
+                contribution=float(contributions[index]),
+                data_category=term.data_category,
+            )
         )
-        for term, contribution in zip(customer.terms, contributions, strict=True)
-        if contribution > 0
-    ]
+    return found
 
 
-def _item_side(model: ServingModel, customer: CustomerVector, row: int) -> list[ScoreReason]:
+def _item_side(model: ServingModel, customer: CustomerVector, row: int, count: int) -> list[ScoreReason]:
     columns, weights = _item_features(model, row)
     parts = weights[:, None] * model.artefact.item_feature_embeddings[columns]  # [features, d]
     contributions = parts @ customer.query[:-1]
-    # Which customer term each feature's contribution rests on most: [terms, features].
-    cells = customer.term_representations @ parts.T
-    leading = np.argmax(cells, axis=0) if len(customer.terms) else np.zeros(len(columns), dtype=np.int64)
+    chosen = _largest(contributions, count)
+    if not chosen:
+        return []
+    # Which customer term each chosen feature's contribution rests on most: [terms, chosen].
+    cells = customer.term_representations @ parts[chosen].T
+    leading = np.argmax(cells, axis=0) if len(customer.terms) else None
     names = model.artefact.item_feature_names
     return [
         ScoreReason(
             kind=ITEM_FEATURE,
-            feature=names[column],
+            feature=names[columns[index]],
             item_id="",
             contribution=float(contributions[index]),
-            data_category=customer.terms[int(leading[index])].data_category if len(customer.terms) else "",
+            data_category="" if leading is None else customer.terms[int(leading[position])].data_category,
         )
-        for index, column in enumerate(columns)
-        if contributions[index] > 0
+        for position, index in enumerate(chosen)
     ]
 
 
@@ -112,8 +125,10 @@ def reasons_for(
     model: ServingModel, customer: CustomerVector, row: int, max_reasons: int
 ) -> list[ScoreReason]:
     """The item's (at `row`) largest positive score terms, largest first, at most max_reasons."""
+    if max_reasons <= 0:
+        return []
     item = model.items[row]
-    found = _customer_side(customer, item) + _item_side(model, customer, row)
+    found = _customer_side(customer, item, max_reasons) + _item_side(model, customer, row, max_reasons)
     if item[-1] > 0:
         found.append(ScoreReason(POPULAR, "", "", float(item[-1]), ""))
     found.sort(key=lambda reason: -reason.contribution)
