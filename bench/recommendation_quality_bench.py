@@ -382,7 +382,7 @@ def run(seeds: Sequence[int] = FRESH_SEEDS, shape: Shape | None = None, epochs: 
         f"{FRESH_COLD_FRACTION:.0%} of customers cold start), precision@{K} and x popularity:",
     ]
     warm = [model / popular for model, popular in (f.warm for f in figures)]
-    lines.append(f"  {'warm':32} " + "  ".join(f"{f.warm[0]:.4f}" for f in figures) + f"   {_spread(warm)}")
+    lines.append(f"  {'warm':36} " + "  ".join(f"{f.warm[0]:.4f}" for f in figures) + f"   {_spread(warm)}")
     for fresh_count in (0, *FRESH_EVENTS):
         names = ["popularity", *(FOLD_INS if fresh_count else [SERVICE])]
         for name in names:
@@ -391,7 +391,7 @@ def run(seeds: Sequence[int] = FRESH_SEEDS, shape: Shape | None = None, epochs: 
                 label = f"cold + {fresh_count} fresh, popularity" if fresh_count else "cold start, popularity"
             values = [f.cold[fresh_count][name] for f in figures]
             ratios = [f.cold[fresh_count][name] / f.cold[fresh_count]["popularity"] for f in figures]
-            lines.append(f"  {label:32} " + "  ".join(f"{v:.4f}" for v in values) + f"   {_spread(ratios)}")
+            lines.append(f"  {label:36} " + "  ".join(f"{v:.4f}" for v in values) + f"   {_spread(ratios)}")
     lines.append("targets (median over seeds, the service's fold-in):")
     for fresh_count, target in FRESH_TARGETS.items():
         name = SERVICE
