@@ -65,15 +65,6 @@ class Outcome:
         return f"no first recommendation model: {self.message}"
 
 
-def copy_cursor(database_url: str) -> str:
-    """The recommender's interaction-copy cursor (its position in profile's feed)."""
-    database = Database(database_url, "recommendation")
-    try:
-        return asyncio.run(database.read(read_cursor))
-    finally:
-        database.close()
-
-
 class FirstModel:
     """Trains the first model through the running suite's RPCs (see the module docstring)."""
 
@@ -115,17 +106,23 @@ class FirstModel:
     def _caught_up(self) -> str:
         """Waits (at most CATCH_UP_SECONDS) until the copy has every feed entry; its cursor."""
         deadline = time.monotonic() + CATCH_UP_SECONDS
-        with grpc.insecure_channel(self.addresses["profile"]) as channel:
-            feed = profile_grpc.ProfileServiceStub(channel)
-            while True:
-                cursor = copy_cursor(self.database_url)
-                page = feed.ListInteractions(
-                    profile_pb.ListInteractionsRequest(since_cursor=cursor, page_size=1),
-                    metadata=self.recommender,
-                    timeout=CALL_TIMEOUT,
-                )
-                if not page.entries or time.monotonic() > deadline or self.stop.wait(POLL_SECONDS):
-                    return cursor
+        database = Database(self.database_url, "recommendation")
+        try:
+            with grpc.insecure_channel(self.addresses["profile"]) as channel:
+                return self._follow(database, profile_grpc.ProfileServiceStub(channel), deadline)
+        finally:
+            database.close()
+
+    def _follow(self, database: Database, feed: profile_grpc.ProfileServiceStub, deadline: float) -> str:
+        while True:
+            cursor = asyncio.run(database.read(read_cursor))  # the copy's position in the feed
+            page = feed.ListInteractions(
+                profile_pb.ListInteractionsRequest(since_cursor=cursor, page_size=1),
+                metadata=self.recommender,
+                timeout=CALL_TIMEOUT,
+            )
+            if not page.entries or time.monotonic() > deadline or self.stop.wait(POLL_SECONDS):
+                return cursor
 
     def train(self) -> Outcome:
         started = time.monotonic()
