@@ -9,14 +9,18 @@ import dataclasses
 
 import numpy as np
 import pytest
+from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
+from services.recommendation.interactions import StoredInteraction
 from services.recommendation.serving.customer_vectors import (
     FEATURE,
     ITEM,
     Evidence,
     attribute_weight,
     customer_vector,
+    feature_scheme,
+    fold_in_weight,
     mean_fold_in,
 )
 from services.recommendation.serving.model import ServingModel
@@ -278,3 +282,17 @@ def test_reason_texts_and_messages():
     assert message.text == cases[0][1] and message.data_category == PURCHASES
     assert reason_message(cases[3][0], title_of).kind == pb.REASON_KIND_FEATURE
     assert reason_message(cases[-1][0], title_of).kind == pb.REASON_KIND_POPULAR
+
+
+def test_fold_in_weights_follow_the_models_feature_scheme(trained):
+    model, _, options = trained
+    assert feature_scheme(model).identity_weight == pytest.approx(options.features.identity_weight)
+
+    def weight(kind: int) -> float:
+        return fold_in_weight(
+            model,
+            StoredInteraction("c", "item-00001", kind, 1.0, 0, "ev-1", profile_pb.CHANNEL_WEB, PURCHASES),
+        )
+
+    assert weight(profile_pb.INTERACTION_TYPE_PURCHASE) == 4.0
+    assert weight(profile_pb.INTERACTION_TYPE_VIEW) == 1.0

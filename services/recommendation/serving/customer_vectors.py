@@ -35,14 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf import json_format
+from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
+from services.recommendation.interactions import StoredInteraction
 from services.recommendation.serving.model import ServingModel
-from services.recommendation.training.options import DEFAULT_CUSTOMER_ATTRIBUTES
+from services.recommendation.training.features import interaction_weight
+from services.recommendation.training.options import resolve_options
 
 FEATURE = "feature"  # a customer feature the model learned (identity or attribute)
 ITEM = "item"  # an item folded into the vector (a fresh interaction or a session item)
 IDENTITY_PREFIX = "customer:"
-DEFAULT_IDENTITY_WEIGHT = 0.6  # training/options.py's default, for artefacts without options
 
 # The newest items folded in; older ones are the learned row's to hold.
 MAX_FOLDED_ITEMS = 50
@@ -162,17 +165,32 @@ def pairwise_fold_in(
     return parts.astype(np.float32, copy=False)
 
 
-def _scheme(model: ServingModel) -> tuple[float, int]:
-    """(identity weight, number of customer attributes) of the model's feature scheme."""
-    features = model.artefact.metadata.get("options", {}).get("features", {})
-    attributes = features.get("customer_attributes") or DEFAULT_CUSTOMER_ATTRIBUTES
-    return float(features.get("identity_weight") or DEFAULT_IDENTITY_WEIGHT), len(attributes)
+_SCHEMES: weakref.WeakKeyDictionary[ServingModel, pb.FeatureScheme] = weakref.WeakKeyDictionary()
+
+
+def feature_scheme(model: ServingModel) -> pb.FeatureScheme:
+    """The FeatureScheme the model was trained with (its artefact's resolved options; the
+    defaults for an artefact without them)."""
+    found = _SCHEMES.get(model)
+    if found is None:
+        options = json_format.ParseDict(
+            model.artefact.metadata.get("options", {}), pb.TrainingOptions(), ignore_unknown_fields=True
+        )
+        found = resolve_options(options).features
+        _SCHEMES[model] = found
+    return found
 
 
 def attribute_weight(model: ServingModel) -> float:
     """The weight of one consented attribute the customer's learned row does not hold."""
-    identity_weight, attributes = _scheme(model)
-    return (1.0 - identity_weight) / max(1, attributes)
+    scheme = feature_scheme(model)
+    return (1.0 - scheme.identity_weight) / max(1, len(scheme.customer_attributes))
+
+
+def fold_in_weight(model: ServingModel, interaction: StoredInteraction) -> float:
+    """An interaction's weight as an Evidence item: its training weight under the model's
+    scheme (a purchase outweighs a view; 0 leaves it out)."""
+    return interaction_weight(interaction, feature_scheme(model))
 
 
 def _learned_weights(model: ServingModel, customer_id: str) -> dict[str, float]:
