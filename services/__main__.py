@@ -30,7 +30,6 @@ from types import FrameType
 import grpc
 
 from services.demo_data import load_demo
-from services.demo_model import train_first_model_in_background
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
 from shared.settings import DEFAULT_PORTS, SERVICE_NAMES, load_settings
@@ -237,6 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         first_model = not args.no_demo and load_demo_data(data_dir, children, tokens["admin"])
         say(banner(data_dir, children, first_model))
         if first_model:
+            # Imported here, after the banner: its imports (SQLAlchemy, the copy's tables) take
+            # about 0.5 s that the start-up need not wait for.
+            from services.demo_model import train_first_model_in_background
+
             train_first_model_in_background(
                 {name: child.address for name, child in children.items()},
                 tokens,
