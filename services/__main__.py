@@ -3,8 +3,9 @@
 Generates development tokens (kept in <data_dir>/dev-tokens.json), starts the four
 services on SQLite under the data directory, says when each is SERVING, starts the
 recommendation training worker (which runs the runs TrainModel queues), loads the demo
-data (unless --no-demo), prints where everything is, and on Ctrl-C (or SIGTERM) stops
-them all gracefully.
+data (unless --no-demo), prints where everything is, trains and activates a first
+recommendation model on the demo data in the background (services/demo_model.py; a line
+says when it is ACTIVE), and on Ctrl-C (or SIGTERM) stops them all gracefully.
 
 The console stays short: each service's log goes to <data_dir>/<service>.log, and only
 its lines at NAJIMI_CONSOLE_LEVEL (default `warning`) or above reach the console.
@@ -31,7 +32,7 @@ import grpc
 from services.demo_data import load_demo
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
-from shared.settings import DEFAULT_PORTS, SERVICE_NAMES
+from shared.settings import DEFAULT_PORTS, SERVICE_NAMES, load_settings
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 CONSOLE_LEVEL_VARIABLE = "NAJIMI_CONSOLE_LEVEL"
@@ -158,13 +159,16 @@ def start_training_worker(
     )
 
 
-def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
+def banner(data_dir: Path, children: Mapping[str, ServiceProcess], first_model: bool = False) -> str:
     tokens_file = relative(data_dir / "dev-tokens.json")
     consent = children["consent"].address
+    training = "runs the training runs TrainModel queues"
+    if first_model:
+        training += "; the first model on the demo data trains now (a line says when it is ACTIVE)"
     return (
         "\nnajimi is running:\n"
         + "".join(f"  {name:<15} {child.address}\n" for name, child in children.items())
-        + f"  {TRAINING_WORKER:<15} runs the training runs TrainModel queues\n"
+        + f"  {TRAINING_WORKER:<15} {training}\n"
         + f"Logs: {relative(data_dir)}/<service>.log (the console shows warnings and errors;"
         f" {CONSOLE_LEVEL_VARIABLE}=info or `make run LOG=info` shows more).\n"
         f"Development tokens (principal -> token): {tokens_file}. For example:\n"
@@ -176,17 +180,19 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
     )
 
 
-def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str) -> None:
+def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str) -> bool:
+    """Loads the demo data (or finds it loaded); False when it did not load."""
     say("Loading the demo data (`make run DEMO=0` starts without it):")
     addresses = {f"NAJIMI_{name.upper()}_ADDRESS": child.address for name, child in children.items()}
     try:
         report = load_demo(addresses, admin_token, data_dir, progress=lambda line: say(f"  {line}"))
     except grpc.RpcError as error:
         say(f"  the demo data did not load ({error.code().name}: {error.details()}); the services run on")
-        return
+        return False
     if report.already_loaded:
         say(f"  {report.lines()[0]}")
     say(f"  done in {report.seconds:.1f} s")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
 
     stop = threading.Event()
     running = False
+    console = threading.Lock()  # the first-model thread says nothing after "Stopping…"
+
+    def say_while_running(line: str) -> None:
+        with console:
+            if not stop.is_set():
+                say(line)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -221,9 +233,20 @@ def main(argv: list[str] | None = None) -> None:
         workers[TRAINING_WORKER] = start_training_worker(
             data_dir, {name: child.address for name, child in children.items()}, tokens, echo
         )
-        if not args.no_demo:
-            load_demo_data(data_dir, children, tokens["admin"])
-        say(banner(data_dir, children))
+        first_model = not args.no_demo and load_demo_data(data_dir, children, tokens["admin"])
+        say(banner(data_dir, children, first_model))
+        if first_model:
+            # Imported here, after the banner: its imports (SQLAlchemy, the copy's tables) take
+            # about 0.5 s that the start-up need not wait for.
+            from services.demo_model import train_first_model_in_background
+
+            train_first_model_in_background(
+                {name: child.address for name, child in children.items()},
+                tokens,
+                load_settings("recommendation", data_dir=data_dir),
+                stop,
+                say_while_running,
+            )
         running = True
         while not stop.wait(1.0):
             ended = [
@@ -240,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         failed = True
     finally:
         running = True  # a second Ctrl-C while stopping only repeats the request
-        if children:
-            say("Stopping…")
+        with console:
+            stop.set()
+            if children:
+                say("Stopping…")
         codes = {name: child.terminate() for name, child in {**workers, **children}.items()}
     exits = [f"{name} exited {code}" for name, code in codes.items() if code != 0]
     if children:

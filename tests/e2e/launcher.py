@@ -3,6 +3,7 @@ console read line by line, for the launcher and README tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import grpc
+from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
+from najimi.recommendation.v1 import recommendation_service_pb2_grpc as rec_grpc
 
 from shared.settings import DEFAULT_PORTS
 from tests.postgres import free_port
@@ -70,6 +75,23 @@ class Launcher:
         assert self.process.poll() is None, (
             f"the launcher ended ({self.process.returncode}):\n{self.console()}"
         )
+
+    def wait_active_model(self, timeout: float = 300.0) -> rec_pb.Model:
+        """Polls ListModels until a model is ACTIVE (the first model `make run` trains on the
+        demo data); fails with the console if none is by the deadline."""
+        tokens = json.loads((self.data_dir / "dev-tokens.json").read_text())
+        admin = (("authorization", f"Bearer {tokens['admin']}"),)
+        request = rec_pb.ListModelsRequest(statuses=[rec_pb.MODEL_STATUS_ACTIVE])
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['recommendation']}") as channel:
+            models = rec_grpc.RecommendationServiceStub(channel)
+            while True:
+                listed = models.ListModels(request, metadata=admin, timeout=10).models
+                if listed:
+                    return listed[0]
+                assert time.monotonic() < deadline, f"no ACTIVE model after {timeout} s:\n{self.console()}"
+                assert self.process.poll() is None, f"the launcher ended:\n{self.console()}"
+                time.sleep(0.5)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGINT to the launcher alone (`kill -INT`), which stops each service with one

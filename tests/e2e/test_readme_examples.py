@@ -4,6 +4,7 @@ after those examples (a merge among them), finds the demo data loaded."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
+from najimi.recommendation.v1 import recommendation_service_pb2_grpc as rec_grpc
 
 from shared.settings import DEFAULT_PORTS
 from tests.e2e.launcher import ROOT, Launcher
@@ -139,6 +143,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     launcher = Launcher(workdir / "data")
     try:
         launcher.wait_running()
+        # `make run` trains the first model in the background: the examples run once it is
+        # ACTIVE (their own TrainModel would otherwise find that run in progress).
+        launcher.wait_active_model()
         yield launcher
     finally:
         launcher.stop()
@@ -180,6 +187,28 @@ def test_the_console_is_short_and_human(launched: Launcher):
     assert (launched.data_dir / "consent.log").read_text().count('"event": "rpc"') > 0
 
 
+def test_make_run_trains_and_activates_a_first_model_on_the_demo_data(launched: Launcher):
+    model = launched.wait_active_model()
+    tokens = json.loads((launched.data_dir / "dev-tokens.json").read_text())
+    admin = (("authorization", f"Bearer {tokens['admin']}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{launched.ports['recommendation']}") as channel:
+        models = rec_grpc.RecommendationServiceStub(channel)
+        run = models.GetTrainingRun(
+            rec_pb.GetTrainingRunRequest(training_run_id="r-000001"), metadata=admin, timeout=10
+        ).training_run
+        first = models.GetModel(
+            rec_pb.GetModelRequest(model_version=run.model_version), metadata=admin, timeout=10
+        )
+    # The launcher's run, on the whole demo data (the copy had caught up with the feed).
+    assert run.state == rec_pb.TRAINING_RUN_STATE_SUCCEEDED
+    assert first.model.status in (rec_pb.MODEL_STATUS_ACTIVE, rec_pb.MODEL_STATUS_RETIRED)
+    assert model.training_data.customer_count > 150 and model.training_data.interaction_count > 10_000
+    assert "user.behavior.purchase_history" in model.training_data.data_categories
+    line = f"  first recommendation model {run.model_version} ACTIVE after "
+    assert any(text.startswith(line) for text in launched.stdout), launched.console()
+    assert any("the first model on the demo data trains now" in text for text in launched.stdout)
+
+
 def test_the_next_start_after_the_examples_finds_the_demo_loaded(launched: Launcher):
     assert launched.stop() == 0, launched.console()
     assert launched.stdout[-1] == "Stopped: every service exited 0"
@@ -193,3 +222,5 @@ def test_the_next_start_after_the_examples_finds_the_demo_loaded(launched: Launc
         code = again.stop()
     assert code == 0, again.console()
     assert not any(" events over " in line for line in again.stdout)
+    # The model the first start trained is still the active one: no second first model.
+    assert not any("first recommendation model" in line for line in again.stdout), again.console()

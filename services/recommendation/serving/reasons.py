@@ -1,48 +1,234 @@
 """Reasons faithful to the score: the largest terms of one item's score for one customer.
 
-score(item) = Σ_terms (term.representation · item_repr + term.bias) + item_bias, so each
-customer term's contribution is exact: without that term the score is lower by exactly
-its contribution. The item's own bias is the "popular" part.
+The score explained is the one top_k ranks by: customer_repr · item_repr + item_bias
+(the customer's own bias is the same for every item and explains none of them). It is a
+sum of terms two ways, and each reason is one exact term of one of them:
+
+- customer side: customer_repr = Σ customer terms (customer_vectors.py), so a term's
+  contribution is term.representation · item_repr: the score is lower by exactly that
+  without the term. Kinds: FEATURE (the learned identity, "based on your purchase
+  history"; an attribute, "popular with customers in your age range") and SIMILAR_ITEM
+  (an item folded in, "because you bought X").
+- item side: item_repr = Σ_f weight_f · embedding_f over the item's row of the model's
+  item feature matrix, so a feature's contribution is weight_f · (embedding_f ·
+  customer_repr): the score is lower by exactly that without the feature's embedding in
+  the item's representation (ITEM_FEATURE: "matches your interest in category Y"; the
+  item's own identity feature: "customers with tastes like yours chose it"). Its data
+  category is that of the customer term contributing most to it.
+- the item's bias is POPULAR: the score is lower by exactly that without it.
+
+The two sides split the same product two ways, so listed reasons may overlap and need
+not add up to the score; each one's contribution is exact for what it names. Only
+positive terms are reasons, largest first.
+
+SimilarItems: cosine(a, b) = Σ_g weight_g · (embedding_g · a) / (|a| |b|) over b's item
+features; the features the two items share and b's identity ("bought by the same
+customers") are its reasons (SHARED_FEATURE), each with its exact part of that sum
+(holding the norms fixed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
-from services.recommendation.serving.customer_vectors import FEATURE, CustomerVector
+from services.recommendation.serving.customer_vectors import FEATURE, IDENTITY_PREFIX, CustomerVector
 from services.recommendation.serving.model import ServingModel
 
-POPULAR = "popular"
-SIMILAR_ITEM = "similar_item"
+ITEM_FEATURE = "item_feature"  # a feature of the recommended item, times the customer's vector
+SIMILAR_ITEM = "similar_item"  # a folded-in item (a fresh interaction or a session item)
+POPULAR = "popular"  # the item's own bias
+SHARED_FEATURE = "shared_feature"  # SimilarItems: a feature both items have, or b's identity
+
+ITEM_IDENTITY_PREFIX = "item:"
+PURCHASES = "user.behavior.purchase_history"
+BROWSING = "user.behavior.browsing_history"
+
+REASON_KINDS = {
+    FEATURE: pb.REASON_KIND_FEATURE,
+    ITEM_FEATURE: pb.REASON_KIND_FEATURE,
+    SHARED_FEATURE: pb.REASON_KIND_FEATURE,
+    SIMILAR_ITEM: pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM,
+    POPULAR: pb.REASON_KIND_POPULAR,
+}
 
 
 @dataclass(frozen=True)
 class ScoreReason:
-    kind: str  # FEATURE, SIMILAR_ITEM or POPULAR
-    feature: str  # for FEATURE: the customer feature name
+    kind: str  # FEATURE, ITEM_FEATURE, SIMILAR_ITEM, POPULAR or SHARED_FEATURE
+    feature: str  # the customer or item feature name ("age_range:25-34", "brand:acme"); "" otherwise
     item_id: str  # for SIMILAR_ITEM: the folded-in item
-    contribution: float  # in score units
+    contribution: float  # in score units (similarity units for SHARED_FEATURE)
     data_category: str  # "" when no customer data
+
+
+def _item_features(model: ServingModel, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The item's (feature columns, weights) in the model's item feature matrix."""
+    matrix = model.artefact.item_features
+    start, end = matrix.indptr[row], matrix.indptr[row + 1]
+    return matrix.indices[start:end], matrix.data[start:end].astype(np.float32)
+
+
+def _largest(contributions: np.ndarray, count: int) -> list[int]:
+    """Indices of the `count` largest positive contributions, largest first."""
+    positive = np.flatnonzero(contributions > 0)
+    if len(positive) > count:
+        positive = positive[np.argpartition(-contributions[positive], count - 1)[:count]]
+    return [int(i) for i in positive[np.argsort(-contributions[positive], kind="stable")]]
+
+
+def _customer_side(customer: CustomerVector, item: np.ndarray, count: int) -> list[ScoreReason]:
+    contributions = customer.term_representations @ item[:-1]
+    found = []
+    for index in _largest(contributions, count):
+        term = customer.terms[index]
+        feature = term.kind == FEATURE
+        found.append(
+            ScoreReason(
+                kind=FEATURE if feature else SIMILAR_ITEM,
+                feature=term.name if feature else "",
+                item_id="" if feature else term.name,
+                contribution=float(contributions[index]),
+                data_category=term.data_category,
+            )
+        )
+    return found
+
+
+def _item_side(model: ServingModel, customer: CustomerVector, row: int, count: int) -> list[ScoreReason]:
+    columns, weights = _item_features(model, row)
+    parts = weights[:, None] * model.artefact.item_feature_embeddings[columns]  # [features, d]
+    contributions = parts @ customer.query[:-1]
+    chosen = _largest(contributions, count)
+    if not chosen:
+        return []
+    # Which customer term each chosen feature's contribution rests on most: [terms, chosen].
+    cells = customer.term_representations @ parts[chosen].T
+    leading = np.argmax(cells, axis=0) if len(customer.terms) else None
+    names = model.artefact.item_feature_names
+    return [
+        ScoreReason(
+            kind=ITEM_FEATURE,
+            feature=names[columns[index]],
+            item_id="",
+            contribution=float(contributions[index]),
+            data_category="" if leading is None else customer.terms[int(leading[position])].data_category,
+        )
+        for position, index in enumerate(chosen)
+    ]
 
 
 def reasons_for(
     model: ServingModel, customer: CustomerVector, row: int, max_reasons: int
 ) -> list[ScoreReason]:
     """The item's (at `row`) largest positive score terms, largest first, at most max_reasons."""
+    if max_reasons <= 0:
+        return []
     item = model.items[row]
-    found = [
-        ScoreReason(
-            kind=FEATURE if term.kind == FEATURE else SIMILAR_ITEM,
-            feature=term.name if term.kind == FEATURE else "",
-            item_id="" if term.kind == FEATURE else term.name,
-            contribution=float(np.dot(term.representation, item[:-1])) + term.bias,
-            data_category=term.data_category,
-        )
-        for term in customer.terms
-    ]
-    found.append(ScoreReason(POPULAR, "", "", float(item[-1]), ""))
-    found = [reason for reason in found if reason.contribution > 0]
+    found = _customer_side(customer, item, max_reasons) + _item_side(model, customer, row, max_reasons)
+    if item[-1] > 0:
+        found.append(ScoreReason(POPULAR, "", "", float(item[-1]), ""))
     found.sort(key=lambda reason: -reason.contribution)
     return found[:max_reasons]
+
+
+def similar_item_reasons(model: ServingModel, row_a: int, row_b: int, max_reasons: int) -> list[ScoreReason]:
+    """Why item b (at row_b) is similar to item a: its features shared with a, and its
+    identity (bought by the same customers), each with its part of cosine(a, b), largest
+    first, positive only, at most max_reasons."""
+    norms = float(model.item_norms[row_a]) * float(model.item_norms[row_b])
+    if norms <= 0:
+        return []
+    columns_a, _ = _item_features(model, row_a)
+    columns_b, weights_b = _item_features(model, row_b)
+    shared = set(columns_a.tolist())
+    names = model.artefact.item_feature_names
+    contributions = (
+        weights_b * (model.artefact.item_feature_embeddings[columns_b] @ model.items[row_a, :-1]) / norms
+    )
+    found = [
+        ScoreReason(SHARED_FEATURE, names[column], "", float(contribution), "")
+        for column, contribution in zip(columns_b.tolist(), contributions, strict=True)
+        if contribution > 0 and (column in shared or names[column].startswith(ITEM_IDENTITY_PREFIX))
+    ]
+    found.sort(key=lambda reason: -reason.contribution)
+    return found[:max_reasons]
+
+
+# -- texts and messages -------------------------------------------------------------------
+
+
+def category_phrase(data_category: str) -> str:
+    """ "user.behavior.purchase_history" -> "purchase history"."""
+    return data_category.rpartition(".")[2].replace("_", " ") or "data"
+
+
+def _customer_feature_text(feature: str, data_category: str) -> str:
+    kind, _, value = feature.partition(":")
+    if feature.startswith(IDENTITY_PREFIX):
+        return f"Based on your {category_phrase(data_category)}."
+    if kind == "age_range":
+        return f"Popular with customers in your age range ({value})."
+    if kind == "region":
+        return f"Popular with customers in your region ({value})."
+    if kind == "gender":
+        return "Popular with customers of your gender."
+    if kind == "custom":
+        return f"Popular with customers with the same {value.partition(':')[0].replace('_', ' ')}."
+    return f"Popular with customers like you ({kind.replace('_', ' ')})."
+
+
+def _item_feature_text(feature: str, shared: bool) -> str:
+    kind, _, value = feature.partition(":")
+    if kind == "item":
+        return "Bought by the same customers." if shared else "Chosen by customers with tastes like yours."
+    described = {
+        "category": f"the category {value}",
+        "brand": f"the brand {value}",
+        "tag": f"items tagged {value}",
+        "price_band": "this price range",
+    }.get(kind, f"{kind.replace('_', ' ')} {value}")
+    if shared:
+        return f"Also in {described}." if kind != "brand" else f"Also from {value}."
+    return f"Matches your interest in {described}."
+
+
+def _similar_item_text(title: str, data_category: str) -> str:
+    if data_category == PURCHASES:
+        return f"Because you bought {title}."
+    if data_category == BROWSING:
+        return f"Because you viewed {title}."
+    if not data_category:  # an anonymous visitor's session
+        return f"Because you looked at {title}."
+    return f"Similar to {title}, which you showed interest in."
+
+
+def reason_text(reason: ScoreReason, title_of: Callable[[str], str]) -> str:
+    """A short English sentence for the reason; `title_of(item_id)` names items (the item
+    id itself when it returns "")."""
+    if reason.kind == FEATURE:
+        return _customer_feature_text(reason.feature, reason.data_category)
+    if reason.kind == SIMILAR_ITEM:
+        return _similar_item_text(title_of(reason.item_id) or reason.item_id, reason.data_category)
+    if reason.kind in (ITEM_FEATURE, SHARED_FEATURE):
+        return _item_feature_text(reason.feature, reason.kind == SHARED_FEATURE)
+    return "Popular with customers."
+
+
+def reason_message(reason: ScoreReason, title_of: Callable[[str], str]) -> pb.Reason:
+    """The Reason message of a reason, text included."""
+    return pb.Reason(
+        kind=REASON_KINDS[reason.kind],
+        feature=reason.feature,
+        item_id=reason.item_id,
+        contribution=reason.contribution,
+        text=reason_text(reason, title_of),
+        data_category=reason.data_category,
+    )
+
+
+def reason_messages(reasons: Sequence[ScoreReason], title_of: Callable[[str], str]) -> list[pb.Reason]:
+    return [reason_message(reason, title_of) for reason in reasons]
