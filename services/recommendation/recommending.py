@@ -38,12 +38,16 @@ from services.recommendation.catalog import category_key, parse_category_prefix
 from services.recommendation.customer_attributes import CustomerAttributeCache, attribute_features
 from services.recommendation.customer_history import CustomerHistory, HistoryEntry
 from services.recommendation.interactions import PURPOSE, StoredInteraction
-from services.recommendation.serving.customer_vectors import CustomerVector, Evidence, customer_vector
+from services.recommendation.serving.customer_vectors import (
+    CustomerVector,
+    Evidence,
+    customer_vector,
+    fold_in_weight,
+)
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for
 from services.recommendation.serving.scorer import top_k, top_k_many
 from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
-from services.recommendation.training.features import interaction_weight
 from shared.consent_cache import ConsentCache
 from shared.db import now_micros
 from shared.validation import Violations, is_valid_id
@@ -212,7 +216,9 @@ def _row_category(model: LoadedModel) -> str:
 
 
 def _fold_weight(model: LoadedModel, entry: HistoryEntry) -> float:
-    return interaction_weight(
+    """The entry's weight as training weighed it (customer_vectors.fold_in_weight)."""
+    return fold_in_weight(
+        model.serving,
         StoredInteraction(
             "",
             entry.item_id,
@@ -223,7 +229,6 @@ def _fold_weight(model: LoadedModel, entry: HistoryEntry) -> float:
             profile_pb.CHANNEL_UNSPECIFIED,
             entry.data_category,
         ),
-        model.scheme,
     )
 
 

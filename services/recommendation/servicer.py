@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from services.recommendation.recommending import (
     options_of,
 )
 from services.recommendation.registry import Model, ModelRegistry, TrainingRun
-from services.recommendation.serving.reasons import POPULAR, SIMILAR_ITEM, ScoreReason
+from services.recommendation.serving.reasons import reason_messages
 from services.recommendation.serving_catalog import ServingCatalog
 from services.recommendation.similar_items import SimilarFinder, item_not_found
 from services.recommendation.store import RecommendationStore
@@ -123,42 +122,7 @@ def model_message(model: Model) -> pb.Model:
     )
 
 
-# Every other kind of ScoreReason is a feature (of the customer or of the item).
-REASON_KINDS = {SIMILAR_ITEM: pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM, POPULAR: pb.REASON_KIND_POPULAR}
-
-
-def reason_text(reason: ScoreReason) -> str:
-    """The display sentence of a reason (reasons.py's own text when it has one)."""
-    text = getattr(reason, "text", "")
-    return str(text) if text else _text_of(reason.kind, reason.feature, reason.item_id)
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_of(kind: str, feature: str, item_id: str) -> str:
-    if kind == POPULAR:
-        return "Popular with other customers."
-    if kind == SIMILAR_ITEM:
-        return f"Similar to {item_id}, which you looked at or bought recently."
-    name, _, value = feature.partition(":")
-    if name == "customer":
-        return "Chosen by customers whose history is like yours."
-    if name == "item":
-        return "Chosen by the same customers."
-    return f"Matches {name.replace('_', ' ')} {value}."
-
-
-def reason_message(reason: ScoreReason) -> pb.Reason:
-    return pb.Reason(
-        kind=REASON_KINDS.get(reason.kind, pb.REASON_KIND_FEATURE),
-        feature=reason.feature,
-        item_id=reason.item_id,
-        contribution=reason.contribution,
-        text=reason_text(reason),
-        data_category=reason.data_category,
-    )
-
-
-def recommendations_message(found: Recommendations) -> pb.Recommendations:
+def recommendations_message(found: Recommendations, title_of: Callable[[str], str]) -> pb.Recommendations:
     return pb.Recommendations(
         customer_id=found.customer_id,
         items=[
@@ -166,7 +130,7 @@ def recommendations_message(found: Recommendations) -> pb.Recommendations:
                 item_id=item.item_id,
                 score=item.score,
                 rank=rank,
-                reasons=[reason_message(reason) for reason in item.reasons],
+                reasons=reason_messages(item.reasons, title_of),
             )
             for rank, item in enumerate(found.items, start=1)
         ],
@@ -257,7 +221,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         check_ids(violations, "context.recent_item_ids", recent, MAX_RECENT)
         violations.raise_if_any()
         found = await self.recommender.recommend(request.customer_id, options, recent)
-        return pb.RecommendResponse(recommendations=recommendations_message(found))
+        return pb.RecommendResponse(
+            recommendations=recommendations_message(found, self.catalog.snapshot().title_of)
+        )
 
     async def BatchRecommend(
         self, request: pb.BatchRecommendRequest, context: grpc.aio.ServicerContext
@@ -267,7 +233,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         options = options_of(violations, "options", request.options)
         violations.raise_if_any()
         async for found in self.recommender.recommend_many(list(request.customer_ids), options):
-            yield pb.BatchRecommendResponse(recommendations=recommendations_message(found))
+            yield pb.BatchRecommendResponse(
+                recommendations=recommendations_message(found, self.catalog.snapshot().title_of)
+            )
 
     async def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext) -> Any:
         violations = Violations()
@@ -285,7 +253,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
                     item_id=item.item_id,
                     similarity=item.similarity,
                     rank=rank,
-                    reasons=[reason_message(reason) for reason in item.reasons],
+                    reasons=reason_messages(item.reasons, self.catalog.snapshot().title_of),
                 )
                 for rank, item in enumerate(found.items, start=1)
             ],

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
-from services.recommendation.active_model import ActiveModel, LoadedModel
+from services.recommendation.active_model import ActiveModel
 from services.recommendation.catalog import category_key
-from services.recommendation.serving.customer_vectors import FEATURE
-from services.recommendation.serving.reasons import POPULAR, ScoreReason
+from services.recommendation.serving.reasons import POPULAR, ScoreReason, similar_item_reasons
 from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
 from shared.db import now_micros
 from shared.errors import NotFound
@@ -44,29 +43,6 @@ class SimilarItems:
 
 def item_not_found(item_id: str) -> NotFound:
     return NotFound(f"item {item_id} does not exist", reason="ITEM_NOT_FOUND", metadata={"item_id": item_id})
-
-
-def shared_feature_reasons(
-    model: LoadedModel, source: int, candidate: int, scale: float, most: int
-) -> tuple[ScoreReason, ...]:
-    """The candidate's feature terms of its cosine with the source that the two share."""
-    artefact = model.artefact
-    features = artefact.item_features
-    source_features = set(features.indices[features.indptr[source] : features.indptr[source + 1]].tolist())
-    start, end = features.indptr[candidate], features.indptr[candidate + 1]
-    source_vector = model.serving.items[source, :-1]
-    found: list[ScoreReason] = []
-    for column, weight in zip(
-        features.indices[start:end].tolist(), features.data[start:end].tolist(), strict=True
-    ):
-        name = artefact.item_feature_names[column]
-        if column not in source_features and name != f"item:{model.serving.item_ids[candidate]}":
-            continue
-        contribution = weight * float(artefact.item_feature_embeddings[column] @ source_vector) * scale
-        if contribution > 0:
-            found.append(ScoreReason(FEATURE, name, "", contribution, ""))
-    found.sort(key=lambda reason: -reason.contribution)
-    return tuple(found[:most])
 
 
 class SimilarFinder:
@@ -114,13 +90,7 @@ class SimilarFinder:
             Similar(
                 serving.item_ids[candidate],
                 float(cosine[candidate]),
-                shared_feature_reasons(
-                    model,
-                    row,
-                    candidate,
-                    1.0 / (source_norm * max(float(serving.item_norms[candidate]), 1e-12)),
-                    max_reasons,
-                ),
+                tuple(similar_item_reasons(serving, row, candidate, max_reasons)),
             )
             for candidate in rows.tolist()
         ]
