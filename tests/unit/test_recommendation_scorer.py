@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
+from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
 from services.recommendation.artefacts import (
     ANN_INDEX,
@@ -18,29 +18,11 @@ from services.recommendation.serving.ann_index import AnnIndex
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.scorer import best_of, exact_top_k, top_k, top_k_many
+from services.recommendation.serving.synthetic_items import clustered_items, items_artefact
+from services.recommendation.training.pipeline import Progress, run_training
+from services.recommendation.training.synthetic import Shape, StaticSource, generate
 
 D = 8
-
-
-def artefact_of(embeddings: np.ndarray, biases: np.ndarray, version: str = "v1") -> ModelArtefact:
-    n, d = embeddings.shape
-    return ModelArtefact(
-        version=version,
-        item_ids=[f"i{i}" for i in range(n)],
-        customer_ids=["c0"],
-        item_embeddings=embeddings.astype(np.float32),
-        item_biases=biases.astype(np.float32),
-        customer_embeddings=np.zeros((1, d), np.float32),
-        customer_biases=np.zeros(1, np.float32),
-        item_feature_embeddings=embeddings.astype(np.float32),
-        item_feature_biases=biases.astype(np.float32),
-        customer_feature_embeddings=np.zeros((1, d), np.float32),
-        customer_feature_biases=np.zeros(1, np.float32),
-        item_feature_names=[f"item:i{i}" for i in range(n)],
-        customer_feature_names=["customer:c0"],
-        item_features=sp.identity(n, format="csr", dtype=np.float32),
-        customer_features=sp.identity(1, format="csr", dtype=np.float32),
-    )
 
 
 def random_model(n: int, seed: int = 0, rounded: bool = False) -> ServingModel:
@@ -48,18 +30,12 @@ def random_model(n: int, seed: int = 0, rounded: bool = False) -> ServingModel:
     embeddings = rng.normal(size=(n, D))
     if rounded:  # many equal scores
         embeddings = np.round(embeddings)
-    return ServingModel.from_artefact(artefact_of(embeddings, np.round(rng.normal(size=n), 1)))
+    return ServingModel.from_artefact(items_artefact(embeddings, np.round(rng.normal(size=n), 1)))
 
 
-def clustered(
-    n: int, d: int = 16, clusters: int = 50, seed: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Items around cluster centres (like trained embeddings), their biases and clusters."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d)) * 0.5
-    cluster = rng.integers(0, clusters, n)
-    embeddings = centres[cluster] + 0.25 * rng.normal(size=(n, d))
-    return embeddings.astype(np.float32), (0.3 * rng.normal(size=n)).astype(np.float32), cluster
+def clustered(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    items = clustered_items(n, 16, 50)
+    return items.embeddings, items.biases, items.cluster
 
 
 def brute_force(model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[int]:
@@ -108,7 +84,7 @@ def test_k_beyond_the_allowed_items_returns_only_those_and_an_empty_mask_nothing
     assert sorted(rows) == [5, 100, 29_999]
     assert list(rows) == brute_force(model, query, 10, allowed)
     assert len(top_k(model, query, 0)[0]) == 0
-    empty = ServingModel.from_artefact(artefact_of(np.zeros((0, D)), np.zeros(0)))
+    empty = ServingModel.from_artefact(items_artefact(np.zeros((0, D)), np.zeros(0)))
     assert len(top_k(empty, empty.query_of(np.zeros(D, np.float32)), 5)[0]) == 0
 
 
@@ -161,7 +137,7 @@ def test_diversity_picks_items_unlike_those_already_chosen() -> None:
     direction = np.eye(D)[0]
     copies = direction + 0.01 * rng.normal(size=(10, D))
     others = np.eye(D)[1:3].repeat(5, axis=0) + 0.01 * rng.normal(size=(10, D))
-    model = ServingModel.from_artefact(artefact_of(np.vstack([copies, others]), np.zeros(20)))
+    model = ServingModel.from_artefact(items_artefact(np.vstack([copies, others]), np.zeros(20)))
     rows = np.arange(20)
     scores = np.linspace(1.0, 0.5, 20, dtype=np.float32)
     relevant = rerank(model, rows, scores, 3, 0.0)
@@ -195,7 +171,7 @@ def test_mmr_matches_its_definition_on_a_large_pool() -> None:
 
 def ann_model(n: int = 20_000) -> tuple[ServingModel, np.ndarray]:
     embeddings, biases, cluster = clustered(n)
-    artefact = artefact_of(embeddings, biases)
+    artefact = items_artefact(embeddings, biases)
     model = ServingModel.from_artefact(artefact)
     return ServingModel.from_artefact(artefact, ann=AnnIndex.build(model.items)), cluster
 
@@ -213,8 +189,8 @@ def recall(model: ServingModel, queries: list[np.ndarray], masks: list[np.ndarra
 def test_the_ann_index_finds_the_exact_top_10_with_and_without_filters() -> None:
     model, cluster = ann_model()
     rng = np.random.default_rng(8)
-    embeddings, _, _ = clustered(200, seed=9)  # customers like the items
-    queries = [model.query_of(vector) for vector in embeddings[:, : model.dimensions]]
+    customers = clustered_items(len(cluster), 16, 50).customers(200, seed=9)
+    queries = [model.query_of(vector) for vector in customers]
     assert recall(model, queries, [None] * len(queries)) >= 0.95
     excluded = [rng.random(len(cluster)) >= 0.3 for _ in queries]  # 30 % of the items allowed
     assert recall(model, queries, excluded) >= 0.95
@@ -250,7 +226,7 @@ def test_an_index_that_cannot_find_k_allowed_items_falls_back_to_exact() -> None
 
 def test_the_index_is_written_with_the_artefact_and_read_back(tmp_path: Path) -> None:
     embeddings, biases, _ = clustered(3_000)
-    plain = artefact_of(embeddings, biases)
+    plain = items_artefact(embeddings, biases)
     index = AnnIndex.build(ServingModel.from_artefact(plain).items)
     checksum = write_artefact(
         tmp_path, ModelArtefact(**{**plain.__dict__, "version": "v2", "ann_index": index})
@@ -269,7 +245,7 @@ def test_the_index_is_written_with_the_artefact_and_read_back(tmp_path: Path) ->
 
 def test_a_tampered_index_file_fails_the_checksum(tmp_path: Path) -> None:
     embeddings, biases, _ = clustered(1_000)
-    plain = artefact_of(embeddings, biases)
+    plain = items_artefact(embeddings, biases)
     index = AnnIndex.build(ServingModel.from_artefact(plain).items)
     checksum = write_artefact(tmp_path, ModelArtefact(**{**plain.__dict__, "ann_index": index}))
     path = tmp_path / "v1" / ANN_INDEX
@@ -281,3 +257,25 @@ def test_a_tampered_index_file_fails_the_checksum(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ArtefactError):
         read_artefact(tmp_path, "v1", checksum)
+
+
+async def test_training_builds_the_index_from_the_switch_size_and_not_below(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.recommendation.serving import scorer
+
+    data = generate(Shape(customers=200, items=300, interactions=5_000, seed=5))
+    options = pb.TrainingOptions(lightfm=pb.LightFMParameters(epochs=2))
+    below = await run_training(StaticSource(data), options, lambda progress: None)
+    assert below.artefact is not None and below.artefact.ann_index is None
+    assert "BUILDING_INDEX" not in below.phase_seconds
+    monkeypatch.setattr(scorer, "ANN_MIN_ITEMS", 300)
+    seen: list[Progress] = []
+    above = await run_training(StaticSource(data), options, seen.append)
+    assert above.artefact is not None and above.artefact.ann_index is not None
+    assert "BUILDING_INDEX" in above.phase_seconds
+    assert seen[-1].phase == "WRITING" and "index" in seen[-1].message
+    model = ServingModel.from_artefact(above.artefact)
+    assert model.ann is not None and model.ann.fits(model.items)
+    query = model.query_of(model.items[0, :-1])
+    assert list(top_k(model, query, 10, ann_min_items=1)[0]) == list(exact_top_k(model, query, 10)[0])

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from services.recommendation.serving.ann_index import AnnIndex
 
 
+def items_matrix(artefact: ModelArtefact) -> np.ndarray:
+    """The items as served and indexed: float32 C-contiguous [n_items, d + 1], each row the
+    item's representation, then its bias."""
+    items = np.empty((len(artefact.item_biases), artefact.item_embeddings.shape[1] + 1), dtype=np.float32)
+    items[:, :-1] = artefact.item_embeddings
+    items[:, -1] = artefact.item_biases
+    return items
+
+
 @dataclass(frozen=True, eq=False)
 class ServingModel:
     version: str
@@ -39,9 +48,8 @@ class ServingModel:
     @classmethod
     def from_artefact(cls, artefact: ModelArtefact, ann: AnnIndex | None = None) -> ServingModel:
         """The serving arrays of `artefact`, with `ann` or else the index stored with it."""
-        representations = np.asarray(artefact.item_embeddings, dtype=np.float32)
-        biases = np.asarray(artefact.item_biases, dtype=np.float32).reshape(-1, 1)
-        items = np.ascontiguousarray(np.hstack([representations, biases]), dtype=np.float32)
+        items = items_matrix(artefact)
+        representations = items[:, :-1]
         return cls(
             version=artefact.version,
             artefact=artefact,
