@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +166,6 @@ def read_artefact(model_dir: Path, version: str, expected_sha256: str | None = N
         metadata = json.loads((directory / METADATA).read_text())
         with np.load(directory / ARRAYS, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
-        ann_index = _read_ann_index(directory, arrays) if ANN_INDEX in files else None
     except ArtefactError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -181,17 +180,15 @@ def read_artefact(model_dir: Path, version: str, expected_sha256: str | None = N
     metadata.pop("version", None)
     fields: dict[str, Any] = {name: list(maps[name]) for name in LISTS}
     fields.update({name: arrays[name] for name in DENSE}, **sparse)
-    return ModelArtefact(version=version, metadata=metadata, ann_index=ann_index, **fields)
+    artefact = ModelArtefact(version=version, metadata=metadata, **fields)
+    return _with_ann_index(artefact, directory / ANN_INDEX) if ANN_INDEX in files else artefact
 
 
-def _read_ann_index(directory: Path, arrays: dict[str, np.ndarray]) -> AnnIndex:
+def _with_ann_index(artefact: ModelArtefact, path: Path) -> ModelArtefact:
     from services.recommendation.serving.ann_index import AnnIndex, AnnIndexError
+    from services.recommendation.serving.model import items_matrix
 
     try:
-        index = AnnIndex.load(directory / ANN_INDEX)
+        return replace(artefact, ann_index=AnnIndex.load(path, items_matrix(artefact)))
     except AnnIndexError as error:
-        raise ArtefactError(f"model {directory.name}: {error}") from error
-    items, dimensions = arrays["item_embeddings"].shape
-    if (index.size, index.width) != (items, dimensions + 1):
-        raise ArtefactError(f"model {directory.name}: {ANN_INDEX} does not fit the item arrays")
-    return index
+        raise ArtefactError(f"model {artefact.version}: {error}") from error
