@@ -24,8 +24,13 @@ centres, customers near a centre, like a trained model's), k = 10, 64 dimensions
 3. The other helpers' sections, when their modules exist (each module's run() returns the
    lines to print): SECTIONS below.
 
-Options: --rounds, --sizes, --ann-items, --queries; --skip scoring,ann,... to leave out
-sections. The targets are informational: the exit code is 0 unless the bench crashes.
+The matrix products run on one BLAS thread (--blas-threads): serving scores one request per
+thread, and on a busy 2-core machine two BLAS threads spin-waiting for each other made
+the numpy and service p50s vary 100-fold between rounds. LightFM.predict keeps its own
+threads (as many as cores).
+
+Options: --rounds, --sizes, --ann-items, --queries, --blas-threads; --skip scoring,ann,...
+to leave out sections. The targets are informational: the exit code is 0 unless the bench crashes.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 import scipy.sparse as sp
 from lightfm import LightFM
 from measure import Spread, load_average, percentile
+from threadpoolctl import threadpool_limits
 
 from services.recommendation.serving.ann_index import AnnIndex
 from services.recommendation.serving.model import ServingModel
@@ -296,15 +302,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda text: tuple(int(n) for n in text.split(",")), default=SIZES)
     parser.add_argument("--ann-items", type=int, default=ANN_ITEMS)
     parser.add_argument("--queries", type=int, default=QUERIES)
+    parser.add_argument("--blas-threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="sections to leave out: scoring,ann,others")
     args = parser.parse_args()
     skip = set(args.skip.split(",")) - {""}
-    print(f"recommendation scoring bench: {available_cores()} cores; {load_average()}")
+    print(
+        f"recommendation scoring bench: {available_cores()} cores, {args.blas_threads} BLAS thread(s); "
+        f"{load_average()}"
+    )
     targets = []
-    if "scoring" not in skip:
-        targets += scoring_section(args.sizes, args.rounds, args.queries)
-    if "ann" not in skip:
-        targets += ann_section(args.ann_items, args.rounds, args.queries)
+    with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+        if "scoring" not in skip:
+            targets += scoring_section(args.sizes, args.rounds, args.queries)
+        if "ann" not in skip:
+            targets += ann_section(args.ann_items, args.rounds, args.queries)
     if targets:
         print("\ntargets (medians over the rounds):")
         for name, figure, met in targets:
