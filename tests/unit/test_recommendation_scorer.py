@@ -218,6 +218,11 @@ def test_the_index_is_used_only_from_the_switch_size(monkeypatch: pytest.MonkeyP
     assert calls == []
     top_k(model, query, 10, ann_min_items=2_000)
     assert calls == [1]
+    few = np.zeros(2_000, dtype=bool)
+    few[::20] = True  # 1 item in 20: the allowed rows are scored exactly, without the index
+    rows, _ = top_k(model, query, 10, few, ann_min_items=2_000)
+    assert calls == [1]
+    assert list(rows) == brute_force(model, query, 10, few)
 
 
 def test_an_index_that_cannot_find_k_allowed_items_falls_back_to_exact() -> None:

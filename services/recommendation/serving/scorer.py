@@ -32,6 +32,8 @@ SAMPLED_FROM = 8_192
 CANDIDATES_PER_K = 8
 MIN_CANDIDATES = 1_024
 SAMPLE_RANK = 32
+# A mask allowing at most 1 item in this many: score only the allowed rows (gathered).
+GATHER_BELOW = 16
 # top_k_many scores a block of queries at a time: at most this many floats of scores.
 BLOCK_FLOATS = 1 << 22
 
@@ -111,13 +113,21 @@ def best_of(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tu
     return _ordered(scores, rows, k)
 
 
+def _few_allowed(allowed: np.ndarray) -> bool:
+    return int(np.count_nonzero(allowed)) * GATHER_BELOW <= len(allowed)
+
+
 def exact_top_k(
     model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """top_k by scoring every item (no index)."""
-    scores = np.dot(
-        model.items, np.asarray(query, dtype=np.float32), out=_buffer("scores", (len(model.items),))
-    )
+    """top_k by scoring every allowed item (no index): the whole catalog in one product, or
+    only the allowed rows when the mask leaves few (at most 1 in GATHER_BELOW)."""
+    query = np.asarray(query, dtype=np.float32)
+    if allowed is not None and _few_allowed(allowed):
+        rows = np.flatnonzero(allowed)
+        best, scores = best_of(model.items[rows] @ query, k)
+        return rows[best].astype(np.int64, copy=False), scores
+    scores = np.dot(model.items, query, out=_buffer("scores", (len(model.items),)))
     return best_of(scores, k, allowed)
 
 
@@ -132,9 +142,11 @@ def top_k(
     """The k best rows for one query [d + 1] (model.query_of), best first, and their scores.
 
     Through the model's ANN index when it has one and holds at least `ann_min_items` items
-    (approximate: recall@10 about 0.95 or better); exact otherwise, and whenever the index
-    cannot find k allowed items."""
-    if model.ann is not None and len(model.items) >= ann_min_items:
+    (approximate: recall@10 about 0.95 or better) unless the mask allows few items (those are
+    scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
+    its answer."""
+    broad = allowed is None or not _few_allowed(allowed)
+    if model.ann is not None and len(model.items) >= ann_min_items and broad:
         found = model.ann.search(model.items, query, k, allowed)
         if found is not None:
             return found
