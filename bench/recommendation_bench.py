@@ -12,7 +12,8 @@ centres, customers near a centre, like a trained model's), k = 10, 64 dimensions
    (a LightFM holding the same embeddings; identity feature matrices built once; as many
    threads as cores) with the same argpartition. Printed: p50 and p99 per scorer, and per
    round the ratios ours/numpy and predict/ours, as the median and range over the rounds.
-   Targets: ours at most 1.3x numpy at 100k, predict at least 2x ours.
+   Targets: ours at most 1.3x numpy at 100k, predict at least 2x ours. Then the diversity
+   re-rank (MMR) of 4k and 10k candidates down to 10 and 100.
 2. The approximate index at 1M items (serving/ann_index.py, faiss inverted lists, inner product):
    its build time (what training adds from the switch size on), then per filter the
    scorer's p50 and p99 through the index, recall@10 against exact scoring, the share of
@@ -49,6 +50,7 @@ from measure import Spread, load_average, percentile
 from threadpoolctl import threadpool_limits
 
 from services.recommendation.serving.ann_index import AnnIndex
+from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.scorer import ANN_MIN_ITEMS, exact_top_k, top_k
 from services.recommendation.serving.synthetic_items import ClusteredItems, clustered_items, items_artefact
@@ -212,6 +214,30 @@ def scoring_section(sizes: tuple[int, ...], rounds: int, queries: int) -> list[t
     return targets
 
 
+def diversity_section(rounds: int) -> None:
+    """MMR re-rank (diversity 0.3) of the best `pool` items of 100k down to k."""
+    clustered = clustered_items(100_000, DIMENSIONS, CENTRES)
+    model = ServingModel.from_artefact(items_artefact(clustered.embeddings, clustered.biases))
+    query = model.query_of(clustered.customers(1, seed=6)[0])
+    print(
+        f"\n   diversity re-rank (MMR, diversity 0.3) over the best candidates of 100,000 items, {rounds} rounds"
+    )
+    for pool in (4_000, 10_000):
+        rows, scores = exact_top_k(model, query, pool)
+        for k in (10, 100):
+            p50s = [
+                percentile(
+                    timed_calls(
+                        lambda _, rows=rows, scores=scores, k=k: rerank(model, rows, scores, k, 0.3), 20, 1
+                    ),
+                    0.5,
+                )
+                * 1e3
+                for _ in range(rounds)
+            ]
+            print(f"    {pool:,} candidates to {k:3}: p50 {ms(p50s)}")
+
+
 def ann_masks(clustered: ClusteredItems, count: int) -> dict[str, list[np.ndarray | None]]:
     rng = np.random.default_rng(4)
     n = len(clustered.cluster)
@@ -314,6 +340,7 @@ def main() -> None:
     with threadpool_limits(limits=args.blas_threads, user_api="blas"):
         if "scoring" not in skip:
             targets += scoring_section(args.sizes, args.rounds, args.queries)
+            diversity_section(args.rounds)
         if "ann" not in skip:
             targets += ann_section(args.ann_items, args.rounds, args.queries)
     if targets:
