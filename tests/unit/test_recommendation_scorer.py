@@ -293,3 +293,10 @@ async def test_training_builds_the_index_from_the_switch_size_and_not_below(
     assert model.ann is not None and model.ann.fits(model.items)
     query = model.query_of(model.items[0, :-1])
     assert list(top_k(model, query, 10, ann_min_items=1)[0]) == list(exact_top_k(model, query, 10)[0])
+
+
+def test_a_mask_of_zeros_and_ones_counts_as_a_bool_mask() -> None:
+    model = random_model(20_000, seed=9)
+    query = query_for(model, 9)
+    allowed = (np.random.default_rng(9).random(20_000) < 0.3).astype(np.int8)
+    assert list(top_k(model, query, 10, allowed)[0]) == brute_force(model, query, 10, allowed.astype(bool))

@@ -100,6 +100,7 @@ def _ordered(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, 
 def best_of(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k best allowed rows of a score array [n], best first (ties by the lower row), and
     their scores (copied: `scores` may be a scratch buffer)."""
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     available = len(scores) if allowed is None else int(np.count_nonzero(allowed))
     k = min(k, available)
     if k <= 0:
@@ -145,6 +146,7 @@ def top_k(
     (approximate: recall@10 about 0.95 or better) unless the mask allows few items (those are
     scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
     its answer."""
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     broad = allowed is None or not _few_allowed(allowed)
     if model.ann is not None and len(model.items) >= ann_min_items and broad:
         found = model.ann.search(model.items, query, k, allowed)
