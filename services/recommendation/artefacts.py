@@ -5,6 +5,8 @@
   (CSR parts), saved without pickles;
 - maps.json: the id and feature-name lists (row i of an array is entry i of its list);
 - metadata.json: options, evaluation, data cursor, timings, library versions;
+- items.faiss (large catalogs only): the approximate top-k index over the items
+  (serving/ann_index.py), built at training so activating never rebuilds it;
 - manifest.json: the SHA-256 of each file above, and the artefact's checksum (SHA-256 of
   the sorted "name sha256" lines), which the registry records in the database.
 
@@ -20,17 +22,22 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse
+
+if TYPE_CHECKING:
+    from services.recommendation.serving.ann_index import AnnIndex
 
 ARRAYS = "arrays.npz"
 MAPS = "maps.json"
 METADATA = "metadata.json"
 MANIFEST = "manifest.json"
+ANN_INDEX = "items.faiss"  # optional
+REQUIRED = (ARRAYS, MAPS, METADATA)
 DENSE = (
     "item_embeddings",
     "item_biases",
@@ -67,6 +74,7 @@ class ModelArtefact:
     item_features: scipy.sparse.csr_matrix  # [n_items, n_item_features] float32, normalised weights
     customer_features: scipy.sparse.csr_matrix  # [n_customers, n_customer_features]
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-able
+    ann_index: AnnIndex | None = None  # over [item_embeddings, item_biases]; large catalogs only
 
 
 def _sha256(path: Path) -> str:
@@ -120,10 +128,14 @@ def write_artefact(model_dir: Path, artefact: ModelArtefact) -> str:
         maps = {name: list(getattr(artefact, name)) for name in LISTS}
         (temporary / MAPS).write_text(json.dumps(maps))
         (temporary / METADATA).write_text(json.dumps({"version": artefact.version, **artefact.metadata}))
-        files = {name: _sha256(temporary / name) for name in (ARRAYS, MAPS, METADATA)}
+        names: tuple[str, ...] = REQUIRED
+        if artefact.ann_index is not None:
+            artefact.ann_index.save(temporary / ANN_INDEX)
+            names += (ANN_INDEX,)
+        files = {name: _sha256(temporary / name) for name in names}
         checksum = checksum_of(files)
         (temporary / MANIFEST).write_text(json.dumps({"files": files, "sha256": checksum}, sort_keys=True))
-        for name in (ARRAYS, MAPS, METADATA, MANIFEST):
+        for name in (*names, MANIFEST):
             _fsync(temporary / name)
         _fsync(temporary)
         # The rename is the commit: readers see the whole artefact or nothing.
@@ -142,7 +154,7 @@ def read_artefact(model_dir: Path, version: str, expected_sha256: str | None = N
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
-        if set(files) != {ARRAYS, MAPS, METADATA}:
+        if not set(REQUIRED) <= set(files) <= {*REQUIRED, ANN_INDEX}:
             raise ArtefactError(f"model {version}: the manifest lists {sorted(files)}")
         checksum = checksum_of(files)
         if checksum != manifest["sha256"] or (expected_sha256 and checksum != expected_sha256):
@@ -168,4 +180,15 @@ def read_artefact(model_dir: Path, version: str, expected_sha256: str | None = N
     metadata.pop("version", None)
     fields: dict[str, Any] = {name: list(maps[name]) for name in LISTS}
     fields.update({name: arrays[name] for name in DENSE}, **sparse)
-    return ModelArtefact(version=version, metadata=metadata, **fields)
+    artefact = ModelArtefact(version=version, metadata=metadata, **fields)
+    return _with_ann_index(artefact, directory / ANN_INDEX) if ANN_INDEX in files else artefact
+
+
+def _with_ann_index(artefact: ModelArtefact, path: Path) -> ModelArtefact:
+    from services.recommendation.serving.ann_index import AnnIndex, AnnIndexError
+    from services.recommendation.serving.model import items_matrix
+
+    try:
+        return replace(artefact, ann_index=AnnIndex.load(path, items_matrix(artefact)))
+    except AnnIndexError as error:
+        raise ArtefactError(f"model {artefact.version}: {error}") from error

@@ -39,7 +39,7 @@ ESTIMATE_AFTER = 0.02
 EPOCH = re.compile(r"epoch (\d+)", re.IGNORECASE)
 # The pipeline's phase names (training/pipeline.py Progress.phase) that differ from the contract's.
 PHASE_ALIASES = {"WRITING": "WRITING_ARTEFACTS"}
-LIBRARIES = ("lightfm", "rectools-lightfm", "numpy", "scipy")
+LIBRARIES = ("lightfm", "rectools-lightfm", "numpy", "scipy", "faiss-cpu")
 
 
 class ProgressLike(Protocol):

@@ -9,10 +9,23 @@ float32 matrix [n_items, d + 1]: the representation, then the item bias; a query
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from services.recommendation.artefacts import ModelArtefact
+
+if TYPE_CHECKING:
+    from services.recommendation.serving.ann_index import AnnIndex
+
+
+def items_matrix(artefact: ModelArtefact) -> np.ndarray:
+    """The items as served and indexed: float32 C-contiguous [n_items, d + 1], each row the
+    item's representation, then its bias."""
+    items = np.empty((len(artefact.item_biases), artefact.item_embeddings.shape[1] + 1), dtype=np.float32)
+    items[:, :-1] = artefact.item_embeddings
+    items[:, -1] = artefact.item_biases
+    return items
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,17 +39,17 @@ class ServingModel:
     item_feature_rows: dict[str, int]
     customer_feature_rows: dict[str, int]
     item_norms: np.ndarray  # float32 [n_items]: |item representation| (cosine, MMR)
-    ann: object | None = field(default=None)  # an ann_index.AnnIndex for large catalogs
+    ann: AnnIndex | None = field(default=None)  # the approximate index for large catalogs
 
     @property
     def dimensions(self) -> int:
         return int(self.items.shape[1]) - 1
 
     @classmethod
-    def from_artefact(cls, artefact: ModelArtefact, ann: object | None = None) -> ServingModel:
-        representations = np.asarray(artefact.item_embeddings, dtype=np.float32)
-        biases = np.asarray(artefact.item_biases, dtype=np.float32).reshape(-1, 1)
-        items = np.ascontiguousarray(np.hstack([representations, biases]), dtype=np.float32)
+    def from_artefact(cls, artefact: ModelArtefact, ann: AnnIndex | None = None) -> ServingModel:
+        """The serving arrays of `artefact`, with `ann` or else the index stored with it."""
+        items = items_matrix(artefact)
+        representations = items[:, :-1]
         return cls(
             version=artefact.version,
             artefact=artefact,
@@ -47,7 +60,7 @@ class ServingModel:
             item_feature_rows={name: row for row, name in enumerate(artefact.item_feature_names)},
             customer_feature_rows={name: row for row, name in enumerate(artefact.customer_feature_names)},
             item_norms=np.linalg.norm(representations, axis=1).astype(np.float32),
-            ann=ann,
+            ann=ann if ann is not None else artefact.ann_index,
         )
 
     def query_of(self, representation: np.ndarray) -> np.ndarray:

@@ -1,54 +1,176 @@
-"""Exact top-k: one matrix-vector product and argpartition, under an allowed-items mask.
+"""Top-k under an allowed-items mask: exact (one matrix-vector product), or approximate
+through the model's ANN index for large catalogs (ann_index.py).
 
 `allowed` is a bool array [n_items] (True: the item may be returned) or None for all.
-Results are rows of the model's item arrays, best first, with their scores (the full
-LightFM score minus the customer's bias, which does not change the order).
+Results are rows of the model's item arrays, best first (ties: the lower row first), with
+their scores (the full LightFM score minus the customer's bias, which does not change the
+order).
+
+Exact selection does not argpartition the whole score array: a strided sample of the
+allowed scores gives a threshold that about CANDIDATES allowed items pass, one vectorised
+comparison finds them, and only those are ordered; when too few pass (an unlucky sample),
+the threshold is the exact k-th best allowed score. The scores go into a per-thread
+scratch buffer, so a request allocates nothing the size of the catalog.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
 from services.recommendation.serving.model import ServingModel
 
+# At and above this many items, top_k asks the model's ANN index when it has one (and the
+# mask leaves enough items for the index to find k of them); below, exact scoring is
+# about as fast. Chosen by bench/recommendation_bench.py (README "Scoring and large catalogs").
+ANN_MIN_ITEMS = 200_000
+# Below this many scores, the exact k-th best is found directly (no sample).
+SAMPLED_FROM = 8_192
+# The sample's threshold aims at about this many candidates, with SAMPLE_RANK sampled
+# scores above it (so the count passing rarely falls under k).
+CANDIDATES_PER_K = 8
+MIN_CANDIDATES = 1_024
+SAMPLE_RANK = 32
+# A mask allowing at most 1 item in this many: score only the allowed rows (gathered).
+GATHER_BELOW = 16
+# top_k_many scores a block of queries at a time: at most this many floats of scores.
+BLOCK_FLOATS = 1 << 22
 
-def top_k(
-    model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k best rows for one query [d + 1] (model.query_of), best first, and their scores."""
-    scores = model.items @ query
+_scratch = threading.local()
+
+EMPTY_ROWS = np.empty(0, dtype=np.int64)
+EMPTY_SCORES = np.empty(0, dtype=np.float32)
+
+
+def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A per-thread float32 scratch array of `shape` (reused across calls; never returned)."""
+    size = int(np.prod(shape))
+    held = getattr(_scratch, name, None)
+    if held is None or held.size < size:
+        held = np.empty(size, dtype=np.float32)
+        setattr(_scratch, name, held)
+    return held[:size].reshape(shape)
+
+
+def _rows_at_least(scores: np.ndarray, threshold: float, allowed: np.ndarray | None) -> np.ndarray:
+    passing = scores >= threshold
     if allowed is not None:
-        scores = np.where(allowed, scores, -np.inf)
-        available = int(np.count_nonzero(allowed))
-    else:
-        available = len(scores)
+        passing &= allowed
+    return np.flatnonzero(passing)
+
+
+def _sampled_threshold(
+    scores: np.ndarray, k: int, allowed: np.ndarray | None, available: int
+) -> float | None:
+    """A score that about max(CANDIDATES_PER_K * k, MIN_CANDIDATES) allowed items reach, from
+    a strided sample; None when the catalog or the allowed set is too small to sample."""
+    wanted = max(CANDIDATES_PER_K * k, MIN_CANDIDATES)
+    if len(scores) < SAMPLED_FROM or available < 4 * wanted:
+        return None
+    stride = max(1, wanted // SAMPLE_RANK)
+    sample = scores[::stride]
+    if allowed is not None:
+        sample = sample[allowed[::stride]]
+    rank = min(len(sample), round(wanted * len(sample) / available))
+    if rank < SAMPLE_RANK // 2:
+        return None
+    return float(np.partition(sample, len(sample) - rank)[len(sample) - rank])
+
+
+def _exact_threshold(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> float:
+    """The k-th best allowed score (k at most the number allowed)."""
+    values = scores if allowed is None else scores[allowed]
+    return float(np.partition(values, len(values) - k)[len(values) - k])
+
+
+def _ordered(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `rows` (ascending) by score, best first, ties by the lower row."""
+    values = scores[rows]
+    if len(rows) > 4 * k:
+        kth = values[np.argpartition(values, len(values) - k)[len(values) - k]]
+        above = values > kth
+        ties = np.flatnonzero(values == kth)[: k - int(np.count_nonzero(above))]
+        above[ties] = True
+        rows, values = rows[above], values[above]
+    order = np.lexsort((rows, -values))[:k]
+    return rows[order].astype(np.int64, copy=False), values[order].astype(np.float32, copy=False)
+
+
+def best_of(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best allowed rows of a score array [n], best first (ties by the lower row), and
+    their scores (copied: `scores` may be a scratch buffer)."""
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+    available = len(scores) if allowed is None else int(np.count_nonzero(allowed))
     k = min(k, available)
     if k <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    rows = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    rows = rows[np.argsort(-scores[rows], kind="stable")]
-    return rows.astype(np.int64), scores[rows].astype(np.float32)
+        return EMPTY_ROWS, EMPTY_SCORES
+    if available == len(scores):
+        allowed = None
+    threshold = _sampled_threshold(scores, k, allowed, available)
+    rows = EMPTY_ROWS if threshold is None else _rows_at_least(scores, threshold, allowed)
+    if len(rows) < k:
+        rows = _rows_at_least(scores, _exact_threshold(scores, k, allowed), allowed)
+    return _ordered(scores, rows, k)
+
+
+def _few_allowed(allowed: np.ndarray) -> bool:
+    return int(np.count_nonzero(allowed)) * GATHER_BELOW <= len(allowed)
+
+
+def exact_top_k(
+    model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """top_k by scoring every allowed item (no index): the whole catalog in one product, or
+    only the allowed rows when the mask leaves few (at most 1 in GATHER_BELOW)."""
+    query = np.asarray(query, dtype=np.float32)
+    if allowed is not None and _few_allowed(allowed):
+        rows = np.flatnonzero(allowed)
+        best, scores = best_of(model.items[rows] @ query, k)
+        return rows[best].astype(np.int64, copy=False), scores
+    scores = np.dot(model.items, query, out=_buffer("scores", (len(model.items),)))
+    return best_of(scores, k, allowed)
+
+
+def top_k(
+    model: ServingModel,
+    query: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None = None,
+    *,
+    ann_min_items: int = ANN_MIN_ITEMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows for one query [d + 1] (model.query_of), best first, and their scores.
+
+    Through the model's ANN index when it has one and holds at least `ann_min_items` items
+    (approximate: recall@10 about 0.95 or better) unless the mask allows few items (those are
+    scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
+    its answer."""
+    allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+    broad = allowed is None or not _few_allowed(allowed)
+    if model.ann is not None and len(model.items) >= ann_min_items and broad:
+        found = model.ann.search(model.items, query, k, allowed)
+        if found is not None:
+            return found
+    return exact_top_k(model, query, k, allowed)
 
 
 def top_k_many(
     model: ServingModel, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """top_k for many queries [m, d + 1] in one matrix product; `allowed` is [n_items]
-    shared by all, or [m, n_items] per query."""
-    scores = queries @ model.items.T
+    """Exact top_k for many queries [m, d + 1], scored a block of queries at a time by one
+    matrix-matrix product each; `allowed` is [n_items] shared by all, or [m, n_items] per query."""
+    queries = np.asarray(queries, dtype=np.float32)
+    items = model.items
+    block = max(1, min(len(queries), BLOCK_FLOATS // max(1, len(items))))
     rows_out: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []
-    for index in range(len(queries)):
-        row_allowed = allowed if allowed is None or allowed.ndim == 1 else allowed[index]
-        masked = scores[index] if row_allowed is None else np.where(row_allowed, scores[index], -np.inf)
-        available = len(masked) if row_allowed is None else int(np.count_nonzero(row_allowed))
-        count = min(k, available)
-        if count <= 0:
-            rows_out.append(np.empty(0, dtype=np.int64))
-            scores_out.append(np.empty(0, dtype=np.float32))
-            continue
-        rows = np.argpartition(-masked, count - 1)[:count] if count < len(masked) else np.arange(len(masked))
-        rows = rows[np.argsort(-masked[rows], kind="stable")]
-        rows_out.append(rows.astype(np.int64))
-        scores_out.append(masked[rows].astype(np.float32))
+    for start in range(0, len(queries), block):
+        part = queries[start : start + block]
+        scores = np.matmul(part, items.T, out=_buffer("block", (len(part), len(items))))
+        for offset in range(len(part)):
+            mask = allowed if allowed is None or allowed.ndim == 1 else allowed[start + offset]
+            rows, values = best_of(scores[offset], k, mask)
+            rows_out.append(rows)
+            scores_out.append(values)
     return rows_out, scores_out

@@ -24,6 +24,9 @@ from google.protobuf import json_format
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
 from services.recommendation.artefacts import ModelArtefact
+from services.recommendation.serving import scorer
+from services.recommendation.serving.ann_index import AnnIndex
+from services.recommendation.serving.model import items_matrix
 from services.recommendation.training.dataset import TrainingData, used_categories
 from services.recommendation.training.evaluation import Ranker, evaluate, gate_message, split_pairs
 from services.recommendation.training.features import (
@@ -36,7 +39,7 @@ from services.recommendation.training.features import (
     without_identity,
 )
 from services.recommendation.training.options import resolve_options
-from services.recommendation.training.trainer import FittedModel, fit
+from services.recommendation.training.trainer import FittedModel, available_cores, fit
 
 # Each phase's share of a whole run: (start, end) of Progress.fraction.
 PHASE_SPANS = {
@@ -253,8 +256,17 @@ async def run_training(
         "library_versions": {name: version(name) for name in ("rectools-lightfm", "numpy", "scipy")},
         "created_time": datetime.datetime.now(datetime.UTC).isoformat(),
     }
+    artefact = artefact_of(model, features, customers, metadata)
+    if len(artefact.item_ids) >= scorer.ANN_MIN_ITEMS:
+        # Serving asks an index from this catalog size on: built here, once, and stored with
+        # the artefact, so activating the model never builds it (phase_seconds BUILDING_INDEX).
+        report("WRITING", 0.0, f"building the approximate top-k index over {len(artefact.item_ids)} items")
+        started = time.perf_counter()
+        index = await asyncio.to_thread(AnnIndex.build, items_matrix(artefact), available_cores())
+        artefact = dataclasses.replace(artefact, ann_index=index)
+        seconds["BUILDING_INDEX"] = round(time.perf_counter() - started, 3)
     return TrainingOutcome(
-        artefact=artefact_of(model, features, customers, metadata),
+        artefact=artefact,
         evaluation=as_json(evaluation),
         passed_gate=evaluation.passed_gate,
         gate_message=verdict,
