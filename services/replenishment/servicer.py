@@ -25,6 +25,7 @@ from services.replenishment.devices import (
     new_device_id,
     settled_registration,
 )
+from services.replenishment.order_rpcs import OrderDesk, OrderRpcs
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from services.replenishment.store import ReplenishmentStore
 from shared.auth import current_principal, hash_token, new_token
@@ -143,9 +144,12 @@ def _checked_device_id(device_id: str) -> str:
     return device_id
 
 
-class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
-    def __init__(self, store: ReplenishmentStore):
+class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
+    """The back-end API; the order RPCs are order_rpcs.py's (OrderRpcs)."""
+
+    def __init__(self, store: ReplenishmentStore, orders: OrderDesk):
         self.store = store
+        self.orders = orders
 
     async def RegisterDevice(
         self, request: pb.RegisterDeviceRequest, context: grpc.aio.ServicerContext
