@@ -9,8 +9,9 @@ from najimi.replenishment.device.v1 import device_service_pb2, device_service_pb
 from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_service_pb2_grpc
 
 from services.replenishment.data_subject import ReplenishmentDataSubjectServicer
+from services.replenishment.device_api import DeviceServicer
 from services.replenishment.devices import device_token_resolver
-from services.replenishment.servicer import DeviceServicer, ReplenishmentServicer
+from services.replenishment.servicer import ReplenishmentServicer
 from services.replenishment.store import ReplenishmentStore
 from shared.data_subject import data_subject_registration
 from shared.db import Database
