@@ -9,12 +9,13 @@ from najimi.replenishment.device.v1 import device_service_pb2, device_service_pb
 from najimi.replenishment.v1 import replenishment_service_pb2, replenishment_service_pb2_grpc
 
 from services.replenishment.data_subject import ReplenishmentDataSubjectServicer
+from services.replenishment.device_api import DeviceServicer
 from services.replenishment.devices import device_token_resolver
 from services.replenishment.order_feed import OrderFeed
 from services.replenishment.order_rpcs import OrderDesk
 from services.replenishment.order_worker import OrderWorker
 from services.replenishment.ordering import PURPOSE, Ordering
-from services.replenishment.servicer import DeviceServicer, ReplenishmentServicer
+from services.replenishment.servicer import ReplenishmentServicer
 from services.replenishment.store import ReplenishmentStore
 from shared.clients import channel_credentials
 from shared.consent_cache import ConsentCache
