@@ -1,5 +1,6 @@
-"""ReplenishmentService (back ends) and najimi.replenishment.device.v1.DeviceService (devices)
-over gRPC: protobuf in, domain calls, protobuf out.
+"""ReplenishmentService (back ends) over gRPC: protobuf in, domain calls, protobuf out.
+
+The device API (najimi.replenishment.device.v1.DeviceService) is in device_api.py.
 
 RPCs not written here yet are answered UNIMPLEMENTED by the generated base classes, after
 the access check (shared/interceptors.py); the module map is in services/replenishment/__init__.py.
@@ -7,12 +8,9 @@ the access check (shared/interceptors.py); the module map is in services/repleni
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
-from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
@@ -21,10 +19,10 @@ from services.replenishment.devices import (
     Device,
     DeviceState,
     Registration,
-    check_own_device,
     new_device_id,
     settled_registration,
 )
+from services.replenishment.order_rpcs import OrderDesk, OrderRpcs
 from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings
 from services.replenishment.store import ReplenishmentStore
 from shared.auth import current_principal, hash_token, new_token
@@ -143,9 +141,12 @@ def _checked_device_id(device_id: str) -> str:
     return device_id
 
 
-class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
-    def __init__(self, store: ReplenishmentStore):
+class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
+    """The back-end API; the order RPCs are order_rpcs.py's (OrderRpcs)."""
+
+    def __init__(self, store: ReplenishmentStore, orders: OrderDesk):
         self.store = store
+        self.orders = orders
 
     async def RegisterDevice(
         self, request: pb.RegisterDeviceRequest, context: grpc.aio.ServicerContext
@@ -200,41 +201,3 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
         device = await self.store.deregister_device(_checked_device_id(request.device_id))
         # No orders exist yet; once they do, the PENDING ones this call cancels are listed here.
         return pb.DeregisterDeviceResponse(device=device_message(device))
-
-
-class DeviceServicer(device_grpc.DeviceServiceServicer):
-    """The device API; every RPC answers UNIMPLEMENTED until telemetry and ordering land.
-
-    A device may act only for itself (access_policy), so each RPC checks the device_id it
-    names first: a device naming another is PERMISSION_DENIED even before the RPC exists.
-    """
-
-    def __init__(self, store: ReplenishmentStore):
-        self.store = store
-
-    async def ReportTelemetry(
-        self, request: device_pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
-        check_own_device(current_principal(), request.device_id)
-        raise NotImplementedError
-
-    async def StreamTelemetry(
-        self,
-        request_iterator: AsyncIterator[device_pb.StreamTelemetryRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[device_pb.StreamTelemetryResponse]:
-        async for request in request_iterator:
-            check_own_device(current_principal(), request.device_id)  # the first message names it
-            break
-        raise NotImplementedError
-        yield device_pb.StreamTelemetryResponse()  # unreachable: makes this an async generator
-
-    async def GetForecast(
-        self, request: device_pb.GetForecastRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
-        check_own_device(current_principal(), request.device_id)
-        raise NotImplementedError
-
-    async def Replenish(self, request: device_pb.ReplenishRequest, context: grpc.aio.ServicerContext) -> Any:
-        check_own_device(current_principal(), request.device_id)
-        raise NotImplementedError

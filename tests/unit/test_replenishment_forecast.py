@@ -165,6 +165,19 @@ def test_intermittent_scenario_over_seeds_tracks_the_realised_rate() -> None:
     assert 0.8 < statistics.median(ratios) < 1.25
 
 
+def test_a_printer_no_longer_used_stops_looking_due() -> None:
+    # Used twice a week for eight weeks, then not at all for five.
+    level, readings = 1000.0, []
+    for d in range(56 + 35):
+        readings.append((T0 + d * DAY_US, level))
+        if d < 56 and d % 7 in (0, 3):
+            level -= 35.0
+    result = forecast(readings, capacity=1000, lead_time_us=LEAD, now_us=now_after(readings))
+    assert result.method is ForecastMethod.TSB
+    assert result.rate_per_day is not None and result.rate_per_day < 0.3 * 10.0
+    assert result.days_to_empty is not None and result.days_to_empty > 4 * 440.0 / 10.0
+
+
 def test_tsb_and_croston_sba_follow_the_papers_recursions() -> None:
     rate, p, size = tsb(np.array([0.0, 0.0, 0.0, 10.0]), alpha=0.1, beta=0.05)
     expected_p = 0.25 * 0.95**3
@@ -216,8 +229,12 @@ def test_an_upward_spike_is_not_a_refill_and_does_not_move_the_rate() -> None:
 
 
 def test_refill_tolerance_is_five_percent_of_capacity() -> None:
-    assert not is_refill(500.0, 549.0, 1000.0)
-    assert is_refill(500.0, 551.0, 1000.0)
+    assert not is_refill([500.0], 549.0, 1000.0)
+    assert is_refill([500.0], 551.0, 1000.0)
+    assert not is_refill([], 1000.0, 1000.0)
+    # Measured from the median of the last five: one low glitch among them does not count.
+    assert not is_refill([900.0, 530.0, 520.0, 10.0, 510.0, 505.0], 549.0, 1000.0)
+    assert is_refill([520.0, 10.0, 510.0, 505.0, 500.0], 560.0, 1000.0)
     small_top_up = linear(10) + linear(10, start=835.0, first_day=10)  # +35 over 820
     assert detect_refills(small_top_up, capacity=1000) == []
 
@@ -282,6 +299,17 @@ def test_too_few_readings_fall_back_to_the_slot_level() -> None:
     )
 
 
+def test_non_finite_levels_are_ignored_and_capacity_must_be_positive() -> None:
+    readings = linear(21)
+    dirty = [*readings, (T0 + 3 * DAY_US + 1, float("nan")), (T0 + 5 * DAY_US + 1, float("inf"))]
+    now = now_after(readings)
+    assert forecast(dirty, capacity=1000, lead_time_us=LEAD, now_us=now) == forecast(
+        readings, capacity=1000, lead_time_us=LEAD, now_us=now
+    )
+    with pytest.raises(ValueError, match="capacity"):
+        forecast(readings, capacity=0.0, lead_time_us=LEAD, now_us=now)
+
+
 def test_no_consumption_is_said_and_nothing_is_ordered() -> None:
     flat = [(T0 + d * DAY_US, 700.0) for d in range(10)]
     result = forecast(flat, capacity=1000, lead_time_us=LEAD, now_us=now_after(flat))
@@ -290,6 +318,7 @@ def test_no_consumption_is_said_and_nothing_is_ordered() -> None:
     assert result.days_to_empty is None and result.reorder_time_us is None
     assert not result.order_now
     assert result.explanation == "no consumption seen over 9 days; nothing to order"
+    assert result.confidence == pytest.approx(9 / 14, abs=1e-3)
 
 
 def test_days_sitting_empty_do_not_dilute_the_rate() -> None:
