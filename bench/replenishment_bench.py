@@ -432,10 +432,12 @@ def telemetry_rounds(
                 generator.run(floor_kind, max(256, round(first.per_second))).per_second * args.round_seconds
             ),
         )
-        floors, telemetry, shares, cpu_calls, clients = [], [], [], [], []
+        floors, telemetry, shares, cpu_calls, clients, floor_cpu = [], [], [], [], [], []
         for _ in range(args.rounds):
             floor = generator.run(floor_kind, size)
             floors.append(floor.per_second)
+            if floor.server_cpu_s is not None:
+                floor_cpu.append(1e6 * floor.server_cpu_s / floor.calls)
             counts_before = rpc_counts(metrics_port)
             cpu_before = process_cpu_seconds(server.process.pid)
             result = client(
@@ -469,8 +471,11 @@ def telemetry_rounds(
     print(
         f"   = {share.text('.1f', ' %')} of the floor — target ≥ {TARGET_TELEMETRY_SHARE:.0f} %: {verdict(share.median >= TARGET_TELEMETRY_SHARE)}"
     )
-    if cpu_calls:
-        print(f"   server CPU per ReportTelemetry call: {Spread.of(cpu_calls).text('.0f', ' µs')}")
+    if cpu_calls and floor_cpu:
+        print(
+            f"   server CPU per ReportTelemetry call: {Spread.of(cpu_calls).text('.0f', ' µs')}; "
+            f"per health Check: {Spread.of(floor_cpu).text('.0f', ' µs')}"
+        )
     print(
         f"   the load client's own ceiling (health Check from the same client): {ceiling['per_second']:,.0f} calls/s; "
         f"it used {Spread.of(clients).text('.0f', ' %')} of its core during telemetry"
