@@ -10,8 +10,9 @@ service:storefront, services/replenishment/simulator.py), grants their customers
 has the last grant, and prints, in alternating rounds, the median and the range:
 
 1. Sustained ReportTelemetry readings/s from the 1,000 devices, each call with its own
-   device's token, one fresh reading (a new reading_id, the current time, an idle
-   device's steady level) per call: each is ACCEPTED only once committed (durable,
+   device's token and fresh readings (new reading_ids, the current time, an idle device's
+   steady level), one reading a call (a device reporting each reading as it takes it) and
+   ten (a device sending what it buffered): each is ACCEPTED only once committed (durable,
    acknowledged), beside the health Check floor from h2load (bench/measure.py) in the same
    rounds, as a ratio. Target: at least 70 % of the floor.
    Why not h2load for the telemetry too: h2load sends one request body and one set of
@@ -45,6 +46,7 @@ import asyncio
 import importlib
 import json
 import random
+import statistics
 import struct
 import subprocess
 import sys
@@ -52,6 +54,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,7 @@ ROUNDS = 5
 ROUND_SECONDS = 4.0
 WARMUP_SECONDS = 1.0
 IN_FLIGHT = 256  # as h2load keeps (bench/measure.py)
+READINGS_PER_CALL = (1, 10)
 REPLENISH_DEVICES = 200
 REPLENISH_IN_FLIGHT = 16
 STORM_SLOTS = 20
@@ -107,11 +111,11 @@ def _string(field: int, value: str) -> bytes:
     return bytes([field << 3 | 2]) + varint(len(data)) + data
 
 
-def report_bytes(device_id: str, slot_id: str, reading_id: str, level: float, now_us: int) -> bytes:
-    """ReportTelemetryRequest{device_id, readings: [Reading{reading_id, slot_id, level, measure_time}]}."""
-    seconds, micros = divmod(now_us, 1_000_000)
+def reading_bytes(slot_id: str, reading_id: str, level: float, measure_us: int) -> bytes:
+    """Reading{reading_id, slot_id, level, measure_time}."""
+    seconds, micros = divmod(measure_us, 1_000_000)
     timestamp = b"\x08" + varint(seconds) + b"\x10" + varint(micros * 1000)
-    reading = (
+    return (
         _string(1, reading_id)
         + _string(2, slot_id)
         + b"\x19"
@@ -120,7 +124,20 @@ def report_bytes(device_id: str, slot_id: str, reading_id: str, level: float, no
         + varint(len(timestamp))
         + timestamp
     )
-    return _string(1, device_id) + b"\x12" + varint(len(reading)) + reading
+
+
+def report_bytes(
+    device_id: str, slot_id: str, reading_id: str, level: float, now_us: int, count: int = 1
+) -> bytes:
+    """ReportTelemetryRequest{device_id, readings}: `count` readings a millisecond apart,
+    ending now, their ids `reading_id` or `reading_id.k`."""
+    parts = [_string(1, device_id)]
+    for k in range(count):
+        reading = reading_bytes(
+            slot_id, reading_id if count == 1 else f"{reading_id}.{k}", level, now_us - (count - 1 - k) * 1000
+        )
+        parts.append(b"\x12" + varint(len(reading)) + reading)
+    return b"".join(parts)
 
 
 def replenish_bytes(request_id: str, device_id: str, slot_id: str) -> bytes:
@@ -151,7 +168,12 @@ async def client_telemetry(
             device = devices[n % len(devices)]
             async with busy[device["device_id"]]:
                 payload = report_bytes(
-                    device["device_id"], device["slot_id"], f"{args.prefix}-{n}", 90.0, time.time_ns() // 1000
+                    device["device_id"],
+                    device["slot_id"],
+                    f"{args.prefix}-{n}",
+                    90.0,
+                    time.time_ns() // 1000,
+                    args.readings_per_call,
                 )
                 sent = time.perf_counter()
                 reply = await call(payload, metadata=device["metadata"], timeout=30)
@@ -297,6 +319,7 @@ def run_client(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup-seconds", type=float, default=WARMUP_SECONDS)
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT)
+    parser.add_argument("--readings-per-call", type=int, default=1)
     parser.add_argument("--cpus", default="")
     args = parser.parse_args(argv)
     if args.cpus:
@@ -405,18 +428,71 @@ def probe_telemetry(address: str, device: dict[str, Any]) -> str:
     return ""
 
 
+@dataclass
+class TelemetryFigures:
+    """One batch size's rounds: readings/s, share of the same round's floor, costs."""
+
+    readings_per_call: int
+    per_second: list[float] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
+    cpu_per_reading_us: list[float] = field(default_factory=list)
+    client_share: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+
+
+def telemetry_round(
+    args: argparse.Namespace,
+    server: Any,
+    metrics_port: int,
+    devices_json: Path,
+    figures: TelemetryFigures,
+    floor: float,
+) -> None:
+    counts_before = rpc_counts(metrics_port)
+    cpu_before = process_cpu_seconds(server.process.pid)
+    result = client(
+        args,
+        "telemetry",
+        server.address,
+        devices_json,
+        args.round_seconds,
+        in_flight=args.in_flight,
+        readings_per_call=figures.readings_per_call,
+    )
+    cpu_after = process_cpu_seconds(server.process.pid)
+    changes = count_changes(counts_before, rpc_counts(metrics_port))
+    errors = {k: n for k, n in changes.items() if k[2] != "OK"}
+    if errors:
+        raise BenchFailure(f"telemetry: the server answered calls with errors: {errors}")
+    rejected = {s: n for s, n in result["statuses"].items() if s != "READING_STATUS_ACCEPTED"}
+    if rejected:
+        raise BenchFailure(f"telemetry: readings not ACCEPTED: {rejected}")
+    figures.per_second.append(result["per_second"])
+    figures.shares.append(100 * result["per_second"] / floor)
+    figures.client_share.append(100 * result["client_cpu_share"])
+    figures.p50_ms.append(result["p50_ms"])
+    figures.p99_ms.append(result["p99_ms"])
+    calls = changes.get(("replenishment", "ReportTelemetry", "OK"), 0)
+    if cpu_before is not None and cpu_after is not None and calls:
+        figures.cpu_per_reading_us.append(
+            1e6 * (cpu_after - cpu_before) / (calls * figures.readings_per_call)
+        )
+
+
 def telemetry_rounds(
     args: argparse.Namespace, server: Any, metrics_port: int, devices_json: Path, workdir: Path
 ) -> None:
     print("\n1. Sustained ReportTelemetry from 1,000 devices, beside the health Check floor")
     explain(
         f"in each of {args.rounds} alternating rounds: h2load's health Check floor (bench/measure.py, "
-        f"256 calls in flight, sized to about {args.round_seconds:.0f} s), then the load client's "
-        f"ReportTelemetry for {args.round_seconds:.0f} s after {WARMUP_SECONDS:.0f} s of warm-up: "
-        f"{args.in_flight} calls in flight, each call one device's one fresh reading with that device's "
-        "token, cycling over the devices; readings/s = ACCEPTED results received in the window / the "
-        "window. The server's per-RPC counts by code are checked: every ReportTelemetry answered OK. "
-        "Why not h2load: see the module docstring (one body, one token for every call)."
+        f"256 calls in flight, sized to about {args.round_seconds:.0f} s), then for each batch size the load "
+        f"client's ReportTelemetry for {args.round_seconds:.0f} s after {WARMUP_SECONDS:.0f} s of warm-up: "
+        f"{args.in_flight} calls in flight, each call one device's fresh readings (1 per call: a device "
+        "reporting each reading as it takes it; 10: a device sending what it buffered) with that device's "
+        "token, cycling over the devices, a device's calls one at a time; readings/s = ACCEPTED results "
+        "received in the window / the window. The server's per-RPC counts by code are checked: every "
+        "ReportTelemetry answered OK. Why not h2load: the module docstring (one body, one token for every call)."
     )
     why = probe_telemetry(server.address, json.loads(devices_json.read_text())[0])
     if why:
@@ -426,59 +502,47 @@ def telemetry_rounds(
         floor_kind = health_kind(channel)
         generator = Generator(server.address, server.process.pid, metrics_port, args.client_cores, workdir)
         first = generator.run(floor_kind, 256)
-        size = max(
-            256,
-            round(
-                generator.run(floor_kind, max(256, round(first.per_second))).per_second * args.round_seconds
-            ),
-        )
-        floors, telemetry, shares, cpu_calls, clients, floor_cpu = [], [], [], [], [], []
+        warm = generator.run(floor_kind, max(256, round(first.per_second)))
+        size = max(256, round(warm.per_second * args.round_seconds))
+        floors, floor_cpu = [], []
+        batches = [TelemetryFigures(n) for n in args.readings_per_call]
         for _ in range(args.rounds):
             floor = generator.run(floor_kind, size)
             floors.append(floor.per_second)
             if floor.server_cpu_s is not None:
                 floor_cpu.append(1e6 * floor.server_cpu_s / floor.calls)
-            counts_before = rpc_counts(metrics_port)
-            cpu_before = process_cpu_seconds(server.process.pid)
-            result = client(
-                args, "telemetry", server.address, devices_json, args.round_seconds, in_flight=args.in_flight
-            )
-            cpu_after = process_cpu_seconds(server.process.pid)
-            changes = count_changes(counts_before, rpc_counts(metrics_port))
-            errors = {k: n for k, n in changes.items() if k[2] != "OK"}
-            if errors:
-                raise BenchFailure(f"telemetry: the server answered calls with errors: {errors}")
-            rejected = {s: n for s, n in result["statuses"].items() if s != "READING_STATUS_ACCEPTED"}
-            if rejected:
-                raise BenchFailure(f"telemetry: readings not ACCEPTED: {rejected}")
-            telemetry.append(result["per_second"])
-            shares.append(100 * result["per_second"] / floor.per_second)
-            clients.append(100 * result["client_cpu_share"])
-            calls = changes.get(("replenishment", "ReportTelemetry", "OK"), 0)
-            if cpu_before is not None and cpu_after is not None and calls:
-                cpu_calls.append(1e6 * (cpu_after - cpu_before) / calls)
-            print(
-                f"   round: floor {floor.per_second:,.0f} calls/s; telemetry {result['per_second']:,.0f} "
-                f"readings/s ({shares[-1]:.1f} %), p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                f"load client {clients[-1]:.0f} % of its core"
-            )
+            line = f"   round: floor {floor.per_second:,.0f} calls/s"
+            for figures in batches:
+                telemetry_round(args, server, metrics_port, devices_json, figures, floor.per_second)
+                line += (
+                    f"; {figures.readings_per_call}/call {figures.per_second[-1]:,.0f} readings/s "
+                    f"({figures.shares[-1]:.1f} %)"
+                )
+            print(line)
         ceiling = client(
             args, "health", server.address, devices_json, args.round_seconds, in_flight=args.in_flight
         )
-    share = Spread.of(shares)
-    print(f"   health Check floor (h2load): {Spread.of(floors).text()} calls/s")
-    print(f"   ReportTelemetry: {Spread.of(telemetry).text()} readings/s, durable and acknowledged")
-    print(
-        f"   = {share.text('.1f', ' %')} of the floor — target ≥ {TARGET_TELEMETRY_SHARE:.0f} %: {verdict(share.median >= TARGET_TELEMETRY_SHARE)}"
-    )
-    if cpu_calls and floor_cpu:
+    print(f"   health Check floor (h2load): {Spread.of(floors).text()} calls/s", end="")
+    print(f"; server CPU {Spread.of(floor_cpu).text('.0f', ' µs')} per call" if floor_cpu else "")
+    for figures in batches:
+        share = Spread.of(figures.shares)
         print(
-            f"   server CPU per ReportTelemetry call: {Spread.of(cpu_calls).text('.0f', ' µs')}; "
-            f"per health Check: {Spread.of(floor_cpu).text('.0f', ' µs')}"
+            f"   ReportTelemetry, {figures.readings_per_call} reading(s) a call: "
+            f"{Spread.of(figures.per_second).text()} readings/s, durable and acknowledged\n"
+            f"      = {share.text('.1f', ' %')} of the floor — target ≥ {TARGET_TELEMETRY_SHARE:.0f} %: "
+            f"{verdict(share.median >= TARGET_TELEMETRY_SHARE)}\n"
+            f"      call latency p50 {statistics.median(figures.p50_ms):.1f} ms, p99 "
+            f"{statistics.median(figures.p99_ms):.1f} ms (medians); "
+            + (
+                f"server CPU {Spread.of(figures.cpu_per_reading_us).text('.0f', ' µs')} per reading; "
+                if figures.cpu_per_reading_us
+                else ""
+            )
+            + f"load client {Spread.of(figures.client_share).text('.0f', ' %')} of its core"
         )
     print(
-        f"   the load client's own ceiling (health Check from the same client): {ceiling['per_second']:,.0f} calls/s; "
-        f"it used {Spread.of(clients).text('.0f', ' %')} of its core during telemetry"
+        f"   the load client's own ceiling (health Check from the same client): {ceiling['per_second']:,.0f} "
+        "calls/s: telemetry calls well below it were paced by the server"
     )
 
 
@@ -650,6 +714,12 @@ def main() -> None:
     parser.add_argument("--round-seconds", type=float, default=ROUND_SECONDS)
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT)
     parser.add_argument("--storm-seconds", type=float, default=STORM_SECONDS)
+    parser.add_argument(
+        "--readings-per-call",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=list(READINGS_PER_CALL),
+        help="telemetry batch sizes, comma-separated (default: 1,10)",
+    )
     bench(parser.parse_args())
 
 
