@@ -29,6 +29,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device
+from services.replenishment.orders import customer_orders
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
 from services.replenishment.store import ReplenishmentStore
@@ -43,7 +44,6 @@ STORED_RESPONSE_TYPES: dict[str, Any] = {"RegisterDevice": pb.RegisterDeviceResp
 NOT_HELD_YET = {
     "telemetry": "consumption readings are not collected by this version",
     "forecasts": "depletion forecasts are not computed by this version",
-    "orders": "replenishment orders are not placed by this version",
 }
 
 
@@ -138,11 +138,17 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
         exported_at = now_micros()
 
         def read(connection: Connection) -> dict[str, Any]:
-            return export_document(
+            document = export_document(
                 customer_id,
                 self.store.customer_devices(connection, customer_id),
                 self.store.stored_responses(connection, customer_id),
             )
+            # The customer's orders (orders.py), as the order messages of the API.
+            document["held"]["orders"] = [
+                json_format.MessageToDict(order, preserving_proto_field_name=True)
+                for order in customer_orders(connection, customer_id)
+            ]
+            return document
 
         document = await self.store.db.read(read)
         return privacy_pb.ExportCustomerDataResponse(
