@@ -149,6 +149,8 @@ async def test_an_unknown_customer_exports_an_empty_document(start_service, data
     exported = await data_subject.ExportCustomerData(_export("nobody"), metadata=service.auth())
     assert json_format.MessageToDict(exported.document)["held"] == {
         "devices": [],
+        "readings": [],
+        "slot_events": [],
         "stored_responses": [],
         "orders": [],
     }
@@ -165,7 +167,7 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "devices": 2,
         "slots": 3,
         "readings": 0,
-        "slot_events": 0,
+        "slot_events": 3,  # two registrations and a deregistration
         "stored_responses": 2,
         "orders_cancelled": 0,
         "orders_pseudonymised": 0,
@@ -206,6 +208,8 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
     exported = await data_subject.ExportCustomerData(_export(request_id="dsr-3"), metadata=consent)
     assert json_format.MessageToDict(exported.document)["held"] == {
         "devices": [],
+        "readings": [],
+        "slot_events": [],
         "stored_responses": [],
         "orders": [],
     }
