@@ -266,12 +266,20 @@ def cancel(
 
 
 def cancel_pending_of_slot(
-    connection: Connection, device_id: str, slot_id: str | None, reason: str, now_us: int
+    connection: Connection,
+    device_id: str,
+    slot_id: str | None,
+    reason: str,
+    now_us: int,
+    triggers: tuple[str, ...] = (AUTOMATIC, DEVICE_REQUEST, CUSTOMER),
 ) -> list[str]:
-    """Cancels the PENDING orders of a slot (or, slot_id None, of every slot of a device):
-    the hook for UpdateSlot (POLICY_CHANGED), DeleteSlot (SLOT_DELETED) and DeregisterDevice
-    (DEVICE_DEREGISTERED). Returns the ids cancelled."""
-    query = sa.select(orders).where(orders.c.device_id == device_id, orders.c.state == PENDING)
+    """Cancels the PENDING orders (of these triggers) of a slot, or, slot_id None, of every
+    slot of a device: UpdateSlot away from AUTO (POLICY_CHANGED, the service's and the
+    device's orders only), DeleteSlot (SLOT_DELETED), DeregisterDevice (DEVICE_DEREGISTERED).
+    Returns the ids cancelled."""
+    query = sa.select(orders).where(
+        orders.c.device_id == device_id, orders.c.state == PENDING, orders.c.order_trigger.in_(triggers)
+    )
     if slot_id is not None:
         query = query.where(orders.c.slot_id == slot_id)
     cancelled = []

@@ -469,13 +469,3 @@ async def test_deregistering_revokes_the_token_and_frees_the_serial(start_servic
         devices.GetForecast(device_pb.GetForecastRequest(device_id=device_id), metadata=_device_auth(token))
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-async def test_rpcs_not_built_yet_say_unimplemented_and_name_themselves(start_service):
-    service, stub, _ = await _replenishment(start_service)
-    for name, call in [
-        ("ListOrderEvents", stub.ListOrderEvents(pb.ListOrderEventsRequest(), metadata=service.auth())),
-    ]:
-        error = await rpc_error(call)
-        assert error.code() == grpc.StatusCode.UNIMPLEMENTED, name
-        assert name in (error.details() or "")

@@ -103,7 +103,11 @@ async def test_a_reading_sent_again_is_a_duplicate_and_stored_once(start_service
     assert [r.status for r in first.results] == [ACCEPTED, ACCEPTED]
     # One outcome per slot touched, by slot_id, with the slot's level.
     assert [(o.slot_id, o.level) for o in first.slot_outcomes] == [("black", 200.0), ("color", 80.0)]
-    assert all(o.outcome == device_pb.REPLENISH_OUTCOME_NOT_NEEDED for o in first.slot_outcomes)
+    # black is AUTO and no consent service runs here: fail closed; color (NOTIFY_ONLY) is full.
+    assert [o.outcome for o in first.slot_outcomes] == [
+        device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED,
+        device_pb.REPLENISH_OUTCOME_NOT_NEEDED,
+    ]
     again = await device.report(_reading("r1", 190.0, ago=30), _reading("r2", 195.0), _reading("r2", 1.0))
     assert [(r.reading_id, r.status, r.reason) for r in again.results] == [
         ("r1", DUPLICATE, ""),
