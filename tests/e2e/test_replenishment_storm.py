@@ -144,6 +144,7 @@ class Storm:
         self.acknowledged: set[str] = set()
         self.answered = 0
         self.retries = 0
+        self.storm_under_way = asyncio.Event()  # KILL_AFTER_ANSWERS answers were received
         self.killed = asyncio.Event()
         self.restarted = asyncio.Event()
         self.start_us = now_micros()
@@ -162,6 +163,8 @@ class Storm:
                     await asyncio.sleep(0.05 + random.random() * 0.1)
                     continue
             self.answered += 1
+            if self.answered >= KILL_AFTER_ANSWERS:
+                self.storm_under_way.set()
             return answer
 
     async def replenish(self, request_id: str) -> None:
@@ -204,8 +207,7 @@ class Storm:
                 await self.report([f"rd-{rng.randrange(400)}" for _ in range(5)])
 
     async def killer(self) -> None:
-        while self.answered < KILL_AFTER_ANSWERS:
-            await asyncio.sleep(0.01)
+        await self.storm_under_way.wait()
         self.suite.processes["replenishment"].kill()  # SIGKILL: no graceful stop
         self.killed.set()
         await asyncio.to_thread(self.suite.start, "replenishment")
