@@ -154,6 +154,16 @@ class Settings(BaseSettings):
     client_timeout_seconds: float = Field(
         5.0, gt=0, le=300, description="Default deadline of outgoing calls."
     )
+    replenishment_telemetry_readings_per_second: float = Field(
+        50.0,
+        gt=0,
+        le=100_000,
+        description=(
+            "Replenishment: readings one device may send per second over all its telemetry calls "
+            "and streams (a token bucket holding up to 10 s of them, at least 1000); a stream "
+            "beyond it ends with RESOURCE_EXHAUSTED."
+        ),
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -16,6 +16,7 @@ from services.replenishment.order_rpcs import OrderDesk
 from services.replenishment.order_worker import OrderWorker
 from services.replenishment.ordering import PURPOSE, Ordering
 from services.replenishment.servicer import ReplenishmentServicer
+from services.replenishment.slot_events import SlotFeed
 from services.replenishment.store import ReplenishmentStore
 from shared.clients import channel_credentials
 from shared.consent_cache import ConsentCache
@@ -53,11 +54,13 @@ def build_app(settings: Settings) -> App:
     )
     # A withdrawal (or a grant) is acted on as soon as the cache applies it.
     consent.on_change(worker.wake)
+    slot_feed = SlotFeed(database)
     pages = PageTokens.from_settings(settings).of_service(SERVICES["ReplenishmentService"])
-    servicer = ReplenishmentServicer(store, OrderDesk(ordering, feed, pages))
+    servicer = ReplenishmentServicer(store, pages, slot_feed, OrderDesk(ordering, feed, pages))
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
+        await slot_feed.start()
         # Followed in the background: until it is fresh, ordering fails closed.
         consent.start()
         # Its first pass places every order whose window closed while the service was down.
@@ -66,7 +69,12 @@ def build_app(settings: Settings) -> App:
     async def stop() -> None:
         await worker.stop()
         await consent.stop()
+        await slot_feed.stop()
         database.close()
+
+    async def drain() -> None:
+        await slot_feed.close_watches()
+        await feed.close_watches()
 
     return App(
         name="replenishment",
@@ -79,14 +87,14 @@ def build_app(settings: Settings) -> App:
             Registration(
                 device_service_pb2.DESCRIPTOR.services_by_name["DeviceService"],
                 device_service_pb2_grpc.add_DeviceServiceServicer_to_server,
-                DeviceServicer(store),
+                DeviceServicer(store, ordering, settings.replenishment_telemetry_readings_per_second),
             ),
             data_subject_registration(ReplenishmentDataSubjectServicer(store)),
         ],
         start=start,
         stop=stop,
-        # Order watches end when the server begins to stop, so followers reconnect elsewhere.
-        drain=feed.close_watches,
+        # Watches end when the server begins to stop, so followers reconnect elsewhere.
+        drain=drain,
         # Devices authenticate with the tokens issued at registration (principal device:<id>).
         token_resolvers=[device_token_resolver(store.device_token)],
     )

@@ -29,7 +29,14 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment import order_feed, slot_events
-from services.replenishment.store import OPEN_ORDER_STATES, ORDER_FEED, allocate_revision, orders, slots
+from services.replenishment.store import (
+    OPEN_ORDER_STATES,
+    ORDER_FEED,
+    allocate_revision,
+    order_events,
+    orders,
+    slots,
+)
 from shared.errors import FailedPrecondition, NotFound
 from shared.proto_time import timestamp_of
 
@@ -259,12 +266,20 @@ def cancel(
 
 
 def cancel_pending_of_slot(
-    connection: Connection, device_id: str, slot_id: str | None, reason: str, now_us: int
+    connection: Connection,
+    device_id: str,
+    slot_id: str | None,
+    reason: str,
+    now_us: int,
+    triggers: tuple[str, ...] = (AUTOMATIC, DEVICE_REQUEST, CUSTOMER),
 ) -> list[str]:
-    """Cancels the PENDING orders of a slot (or, slot_id None, of every slot of a device):
-    the hook for UpdateSlot (POLICY_CHANGED), DeleteSlot (SLOT_DELETED) and DeregisterDevice
-    (DEVICE_DEREGISTERED). Returns the ids cancelled."""
-    query = sa.select(orders).where(orders.c.device_id == device_id, orders.c.state == PENDING)
+    """Cancels the PENDING orders (of these triggers) of a slot, or, slot_id None, of every
+    slot of a device: UpdateSlot away from AUTO (POLICY_CHANGED, the service's and the
+    device's orders only), DeleteSlot (SLOT_DELETED), DeregisterDevice (DEVICE_DEREGISTERED).
+    Returns the ids cancelled."""
+    query = sa.select(orders).where(
+        orders.c.device_id == device_id, orders.c.state == PENDING, orders.c.order_trigger.in_(triggers)
+    )
     if slot_id is not None:
         query = query.where(orders.c.slot_id == slot_id)
     cancelled = []
@@ -388,3 +403,56 @@ def reject(
         return reject(connection, load(connection, row.order_id), reason, note, event_time_us, now_us)
     _slot_event(connection, after, "ORDER_REJECTED", now_us, event_time_us=event_time_us)
     return after
+
+
+# -- data-subject requests ----------------------------------------------------------------------
+
+ERASED_PREFIX = "erased:"
+
+
+def customer_orders(connection: Connection, customer_id: str) -> list[pb.Order]:
+    """The customer's orders, oldest first (for an export)."""
+    rows = connection.execute(
+        sa.select(orders)
+        .where(orders.c.customer_id == customer_id)
+        .order_by(orders.c.create_time_us, orders.c.order_id)
+    )
+    return [order_message(row) for row in rows]
+
+
+def pseudonymise_customer(
+    connection: Connection, customer_id: str, pseudonym: str, now_us: int
+) -> dict[str, int]:
+    """Erasure: the customer's PENDING orders are cancelled (CUSTOMER_ERASED); every order and
+    order event is kept for accounting with customer_id replaced by "erased:<pseudonym>" (the
+    serialized order in each event too). Run it before the slot feed is erased: the
+    cancellations' slot events name the customer."""
+    cancelled = 0
+    pending = connection.execute(
+        sa.select(orders).where(orders.c.customer_id == customer_id, orders.c.state == PENDING)
+    ).all()
+    for row in pending:
+        if cancel(connection, row, "CUSTOMER_ERASED", now_us) is not None:
+            cancelled += 1
+    replacement = ERASED_PREFIX + pseudonym
+    kept = connection.execute(
+        orders.update().where(orders.c.customer_id == customer_id).values(customer_id=replacement)
+    ).rowcount
+    events = connection.execute(
+        sa.select(order_events.c.revision, order_events.c.order_message).where(
+            order_events.c.customer_id == customer_id
+        )
+    ).all()
+    for event in events:
+        order = pb.Order.FromString(event.order_message)
+        order.customer_id = replacement
+        connection.execute(
+            order_events.update()
+            .where(order_events.c.revision == event.revision)
+            .values(customer_id=replacement, order_message=order.SerializeToString())
+        )
+    return {
+        "orders_cancelled": cancelled,
+        "orders_pseudonymised": kept,
+        "order_events_pseudonymised": len(events),
+    }

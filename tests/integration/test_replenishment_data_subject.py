@@ -147,7 +147,13 @@ async def test_export_lists_the_customers_devices_and_slots_without_tokens(start
 async def test_an_unknown_customer_exports_an_empty_document(start_service, database_url):
     service, _, _, data_subject = await _replenishment(start_service, database_url)
     exported = await data_subject.ExportCustomerData(_export("nobody"), metadata=service.auth())
-    assert json_format.MessageToDict(exported.document)["held"] == {"devices": [], "stored_responses": []}
+    assert json_format.MessageToDict(exported.document)["held"] == {
+        "devices": [],
+        "readings": [],
+        "slot_events": [],
+        "stored_responses": [],
+        "orders": [],
+    }
 
 
 async def test_erasure_deletes_devices_slots_and_stored_responses(start_service, database_url):
@@ -161,8 +167,11 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "devices": 2,
         "slots": 3,
         "readings": 0,
-        "slot_events": 0,
+        "slot_events": 3,  # two registrations and a deregistration
         "stored_responses": 2,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=service.auth())
@@ -172,6 +181,9 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "readings": 0,
         "slot_events": 0,
         "stored_responses": 0,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
 
     for device in (printer.device, filter_.device):
@@ -194,7 +206,13 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
     assert kept.device == other.device
 
     exported = await data_subject.ExportCustomerData(_export(request_id="dsr-3"), metadata=consent)
-    assert json_format.MessageToDict(exported.document)["held"] == {"devices": [], "stored_responses": []}
+    assert json_format.MessageToDict(exported.document)["held"] == {
+        "devices": [],
+        "readings": [],
+        "slot_events": [],
+        "stored_responses": [],
+        "orders": [],
+    }
 
     tables = _tables(database_url)
     erased_ids = {printer.device.device_id, filter_.device.device_id}

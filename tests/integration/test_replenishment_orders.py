@@ -15,12 +15,13 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
+from services.replenishment.store import order_events as order_events_table
 from services.replenishment.store import orders, readings, slot_events, slots
 from shared.db import now_micros
 from tests.conftest import error_reason, field_violations, rpc_error
@@ -485,7 +486,6 @@ async def test_ship_deliver_reject_and_illegal_transitions(suite, database_url):
     assert ("ORDER_SHIPPED", "") in feed and ("ORDER_DELIVERED", "") in feed and ("REFILLED", "") in feed
     # A pending order is not fulfilment's yet; a rejected one is final and frees the slot.
     pending_device = await s.register("SN-2")
-    await s.db.write(lambda c: None)
     second = await _placed_order(s, pending_device, "buy-2")
     await until(lambda: _state_is(s, second.order_id, pb.ORDER_STATE_PLACED))
     rejected = await s.stub.RejectOrder(
@@ -690,3 +690,53 @@ async def test_order_feed_pages_and_watch_with_heartbeats(suite):
     beat = await anext(aiter(stream))
     assert beat.heartbeat.current_revision == 4 and 0.5 < time.monotonic() - started < 3
     stream.cancel()
+
+
+# -- data-subject requests ---------------------------------------------------------------------
+
+
+async def test_erasure_keeps_orders_pseudonymised_and_export_lists_them(suite, database_url):
+    from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
+    from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
+
+    s = await suite(database_url, replenishment_cancellation_window_seconds=0)
+    device = await s.register()
+    placed = await _placed_order(s, device)
+    await until(lambda: _state_is(s, placed.order_id, pb.ORDER_STATE_PLACED))
+    pending_device = await s.register("SN-2")
+    s.ordering.window_us = DAY_US  # the second order stays PENDING
+    pending = await _placed_order(s, pending_device, "b2")
+    privacy = privacy_grpc.DataSubjectServiceStub(s.service.channel)
+    consent = s.service.auth("service:consent")
+    exported = await privacy.ExportCustomerData(
+        privacy_pb.ExportCustomerDataRequest(customer_id=CUSTOMER, request_id="x1"), metadata=consent
+    )
+    listed = json_format.MessageToDict(exported.document)["held"]["orders"]
+    assert {o["order_id"] for o in listed} == {placed.order_id, pending.order_id}
+    erased = await privacy.EraseCustomerData(
+        privacy_pb.EraseCustomerDataRequest(customer_id=CUSTOMER, request_id="e1"), metadata=consent
+    )
+    assert (
+        erased.erased_records["orders_cancelled"] == 1 and erased.erased_records["orders_pseudonymised"] == 2
+    )
+    pseudonym = "erased:" + s.servicer.store.idempotency.pseudonym(CUSTOMER)
+    kept = await s.order(placed.order_id)
+    assert kept.customer_id == pseudonym and kept.state == pb.ORDER_STATE_PLACED
+    cancelled = await s.order(pending.order_id)
+    assert cancelled.state == pb.ORDER_STATE_CANCELLED
+    assert cancelled.cancellation_reason == pb.CANCELLATION_REASON_CUSTOMER_ERASED
+    events = await s.stub.ListOrderEvents(pb.ListOrderEventsRequest(), metadata=s.admin)
+    assert events.events and all(e.order.customer_id == pseudonym for e in events.events)
+
+    def cells(connection: sa.Connection) -> list[Any]:
+        found = []
+        for table in (orders, order_events_table):
+            for row in connection.execute(sa.select(table)):
+                found.extend(row)
+        return found
+
+    assert not [
+        c
+        for c in await s.db.read(cells)
+        if CUSTOMER.encode() in (c if isinstance(c, bytes) else str(c).encode())
+    ]
