@@ -246,7 +246,7 @@ async def test_pause_and_resume_are_idempotent_and_on_the_slot_feed(start_servic
 async def test_the_slot_feed_lists_in_pages_and_watches_live(start_service):
     device = await _device(start_service)
     stub, storefront = device.stub, device.service.auth("service:storefront")
-    for index in range(4):
+    for _ in range(4):
         await device.stub.PauseSlot(
             pb.PauseSlotRequest(device_id=device.device_id, slot_id="black"), metadata=storefront
         )
