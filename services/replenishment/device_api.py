@@ -97,9 +97,7 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         now = now_micros()
         by_device = principal.kind == "device"
         stored = await self.store.db.write(
-            lambda connection: telemetry.record(
-                connection, active_device(connection, device_id), batch, now, by_device
-            )
+            lambda connection: telemetry.record(connection, device_id, batch, now, by_device)
         )
         decisions = await asyncio.gather(*(self._decide(device_id, slot_id) for slot_id in stored.levels))
         results = [

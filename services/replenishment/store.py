@@ -339,6 +339,13 @@ def slot_of(device: Device, slot_id: str) -> Slot:
     raise slot_not_found(device.device_id, slot_id)
 
 
+_BY_TOKEN_HASH = "SELECT device_id, token_hash FROM devices WHERE token_hash = ? AND state = 'ACTIVE'"  # noqa: S105
+_BY_PREVIOUS_HASH = (
+    "SELECT device_id, previous_token_hash FROM devices WHERE previous_token_hash = ? "
+    "AND previous_token_expire_time_us > ? AND state = 'ACTIVE'"
+)
+
+
 class ReplenishmentStore:
     def __init__(self, database: Database, idempotency: Idempotency):
         self.db = database
@@ -413,21 +420,15 @@ class ReplenishmentStore:
         never cached: a deregistration or rotation holds from the next call on."""
 
         def query(connection: Connection) -> tuple[str, str] | None:
-            row = connection.execute(
-                sa.select(devices.c.device_id, devices.c.token_hash).where(
-                    devices.c.token_hash == digest, devices.c.state == ACTIVE
-                )
-            ).first()
-            if row is not None:
-                return (row.device_id, row.token_hash)
-            row = connection.execute(
-                sa.select(devices.c.device_id, devices.c.previous_token_hash).where(
-                    devices.c.previous_token_hash == digest,
-                    devices.c.previous_token_expire_time_us > now_micros(),
-                    devices.c.state == ACTIVE,
-                )
-            ).first()
-            return (row.device_id, row.previous_token_hash) if row else None
+            # Driver SQL: this runs before every device call, and SQLAlchemy's statement
+            # building would cost more than the indexed look-up itself.
+            marker = "%s" if connection.dialect.name == "postgresql" else "?"
+            row = connection.exec_driver_sql(_BY_TOKEN_HASH.replace("?", marker), (digest,)).first()
+            if row is None:
+                row = connection.exec_driver_sql(
+                    _BY_PREVIOUS_HASH.replace("?", marker), (digest, now_micros())
+                ).first()
+            return (row[0], row[1]) if row else None
 
         try:
             return await self.db.lookup(query)
