@@ -483,7 +483,8 @@ def telemetry_round(
 def telemetry_rounds(
     args: argparse.Namespace, server: Any, metrics_port: int, devices_json: Path, workdir: Path
 ) -> None:
-    print("\n1. Sustained ReportTelemetry from 1,000 devices, beside the health Check floor")
+    devices = len(json.loads(devices_json.read_text()))
+    print(f"\n1. Sustained ReportTelemetry from {devices:,} devices, beside the health Check floor")
     explain(
         f"in each of {args.rounds} alternating rounds: h2load's health Check floor (bench/measure.py, "
         f"256 calls in flight, sized to about {args.round_seconds:.0f} s), then for each batch size the load "
@@ -522,8 +523,8 @@ def telemetry_rounds(
         ceiling = client(
             args, "health", server.address, devices_json, args.round_seconds, in_flight=args.in_flight
         )
-    print(f"   health Check floor (h2load): {Spread.of(floors).text()} calls/s", end="")
-    print(f"; server CPU {Spread.of(floor_cpu).text('.0f', ' µs')} per call" if floor_cpu else "")
+    cpu = f"; server CPU {Spread.of(floor_cpu).text('.0f', ' µs')} per call" if floor_cpu else ""
+    print(f"   health Check floor (h2load): {Spread.of(floors).text()} calls/s{cpu}")
     for figures in batches:
         share = Spread.of(figures.shares)
         print(
@@ -629,7 +630,8 @@ async def setup(
 ) -> tuple[list[dict[str, Any]], str]:
     storefront = tokens["service:storefront"]
     started = time.perf_counter()
-    specs = simulated_specs(args.devices, "bench-c-")
+    # The telemetry's devices, then the storms' (STORM_SLOTS a round) and the consent probe.
+    specs = simulated_specs(args.devices + STORM_SLOTS * args.rounds + 1, "bench-c-")
     async with grpc.aio.insecure_channel(server.address) as channel:
         registered = await register_devices(channel, storefront, specs, DeviceBook(None))
         print(f"registered {len(registered)} devices in {time.perf_counter() - started:.1f} s")
@@ -678,9 +680,7 @@ def bench(args: argparse.Namespace) -> None:
             with pinned(args.client_cores):
                 devices, why = asyncio.run(setup(args, data_dir, tokens, consent, server))
             devices_json = data_dir / "bench-devices.json"
-            # The last STORM_SLOTS x rounds devices (and the probe, the last) are the storm's.
-            reserved = 1 + STORM_SLOTS * args.rounds
-            devices_json.write_text(json.dumps(devices[: len(devices) - reserved] or devices))
+            devices_json.write_text(json.dumps(devices[: args.devices]))
             telemetry_rounds(args, server, metrics_port, devices_json, data_dir)
             if why:
                 print(f"\n2./3. Replenish and the retry storm: not measured: {why}")
