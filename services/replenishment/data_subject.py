@@ -33,6 +33,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device
+from services.replenishment.orders import customer_orders
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
 from services.replenishment.store import ReplenishmentStore, readings, slot_events
@@ -49,7 +50,6 @@ STORED_RESPONSE_TYPES: dict[str, Any] = {
 }
 NOT_HELD_YET = {
     "forecasts": "depletion forecasts are computed when asked for, never stored",
-    "orders": "replenishment orders are not placed by this version",
 }
 
 
@@ -205,13 +205,19 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
 
         def read(connection: Connection) -> dict[str, Any]:
             devices = self.store.customer_devices(connection, customer_id)
-            return export_document(
+            document = export_document(
                 customer_id,
                 devices,
                 self.store.stored_responses(connection, customer_id),
                 readings_of(connection, [device.device_id for device in devices]),
                 slot_events_of(connection, customer_id),
             )
+            # The customer's orders (orders.py), as the order messages of the API.
+            document["held"]["orders"] = [
+                json_format.MessageToDict(order, preserving_proto_field_name=True)
+                for order in customer_orders(connection, customer_id)
+            ]
+            return document
 
         document = await self.store.db.read(read)
         return privacy_pb.ExportCustomerDataResponse(

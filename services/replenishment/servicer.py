@@ -16,7 +16,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import Connection
 
-from services.replenishment import lifecycle, slot_events
+from services.replenishment import lifecycle, orders, slot_events
 from services.replenishment.devices import (
     Device,
     DeviceState,
@@ -25,6 +25,7 @@ from services.replenishment.devices import (
     new_device_id,
     settled_registration,
 )
+from services.replenishment.order_rpcs import OrderDesk, OrderRpcs
 from services.replenishment.slot_events import SlotFeed, SlotFilter
 from services.replenishment.slots import (
     SLOT_ID,
@@ -183,12 +184,17 @@ def _checked_device_id(device_id: str) -> str:
     return device_id
 
 
-class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
-    def __init__(self, store: ReplenishmentStore, pages: ServiceTokens, slot_feed: SlotFeed):
+class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
+    """The back-end API; the order RPCs are order_rpcs.py's (OrderRpcs)."""
+
+    def __init__(
+        self, store: ReplenishmentStore, pages: ServiceTokens, slot_feed: SlotFeed, orders: OrderDesk
+    ):
         self.store = store
         self.db = store.db
         self.pages = pages
         self.slot_feed = slot_feed
+        self.orders = orders
 
     async def RegisterDevice(
         self, request: pb.RegisterDeviceRequest, context: grpc.aio.ServicerContext
@@ -294,9 +300,21 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
         self, request: pb.DeregisterDeviceRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         device_id = _checked_device_id(request.device_id)
-        device, _ = await self.db.write(lambda c: lifecycle.deregister(c, device_id, now_micros()))
-        # PENDING orders this call cancels are orders.py's (cancelled_order_ids).
-        return pb.DeregisterDeviceResponse(device=device_message(device))
+
+        def deregister(c: Connection) -> tuple[Device, list[str]]:
+            now = now_micros()
+            device, retired = lifecycle.deregister(c, device_id, now)
+            # Its PENDING orders are cancelled with it (orders.py); PLACED and SHIPPED ones go on.
+            cancelled = (
+                orders.cancel_pending_of_slot(c, device_id, None, "DEVICE_DEREGISTERED", now)
+                if retired
+                else []
+            )
+            return device, cancelled
+
+        device, cancelled = await self.db.write(deregister)
+        await self.orders.feed.notify()
+        return pb.DeregisterDeviceResponse(device=device_message(device), cancelled_order_ids=cancelled)
 
     async def RotateDeviceToken(
         self, request: pb.RotateDeviceTokenRequest, context: grpc.aio.ServicerContext
@@ -401,16 +419,32 @@ class ReplenishmentServicer(pb_grpc.ReplenishmentServiceServicer):
             checked.raise_if_any()
             return settings
 
-        slot = await self.db.write(
-            lambda c: lifecycle.update_slot(c, device_id, slot_id, change, now_micros())
-        )
-        # A PENDING order of a slot leaving AUTO is orders.py's to cancel (cancelled_order_id).
-        return pb.UpdateSlotResponse(slot=slot_message(slot))
+        def update(c: Connection) -> tuple[Slot, list[str]]:
+            now = now_micros()
+            slot = lifecycle.update_slot(c, device_id, slot_id, change, now)
+            cancelled: list[str] = []
+            if slot.settings.policy is not SlotPolicy.AUTO:  # the service's and the device's orders
+                cancelled = orders.cancel_pending_of_slot(
+                    c, device_id, slot_id, "POLICY_CHANGED", now, orders.CONSENTED_TRIGGERS
+                )
+            return slot, cancelled
+
+        slot, cancelled = await self.db.write(update)
+        await self.orders.feed.notify()
+        return pb.UpdateSlotResponse(slot=slot_message(slot), cancelled_order_id=next(iter(cancelled), ""))
 
     async def DeleteSlot(self, request: pb.DeleteSlotRequest, context: grpc.aio.ServicerContext) -> Any:
         device_id, slot_id = _checked_slot_key(request.device_id, request.slot_id)
-        await self.db.write(lambda c: lifecycle.delete_slot(c, device_id, slot_id, request.allow_missing))
-        return pb.DeleteSlotResponse()
+
+        def delete(c: Connection) -> list[str]:
+            # The slot's PENDING order goes with it (orders.py); PLACED and SHIPPED ones go on.
+            cancelled = orders.cancel_pending_of_slot(c, device_id, slot_id, "SLOT_DELETED", now_micros())
+            lifecycle.delete_slot(c, device_id, slot_id, request.allow_missing)
+            return cancelled
+
+        cancelled = await self.db.write(delete)
+        await self.orders.feed.notify()
+        return pb.DeleteSlotResponse(cancelled_order_id=next(iter(cancelled), ""))
 
     async def PauseSlot(self, request: pb.PauseSlotRequest, context: grpc.aio.ServicerContext) -> Any:
         return pb.PauseSlotResponse(slot=await self._pause_slot(request.device_id, request.slot_id, True))

@@ -454,6 +454,13 @@ class ReplenishmentStore:
     def erase_customer(self, connection: Connection, customer_id: str) -> dict[str, int]:
         """Deletes the customer's devices, their slots and the stored responses about the
         customer in the caller's transaction; returns how many rows of each kind went."""
+        # Orders are kept for accounting, pseudonymised (orders.py); first, since cancelling the
+        # pending ones writes slot events that the slot feed's erasure below removes.
+        from services.replenishment.orders import pseudonymise_customer  # orders.py imports this module
+
+        kept = pseudonymise_customer(
+            connection, customer_id, self.idempotency.pseudonym(customer_id), now_micros()
+        )
         # Locked, then deleted by id: a device registered meanwhile (PostgreSQL runs writers
         # in parallel) is neither half-deleted nor in the way; it is newer than the erasure.
         device_ids = list(
@@ -478,8 +485,6 @@ class ReplenishmentStore:
         erased_events = connection.execute(
             slot_events.delete().where(slot_events.c.customer_id == customer_id)
         ).rowcount
-        # Orders (and order_events) are kept for accounting with customer_id pseudonymised:
-        # orders.py adds that here when orders exist.
         stored = self.idempotency.forget_customers(connection, [customer_id])
         return {
             "devices": erased_devices,
@@ -487,4 +492,5 @@ class ReplenishmentStore:
             "readings": erased_readings,
             "slot_events": erased_events,
             "stored_responses": stored,
+            **kept,
         }

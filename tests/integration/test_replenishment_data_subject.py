@@ -152,6 +152,7 @@ async def test_an_unknown_customer_exports_an_empty_document(start_service, data
         "readings": [],
         "slot_events": [],
         "stored_responses": [],
+        "orders": [],
     }
 
 
@@ -168,6 +169,9 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "readings": 0,
         "slot_events": 3,  # two registrations and a deregistration
         "stored_responses": 2,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=service.auth())
@@ -177,6 +181,9 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "readings": 0,
         "slot_events": 0,
         "stored_responses": 0,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
 
     for device in (printer.device, filter_.device):
@@ -204,6 +211,7 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "readings": [],
         "slot_events": [],
         "stored_responses": [],
+        "orders": [],
     }
 
     tables = _tables(database_url)

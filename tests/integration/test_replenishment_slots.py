@@ -321,9 +321,14 @@ async def test_the_slot_feed_lists_in_pages_and_watches_live(start_service):
     while live.WhichOneof("kind") == "heartbeat":
         live = await next_message()
     assert (live.event.revision, live.event.type, live.event.level) == (10, pb.SLOT_EVENT_TYPE_LOW, 30.0)
-    # Idle: heartbeats every interval.
+    # Then the decision's event (this AUTO slot has no consent here), and when idle, heartbeats.
     idle = await next_message()
-    assert idle.WhichOneof("kind") == "heartbeat" and idle.heartbeat.current_revision == 10
+    last = live.event.revision
+    while idle.WhichOneof("kind") == "event":
+        assert idle.event.revision == last + 1
+        last = idle.event.revision
+        idle = await next_message()
+    assert idle.heartbeat.current_revision == last
     watch.cancel()
     error = await rpc_error(
         _first(
