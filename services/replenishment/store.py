@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device, DeviceState, Registration
-from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings, SlotState
+from services.replenishment.slots import Slot, SlotLimits, SlotOrders, SlotPolicy, SlotSettings, SlotState
 from shared.db import Database, now_micros
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from shared.idempotency import Idempotency, StoredReply
@@ -314,6 +315,50 @@ def device_deregistered(device_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"device {device_id} is deregistered", reason="DEVICE_DEREGISTERED")
 
 
+def with_orders(connection: Connection, found: list[Slot]) -> list[Slot]:
+    """The slots with their open order and the orders and spend of their limit period."""
+    if not found:
+        return found
+    device_ids = sorted({slot.device_id for slot in found})
+    key = (orders.c.device_id, orders.c.slot_id)
+    open_ids = {
+        (row.device_id, row.slot_id): row.order_id
+        for row in connection.execute(
+            sa.select(*key, orders.c.order_id).where(
+                orders.c.device_id.in_(device_ids), orders.c.state.in_(OPEN_ORDER_STATES)
+            )
+        )
+    }
+    same_slot = sa.and_(orders.c.device_id == slots.c.device_id, orders.c.slot_id == slots.c.slot_id)
+    usage = {
+        (row.device_id, row.slot_id): (int(row.orders), int(row.spend or 0))
+        for row in connection.execute(
+            sa.select(
+                *key,
+                sa.func.count().label("orders"),
+                sa.func.sum(orders.c.total_price_micros).label("spend"),
+            )
+            .select_from(orders.join(slots, same_slot))
+            .where(
+                orders.c.device_id.in_(device_ids),
+                orders.c.state != "CANCELLED",
+                orders.c.create_time_us > now_micros() - slots.c.limit_period_us,
+            )
+            .group_by(*key)
+        )
+    }
+    return [
+        dataclasses.replace(
+            slot,
+            orders=SlotOrders(
+                open_ids.get((slot.device_id, slot.settings.slot_id), ""),
+                *usage.get((slot.device_id, slot.settings.slot_id), (0, 0)),
+            ),
+        )
+        for slot in found
+    ]
+
+
 def load_device(connection: Connection, device_id: str) -> Device:
     row = connection.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
     if row is None:
@@ -321,7 +366,7 @@ def load_device(connection: Connection, device_id: str) -> Device:
     found = connection.execute(
         sa.select(slots).where(slots.c.device_id == device_id).order_by(slots.c.slot_id)
     )
-    return _device(row, tuple(_slot(slot) for slot in found))
+    return _device(row, tuple(with_orders(connection, [_slot(slot) for slot in found])))
 
 
 def active_device(connection: Connection, device_id: str) -> Device:

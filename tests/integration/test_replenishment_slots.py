@@ -321,9 +321,14 @@ async def test_the_slot_feed_lists_in_pages_and_watches_live(start_service):
     while live.WhichOneof("kind") == "heartbeat":
         live = await next_message()
     assert (live.event.revision, live.event.type, live.event.level) == (10, pb.SLOT_EVENT_TYPE_LOW, 30.0)
-    # Idle: heartbeats every interval.
+    # Then the decision's event (this AUTO slot has no consent here), and when idle, heartbeats.
     idle = await next_message()
-    assert idle.WhichOneof("kind") == "heartbeat" and idle.heartbeat.current_revision == 10
+    last = live.event.revision
+    while idle.WhichOneof("kind") == "event":
+        assert idle.event.revision == last + 1
+        last = idle.event.revision
+        idle = await next_message()
+    assert idle.heartbeat.current_revision == last
     watch.cancel()
     error = await rpc_error(
         _first(
@@ -353,3 +358,27 @@ async def test_the_slot_feed_is_not_for_other_services(start_service, principal)
         stub.ListSlotEvents(pb.ListSlotEventsRequest(customer_id="cus_42"), metadata=service.auth(principal))
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_slot_shows_its_open_order_and_the_period_s_orders_and_spend(start_service, database_url):
+    service, stub, _ = await _replenishment(start_service, database_url)
+    crm = service.auth("service:crm")
+    device_id = (await stub.RegisterDevice(_registration(), metadata=crm)).device.device_id
+    placed = await stub.ReplenishSlot(
+        pb.ReplenishSlotRequest(request_id="buy-1", device_id=device_id, slot_id="black"), metadata=crm
+    )
+    assert placed.outcome == pb.REPLENISH_OUTCOME_ORDER_PLACED
+    slot = (await stub.GetSlot(pb.GetSlotRequest(device_id=device_id, slot_id="black"), metadata=crm)).slot
+    assert slot.state.open_order_id == placed.order.order_id
+    assert (slot.state.orders_in_period, slot.state.spend_in_period_micros) == (1, 2 * 24_990_000)
+    listed = await stub.ListDevices(pb.ListDevicesRequest(customer_id="cus_42"), metadata=crm)
+    assert listed.devices[0].slots[0].state == slot.state
+    await stub.CancelOrder(
+        pb.CancelOrderRequest(order_id=placed.order.order_id, request_id="cancel-1"), metadata=crm
+    )
+    slot = (await stub.GetSlot(pb.GetSlotRequest(device_id=device_id, slot_id="black"), metadata=crm)).slot
+    assert (slot.state.open_order_id, slot.state.orders_in_period, slot.state.spend_in_period_micros) == (
+        "",
+        0,
+        0,
+    )
