@@ -19,7 +19,8 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from services.replenishment import telemetry
 from services.replenishment.devices import check_own_device
 from services.replenishment.ordering import Ordering, SlotDecision
-from services.replenishment.store import ReplenishmentStore, active_device, slot_of
+from services.replenishment.slot_forecasts import current_forecast
+from services.replenishment.store import ReplenishmentStore, active_device, load_device, slot_of
 from shared.auth import Principal, current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -73,6 +74,31 @@ def slot_outcome(decision: SlotDecision, level: float | None) -> device_pb.SlotO
     )
 
 
+def device_forecast(found: pb.SlotForecast) -> device_pb.Forecast:
+    """GetSlotForecast's SlotForecast in the device package's terms (same numbers)."""
+    message = device_pb.Forecast(
+        slot_id=found.slot_id,
+        status=found.status,  # type: ignore[arg-type]
+        method=found.method,  # type: ignore[arg-type]
+        unit=found.unit,
+        current_level=found.current_level,
+        lead_time=found.lead_time,
+        safety_stock=found.safety_stock,
+        reorder_point=found.reorder_point,
+        expected_order_time=found.reorder_time if found.HasField("reorder_time") else None,
+        expected_replenishment_time=(
+            found.expected_replenishment_time if found.HasField("expected_replenishment_time") else None
+        ),
+        confidence=found.confidence,
+        explanation=found.explanation,
+    )
+    if found.HasField("consumption_rate_per_day"):
+        message.consumption_rate_per_day = found.consumption_rate_per_day
+    if found.HasField("days_to_empty"):
+        message.days_to_empty = found.days_to_empty
+    return message
+
+
 class DeviceServicer(device_grpc.DeviceServiceServicer):
     def __init__(self, store: ReplenishmentStore, ordering: Ordering, readings_per_second: float):
         self.store = store
@@ -97,9 +123,7 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         now = now_micros()
         by_device = principal.kind == "device"
         stored = await self.store.db.write(
-            lambda connection: telemetry.record(
-                connection, active_device(connection, device_id), batch, now, by_device
-            )
+            lambda connection: telemetry.record(connection, device_id, batch, now, by_device)
         )
         decisions = await asyncio.gather(*(self._decide(device_id, slot_id) for slot_id in stored.levels))
         results = [
@@ -154,7 +178,17 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         self, request: device_pb.GetForecastRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         check_own_device(current_principal(), request.device_id)
-        raise NotImplementedError  # slot_forecasts.forecast_of (rp-orders) answers it
+        violations = Violations()
+        violations.require_id("device_id", request.device_id, REQUEST_ID)
+        violations.require_id("slot_id", request.slot_id, REQUEST_ID)
+        violations.raise_if_any()
+        now = self.ordering.clock()
+
+        def read(connection: Any) -> pb.SlotForecast:
+            load_device(connection, request.device_id)  # DEVICE_NOT_FOUND before SLOT_NOT_FOUND
+            return current_forecast(connection, request.device_id, request.slot_id, now)
+
+        return device_pb.GetForecastResponse(forecast=device_forecast(await self.store.db.read(read)))
 
     async def Replenish(self, request: device_pb.ReplenishRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = current_principal()

@@ -30,6 +30,7 @@ from services.replenishment.store import (
     readings,
     slot_of,
     slots,
+    with_orders,
 )
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 
@@ -139,10 +140,11 @@ def list_devices(
     ).all()
     by_device: dict[str, list[Slot]] = {row.device_id: [] for row in rows}
     if by_device:
-        for row in connection.execute(
+        found = connection.execute(
             sa.select(slots).where(slots.c.device_id.in_(list(by_device))).order_by(slots.c.slot_id)
-        ):
-            by_device[row.device_id].append(_slot(row))
+        )
+        for slot in with_orders(connection, [_slot(row) for row in found]):
+            by_device[slot.device_id].append(slot)
     return [_device(row, tuple(by_device[row.device_id])) for row in rows]
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from services.replenishment import order_feed, orders
 from services.replenishment.order_feed import OrderFeed
 from services.replenishment.ordering import Ordering
-from services.replenishment.slot_forecasts import forecast_of, slot_forecast_message
+from services.replenishment.slot_forecasts import current_forecast
 from services.replenishment.slots import SLOT_ID
 from services.replenishment.store import ReplenishmentStore, devices
 from services.replenishment.store import orders as order_rows
@@ -116,12 +116,7 @@ class OrderRpcs:
         now = self.orders.ordering.clock()
 
         def read(connection: Connection) -> pb.SlotForecast:
-            found = forecast_of(connection, request.device_id, request.slot_id, now)
-            current = orders.open_order(connection, request.device_id, request.slot_id)
-            if current is None:
-                return slot_forecast_message(found)
-            delivery = current.estimated_delivery_time_us or current.expected_delivery_time_us
-            return slot_forecast_message(found, current.order_id, delivery)
+            return current_forecast(connection, request.device_id, request.slot_id, now)
 
         return pb.GetSlotForecastResponse(forecast=await self.store.db.read(read))
 

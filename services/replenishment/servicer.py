@@ -109,9 +109,12 @@ STATUSES = {
 
 
 def slot_state_message(slot: Slot) -> pb.SlotState:
-    """What telemetry knows of the slot; orders add open_order_id and the period's figures."""
+    """What telemetry and the orders say of the slot."""
     state = slot.state
     return pb.SlotState(
+        open_order_id=slot.orders.open_order_id,
+        orders_in_period=slot.orders.orders_in_period,
+        spend_in_period_micros=slot.orders.spend_in_period_micros,
         level=state.level or 0.0,
         level_time=timestamp_of(state.level_time_us),
         status=STATUSES[slot.status],

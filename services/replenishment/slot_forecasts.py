@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
-from services.replenishment import forecast
+from services.replenishment import forecast, orders
 from services.replenishment.slots import safety_z
 from services.replenishment.store import readings, slots
 from shared.errors import NotFound
@@ -124,3 +124,14 @@ def slot_forecast_message(
     if result.days_to_empty is not None:
         message.days_to_empty = result.days_to_empty
     return message
+
+
+def current_forecast(connection: Connection, device_id: str, slot_id: str, now_us: int) -> pb.SlotForecast:
+    """GetSlotForecast's answer (and GetForecast's, in the device's terms): the slot's forecast
+    now, its open order's expected delivery as the expected replenishment."""
+    found = forecast_of(connection, device_id, slot_id, now_us)
+    current = orders.open_order(connection, device_id, slot_id)
+    if current is None:
+        return slot_forecast_message(found)
+    delivery = current.estimated_delivery_time_us or current.expected_delivery_time_us
+    return slot_forecast_message(found, current.order_id, delivery)

@@ -84,6 +84,15 @@ class SlotState:
 
 
 @dataclass(frozen=True)
+class SlotOrders:
+    """The slot's orders as its state shows them (orders.py writes them)."""
+
+    open_order_id: str = ""
+    orders_in_period: int = 0  # non-cancelled orders in the current limit period
+    spend_in_period_micros: int = 0
+
+
+@dataclass(frozen=True)
 class Slot:
     """A stored slot: its settings with defaults applied, when they were set, and its state."""
 
@@ -93,6 +102,7 @@ class Slot:
     update_time_us: int
     paused: bool = False
     state: SlotState = field(default_factory=SlotState)
+    orders: SlotOrders = field(default_factory=SlotOrders)
 
     @property
     def status(self) -> SlotStatus:

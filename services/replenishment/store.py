@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device, DeviceState, Registration
-from services.replenishment.slots import Slot, SlotLimits, SlotPolicy, SlotSettings, SlotState
+from services.replenishment.slots import Slot, SlotLimits, SlotOrders, SlotPolicy, SlotSettings, SlotState
 from shared.db import Database, now_micros
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from shared.idempotency import Idempotency, StoredReply
@@ -314,6 +315,50 @@ def device_deregistered(device_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"device {device_id} is deregistered", reason="DEVICE_DEREGISTERED")
 
 
+def with_orders(connection: Connection, found: list[Slot]) -> list[Slot]:
+    """The slots with their open order and the orders and spend of their limit period."""
+    if not found:
+        return found
+    device_ids = sorted({slot.device_id for slot in found})
+    key = (orders.c.device_id, orders.c.slot_id)
+    open_ids = {
+        (row.device_id, row.slot_id): row.order_id
+        for row in connection.execute(
+            sa.select(*key, orders.c.order_id).where(
+                orders.c.device_id.in_(device_ids), orders.c.state.in_(OPEN_ORDER_STATES)
+            )
+        )
+    }
+    same_slot = sa.and_(orders.c.device_id == slots.c.device_id, orders.c.slot_id == slots.c.slot_id)
+    usage = {
+        (row.device_id, row.slot_id): (int(row.orders), int(row.spend or 0))
+        for row in connection.execute(
+            sa.select(
+                *key,
+                sa.func.count().label("orders"),
+                sa.func.sum(orders.c.total_price_micros).label("spend"),
+            )
+            .select_from(orders.join(slots, same_slot))
+            .where(
+                orders.c.device_id.in_(device_ids),
+                orders.c.state != "CANCELLED",
+                orders.c.create_time_us > now_micros() - slots.c.limit_period_us,
+            )
+            .group_by(*key)
+        )
+    }
+    return [
+        dataclasses.replace(
+            slot,
+            orders=SlotOrders(
+                open_ids.get((slot.device_id, slot.settings.slot_id), ""),
+                *usage.get((slot.device_id, slot.settings.slot_id), (0, 0)),
+            ),
+        )
+        for slot in found
+    ]
+
+
 def load_device(connection: Connection, device_id: str) -> Device:
     row = connection.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
     if row is None:
@@ -321,7 +366,7 @@ def load_device(connection: Connection, device_id: str) -> Device:
     found = connection.execute(
         sa.select(slots).where(slots.c.device_id == device_id).order_by(slots.c.slot_id)
     )
-    return _device(row, tuple(_slot(slot) for slot in found))
+    return _device(row, tuple(with_orders(connection, [_slot(slot) for slot in found])))
 
 
 def active_device(connection: Connection, device_id: str) -> Device:
@@ -337,6 +382,13 @@ def slot_of(device: Device, slot_id: str) -> Slot:
         if slot.settings.slot_id == slot_id:
             return slot
     raise slot_not_found(device.device_id, slot_id)
+
+
+_BY_TOKEN_HASH = "SELECT device_id, token_hash FROM devices WHERE token_hash = ? AND state = 'ACTIVE'"  # noqa: S105
+_BY_PREVIOUS_HASH = (
+    "SELECT device_id, previous_token_hash FROM devices WHERE previous_token_hash = ? "
+    "AND previous_token_expire_time_us > ? AND state = 'ACTIVE'"
+)
 
 
 class ReplenishmentStore:
@@ -413,21 +465,15 @@ class ReplenishmentStore:
         never cached: a deregistration or rotation holds from the next call on."""
 
         def query(connection: Connection) -> tuple[str, str] | None:
-            row = connection.execute(
-                sa.select(devices.c.device_id, devices.c.token_hash).where(
-                    devices.c.token_hash == digest, devices.c.state == ACTIVE
-                )
-            ).first()
-            if row is not None:
-                return (row.device_id, row.token_hash)
-            row = connection.execute(
-                sa.select(devices.c.device_id, devices.c.previous_token_hash).where(
-                    devices.c.previous_token_hash == digest,
-                    devices.c.previous_token_expire_time_us > now_micros(),
-                    devices.c.state == ACTIVE,
-                )
-            ).first()
-            return (row.device_id, row.previous_token_hash) if row else None
+            # Driver SQL: this runs before every device call, and SQLAlchemy's statement
+            # building would cost more than the indexed look-up itself.
+            marker = "%s" if connection.dialect.name == "postgresql" else "?"
+            row = connection.exec_driver_sql(_BY_TOKEN_HASH.replace("?", marker), (digest,)).first()
+            if row is None:
+                row = connection.exec_driver_sql(
+                    _BY_PREVIOUS_HASH.replace("?", marker), (digest, now_micros())
+                ).first()
+            return (row[0], row[1]) if row else None
 
         try:
             return await self.db.lookup(query)

@@ -30,15 +30,15 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from services.replenishment import slot_events
-from services.replenishment.devices import Device
+from services.replenishment.devices import DeviceState
 from services.replenishment.slots import DAY_US, SLOT_ID, Slot, SlotStatus, slot_status
-from services.replenishment.store import _slot, devices, readings, slots
-from shared.db import insert_rows
+from services.replenishment.store import _slot, device_deregistered, device_not_found, readings
 from shared.validation import REQUEST_ID, is_valid_id
 
 MAX_FUTURE_US = 5 * 60 * 1_000_000
@@ -172,7 +172,7 @@ def _place_late(
 
 
 def _slot_event(
-    connection: Connection, device: Device, series: _Series, event_type: str, now_us: int, message: str
+    connection: Connection, device: Owner, series: _Series, event_type: str, now_us: int, message: str
 ) -> None:
     slot_events.append(
         connection,
@@ -189,7 +189,7 @@ def _slot_event(
 
 
 def _status_event(
-    connection: Connection, device: Device, series: _Series, before: SlotStatus, now_us: int
+    connection: Connection, device: Owner, series: _Series, before: SlotStatus, now_us: int
 ) -> None:
     settings = series.slot.settings
     after = slot_status(series.level, settings.fallback_reorder_level)
@@ -202,19 +202,58 @@ def _status_event(
         )
 
 
+@dataclass(frozen=True)
+class Owner:
+    """What a slot event needs of the reporting device."""
+
+    device_id: str
+    customer_id: str
+    test: bool
+
+
+# The hot path's statements, as driver SQL ("?" becomes "%s" for psycopg): SQLAlchemy's
+# statement building and compilation cost more than SQLite's work for a small batch.
+_DEVICE = "SELECT customer_id, state, test FROM devices WHERE device_id = ?"
+_SLOTS = "SELECT * FROM slots WHERE device_id = ?"
+_STORED = "SELECT reading_id FROM readings WHERE device_id = ? AND reading_id IN ({})"
+_INSERT = (
+    "INSERT INTO readings (device_id, reading_id, slot_id, level, measure_time_us, receive_time_us, epoch, "
+    "refill) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_SLOT = (
+    "UPDATE slots SET level = ?, level_time_us = ?, level_source = 'READING', epoch = ?, "
+    "epoch_start_time_us = ?, last_refill_time_us = ? WHERE device_id = ? AND slot_id = ?"
+)
+_SEEN = "UPDATE devices SET last_seen_time_us = ? WHERE device_id = ?"
+
+
+def _run(connection: Connection, sql: str, parameters: Any) -> Any:
+    if connection.dialect.name == "postgresql":
+        sql = sql.replace("?", "%s")
+    return connection.exec_driver_sql(sql, parameters)
+
+
+def _owner(connection: Connection, device_id: str) -> Owner:
+    row = _run(connection, _DEVICE, (device_id,)).first()
+    if row is None:
+        raise device_not_found(device_id)
+    if row.state != DeviceState.ACTIVE.value:
+        raise device_deregistered(device_id)
+    return Owner(device_id, row.customer_id, bool(row.test))
+
+
 def record(
     connection: Connection,
-    device: Device,
+    device_id: str,
     batch: Sequence[Reading],
     now_us: int,
     seen_by_device: bool,
 ) -> Batch:
-    """Checks and stores a batch of one active device's readings in the caller's transaction."""
-    device_id = device.device_id
-    slot_rows = connection.execute(
-        sa.select(slots).where(slots.c.device_id == device_id).with_for_update()
-    ).all()
-    by_slot = {row.slot_id: _slot(row) for row in slot_rows}
+    """Checks and stores a batch of an active device's readings in the caller's transaction
+    (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one)."""
+    device = _owner(connection, device_id)
+    locked = _SLOTS + (" FOR UPDATE" if connection.dialect.name == "postgresql" else "")
+    by_slot = {row.slot_id: _slot(row) for row in _run(connection, locked, (device_id,))}
     capacities = {slot_id: slot.settings.capacity for slot_id, slot in by_slot.items()}
     results = [Result(reading.reading_id) for reading in batch]
     sound: dict[str, int] = {}  # reading_id -> index in batch, first copy only
@@ -230,12 +269,9 @@ def record(
             sound[reading.reading_id] = index
     touched: set[str] = set()
     if sound:
-        stored = connection.execute(
-            sa.select(readings.c.reading_id).where(
-                readings.c.device_id == device_id, readings.c.reading_id.in_(list(sound))
-            )
-        ).scalars()
-        for reading_id in stored:
+        ids = list(sound)
+        stored = _run(connection, _STORED.format(", ".join("?" * len(ids))), (device_id, *ids))
+        for (reading_id,) in stored:
             index = sound.pop(reading_id)
             results[index].status = "DUPLICATE"
             touched.add(batch[index].slot_id)
@@ -282,7 +318,8 @@ def record(
         series.last_batch = (measured, reading.level, epoch)
         rows.append((device_id, reading.reading_id, slot_id, reading.level, measured, now_us, epoch, refill))
         results[sound[reading.reading_id]].refill = refill
-    insert_rows(connection, readings, rows)
+    if rows:
+        _run(connection, _INSERT, rows)
     for slot_id, series in series_of.items():
         state = series.slot.state
         _status_event(
@@ -292,23 +329,22 @@ def record(
             slot_status(state.level, series.slot.settings.fallback_reorder_level),
             now_us,
         )
-        connection.execute(
-            slots.update()
-            .where(slots.c.device_id == device_id, slots.c.slot_id == slot_id)
-            .values(
-                level=series.level,
-                level_time_us=series.level_time_us,
-                level_source="READING",
-                epoch=series.epoch,
-                epoch_start_time_us=series.epoch_start_time_us,
-                last_refill_time_us=series.last_refill_time_us,
-            )
+        _run(
+            connection,
+            _UPDATE_SLOT,
+            (
+                series.level,
+                series.level_time_us,
+                series.epoch,
+                series.epoch_start_time_us,
+                series.last_refill_time_us,
+                device_id,
+                slot_id,
+            ),
         )
         touched.add(slot_id)
     if seen_by_device:
-        connection.execute(
-            devices.update().where(devices.c.device_id == device_id).values(last_seen_time_us=now_us)
-        )
+        _run(connection, _SEEN, (now_us, device_id))
     levels = {}
     for slot_id in sorted(touched):
         series = series_of.get(slot_id)

@@ -421,3 +421,38 @@ async def test_deregistration_and_rotation_take_effect_on_the_next_device_call(s
         (pb.SLOT_EVENT_TYPE_DEVICE_REGISTERED, ""),
         (pb.SLOT_EVENT_TYPE_DEVICE_DEREGISTERED, ""),
     ]
+
+
+async def test_the_device_sees_the_forecast_the_back_end_sees(start_service):
+    device = await _device(start_service)
+    day = 86_400
+    await device.report(*(_reading(f"f{i}", 240.0 - 10 * i, ago=(6 - i) * day) for i in range(6)))
+    mine = (
+        await device.devices.GetForecast(
+            device_pb.GetForecastRequest(device_id=device.device_id, slot_id="black"), metadata=device.auth
+        )
+    ).forecast
+    theirs = (
+        await device.stub.GetSlotForecast(
+            pb.GetSlotForecastRequest(device_id=device.device_id, slot_id="black"),
+            metadata=device.service.auth(),
+        )
+    ).forecast
+    assert mine.status == device_pb.FORECAST_STATUS_OK and mine.unit == "ml"
+    assert mine.consumption_rate_per_day == pytest.approx(theirs.consumption_rate_per_day, rel=0.05)
+    assert mine.consumption_rate_per_day == pytest.approx(10.0, rel=0.2)
+    assert mine.reorder_point == pytest.approx(theirs.reorder_point, rel=0.05) and mine.explanation
+    assert mine.lead_time == theirs.lead_time
+    error = await rpc_error(
+        device.devices.GetForecast(
+            device_pb.GetForecastRequest(device_id=device.device_id, slot_id="nope"), metadata=device.auth
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND and error_reason(error) == "SLOT_NOT_FOUND"
+    error = await rpc_error(
+        device.devices.GetForecast(
+            device_pb.GetForecastRequest(device_id="dev_unknown", slot_id="black"),
+            metadata=device.service.auth(),
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND and error_reason(error) == "DEVICE_NOT_FOUND"
