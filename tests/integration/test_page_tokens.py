@@ -150,6 +150,14 @@ CASES: dict[str, Case] = {
         replenishment_pb.ListSlotsRequest(device_id=PAGES_DEVICE, page_size=1),
         replenishment_pb.ListSlotsRequest(device_id="dev_other", page_size=1),
     ),
+    f"{REPLENISHMENT}/ListOrders": Case(
+        replenishment_pb.ListOrdersRequest(page_size=1),
+        replenishment_pb.ListOrdersRequest(page_size=1, customer_id="c-1"),
+    ),
+    f"{REPLENISHMENT}/ListOrderEvents": Case(
+        replenishment_pb.ListOrderEventsRequest(page_size=1),
+        replenishment_pb.ListOrderEventsRequest(page_size=1, since_revision=1),
+    ),
     f"{REPLENISHMENT}/ListSlotEvents": Case(
         replenishment_pb.ListSlotEventsRequest(page_size=1),
         replenishment_pb.ListSlotEventsRequest(
@@ -301,7 +309,15 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
             "printer",
             "SN-P",
             slots=tuple(
-                SlotSettings(slot_id, item_id="ink", capacity=10.0, unit="ml") for slot_id in ("a", "b")
+                SlotSettings(
+                    slot_id,
+                    item_id="ink",
+                    capacity=10.0,
+                    unit="ml",
+                    unit_price_micros=1_000_000,
+                    currency_code="EUR",
+                )
+                for slot_id in ("a", "b")
             ),
         ),
     )
@@ -322,6 +338,14 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
         ),
         metadata=replenishment.auth("service:storefront"),
     )
+    # Two orders (and so two order events).
+    for slot_id in ("a", "b"):
+        await devices.ReplenishSlot(
+            replenishment_pb.ReplenishSlotRequest(
+                request_id=f"buy-{slot_id}", device_id=PAGES_DEVICE, slot_id=slot_id
+            ),
+            metadata=replenishment.auth("service:storefront"),
+        )
     return Suite(
         {
             "consent": consent,
