@@ -187,7 +187,12 @@ def start_demo_devices(
     address = children["replenishment"].address
     try:
         devices = register_demo_devices(
-            address, tokens["service:storefront"], data_dir, report.data, report.customers.erased
+            address,
+            tokens["service:storefront"],
+            data_dir,
+            report.data,
+            report.customers.erased,
+            report.device_id,
         )
     except grpc.RpcError as error:
         say(f"  the demo devices were not registered ({error.code().name}: {error.details()})")

@@ -75,6 +75,7 @@ from services.replenishment.simulator import (
     DeviceSpec,
     SlotSpec,
     register_devices,
+    rotate_token,
 )
 from shared.errors import error_reason
 
@@ -503,13 +504,25 @@ def demo_fleet(data: DemoData, erased: Sequence[str] = ()) -> list[DeviceSpec]:
 
 
 def register_demo_devices(
-    address: str, token: str, data_dir: Path, data: DemoData, erased: Sequence[str] = ()
+    address: str,
+    token: str,
+    data_dir: Path,
+    data: DemoData,
+    erased: Sequence[str] = (),
+    printer_id: str = "",
 ) -> list[DeviceCredentials]:
-    """Registers the demo fleet (a retry is safe); the tokens go into demo-devices.json."""
+    """Registers the demo fleet (a retry is safe); the tokens go into demo-devices.json.
+    The demo device (`printer_id`) gets a new token when the file lacks its own (a data
+    directory from before the file named its devices)."""
 
     async def register() -> list[DeviceCredentials]:
         async with grpc.aio.insecure_channel(address) as channel:
             book = DeviceBook(data_dir / DEMO_DEVICES_FILE)
+            known = book.entries.get(AIKO_PRINTER)
+            if printer_id and (known is None or known.device_id != printer_id):
+                stub = repl_grpc.ReplenishmentServiceStub(channel)
+                new_token = await rotate_token(stub, token, printer_id)
+                book.put(DeviceCredentials(AIKO_PRINTER, printer_id, DEVICE_OWNER, "printer", new_token))
             return await register_devices(channel, token, demo_fleet(data, erased), book)
 
     return asyncio.run(register())

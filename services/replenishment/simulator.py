@@ -231,17 +231,22 @@ async def register_device(
     if not device_token:  # registered before: the token was shown then
         if known is not None and known.device_id == device_id:
             return known
-        rotated = await stub.RotateDeviceToken(
-            pb.RotateDeviceTokenRequest(
-                request_id=request_id_for("sim-rotate", device_id, str(time.time_ns())), device_id=device_id
-            ),
-            metadata=_metadata(token),
-            timeout=CALL_TIMEOUT,
-        )
-        device_token = rotated.device_token
+        device_token = await rotate_token(stub, token, device_id)
     credentials = DeviceCredentials(spec.name, device_id, spec.customer_id, spec.kind, device_token)
     book.put(credentials)
     return credentials
+
+
+async def rotate_token(stub: pb_grpc.ReplenishmentServiceStub, token: str, device_id: str) -> str:
+    """A new token for a registered device whose token was lost (the old one stops at once)."""
+    rotated = await stub.RotateDeviceToken(
+        pb.RotateDeviceTokenRequest(
+            request_id=request_id_for("sim-rotate", device_id, str(time.time_ns())), device_id=device_id
+        ),
+        metadata=_metadata(token),
+        timeout=CALL_TIMEOUT,
+    )
+    return str(rotated.device_token)
 
 
 async def register_devices(

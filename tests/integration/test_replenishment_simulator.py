@@ -6,15 +6,20 @@ DeliverOrder)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
+from services.demo_data import _device_request, register_demo_devices
+from services.demo_generator import generate
 from services.replenishment.simulator import (
     DeviceBook,
     Fulfilment,
@@ -23,8 +28,10 @@ from services.replenishment.simulator import (
     SimulationOptions,
     Stats,
     demo_start_level,
+    parse_args,
     prepare_devices,
     register_devices,
+    run_command,
     simulated_specs,
 )
 from services.replenishment.slots import DAY_US, HOUR_US
@@ -162,3 +169,65 @@ async def test_simulated_devices_run_low_get_an_order_delivered_and_report_the_r
         pb.ListOrdersRequest(customer_id=credentials[0].customer_id), metadata=replenishment.auth()
     )
     assert all(o.trigger == pb.ORDER_TRIGGER_AUTOMATIC for o in orders.orders)
+
+
+async def test_the_command_registers_devices_and_streams_their_readings(suite, dev_tokens, tmp_path):
+    _, replenishment = suite
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(dev_tokens))
+    args = parse_args(
+        [
+            f"--address=127.0.0.1:{replenishment.running.port}",
+            f"--devices-file={tmp_path / 'devices.json'}",
+            f"--tokens-file={tokens_file}",
+            "--register=2",
+            "--stream",
+            "--day-seconds=0.5",
+            "--history-days=2",
+            "--seconds=3",
+        ]
+    )
+    stats = await run_command(args, asyncio.Event())
+    book = DeviceBook(tmp_path / "devices.json")
+    assert sorted(book.entries) == ["sim-00000", "sim-00001"]
+    # Two devices, a reading every 2 simulated hours over 2 days (and then live): about 50 each.
+    assert stats.readings["ACCEPTED"] >= 40 and set(stats.readings) == {"ACCEPTED"}, stats.summary()
+    assert not stats.errors, stats.summary()
+    stub = pb_grpc.ReplenishmentServiceStub(replenishment.channel)
+    device = book.entries["sim-00000"].device_id
+    slot = (
+        await stub.GetSlot(
+            pb.GetSlotRequest(device_id=device, slot_id="filter"), metadata=replenishment.auth()
+        )
+    ).slot
+    assert slot.state.status != pb.SLOT_STATUS_NO_DATA and 0 < slot.state.level <= 100
+
+
+async def test_demo_devices_are_registered_once_and_a_lost_demo_token_is_replaced(
+    suite, dev_tokens, tmp_path
+):
+    _, replenishment = suite
+    storefront = dev_tokens["service:storefront"]
+    address = f"127.0.0.1:{replenishment.running.port}"
+    stub = pb_grpc.ReplenishmentServiceStub(replenishment.channel)
+    printer = await stub.RegisterDevice(_device_request(), metadata=replenishment.auth("service:storefront"))
+    # A data directory from before the file named its devices: principal -> token.
+    path = tmp_path / "demo-devices.json"
+    path.write_text(json.dumps({f"device:{printer.device.device_id}": printer.device_token}))
+    data = generate(1_767_225_600 * 1_000_000, customers=40)
+    fleet = await asyncio.to_thread(
+        register_demo_devices, address, storefront, tmp_path, data, (), printer.device.device_id
+    )
+    assert [d.name for d in fleet] == ["water-filter", "printer", "coffee-machine"]
+    book = DeviceBook(path)
+    assert set(book.entries) == {"aiko-printer", "water-filter", "printer", "coffee-machine"}
+    new_token = book.entries["aiko-printer"].token
+    assert new_token and new_token != printer.device_token
+    device_stub = device_grpc.DeviceServiceStub(replenishment.channel)
+    request = device_pb.GetForecastRequest(device_id=printer.device.device_id, slot_id="black")
+    await device_stub.GetForecast(request, metadata=(("authorization", f"Bearer {new_token}"),))
+    # Every start registers them again: the same devices and tokens.
+    again = await asyncio.to_thread(
+        register_demo_devices, address, storefront, tmp_path, data, (), printer.device.device_id
+    )
+    assert again == fleet and DeviceBook(path).entries == book.entries
