@@ -621,8 +621,25 @@ def forecast_accuracy() -> None:
         print("   not measured: replenishment_forecast_bench has no run_forecast_accuracy")
         return
     figures = run()
-    for key, value in figures.items():
-        print(f"   {key}: {value:,.3f}" if isinstance(value, float) else f"   {key}: {value}")
+    try:
+        print(
+            f"   run-out error in days (|predicted - true|, {int(figures['runout_points'])} points): forecast "
+            f"median {figures['runout_median_abs_days_forecast']:.2f}, p90 {figures['runout_p90_abs_days_forecast']:.2f}; "
+            f"naive last-two-readings median {figures['runout_median_abs_days_naive']:.2f}, p90 "
+            f"{figures['runout_p90_abs_days_naive']:.2f} (ratio {figures['runout_median_ratio']:.2f}x, "
+            f"{figures['runout_p90_ratio']:.2f}x)"
+        )
+        for key in sorted(
+            k.removeprefix("orders_per_device_year_") for k in figures if k.startswith("orders_per_")
+        ):
+            print(
+                f"   a simulated year, policy {key}: {figures[f'orders_per_device_year_{key}']:.2f} orders, "
+                f"{figures[f'stockouts_per_device_year_{key}']:.2f} stock-outs, "
+                f"{figures[f'empty_days_per_device_year_{key}']:.2f} days empty per device-year"
+            )
+    except KeyError:  # another set of figures than this summary knows: all of them
+        for name, value in figures.items():
+            print(f"   {name}: {value:,.3f}" if isinstance(value, float) else f"   {name}: {value}")
 
 
 async def setup(
