@@ -150,6 +150,14 @@ CASES: dict[str, Case] = {
         replenishment_pb.ListSlotsRequest(device_id=PAGES_DEVICE, page_size=1),
         replenishment_pb.ListSlotsRequest(device_id="dev_other", page_size=1),
     ),
+    f"{REPLENISHMENT}/ListOrders": Case(
+        replenishment_pb.ListOrdersRequest(page_size=1),
+        replenishment_pb.ListOrdersRequest(page_size=1, customer_id="c-2"),
+    ),
+    f"{REPLENISHMENT}/ListOrderEvents": Case(
+        replenishment_pb.ListOrderEventsRequest(page_size=1),
+        replenishment_pb.ListOrderEventsRequest(page_size=1, since_revision=1),
+    ),
     f"{REPLENISHMENT}/ListSlotEvents": Case(
         replenishment_pb.ListSlotEventsRequest(page_size=1),
         replenishment_pb.ListSlotEventsRequest(
@@ -311,7 +319,14 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
         lifecycle.registered(connection, device, device.create_time_us)
 
     await store.db.write(store_device)
-    await devices.RegisterDevice(
+    storefront = replenishment.auth("service:storefront")
+    priced = [
+        replenishment_pb.Slot(
+            slot_id=slot_id, item_id="ink", capacity=10.0, unit="ml", unit_price_micros=1, currency_code="EUR"
+        )
+        for slot_id in ("a", "b")
+    ]
+    second = await devices.RegisterDevice(
         replenishment_pb.RegisterDeviceRequest(
             request_id="reg-pages",
             customer_id="c-2",
@@ -319,9 +334,17 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
             model="m",
             kind="printer",
             serial_number="S2",
+            slots=priced,
         ),
-        metadata=replenishment.auth("service:storefront"),
+        metadata=storefront,
     )
+    for slot in priced:  # two orders (two order events) for two pages
+        await devices.ReplenishSlot(
+            replenishment_pb.ReplenishSlotRequest(
+                request_id=f"buy-{slot.slot_id}", device_id=second.device.device_id, slot_id=slot.slot_id
+            ),
+            metadata=storefront,
+        )
     return Suite(
         {
             "consent": consent,
