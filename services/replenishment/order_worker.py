@@ -123,7 +123,7 @@ class OrderWorker:
                 connection.execute(
                     sa.select(slots.c.device_id, slots.c.slot_id, devices.c.customer_id)
                     .join(devices, devices.c.device_id == slots.c.device_id)
-                    .where(slots.c.decision_due_time_us.is_not(None))
+                    .where(slots.c.decision_due_time_us.is_not(None), devices.c.state == "ACTIVE")
                     .limit(BATCH)
                 ).all()
             )

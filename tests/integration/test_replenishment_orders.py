@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
@@ -740,3 +740,44 @@ async def test_erasure_keeps_orders_pseudonymised_and_export_lists_them(suite, d
         for c in await s.db.read(cells)
         if CUSTOMER.encode() in (c if isinstance(c, bytes) else str(c).encode())
     ]
+
+
+async def test_slot_and_device_changes_cancel_pending_orders(suite):
+    s = await suite()
+    await s.grant()
+    device = await s.register()
+    await s.readings(device, LOW)
+    automatic = await s.decide(device)
+    mask = field_mask_pb2.FieldMask(paths=["policy"])
+    updated = await s.stub.UpdateSlot(
+        pb.UpdateSlotRequest(
+            slot=pb.Slot(device_id=device, slot_id="black", policy=pb.SLOT_POLICY_NOTIFY_ONLY),
+            update_mask=mask,
+        ),
+        metadata=s.storefront,
+    )
+    assert updated.cancelled_order_id == automatic.order_id
+    assert (await s.order(automatic.order_id)).cancellation_reason == pb.CANCELLATION_REASON_POLICY_CHANGED
+    # The customer's own order survives a policy change, not a deletion of its slot.
+    bought = await _placed_order(s, device, "b1")
+    await s.stub.UpdateSlot(
+        pb.UpdateSlotRequest(
+            slot=pb.Slot(device_id=device, slot_id="black", policy=pb.SLOT_POLICY_OFF), update_mask=mask
+        ),
+        metadata=s.storefront,
+    )
+    assert (await s.order(bought.order_id)).state == pb.ORDER_STATE_PENDING
+    deleted = await s.stub.DeleteSlot(
+        pb.DeleteSlotRequest(device_id=device, slot_id="black"), metadata=s.storefront
+    )
+    assert deleted.cancelled_order_id == bought.order_id
+    assert (await s.order(bought.order_id)).cancellation_reason == pb.CANCELLATION_REASON_SLOT_DELETED
+    other = await s.register("SN-2")
+    pending = await _placed_order(s, other, "b2")
+    retired = await s.stub.DeregisterDevice(
+        pb.DeregisterDeviceRequest(device_id=other), metadata=s.storefront
+    )
+    assert list(retired.cancelled_order_ids) == [pending.order_id]
+    assert (await s.order(pending.order_id)).cancellation_reason == pb.CANCELLATION_REASON_DEVICE_DEREGISTERED
+    again = await s.stub.DeregisterDevice(pb.DeregisterDeviceRequest(device_id=other), metadata=s.storefront)
+    assert list(again.cancelled_order_ids) == []
