@@ -16,6 +16,9 @@ and at once whenever the consent cache applies a change (ConsentCache.on_change)
 3. **Deferred decisions.** Slots whose last decision was CONSENT_REQUIRED are decided
    again (trigger AUTOMATIC) once their customer's consent is fresh and granted, so a
    device need not report again for its order.
+4. **Retention.** Order events older than NAJIMI_REPLENISHMENT_ORDER_EVENTS_RETENTION_DAYS
+   are deleted (at most once a minute); a watcher resuming from before them gets
+   OUT_OF_RANGE REVISION_COMPACTED and resynchronises with ListOrders.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
-from services.replenishment import orders
+from services.replenishment import order_feed, orders
 from services.replenishment.ordering import Consent, Ordering
 from services.replenishment.store import devices, slots
 from shared.db import Database
 from shared.log import get_logger
 
 BATCH = 200
+PURGE_INTERVAL_US = 60 * 1_000_000
 log = get_logger("najimi.replenishment.order_worker")
 
 
@@ -45,10 +49,13 @@ class OrderWorker:
         ordering: Ordering,
         interval_seconds: float,
         on_change: Callable[[], object] | None = None,
+        retention_seconds: float = 30 * 86_400,
     ):
         self.db = database
         self.ordering = ordering
         self.interval = interval_seconds
+        self.retention_us = round(retention_seconds * 1_000_000)
+        self._next_purge_us = 0
         self.on_change = on_change  # awaited after a pass changed orders (wakes feed watchers)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -85,11 +92,24 @@ class OrderWorker:
             if not more:
                 break
         decided = await self._decide_deferred()
+        await self._purge()
         if (cancelled or placed or decided) and self.on_change is not None:
             await self.on_change()  # type: ignore[misc]
         if cancelled or placed:
             log.info("orders_advanced", cancelled=cancelled, placed=placed, decided=decided)
         return {"cancelled": cancelled, "placed": placed, "decided": decided}
+
+    async def _purge(self) -> None:
+        """Order events older than the retention go, at most once every PURGE_INTERVAL_US."""
+        now = self.ordering.clock()
+        if now < self._next_purge_us:
+            return
+        self._next_purge_us = now + PURGE_INTERVAL_US
+        while (
+            await self.db.write(lambda c: order_feed.purge_before(c, now - self.retention_us))
+            == order_feed.PAGE
+        ):
+            pass
 
     def _cancel_withdrawn(self, connection: Connection) -> int:
         now = self.ordering.clock()

@@ -781,3 +781,31 @@ async def test_slot_and_device_changes_cancel_pending_orders(suite):
     assert (await s.order(pending.order_id)).cancellation_reason == pb.CANCELLATION_REASON_DEVICE_DEREGISTERED
     again = await s.stub.DeregisterDevice(pb.DeregisterDeviceRequest(device_id=other), metadata=s.storefront)
     assert list(again.cancelled_order_ids) == []
+
+
+async def test_order_events_past_their_retention_are_purged_and_older_positions_are_compacted(suite):
+    from services.replenishment import order_feed
+
+    s = await suite()
+    for i in range(3):
+        await _placed_order(s, await s.register(f"SN-{i}"), f"b{i}")
+    # Events 1 and 2 were created two days ago (as if); a purge at a retention of a day takes them.
+    await s.db.write(
+        lambda c: c.execute(
+            order_events_table.update()
+            .where(order_events_table.c.revision <= 2)
+            .values(create_time_us=now_micros() - 2 * DAY_US)
+        )
+    )
+    assert await s.db.write(lambda c: order_feed.purge_before(c, now_micros() - DAY_US)) == 2
+    listed = await s.stub.ListOrderEvents(pb.ListOrderEventsRequest(), metadata=s.fulfilment)
+    assert [e.revision for e in listed.events] == [3]  # 0: from the oldest retained event
+    resumed = await s.stub.ListOrderEvents(pb.ListOrderEventsRequest(since_revision=2), metadata=s.fulfilment)
+    assert [e.revision for e in resumed.events] == [3]
+    error = await rpc_error(
+        s.stub.ListOrderEvents(pb.ListOrderEventsRequest(since_revision=1), metadata=s.fulfilment)
+    )
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE and error_reason(error) == "REVISION_COMPACTED"
+    stream = s.stub.WatchOrderEvents(pb.WatchOrderEventsRequest(since_revision=1), metadata=s.fulfilment)
+    error = await rpc_error(anext(aiter(stream)))
+    assert error_reason(error) == "REVISION_COMPACTED"
