@@ -809,3 +809,64 @@ async def test_order_events_past_their_retention_are_purged_and_older_positions_
     stream = s.stub.WatchOrderEvents(pb.WatchOrderEventsRequest(since_revision=1), metadata=s.fulfilment)
     error = await rpc_error(anext(aiter(stream)))
     assert error_reason(error) == "REVISION_COMPACTED"
+
+
+async def test_a_device_is_told_consent_required_and_replenish_fails_closed_when_stale(suite):
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    s = await suite(consent_max_staleness_seconds=1.5)
+    await s.grant()
+    registered = await s.stub.RegisterDevice(
+        pb.RegisterDeviceRequest(
+            request_id="reg-dev",
+            customer_id=CUSTOMER,
+            manufacturer="acme",
+            model="inkjet",
+            kind="printer",
+            serial_number="SN-DEV",
+            slots=[
+                pb.Slot(
+                    slot_id="black",
+                    item_id="ink",
+                    capacity=100.0,
+                    unit="ml",
+                    unit_price_micros=1_000_000,
+                    currency_code="EUR",
+                    policy=pb.SLOT_POLICY_AUTO,
+                )
+            ],
+        ),
+        metadata=s.storefront,
+    )
+    device_id = registered.device.device_id
+    devices = device_grpc.DeviceServiceStub(s.service.channel)
+    auth = (("authorization", f"Bearer {registered.device_token}"),)
+    await s.withdraw()
+
+    def replenish(request_id: str) -> Any:
+        return devices.Replenish(
+            device_pb.ReplenishRequest(request_id=request_id, device_id=device_id, slot_id="black"),
+            metadata=auth,
+        )
+
+    withdrawn = await replenish("r1")
+    assert withdrawn.outcome.outcome == device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED
+    await s.consent_service.running.stop(0)
+    await until(lambda: s.ordering.consent.staleness > 1.5)
+    error = await rpc_error(replenish("r2"))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and error_reason(error) == "CONSENT_STATE_STALE"
+    # Telemetry is still accepted (and durable); the slot's outcome is CONSENT_REQUIRED for now.
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(now_micros())
+    reported = await devices.ReportTelemetry(
+        device_pb.ReportTelemetryRequest(
+            device_id=device_id,
+            readings=[device_pb.Reading(reading_id="x1", slot_id="black", level=5.0, measure_time=stamp)],
+        ),
+        metadata=auth,
+    )
+    assert reported.results[0].status == device_pb.READING_STATUS_ACCEPTED
+    assert reported.slot_outcomes[0].outcome == device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED
+    count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
+    assert count == 0
