@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -56,6 +57,7 @@ class OrderWorker:
         self.interval = interval_seconds
         self.retention_us = round(retention_seconds * 1_000_000)
         self._next_purge_us = 0
+        self._consent_mark: tuple[int, bool] = (-1, False)  # (revision, fresh) at the last sweep
         self.on_change = on_change  # awaited after a pass changed orders (wakes feed watchers)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -84,14 +86,21 @@ class OrderWorker:
 
     async def run_once(self) -> dict[str, int]:
         """One pass; returns how many orders it cancelled and placed and slots it decided."""
-        cancelled = await self.db.write(self._cancel_withdrawn)
+        # The consent sweeps run when the consent state moved (a change, or fresh again after
+        # being stale), not every pass: they read every pending order and deferred slot.
+        consent = self.ordering.consent
+        mark = (consent.revision, consent.staleness <= self.ordering.max_staleness)
+        sweep = mark[1] and mark != self._consent_mark
+        cancelled = await self.db.write(self._cancel_withdrawn) if sweep else 0
         placed = 0
         while True:
             batch_placed, more = await self.db.write(self._promote_batch)
             placed += batch_placed
             if not more:
                 break
-        decided = await self._decide_deferred()
+        decided = await self._decide_deferred() if sweep else 0
+        if sweep:
+            self._consent_mark = mark
         await self._purge()
         if (cancelled or placed or decided) and self.on_change is not None:
             await self.on_change()  # type: ignore[misc]
@@ -138,24 +147,40 @@ class OrderWorker:
         return placed, len(due) == BATCH and placed > 0
 
     async def _decide_deferred(self) -> int:
-        def deferred(connection: Connection) -> list[sa.Row]:
+        """Decides again every deferred slot whose customer's consent is now granted."""
+
+        def deferred(connection: Connection, after: tuple[str, str]) -> list[sa.Row]:
             return list(
                 connection.execute(
                     sa.select(slots.c.device_id, slots.c.slot_id, devices.c.customer_id)
                     .join(devices, devices.c.device_id == slots.c.device_id)
-                    .where(slots.c.decision_due_time_us.is_not(None), devices.c.state == "ACTIVE")
+                    .where(
+                        slots.c.decision_due_time_us.is_not(None),
+                        devices.c.state == "ACTIVE",
+                        sa.tuple_(slots.c.device_id, slots.c.slot_id) > sa.tuple_(*after),
+                    )
+                    .order_by(slots.c.device_id, slots.c.slot_id)
                     .limit(BATCH)
                 ).all()
             )
 
         decided = 0
-        for row in await self.db.read(deferred):
-            if self.ordering.consent_of(row.customer_id) is not Consent.GRANTED:
-                continue
-            try:
-                await self.ordering.consider(row.device_id, row.slot_id, trigger=pb.ORDER_TRIGGER_AUTOMATIC)
-            except Exception as error:  # e.g. the device was deregistered meanwhile
-                log.warning("deferred_decision_failed", device_id=row.device_id, error=type(error).__name__)
-                continue
-            decided += 1
-        return decided
+        after = ("", "")
+        while True:
+            page = await self.db.read(functools.partial(deferred, after=after))
+            for row in page:
+                if self.ordering.consent_of(row.customer_id) is not Consent.GRANTED:
+                    continue
+                try:
+                    await self.ordering.consider(
+                        row.device_id, row.slot_id, trigger=pb.ORDER_TRIGGER_AUTOMATIC
+                    )
+                except Exception as error:  # e.g. the slot was deleted meanwhile
+                    log.warning(
+                        "deferred_decision_failed", device_id=row.device_id, error=type(error).__name__
+                    )
+                    continue
+                decided += 1
+            if len(page) < BATCH:
+                return decided
+            after = (page[-1].device_id, page[-1].slot_id)
