@@ -870,3 +870,34 @@ async def test_a_device_is_told_consent_required_and_replenish_fails_closed_when
     assert reported.slot_outcomes[0].outcome == device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED
     count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
     assert count == 0
+
+
+async def test_replenish_slot_needs_a_price_and_an_active_device(suite):
+    s = await suite()
+    unpriced = await s.register(
+        "SN-free", policy=pb.SLOT_POLICY_NOTIFY_ONLY, unit_price_micros=0, currency_code=""
+    )
+    error = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="p", device_id=unpriced, slot_id="black"),
+            metadata=s.storefront,
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(error) == "PRICE_UNKNOWN"
+    retired = await s.register("SN-old")
+    await s.stub.DeregisterDevice(pb.DeregisterDeviceRequest(device_id=retired), metadata=s.storefront)
+    error = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="q", device_id=retired, slot_id="black"), metadata=s.storefront
+        )
+    )
+    assert (
+        error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(error) == "DEVICE_DEREGISTERED"
+    )
+    unknown = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="r", device_id="dev_nope", slot_id="black"),
+            metadata=s.storefront,
+        )
+    )
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and error_reason(unknown) == "DEVICE_NOT_FOUND"
