@@ -152,7 +152,7 @@ CASES: dict[str, Case] = {
     ),
     f"{REPLENISHMENT}/ListOrders": Case(
         replenishment_pb.ListOrdersRequest(page_size=1),
-        replenishment_pb.ListOrdersRequest(page_size=1, customer_id="c-2"),
+        replenishment_pb.ListOrdersRequest(page_size=1, customer_id="c-1"),
     ),
     f"{REPLENISHMENT}/ListOrderEvents": Case(
         replenishment_pb.ListOrderEventsRequest(page_size=1),
@@ -309,7 +309,15 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
             "printer",
             "SN-P",
             slots=tuple(
-                SlotSettings(slot_id, item_id="ink", capacity=10.0, unit="ml") for slot_id in ("a", "b")
+                SlotSettings(
+                    slot_id,
+                    item_id="ink",
+                    capacity=10.0,
+                    unit="ml",
+                    unit_price_micros=1_000_000,
+                    currency_code="EUR",
+                )
+                for slot_id in ("a", "b")
             ),
         ),
     )
@@ -319,14 +327,7 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
         lifecycle.registered(connection, device, device.create_time_us)
 
     await store.db.write(store_device)
-    storefront = replenishment.auth("service:storefront")
-    priced = [
-        replenishment_pb.Slot(
-            slot_id=slot_id, item_id="ink", capacity=10.0, unit="ml", unit_price_micros=1, currency_code="EUR"
-        )
-        for slot_id in ("a", "b")
-    ]
-    second = await devices.RegisterDevice(
+    await devices.RegisterDevice(
         replenishment_pb.RegisterDeviceRequest(
             request_id="reg-pages",
             customer_id="c-2",
@@ -334,16 +335,16 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
             model="m",
             kind="printer",
             serial_number="S2",
-            slots=priced,
         ),
-        metadata=storefront,
+        metadata=replenishment.auth("service:storefront"),
     )
-    for slot in priced:  # two orders (two order events) for two pages
+    # Two orders (and so two order events).
+    for slot_id in ("a", "b"):
         await devices.ReplenishSlot(
             replenishment_pb.ReplenishSlotRequest(
-                request_id=f"buy-{slot.slot_id}", device_id=second.device.device_id, slot_id=slot.slot_id
+                request_id=f"buy-{slot_id}", device_id=PAGES_DEVICE, slot_id=slot_id
             ),
-            metadata=storefront,
+            metadata=replenishment.auth("service:storefront"),
         )
     return Suite(
         {
