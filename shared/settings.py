@@ -142,6 +142,12 @@ class Settings(BaseSettings):
         le=30 * 86_400,
         description="How long a new order stays PENDING (cancellable by the customer) before it is PLACED.",
     )
+    replenishment_order_events_retention_days: float = Field(
+        30.0,
+        gt=0,
+        le=3660,
+        description="How long the replenishment order feed keeps an event; older ones are purged.",
+    )
     replenishment_promotion_interval_seconds: float = Field(
         5.0,
         gt=0,

@@ -50,7 +50,11 @@ def build_app(settings: Settings) -> App:
     feed = OrderFeed(database)
     ordering.on_order = feed.notify
     worker = OrderWorker(
-        database, ordering, settings.replenishment_promotion_interval_seconds, on_change=feed.notify
+        database,
+        ordering,
+        settings.replenishment_promotion_interval_seconds,
+        on_change=feed.notify,
+        retention_seconds=settings.replenishment_order_events_retention_days * 86_400,
     )
     # A withdrawal (or a grant) is acted on as soon as the cache applies it.
     consent.on_change(worker.wake)

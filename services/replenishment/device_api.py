@@ -7,7 +7,6 @@ another is PERMISSION_DENIED before anything else.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -107,12 +106,12 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
             readings_per_second, max(MIN_BURST, BURST_SECONDS * readings_per_second)
         )
 
-    async def _decide(self, device_id: str, slot_id: str) -> SlotDecision:
-        """The decision after telemetry. A consent state too stale to act on never fails the
-        report: the readings are stored, the answer is CONSENT_REQUIRED for now."""
+    def _decide(self, connection: Any, device_id: str, slot_id: str) -> SlotDecision:
+        """The decision after telemetry, in the batch's transaction. A consent state too stale
+        to act on never fails the report: the outcome is CONSENT_REQUIRED for now."""
         try:
-            return await self.ordering.consider(device_id, slot_id, trigger=pb.ORDER_TRIGGER_AUTOMATIC)
-        except Unavailable as error:
+            return self.ordering.decide(connection, device_id, slot_id, trigger=pb.ORDER_TRIGGER_AUTOMATIC)
+        except Unavailable as error:  # raised before the decision writes anything
             return SlotDecision(
                 device_id, slot_id, pb.REPLENISH_OUTCOME_CONSENT_REQUIRED, reason=error.message
             )
@@ -122,10 +121,15 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
     ) -> tuple[list[device_pb.ReadingResult], list[device_pb.SlotOutcome]]:
         now = now_micros()
         by_device = principal.kind == "device"
-        stored = await self.store.db.write(
-            lambda connection: telemetry.record(connection, device_id, batch, now, by_device)
-        )
-        decisions = await asyncio.gather(*(self._decide(device_id, slot_id) for slot_id in stored.levels))
+
+        def work(connection: Any) -> tuple[telemetry.Batch, list[SlotDecision]]:
+            # One transaction: the readings and the decisions they lead to commit together.
+            stored = telemetry.record(connection, device_id, batch, now, by_device)
+            return stored, [self._decide(connection, device_id, slot_id) for slot_id in stored.levels]
+
+        stored, decisions = await self.store.db.write(work)
+        for decision in decisions:
+            await self.ordering.placed(decision)
         results = [
             device_pb.ReadingResult(
                 reading_id=r.reading_id,

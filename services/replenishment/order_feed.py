@@ -84,14 +84,27 @@ def check_since(connection: Connection, since_revision: int) -> int:
             f"since_revision {since_revision} is ahead of the current revision {current}",
             reason="REVISION_AHEAD",
         )
-    oldest = connection.execute(sa.select(sa.func.min(order_events.c.revision))).scalar()
-    if oldest is not None and since_revision < oldest - 1:
+    # 0 means "from the oldest retained event"; a later position must not lie before it.
+    oldest = connection.execute(sa.select(sa.func.min(order_events.c.revision))).scalar() or current + 1
+    if since_revision and since_revision < oldest - 1:
         raise OutOfRange(
             f"events after {since_revision} are no longer kept (the oldest is {oldest}): "
             "resynchronise with ListOrders and continue from its revision",
             reason="REVISION_COMPACTED",
         )
     return current
+
+
+def purge_before(connection: Connection, create_time_us: int, limit: int = PAGE) -> int:
+    """Deletes up to `limit` of the oldest events created before `create_time_us`; how many."""
+    doomed = (
+        sa.select(order_events.c.revision)
+        .where(order_events.c.create_time_us < create_time_us)
+        .order_by(order_events.c.revision)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    return int(connection.execute(order_events.delete().where(order_events.c.revision.in_(doomed))).rowcount)
 
 
 def events_after(

@@ -24,6 +24,7 @@ from services.replenishment.slot_forecasts import current_forecast
 from services.replenishment.slots import SLOT_ID
 from services.replenishment.store import ReplenishmentStore, devices
 from services.replenishment.store import orders as order_rows
+from shared.access_policy import CUSTOMER_FACING
 from shared.auth import current_principal
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.page_tokens import ServiceTokens
@@ -32,7 +33,6 @@ from shared.validation import Violations, page_size_of
 
 DEFAULT_HEARTBEAT_SECONDS = 15.0
 NOTE_MAX = 500
-CUSTOMER_FACING = ("service:storefront", "service:store", "service:crm")
 
 
 @dataclass
@@ -184,7 +184,7 @@ class OrderRpcs:
         _check(checks)
         if request.slot_id and not request.device_id:
             raise InvalidArgument("slot_id", "requires device_id", reason="FILTER_REQUIRED")
-        if principal in CUSTOMER_FACING and not (request.customer_id or request.device_id):
+        if principal in CUSTOMER_FACING.principals and not (request.customer_id or request.device_id):
             raise InvalidArgument(
                 "customer_id", "customer_id or device_id is required", reason="FILTER_REQUIRED"
             )
@@ -242,7 +242,7 @@ class OrderRpcs:
             v.limit_text("note", request.note, NOTE_MAX)
 
         _check(checks)
-        admin = current_principal().kind == "admin"
+        admin = current_principal().is_admin
         now = self.orders.ordering.clock()
 
         def work(connection: Connection, row: sa.Row) -> sa.Row:
@@ -353,7 +353,7 @@ class OrderRpcs:
     ) -> Any:
         _check(lambda v: v.require_count("since_revision", request.since_revision))
         size = page_size_of(request.page_size)
-        with_test = current_principal().kind == "admin"
+        with_test = current_principal().is_admin
         filters = {"since_revision": request.since_revision, "with_test": with_test}
         position = self.orders.pages.read("ListOrderEvents", request.page_token, filters, (int,))
         since = int(position[0]) if position else request.since_revision
@@ -392,6 +392,6 @@ class OrderRpcs:
                 or DEFAULT_HEARTBEAT_SECONDS
             )
         violations.raise_if_any()
-        with_test = current_principal().kind == "admin"
+        with_test = current_principal().is_admin
         async for message in self.orders.feed.watch(request.since_revision, interval, with_test):
             yield message

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from services.replenishment import forecast, orders
 from services.replenishment.slots import safety_z
-from services.replenishment.store import readings, slots
+from services.replenishment.store import slots
 from shared.errors import NotFound
 from shared.proto_time import duration_of_micros, timestamp_of
 
@@ -56,18 +56,25 @@ def load_slot(connection: Connection, device_id: str, slot_id: str) -> sa.Row:
     return row
 
 
+_EPOCH_READINGS = (
+    "SELECT measure_time_us, level FROM readings WHERE device_id = ? AND slot_id = ? AND epoch = ? "
+    "ORDER BY measure_time_us DESC LIMIT ?"
+)
+
+
 def forecast_of_slot(connection: Connection, slot: sa.Row, now_us: int) -> SlotForecast:
-    found = connection.execute(
-        sa.select(readings.c.measure_time_us, readings.c.level)
-        .where(
-            readings.c.device_id == slot.device_id,
-            readings.c.slot_id == slot.slot_id,
-            readings.c.epoch == slot.epoch,
+    # A raw DBAPI cursor in the caller's transaction: up to MAX_READINGS rows for every
+    # decision (each telemetry batch), where SQLAlchemy's row objects cost several ms.
+    cursor = connection.connection.cursor()
+    try:
+        marker = "%s" if connection.dialect.name == "postgresql" else "?"
+        cursor.execute(
+            _EPOCH_READINGS.replace("?", marker),
+            (slot.device_id, slot.slot_id, slot.epoch, forecast.MAX_READINGS),
         )
-        .order_by(readings.c.measure_time_us.desc())
-        .limit(forecast.MAX_READINGS)
-    ).all()
-    points = [(int(row.measure_time_us), float(row.level)) for row in found]
+        points: list[tuple[int, float]] = list(cursor.fetchall())
+    finally:
+        cursor.close()
     if slot.level_source == "DELIVERY" and slot.level is not None and slot.level_time_us is not None:
         points.append((int(slot.level_time_us), float(slot.level)))
     result = forecast.forecast(

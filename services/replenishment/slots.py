@@ -106,7 +106,11 @@ class Slot:
 
     @property
     def status(self) -> SlotStatus:
-        return slot_status(self.state.level, self.settings.fallback_reorder_level)
+        """The level against the slot's reorder level; a slot with an open order is LOW."""
+        status = slot_status(self.state.level, self.settings.fallback_reorder_level)
+        if status is SlotStatus.OK and self.orders.open_order_id:
+            return SlotStatus.LOW
+        return status
 
     @property
     def safety_z(self) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, timestamp_pb2
 from najimi.consent.v1 import consent_service_pb2 as consent_pb
 from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
@@ -740,3 +740,164 @@ async def test_erasure_keeps_orders_pseudonymised_and_export_lists_them(suite, d
         for c in await s.db.read(cells)
         if CUSTOMER.encode() in (c if isinstance(c, bytes) else str(c).encode())
     ]
+
+
+async def test_slot_and_device_changes_cancel_pending_orders(suite):
+    s = await suite()
+    await s.grant()
+    device = await s.register()
+    await s.readings(device, LOW)
+    automatic = await s.decide(device)
+    mask = field_mask_pb2.FieldMask(paths=["policy"])
+    updated = await s.stub.UpdateSlot(
+        pb.UpdateSlotRequest(
+            slot=pb.Slot(device_id=device, slot_id="black", policy=pb.SLOT_POLICY_NOTIFY_ONLY),
+            update_mask=mask,
+        ),
+        metadata=s.storefront,
+    )
+    assert updated.cancelled_order_id == automatic.order_id
+    assert (await s.order(automatic.order_id)).cancellation_reason == pb.CANCELLATION_REASON_POLICY_CHANGED
+    # The customer's own order survives a policy change, not a deletion of its slot.
+    bought = await _placed_order(s, device, "b1")
+    await s.stub.UpdateSlot(
+        pb.UpdateSlotRequest(
+            slot=pb.Slot(device_id=device, slot_id="black", policy=pb.SLOT_POLICY_OFF), update_mask=mask
+        ),
+        metadata=s.storefront,
+    )
+    assert (await s.order(bought.order_id)).state == pb.ORDER_STATE_PENDING
+    deleted = await s.stub.DeleteSlot(
+        pb.DeleteSlotRequest(device_id=device, slot_id="black"), metadata=s.storefront
+    )
+    assert deleted.cancelled_order_id == bought.order_id
+    assert (await s.order(bought.order_id)).cancellation_reason == pb.CANCELLATION_REASON_SLOT_DELETED
+    other = await s.register("SN-2")
+    pending = await _placed_order(s, other, "b2")
+    retired = await s.stub.DeregisterDevice(
+        pb.DeregisterDeviceRequest(device_id=other), metadata=s.storefront
+    )
+    assert list(retired.cancelled_order_ids) == [pending.order_id]
+    assert (await s.order(pending.order_id)).cancellation_reason == pb.CANCELLATION_REASON_DEVICE_DEREGISTERED
+    again = await s.stub.DeregisterDevice(pb.DeregisterDeviceRequest(device_id=other), metadata=s.storefront)
+    assert list(again.cancelled_order_ids) == []
+
+
+async def test_order_events_past_their_retention_are_purged_and_older_positions_are_compacted(suite):
+    from services.replenishment import order_feed
+
+    s = await suite()
+    for i in range(3):
+        await _placed_order(s, await s.register(f"SN-{i}"), f"b{i}")
+    # Events 1 and 2 were created two days ago (as if); a purge at a retention of a day takes them.
+    await s.db.write(
+        lambda c: c.execute(
+            order_events_table.update()
+            .where(order_events_table.c.revision <= 2)
+            .values(create_time_us=now_micros() - 2 * DAY_US)
+        )
+    )
+    assert await s.db.write(lambda c: order_feed.purge_before(c, now_micros() - DAY_US)) == 2
+    listed = await s.stub.ListOrderEvents(pb.ListOrderEventsRequest(), metadata=s.fulfilment)
+    assert [e.revision for e in listed.events] == [3]  # 0: from the oldest retained event
+    resumed = await s.stub.ListOrderEvents(pb.ListOrderEventsRequest(since_revision=2), metadata=s.fulfilment)
+    assert [e.revision for e in resumed.events] == [3]
+    error = await rpc_error(
+        s.stub.ListOrderEvents(pb.ListOrderEventsRequest(since_revision=1), metadata=s.fulfilment)
+    )
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE and error_reason(error) == "REVISION_COMPACTED"
+    stream = s.stub.WatchOrderEvents(pb.WatchOrderEventsRequest(since_revision=1), metadata=s.fulfilment)
+    error = await rpc_error(anext(aiter(stream)))
+    assert error_reason(error) == "REVISION_COMPACTED"
+
+
+async def test_a_device_is_told_consent_required_and_replenish_fails_closed_when_stale(suite):
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    s = await suite(consent_max_staleness_seconds=1.5)
+    await s.grant()
+    registered = await s.stub.RegisterDevice(
+        pb.RegisterDeviceRequest(
+            request_id="reg-dev",
+            customer_id=CUSTOMER,
+            manufacturer="acme",
+            model="inkjet",
+            kind="printer",
+            serial_number="SN-DEV",
+            slots=[
+                pb.Slot(
+                    slot_id="black",
+                    item_id="ink",
+                    capacity=100.0,
+                    unit="ml",
+                    unit_price_micros=1_000_000,
+                    currency_code="EUR",
+                    policy=pb.SLOT_POLICY_AUTO,
+                )
+            ],
+        ),
+        metadata=s.storefront,
+    )
+    device_id = registered.device.device_id
+    devices = device_grpc.DeviceServiceStub(s.service.channel)
+    auth = (("authorization", f"Bearer {registered.device_token}"),)
+    await s.withdraw()
+
+    def replenish(request_id: str) -> Any:
+        return devices.Replenish(
+            device_pb.ReplenishRequest(request_id=request_id, device_id=device_id, slot_id="black"),
+            metadata=auth,
+        )
+
+    withdrawn = await replenish("r1")
+    assert withdrawn.outcome.outcome == device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED
+    await s.consent_service.running.stop(0)
+    await until(lambda: s.ordering.consent.staleness > 1.5)
+    error = await rpc_error(replenish("r2"))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and error_reason(error) == "CONSENT_STATE_STALE"
+    # Telemetry is still accepted (and durable); the slot's outcome is CONSENT_REQUIRED for now.
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(now_micros())
+    reported = await devices.ReportTelemetry(
+        device_pb.ReportTelemetryRequest(
+            device_id=device_id,
+            readings=[device_pb.Reading(reading_id="x1", slot_id="black", level=5.0, measure_time=stamp)],
+        ),
+        metadata=auth,
+    )
+    assert reported.results[0].status == device_pb.READING_STATUS_ACCEPTED
+    assert reported.slot_outcomes[0].outcome == device_pb.REPLENISH_OUTCOME_CONSENT_REQUIRED
+    count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
+    assert count == 0
+
+
+async def test_replenish_slot_needs_a_price_and_an_active_device(suite):
+    s = await suite()
+    unpriced = await s.register(
+        "SN-free", policy=pb.SLOT_POLICY_NOTIFY_ONLY, unit_price_micros=0, currency_code=""
+    )
+    error = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="p", device_id=unpriced, slot_id="black"),
+            metadata=s.storefront,
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(error) == "PRICE_UNKNOWN"
+    retired = await s.register("SN-old")
+    await s.stub.DeregisterDevice(pb.DeregisterDeviceRequest(device_id=retired), metadata=s.storefront)
+    error = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="q", device_id=retired, slot_id="black"), metadata=s.storefront
+        )
+    )
+    assert (
+        error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(error) == "DEVICE_DEREGISTERED"
+    )
+    unknown = await rpc_error(
+        s.stub.ReplenishSlot(
+            pb.ReplenishSlotRequest(request_id="r", device_id="dev_nope", slot_id="black"),
+            metadata=s.storefront,
+        )
+    )
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and error_reason(unknown) == "DEVICE_NOT_FOUND"

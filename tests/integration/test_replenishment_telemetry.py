@@ -137,8 +137,9 @@ REJECTIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"level": math.inf}, "level", "LEVEL_NOT_FINITE"),
     ({"measure_time": None}, "measure_time", "MEASURE_TIME_MISSING"),
     ({"measure_time": timestamp_pb2.Timestamp(seconds=1, nanos=-1)}, "measure_time", "MEASURE_TIME_MISSING"),
-    ({"measure_time": _at(6 * MINUTE)}, "measure_time", "MEASURE_TIME_IN_FUTURE"),
-    ({"measure_time": _at(-31 * DAY)}, "measure_time", "MEASURE_TIME_TOO_OLD"),
+    # Offsets from now, made into timestamps when the test runs.
+    ({"measure_time": 6 * MINUTE}, "measure_time", "MEASURE_TIME_IN_FUTURE"),
+    ({"measure_time": -31 * DAY}, "measure_time", "MEASURE_TIME_TOO_OLD"),
 ]
 
 
@@ -155,6 +156,8 @@ async def test_each_rule_rejects_its_reading_with_the_field_and_the_batch_goes_o
         values.update(fields)
         if values["measure_time"] is None:
             del values["measure_time"]
+        elif isinstance(values["measure_time"], int):
+            values["measure_time"] = _at(values["measure_time"])
         readings.append(device_pb.Reading(**values))
     # Within the bounds: 1 % above capacity, 4 minutes ahead, 29 days old.
     readings += [
