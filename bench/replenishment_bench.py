@@ -251,6 +251,7 @@ async def client_storm(address: str, args: Any, devices: list[dict[str, str]]) -
     end = time.perf_counter() + args.seconds
     sent: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
 
     async def client(index: int) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -273,12 +274,16 @@ async def client_storm(address: str, args: Any, devices: list[dict[str, str]]) -
                         target = (
                             devices[int(request_id.rsplit("-", 1)[1]) % len(devices)] if retry else device
                         )
-                        await replenish(
+                        reply = await replenish(
                             replenish_bytes(request_id, target["device_id"], target["slot_id"]),
                             metadata=target["metadata"],
                             timeout=30,
                         )
                         sent["replenish_retry" if retry else "replenish"] += 1
+                        outcome = device_pb.ReplenishResponse.FromString(reply).outcome.outcome
+                        outcomes[
+                            device_pb.ReplenishOutcome.Name(outcome).removeprefix("REPLENISH_OUTCOME_")
+                        ] += 1
                     else:
                         payload = report_bytes(
                             device["device_id"],
@@ -293,7 +298,7 @@ async def client_storm(address: str, args: Any, devices: list[dict[str, str]]) -
                     errors[error.code().name] += 1
 
     await asyncio.gather(*(client(i) for i in range(STORM_CLIENTS)))
-    return {"sent": dict(sent), "errors": dict(errors)}
+    return {"sent": dict(sent), "errors": dict(errors), "outcomes": dict(outcomes)}
 
 
 async def client_main(args: argparse.Namespace, devices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -601,12 +606,20 @@ def storm_rounds(
         counts = asyncio.run(count_orders(server.address, admin, [d["device_id"] for d in chosen]))
         duplicates.append(sum(max(0, n - 1) for n in counts.values()))
         with_order.append(sum(1 for n in counts.values() if n))
-        if result["errors"]:
-            print(f"   round {index + 1}: errors {result['errors']}")
+        if result["errors"] or with_order[-1] < len(chosen):
+            print(f"   round {index + 1}: Replenish outcomes {result['outcomes']}, errors {result['errors']}")
     total = sum(duplicates)
     print(f"   sent: {dict(sent)}")
     print(f"   slots with an order: {with_order} of {STORM_SLOTS} per round")
     print(f"   duplicate orders: {total} over {args.rounds} rounds — must be 0: {verdict(total == 0)}")
+
+
+def _log_entry(line: str) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
 def forecast_accuracy() -> None:
@@ -710,6 +723,13 @@ def bench(args: argparse.Namespace) -> None:
             crashed = True
             print(f"\nBENCH FAILURE: {failure}")
         finally:
+            warnings = Counter(
+                f"{entry.get('level')} {entry.get('event')}"
+                for entry in map(_log_entry, server.lines)
+                if entry.get("level") in ("warning", "error", "critical")
+            )
+            if warnings:
+                print(f"\nthe replenishment service logged: {dict(warnings.most_common(8))}")
             for process in (server, consent):
                 code = process.terminate()
                 if code != 0:
