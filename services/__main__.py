@@ -161,16 +161,11 @@ def start_training_worker(
 
 SIMULATOR = "simulator"  # its console label and log name (data/simulator.log)
 # The demo replays the last 20 days at a simulated day per second, then runs live: the
-# demo devices reach their reorder points late in the replay (orders within a minute).
+# demo devices run low in the replay (orders within a minute); each is offline for a day
+# and a half early in it.
 SIMULATOR_ARGS = (
-    "--demo",
-    "--fulfil",
-    "--skip",
-    "aiko-printer",
-    "--day-seconds",
-    "1",
-    "--history-days",
-    "20",
+    *("--demo", "--fulfil", "--skip", "aiko-printer"),
+    *("--day-seconds", "1", "--history-days", "20", "--offline-days", "1.5"),
 )
 
 

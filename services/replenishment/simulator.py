@@ -733,6 +733,22 @@ def demo_start_level(history_us: int) -> StartLevel:
     return level
 
 
+def offline_spells(clock: SimClock, days: float) -> Callable[[DeviceCredentials], Sequence[OfflineSpell]]:
+    """One offline spell of `days` per device (none for 0), starting at a time drawn from its
+    id in the first half of the replay: the device sends nothing meanwhile (a power cut, a
+    holiday with the router off) and catches up with fresh readings after it."""
+
+    def spells(device: DeviceCredentials) -> Sequence[OfflineSpell]:
+        if days <= 0:
+            return ()
+        history_us = max(0, clock.real_start_us - clock.start_us)
+        draw = int(hashlib.sha256(f"offline:{device.device_id}".encode()).hexdigest(), 16) % 1000 / 1000
+        start = clock.start_us + int(draw * history_us / 2)
+        return (OfflineSpell(start, start + int(days * DAY_US)),)
+
+    return spells
+
+
 # -- the command ---------------------------------------------------------------------------------------
 
 
@@ -795,6 +811,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reading-hours", type=float, default=DEFAULT_READING_INTERVAL_US / HOUR_US, help="simulated hours"
+    )
+    parser.add_argument(
+        "--offline-days",
+        type=float,
+        default=0.0,
+        help="each device goes offline once for this many simulated days early in the replay (default: never)",
     )
     parser.add_argument("--stream", action="store_true", help="StreamTelemetry instead of ReportTelemetry")
     parser.add_argument(
@@ -859,6 +881,7 @@ async def run_command(args: argparse.Namespace, stop: asyncio.Event) -> Stats:
             options,
             seed=args.seed,
             start_level=demo_start_level(history_us) if args.demo else None,
+            offline=offline_spells(clock, args.offline_days),
         )
         log.info(
             "simulating",

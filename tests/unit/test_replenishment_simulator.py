@@ -17,6 +17,7 @@ from services.replenishment.simulator import (
     SlotPlay,
     Stats,
     demo_start_level,
+    offline_spells,
     request_id_for,
     simulated_specs,
     usage_of,
@@ -138,3 +139,14 @@ def test_simulated_specs_are_distinct_devices_of_every_kind():
     assert {s.kind for s in specs} == {"water_filter", "printer", "coffee_machine"}
     request = specs[0].register_request()
     assert ID.match(request.request_id) and request.slots[0].policy == 1
+
+
+def test_each_device_goes_offline_once_early_in_the_replay():
+    real = FakeRealClock(T0 + 20 * DAY_US)
+    clock = SimClock.replaying(20 * DAY_US, speed=86_400.0, real_us=real)
+    spells = offline_spells(clock, 1.5)
+    water = DeviceCredentials("water-filter", "dev_w", "c", "water_filter", "t")
+    [spell] = spells(water)
+    assert spells(water) == (spell,)  # the same for the same device
+    assert T0 <= spell.start_us <= T0 + 10 * DAY_US and spell.end_us == spell.start_us + int(1.5 * DAY_US)
+    assert offline_spells(clock, 0)(water) == ()
