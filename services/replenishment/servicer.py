@@ -499,11 +499,17 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
         violations.raise_if_any()
         if not (request.customer_id or request.device_id or current_principal().is_admin):
             raise InvalidArgument("customer_id", "set customer_id or device_id", reason="FILTER_REQUIRED")
-        head = await self.db.read(slot_events.head)
+        head, purged = await self.db.read(lambda c: (slot_events.head(c), slot_events.purged_through(c)))
         if request.since_revision > head:
             raise OutOfRange(
                 f"since_revision {request.since_revision} is ahead of the current revision {head}",
                 reason="REVISION_AHEAD",
+            )
+        # 0 means "from the oldest retained event"; a later position must not lie before it.
+        if request.since_revision and request.since_revision < purged:
+            raise OutOfRange(
+                f"events up to {purged} are no longer kept: list again from 0 and continue from there",
+                reason="REVISION_COMPACTED",
             )
         return SlotFilter(request.customer_id, request.device_id, frozenset(types)), head
 
