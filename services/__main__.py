@@ -3,8 +3,9 @@
 Generates development tokens (kept in <data_dir>/dev-tokens.json), starts the four
 services on SQLite under the data directory, says when each is SERVING, starts the
 recommendation training worker (which runs the runs TrainModel queues), loads the demo
-data (unless --no-demo), prints where everything is, and on Ctrl-C (or SIGTERM) stops
-them all gracefully.
+data (unless --no-demo), registers the demo devices and starts the device simulator that
+plays them (services/replenishment/simulator.py), prints where everything is, and on
+Ctrl-C (or SIGTERM) stops them all gracefully.
 
 The console stays short: each service's log goes to <data_dir>/<service>.log, and only
 its lines at NAJIMI_CONSOLE_LEVEL (default `warning`) or above reach the console.
@@ -28,7 +29,7 @@ from types import FrameType
 
 import grpc
 
-from services.demo_data import load_demo
+from services.demo_data import LoadReport, load_demo, register_demo_devices
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
 from shared.settings import DEFAULT_PORTS, SERVICE_NAMES
@@ -158,13 +159,66 @@ def start_training_worker(
     )
 
 
-def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
+SIMULATOR = "simulator"  # its console label and log name (data/simulator.log)
+# The demo replays the last 20 days at a simulated day per second, then runs live: the
+# demo devices reach their reorder points late in the replay (orders within a minute).
+SIMULATOR_ARGS = (
+    "--demo",
+    "--fulfil",
+    "--skip",
+    "aiko-printer",
+    "--day-seconds",
+    "1",
+    "--history-days",
+    "20",
+)
+
+
+def start_demo_devices(
+    data_dir: Path,
+    children: Mapping[str, ServiceProcess],
+    tokens: Mapping[str, str],
+    echo: ConsoleEcho,
+    report: LoadReport,
+) -> ServiceProcess | None:
+    """Registers the demo devices (tokens in demo-devices.json), then starts the simulator
+    that plays them (`python -m services.replenishment.simulator`), as service:storefront
+    for its device reads and service:fulfilment for shipping and delivering their orders."""
+    address = children["replenishment"].address
+    try:
+        devices = register_demo_devices(
+            address,
+            tokens["service:storefront"],
+            data_dir,
+            report.data,
+            report.customers.erased,
+            report.device_id,
+        )
+    except grpc.RpcError as error:
+        say(f"  the demo devices were not registered ({error.code().name}: {error.details()})")
+        return None
+    kinds = ", ".join(device.kind.replace("_", " ") for device in devices)
+    say(f"  {len(devices)} simulated devices ({kinds}; tokens in {relative(data_dir / 'demo-devices.json')})")
+    env = {"NAJIMI_REPLENISHMENT_ADDRESS": address, "NAJIMI_DATA_DIR": str(data_dir)}
+    if echo.threshold == 0 and "NAJIMI_LOG_LEVEL" not in os.environ:
+        env["NAJIMI_LOG_LEVEL"] = "debug"
+    return ServiceProcess(
+        "replenishment.simulator",
+        env,
+        data_dir / f"{SIMULATOR}.log",
+        echo=lambda _service, line: echo(SIMULATOR, line),
+        args=SIMULATOR_ARGS,
+    )
+
+
+def banner(data_dir: Path, children: Mapping[str, ServiceProcess], simulating: bool = False) -> str:
     tokens_file = relative(data_dir / "dev-tokens.json")
     consent = children["consent"].address
     return (
         "\nnajimi is running:\n"
         + "".join(f"  {name:<15} {child.address}\n" for name, child in children.items())
         + f"  {TRAINING_WORKER:<15} runs the training runs TrainModel queues\n"
+        + (f"  {SIMULATOR:<15} plays the demo devices and fulfils their orders\n" if simulating else "")
         + f"Logs: {relative(data_dir)}/<service>.log (the console shows warnings and errors;"
         f" {CONSOLE_LEVEL_VARIABLE}=info or `make run LOG=info` shows more).\n"
         f"Development tokens (principal -> token): {tokens_file}. For example:\n"
@@ -176,17 +230,20 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess]) -> str:
     )
 
 
-def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str) -> None:
+def load_demo_data(
+    data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str
+) -> LoadReport | None:
     say("Loading the demo data (`make run DEMO=0` starts without it):")
     addresses = {f"NAJIMI_{name.upper()}_ADDRESS": child.address for name, child in children.items()}
     try:
         report = load_demo(addresses, admin_token, data_dir, progress=lambda line: say(f"  {line}"))
     except grpc.RpcError as error:
         say(f"  the demo data did not load ({error.code().name}: {error.details()}); the services run on")
-        return
+        return None
     if report.already_loaded:
         say(f"  {report.lines()[0]}")
     say(f"  done in {report.seconds:.1f} s")
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             data_dir, {name: child.address for name, child in children.items()}, tokens, echo
         )
         if not args.no_demo:
-            load_demo_data(data_dir, children, tokens["admin"])
-        say(banner(data_dir, children))
+            report = load_demo_data(data_dir, children, tokens["admin"])
+            simulator = report and start_demo_devices(data_dir, children, tokens, echo, report)
+            if simulator:
+                workers[SIMULATOR] = simulator
+        say(banner(data_dir, children, SIMULATOR in workers))
         running = True
         while not stop.wait(1.0):
             ended = [

@@ -116,9 +116,13 @@ class ConsumptionModel:
         usage = self._days.get(day)
         if usage is None:
             usage = _draw_day(self.profile, self.seed, day)
-            if len(self._days) > 4 * RUNOUT_HORIZON_DAYS:
-                self._days.clear()
-            self._days[day] = usage
+            # Only the day in progress and the next are kept (a thousand simulated devices
+            # should not hold their look-ahead); the rest are drawn again when needed.
+            current = self._next_hour // HOURS_PER_DAY
+            if current <= day <= current + 1:
+                for old in [d for d in self._days if d < current]:
+                    del self._days[old]
+                self._days[day] = usage
         return usage
 
     def _usage_between_hours(self, first: int, stop: int) -> float:

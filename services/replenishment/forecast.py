@@ -112,7 +112,9 @@ class Forecast:
 
     With INSUFFICIENT_DATA the rate fields, days_to_empty and the times derived from them
     are None and reorder_point is the fallback level; with NO_CONSUMPTION the rate is 0
-    and the empty and reorder times are None.
+    and the empty and reorder times are None. STALE is READY (or NO_CONSUMPTION, when the
+    rate is 0) from a device silent for longer than the bound: every field is computed,
+    the level extrapolated, and the confidence low.
     """
 
     status: ForecastStatus
