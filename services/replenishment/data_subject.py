@@ -46,6 +46,8 @@ SERVICE = "replenishment"
 # Stored responses by RPC, for the export to show them as JSON.
 STORED_RESPONSE_TYPES: dict[str, Any] = {
     "RegisterDevice": pb.RegisterDeviceResponse,
+    "CreateSlot": pb.CreateSlotResponse,
+    "RotateDeviceToken": pb.RotateDeviceTokenResponse,
     "Replenish": device_pb.ReplenishResponse,
 }
 NOT_HELD_YET = {

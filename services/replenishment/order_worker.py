@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
-from services.replenishment import order_feed, orders
+from services.replenishment import order_feed, orders, slot_events
 from services.replenishment.ordering import Consent, Ordering
 from services.replenishment.store import devices, slots
 from shared.db import Database
@@ -117,6 +117,12 @@ class OrderWorker:
         while (
             await self.db.write(lambda c: order_feed.purge_before(c, now - self.retention_us))
             == order_feed.PAGE
+        ):
+            pass
+        # The slot feed keeps its events as long (the proto's promise).
+        while (
+            await self.db.write(lambda c: slot_events.purge_before(c, now - self.retention_us))
+            == slot_events.PAGE
         ):
             pass
 

@@ -41,7 +41,7 @@ from services.replenishment.store import ReplenishmentStore
 from services.replenishment.text import check_opaque_id, check_text
 from shared.auth import current_principal, hash_token, new_token
 from shared.db import now_micros
-from shared.errors import InvalidArgument, OutOfRange
+from shared.errors import InvalidArgument, NotFound, OutOfRange
 from shared.page_tokens import ServiceTokens
 from shared.proto_time import duration_micros_from, duration_of_micros, seconds_from, timestamp_of
 from shared.validation import Violations, page_size_of
@@ -351,12 +351,23 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
             ).SerializeToString()
 
         stored, created = await self.store.once(
-            str(current_principal()), "RotateDeviceToken", request, rotate
+            str(current_principal()),
+            "RotateDeviceToken",
+            request,
+            rotate,
+            customer_id=await self._customer_of(request.device_id),
         )
         response = pb.RotateDeviceTokenResponse.FromString(stored)
         if created:
             response.device_token = token  # shown once: never stored, never in a retry's answer
         return response
+
+    async def _customer_of(self, device_id: str) -> str | None:
+        """The device's customer (None for an unknown device: the call then fails NOT_FOUND)."""
+        try:
+            return (await self.store.get_device(device_id)).customer_id
+        except NotFound:
+            return None
 
     async def PauseDevice(self, request: pb.PauseDeviceRequest, context: grpc.aio.ServicerContext) -> Any:
         return pb.PauseDeviceResponse(device=await self._pause_device(request.device_id, True))
@@ -384,7 +395,14 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
             slot = lifecycle.create_slot(connection, request.device_id, settings, now_micros())
             return pb.CreateSlotResponse(slot=slot_message(slot)).SerializeToString()
 
-        stored, _ = await self.store.once(str(current_principal()), "CreateSlot", request, create)
+        # Kept for retries about the device's customer: an erasure of the customer removes it.
+        stored, _ = await self.store.once(
+            str(current_principal()),
+            "CreateSlot",
+            request,
+            create,
+            customer_id=await self._customer_of(request.device_id),
+        )
         return pb.CreateSlotResponse.FromString(stored)
 
     async def GetSlot(self, request: pb.GetSlotRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -481,11 +499,17 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
         violations.raise_if_any()
         if not (request.customer_id or request.device_id or current_principal().is_admin):
             raise InvalidArgument("customer_id", "set customer_id or device_id", reason="FILTER_REQUIRED")
-        head = await self.db.read(slot_events.head)
+        head, purged = await self.db.read(lambda c: (slot_events.head(c), slot_events.purged_through(c)))
         if request.since_revision > head:
             raise OutOfRange(
                 f"since_revision {request.since_revision} is ahead of the current revision {head}",
                 reason="REVISION_AHEAD",
+            )
+        # 0 means "from the oldest retained event"; a later position must not lie before it.
+        if request.since_revision and request.since_revision < purged:
+            raise OutOfRange(
+                f"events up to {purged} are no longer kept: list again from 0 and continue from there",
+                reason="REVISION_COMPACTED",
             )
         return SlotFilter(request.customer_id, request.device_id, frozenset(types)), head
 

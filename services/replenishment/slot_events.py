@@ -20,7 +20,13 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment.feed_follower import FeedFollower
-from services.replenishment.store import SLOT_FEED, allocate_revision, current_revision, slot_events
+from services.replenishment.store import (
+    SLOT_FEED,
+    allocate_revision,
+    current_revision,
+    feed_heads,
+    slot_events,
+)
 from shared.db import Database, now_micros
 from shared.proto_time import timestamp_of
 
@@ -122,6 +128,40 @@ def events_after(
 
 def head(connection: Connection) -> int:
     return current_revision(connection, SLOT_FEED)
+
+
+# feed_heads row holding the highest revision purged (retention), for REVISION_COMPACTED.
+# Erasure deletes events too, so the oldest event left does not say what was purged.
+PURGED = "slots_purged"
+
+
+def purged_through(connection: Connection) -> int:
+    found = connection.execute(sa.select(feed_heads.c.revision).where(feed_heads.c.feed == PURGED)).scalar()
+    return int(found or 0)
+
+
+def purge_before(connection: Connection, create_time_us: int, limit: int = PAGE) -> int:
+    """Deletes up to `limit` of the oldest events created before `create_time_us` (the order
+    feed's retention; order_worker.py calls it); returns how many."""
+    doomed = list(
+        connection.execute(
+            sa.select(slot_events.c.revision)
+            .where(slot_events.c.create_time_us < create_time_us)
+            .order_by(slot_events.c.revision)
+            .limit(limit)
+        ).scalars()
+    )
+    if not doomed:
+        return 0
+    connection.execute(slot_events.delete().where(slot_events.c.revision.in_(doomed)))
+    marked = connection.execute(
+        feed_heads.update()
+        .where(feed_heads.c.feed == PURGED, feed_heads.c.revision < doomed[-1])
+        .values(revision=doomed[-1])
+    ).rowcount
+    if not marked and not purged_through(connection):
+        connection.execute(feed_heads.insert().values(feed=PURGED, revision=doomed[-1]))
+    return len(doomed)
 
 
 class SlotFeed(FeedFollower):

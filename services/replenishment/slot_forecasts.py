@@ -67,9 +67,10 @@ def forecast_of_slot(connection: Connection, slot: sa.Row, now_us: int) -> SlotF
     # decision (each telemetry batch), where SQLAlchemy's row objects cost several ms.
     cursor = connection.connection.cursor()
     try:
-        marker = "%s" if connection.dialect.name == "postgresql" else "?"
         cursor.execute(
-            _EPOCH_READINGS.replace("?", marker),
+            _EPOCH_READINGS.replace("?", "%s")
+            if connection.dialect.name == "postgresql"
+            else _EPOCH_READINGS,
             (slot.device_id, slot.slot_id, slot.epoch, forecast.MAX_READINGS),
         )
         points: list[tuple[int, float]] = list(cursor.fetchall())

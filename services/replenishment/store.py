@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf.message import Message
@@ -203,6 +204,15 @@ slot_events = sa.Table(
     sa.Index("slot_events_by_device", "device_id", "revision"),
     sa.Index("slot_events_by_age", "create_time_us"),
 )
+
+
+def driver_sql(connection: Connection, sql: str, parameters: Any) -> Any:
+    """Runs `sql` ("?" placeholders; "%s" for psycopg) as driver SQL in the caller's
+    transaction: for the telemetry hot path, where SQLAlchemy's statement building and row
+    processing cost more than the database's work. Rows still read by column name."""
+    if connection.dialect.name == "postgresql":
+        sql = sql.replace("?", "%s")
+    return connection.exec_driver_sql(sql, parameters)
 
 
 def allocate_revision(connection: Connection, feed: str) -> int:
@@ -467,12 +477,9 @@ class ReplenishmentStore:
         def query(connection: Connection) -> tuple[str, str] | None:
             # Driver SQL: this runs before every device call, and SQLAlchemy's statement
             # building would cost more than the indexed look-up itself.
-            marker = "%s" if connection.dialect.name == "postgresql" else "?"
-            row = connection.exec_driver_sql(_BY_TOKEN_HASH.replace("?", marker), (digest,)).first()
+            row = driver_sql(connection, _BY_TOKEN_HASH, (digest,)).first()
             if row is None:
-                row = connection.exec_driver_sql(
-                    _BY_PREVIOUS_HASH.replace("?", marker), (digest, now_micros())
-                ).first()
+                row = driver_sql(connection, _BY_PREVIOUS_HASH, (digest, now_micros())).first()
             return (row[0], row[1]) if row else None
 
         try:

@@ -30,7 +30,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -38,7 +37,7 @@ from sqlalchemy.engine import Connection
 from services.replenishment import slot_events
 from services.replenishment.devices import DeviceState
 from services.replenishment.slots import DAY_US, SLOT_ID, Slot, SlotStatus, slot_status
-from services.replenishment.store import _slot, device_deregistered, device_not_found, readings
+from services.replenishment.store import _slot, device_deregistered, device_not_found, driver_sql, readings
 from shared.validation import REQUEST_ID, is_valid_id
 
 MAX_FUTURE_US = 5 * 60 * 1_000_000
@@ -211,8 +210,7 @@ class Owner:
     test: bool
 
 
-# The hot path's statements, as driver SQL ("?" becomes "%s" for psycopg): SQLAlchemy's
-# statement building and compilation cost more than SQLite's work for a small batch.
+# The hot path's statements, as driver SQL (store.driver_sql).
 _DEVICE = "SELECT customer_id, state, test FROM devices WHERE device_id = ?"
 _SLOTS = "SELECT * FROM slots WHERE device_id = ?"
 _STORED = "SELECT reading_id FROM readings WHERE device_id = ? AND reading_id IN ({})"
@@ -227,14 +225,8 @@ _UPDATE_SLOT = (
 _SEEN = "UPDATE devices SET last_seen_time_us = ? WHERE device_id = ?"
 
 
-def _run(connection: Connection, sql: str, parameters: Any) -> Any:
-    if connection.dialect.name == "postgresql":
-        sql = sql.replace("?", "%s")
-    return connection.exec_driver_sql(sql, parameters)
-
-
 def _owner(connection: Connection, device_id: str) -> Owner:
-    row = _run(connection, _DEVICE, (device_id,)).first()
+    row = driver_sql(connection, _DEVICE, (device_id,)).first()
     if row is None:
         raise device_not_found(device_id)
     if row.state != DeviceState.ACTIVE.value:
@@ -253,7 +245,7 @@ def record(
     (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one)."""
     device = _owner(connection, device_id)
     locked = _SLOTS + (" FOR UPDATE" if connection.dialect.name == "postgresql" else "")
-    by_slot = {row.slot_id: _slot(row) for row in _run(connection, locked, (device_id,))}
+    by_slot = {row.slot_id: _slot(row) for row in driver_sql(connection, locked, (device_id,))}
     capacities = {slot_id: slot.settings.capacity for slot_id, slot in by_slot.items()}
     results = [Result(reading.reading_id) for reading in batch]
     sound: dict[str, int] = {}  # reading_id -> index in batch, first copy only
@@ -270,7 +262,7 @@ def record(
     touched: set[str] = set()
     if sound:
         ids = list(sound)
-        stored = _run(connection, _STORED.format(", ".join("?" * len(ids))), (device_id, *ids))
+        stored = driver_sql(connection, _STORED.format(", ".join("?" * len(ids))), (device_id, *ids))
         for (reading_id,) in stored:
             index = sound.pop(reading_id)
             results[index].status = "DUPLICATE"
@@ -319,7 +311,7 @@ def record(
         rows.append((device_id, reading.reading_id, slot_id, reading.level, measured, now_us, epoch, refill))
         results[sound[reading.reading_id]].refill = refill
     if rows:
-        _run(connection, _INSERT, rows)
+        driver_sql(connection, _INSERT, rows)
     for slot_id, series in series_of.items():
         state = series.slot.state
         _status_event(
@@ -329,7 +321,7 @@ def record(
             slot_status(state.level, series.slot.settings.fallback_reorder_level),
             now_us,
         )
-        _run(
+        driver_sql(
             connection,
             _UPDATE_SLOT,
             (
@@ -344,7 +336,7 @@ def record(
         )
         touched.add(slot_id)
     if seen_by_device:
-        _run(connection, _SEEN, (now_us, device_id))
+        driver_sql(connection, _SEEN, (now_us, device_id))
     levels = {}
     for slot_id in sorted(touched):
         series = series_of.get(slot_id)

@@ -382,3 +382,41 @@ async def test_a_slot_shows_its_open_order_and_the_period_s_orders_and_spend(sta
         0,
         0,
     )
+
+
+async def test_slot_events_past_the_retention_are_compacted(start_service, database_url):
+    from services.replenishment import slot_events
+    from shared.db import Database, now_micros
+
+    device = await _device(start_service, database_url)
+    stub, storefront = device.stub, device.service.auth("service:storefront")
+    for _ in range(2):
+        await stub.PauseSlot(
+            pb.PauseSlotRequest(device_id=device.device_id, slot_id="black"), metadata=storefront
+        )
+        await stub.ResumeSlot(
+            pb.ResumeSlotRequest(device_id=device.device_id, slot_id="black"), metadata=storefront
+        )
+    database = Database(database_url, "replenishment")
+    try:
+        # Everything up to now is past a retention that ends now: the first three go, in pages of 3.
+        assert database.transaction(lambda c: slot_events.purge_before(c, now_micros(), limit=3)) == 3
+    finally:
+        database.close()
+    request = pb.ListSlotEventsRequest(device_id=device.device_id, since_revision=2)
+    error = await rpc_error(stub.ListSlotEvents(request, metadata=storefront))
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE and error_reason(error) == "REVISION_COMPACTED"
+    error = await rpc_error(
+        _first(
+            stub.WatchSlotEvents(
+                pb.WatchSlotEventsRequest(device_id=device.device_id, since_revision=1), metadata=storefront
+            )
+        )
+    )
+    assert error_reason(error) == "REVISION_COMPACTED"
+    # From 0 (the oldest kept) or from the purge point on, nothing is missing.
+    for since in (0, 3):
+        page = await stub.ListSlotEvents(
+            pb.ListSlotEventsRequest(device_id=device.device_id, since_revision=since), metadata=storefront
+        )
+        assert [e.revision for e in page.events] == [4, 5]
