@@ -3,9 +3,11 @@
 Generates development tokens (kept in <data_dir>/dev-tokens.json), starts the four
 services on SQLite under the data directory, says when each is SERVING, starts the
 recommendation training worker (which runs the runs TrainModel queues), loads the demo
-data (unless --no-demo), prints where everything is, trains and activates a first
-recommendation model on the demo data in the background (services/demo_model.py; a line
-says when it is ACTIVE), and on Ctrl-C (or SIGTERM) stops them all gracefully.
+data (unless --no-demo), registers the demo devices and starts the device simulator that
+plays them (services/replenishment/simulator.py), prints where everything is, trains and
+activates a first recommendation model on the demo data in the background
+(services/demo_model.py; a line says when it is ACTIVE), and on Ctrl-C (or SIGTERM) stops
+them all gracefully.
 
 The console stays short: each service's log goes to <data_dir>/<service>.log, and only
 its lines at NAJIMI_CONSOLE_LEVEL (default `warning`) or above reach the console.
@@ -29,7 +31,7 @@ from types import FrameType
 
 import grpc
 
-from services.demo_data import load_demo
+from services.demo_data import LoadReport, load_demo, register_demo_devices
 from shared.dev_tokens import ensure_dev_tokens
 from shared.processes import ServiceProcess
 from shared.settings import DEFAULT_PORTS, SERVICE_NAMES, load_settings
@@ -159,7 +161,59 @@ def start_training_worker(
     )
 
 
-def banner(data_dir: Path, children: Mapping[str, ServiceProcess], first_model: bool = False) -> str:
+SIMULATOR = "simulator"  # its console label and log name (data/simulator.log)
+# The demo replays the last 20 days at a simulated day per second, then runs live: the
+# demo devices run low in the replay (orders within a minute); each is offline for a day
+# and a half early in it.
+SIMULATOR_ARGS = (
+    *("--demo", "--fulfil", "--skip", "aiko-printer"),
+    *("--day-seconds", "1", "--history-days", "20", "--offline-days", "1.5"),
+)
+
+
+def start_demo_devices(
+    data_dir: Path,
+    children: Mapping[str, ServiceProcess],
+    tokens: Mapping[str, str],
+    echo: ConsoleEcho,
+    report: LoadReport,
+) -> ServiceProcess | None:
+    """Registers the demo devices (tokens in demo-devices.json), then starts the simulator
+    that plays them (`python -m services.replenishment.simulator`), as service:storefront
+    for its device reads and service:fulfilment for shipping and delivering their orders."""
+    address = children["replenishment"].address
+    try:
+        devices = register_demo_devices(
+            address,
+            tokens["service:storefront"],
+            data_dir,
+            report.data,
+            report.customers.erased,
+            report.device_id,
+        )
+    except grpc.RpcError as error:
+        say(f"  the demo devices were not registered ({error.code().name}: {error.details()})")
+        return None
+    kinds = ", ".join(device.kind.replace("_", " ") for device in devices)
+    say(f"  {len(devices)} simulated devices ({kinds}; tokens in {relative(data_dir / 'demo-devices.json')})")
+    env = {"NAJIMI_REPLENISHMENT_ADDRESS": address, "NAJIMI_DATA_DIR": str(data_dir)}
+    if echo.threshold == 0 and "NAJIMI_LOG_LEVEL" not in os.environ:
+        env["NAJIMI_LOG_LEVEL"] = "debug"
+    return ServiceProcess(
+        "replenishment.simulator",
+        env,
+        data_dir / f"{SIMULATOR}.log",
+        echo=lambda _service, line: echo(SIMULATOR, line),
+        args=SIMULATOR_ARGS,
+    )
+
+
+def banner(
+    data_dir: Path,
+    children: Mapping[str, ServiceProcess],
+    first_model: bool = False,
+    simulating: bool = False,
+) -> str:
     tokens_file = relative(data_dir / "dev-tokens.json")
     consent = children["consent"].address
     training = "runs the training runs TrainModel queues"
@@ -169,6 +223,7 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess], first_model: 
         "\nnajimi is running:\n"
         + "".join(f"  {name:<15} {child.address}\n" for name, child in children.items())
         + f"  {TRAINING_WORKER:<15} {training}\n"
+        + (f"  {SIMULATOR:<15} plays the demo devices and fulfils their orders\n" if simulating else "")
         + f"Logs: {relative(data_dir)}/<service>.log (the console shows warnings and errors;"
         f" {CONSOLE_LEVEL_VARIABLE}=info or `make run LOG=info` shows more).\n"
         f"Development tokens (principal -> token): {tokens_file}. For example:\n"
@@ -180,19 +235,20 @@ def banner(data_dir: Path, children: Mapping[str, ServiceProcess], first_model: 
     )
 
 
-def load_demo_data(data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str) -> bool:
-    """Loads the demo data (or finds it loaded); False when it did not load."""
+def load_demo_data(
+    data_dir: Path, children: Mapping[str, ServiceProcess], admin_token: str
+) -> LoadReport | None:
     say("Loading the demo data (`make run DEMO=0` starts without it):")
     addresses = {f"NAJIMI_{name.upper()}_ADDRESS": child.address for name, child in children.items()}
     try:
         report = load_demo(addresses, admin_token, data_dir, progress=lambda line: say(f"  {line}"))
     except grpc.RpcError as error:
         say(f"  the demo data did not load ({error.code().name}: {error.details()}); the services run on")
-        return False
+        return None
     if report.already_loaded:
         say(f"  {report.lines()[0]}")
     say(f"  done in {report.seconds:.1f} s")
-    return True
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,8 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         workers[TRAINING_WORKER] = start_training_worker(
             data_dir, {name: child.address for name, child in children.items()}, tokens, echo
         )
-        first_model = not args.no_demo and load_demo_data(data_dir, children, tokens["admin"])
-        say(banner(data_dir, children, first_model))
+        report = None if args.no_demo else load_demo_data(data_dir, children, tokens["admin"])
+        if report is not None:
+            simulator = start_demo_devices(data_dir, children, tokens, echo, report)
+            if simulator:
+                workers[SIMULATOR] = simulator
+        first_model = report is not None
+        say(banner(data_dir, children, first_model, SIMULATOR in workers))
         if first_model:
             # Imported here, after the banner: its imports (SQLAlchemy, the copy's tables) take
             # about 0.5 s that the start-up need not wait for.

@@ -24,13 +24,18 @@ A demo customer erased by a data-subject request cannot be created again
 consents and events (and the device, if it was theirs), and says so.
 
 The demo device's token is returned only once; it is kept in <data_dir>/demo-devices.json
-so a grpcurl user can act as that device.
+(`DeviceBook`: name -> device id and token) so a grpcurl user can act as that device.
+
+`register_demo_devices` (after the load, on every start: it is idempotent) registers the
+simulated demo devices (`demo_fleet`: one water filter, printer and coffee machine of
+demo customers who granted `replenishment.automatic_ordering`, their slots AUTO) into the
+same file; `make run` then plays them with services/replenishment/simulator.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +57,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as repl_pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as repl_grpc
 
 from services.demo_generator import (
+    AUTOMATIC_ORDERING,
     CURRENCY,
     DAY_US,
     DEFAULT_CUSTOMERS,
@@ -61,6 +67,15 @@ from services.demo_generator import (
     DemoData,
     DemoEvent,
     generate,
+)
+from services.replenishment.simulator import (
+    DEMO_DEVICES_FILE,
+    DeviceBook,
+    DeviceCredentials,
+    DeviceSpec,
+    SlotSpec,
+    register_devices,
+    rotate_token,
 )
 from shared.errors import error_reason
 
@@ -424,15 +439,93 @@ def _ingest_events(
 
 def _register_device(channel: grpc.Channel, metadata: Any, data_dir: Path | None) -> str:
     """Registers the demo device; returns its id. Its token comes only in the first reply."""
+    request = _device_request()
     registered = repl_grpc.ReplenishmentServiceStub(channel).RegisterDevice(
-        _device_request(), metadata=metadata, timeout=CALL_TIMEOUT
+        request, metadata=metadata, timeout=CALL_TIMEOUT
     )
     if data_dir is not None and registered.device_token:
-        path = data_dir / "demo-devices.json"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump({f"device:{registered.device.device_id}": registered.device_token}, file, indent=2)
+        DeviceBook(data_dir / DEMO_DEVICES_FILE).put(
+            DeviceCredentials(
+                AIKO_PRINTER,
+                registered.device.device_id,
+                request.customer_id,
+                request.kind,
+                registered.device_token,
+            )
+        )
     return str(registered.device.device_id)
+
+
+AIKO_PRINTER = "aiko-printer"  # the demo device's name in demo-devices.json (not simulated)
+# The simulated demo devices: (name, device kind, slot id), one of each kind.
+FLEET_KINDS = (
+    ("water-filter", "water_filter", "filter"),
+    ("printer", "printer", "ink"),
+    ("coffee-machine", "coffee_machine", "care"),
+)
+
+
+def demo_fleet(data: DemoData, erased: Sequence[str] = ()) -> list[DeviceSpec]:
+    """One device of each kind, of the first demo customer (but demo-aiko, whose printer
+    the README drives by hand) who has one and lets it re-order: its consumable's slot,
+    AUTO, priced from the catalog, delivered in 2 days."""
+    items = {item.item_id: item for item in data.items}
+    specs = []
+    for name, kind, slot_id in FLEET_KINDS:
+        for customer in data.customers:
+            granted = any(grant.purpose == AUTOMATIC_ORDERING for grant in customer.consents)
+            habit = next((h for h in customer.habits if h.device == kind), None)
+            if customer.customer_id == DEVICE_OWNER or customer.customer_id in erased:
+                continue
+            if granted and habit is not None and habit.item_id in items:
+                item = items[habit.item_id]
+                specs.append(
+                    DeviceSpec(
+                        name=name,
+                        customer_id=customer.customer_id,
+                        kind=kind,
+                        serial_number=f"DEMO-{name}-{customer.customer_id}",
+                        manufacturer=item.brand or "Najimi Sim",
+                        display_name=f"Demo {kind.replace('_', ' ')}",
+                        slots=(
+                            SlotSpec(
+                                slot_id,
+                                item.item_id,
+                                display_name=item.title[:200],
+                                unit_price_micros=item.price_micros,
+                                currency_code=CURRENCY,
+                                lead_time_us=2 * DAY_US,
+                            ),
+                        ),
+                    )
+                )
+                break
+    return specs
+
+
+def register_demo_devices(
+    address: str,
+    token: str,
+    data_dir: Path,
+    data: DemoData,
+    erased: Sequence[str] = (),
+    printer_id: str = "",
+) -> list[DeviceCredentials]:
+    """Registers the demo fleet (a retry is safe); the tokens go into demo-devices.json.
+    The demo device (`printer_id`) gets a new token when the file lacks its own (a data
+    directory from before the file named its devices)."""
+
+    async def register() -> list[DeviceCredentials]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            book = DeviceBook(data_dir / DEMO_DEVICES_FILE)
+            known = book.entries.get(AIKO_PRINTER)
+            if printer_id and (known is None or known.device_id != printer_id):
+                stub = repl_grpc.ReplenishmentServiceStub(channel)
+                new_token = await rotate_token(stub, token, printer_id)
+                book.put(DeviceCredentials(AIKO_PRINTER, printer_id, DEVICE_OWNER, "printer", new_token))
+            return await register_devices(channel, token, demo_fleet(data, erased), book)
+
+    return asyncio.run(register())
 
 
 @dataclass

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import duration_pb2
@@ -71,6 +71,7 @@ class ConsentCache:
         self._known_purposes: frozenset[str] = frozenset()
         self._purposes_listed_at = -VOCABULARY_REFRESH_SECONDS
         self._listing_purposes = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     # What callers use --------------------------------------------------------------------
 
@@ -127,6 +128,16 @@ class ConsentCache:
             ) from None
         finally:
             await channel.close()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` (on the event loop, without arguments) after the cache applied
+        a change or a full list, e.g. to act on a withdrawal at once rather than at the
+        next poll. It must not block."""
+        self._listeners.append(listener)
+
+    def _changed_now(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     async def wait_synced(self, timeout: float) -> bool:
         """Waits until the first full list has been applied; False on timeout."""
@@ -203,6 +214,7 @@ class ConsentCache:
                 break
         self.index = index
         await self._heard()
+        self._changed_now()
 
     async def _watch(self, stub: pb_grpc.ConsentServiceStub) -> None:
         stream = stub.WatchConsentChanges(
@@ -215,6 +227,7 @@ class ConsentCache:
         async for message in stream:
             if message.HasField("change"):
                 self.index.apply(message.change)
+                self._changed_now()
             else:
                 self.index.revision = max(self.index.revision, message.heartbeat.current_revision)
             await self._heard()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -126,6 +126,19 @@ class PermissionDenied(DomainError):
 class ResourceExhausted(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after: float | None = None):
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after  # seconds; sent as a google.rpc.RetryInfo when set
+
+    def details(self) -> list[any_pb2.Any]:
+        if self.retry_after is None:
+            return super().details()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, round(self.retry_after * 1e9)))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        return [*super().details(), packed]
 
 
 class Unavailable(DomainError):

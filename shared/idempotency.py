@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection
 
 from shared.db import now_micros
 from shared.errors import InvalidArgument
-from shared.keys import pseudonym_key
+from shared.keys import keyed_hash, pseudonym_key
 from shared.settings import Settings
 
 HOUR_US = 3_600 * 1_000_000
@@ -120,6 +120,11 @@ class Idempotency:
         copy.CopyFrom(request)
         copy.ClearField("request_id")  # type: ignore[arg-type]
         return hmac.new(self._key, copy.SerializeToString(deterministic=True), hashlib.sha256).digest()
+
+    def pseudonym(self, value: str) -> str:
+        """The keyed hash (HMAC-SHA256, hex) of `value` under this service's pseudonym key: what
+        an erasure leaves in records kept for accounting (e.g. replenishment's orders)."""
+        return keyed_hash(self._key, value)
 
     @staticmethod
     def context(principal: str, rpc: str, request_id: str) -> str:

@@ -136,8 +136,39 @@ class Settings(BaseSettings):
     consent_max_staleness_seconds: float = Field(
         30.0, gt=0, le=3600, description="Consent state older than this is not acted on (fail closed)."
     )
+    replenishment_cancellation_window_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        le=30 * 86_400,
+        description="How long a new order stays PENDING (cancellable by the customer) before it is PLACED.",
+    )
+    replenishment_order_events_retention_days: float = Field(
+        30.0,
+        gt=0,
+        le=3660,
+        description="How long the replenishment order feed keeps an event; older ones are purged.",
+    )
+    replenishment_promotion_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How often the replenishment service places orders whose cancellation window closed "
+            "and re-checks pending orders against the consent state (a consent change also wakes it)."
+        ),
+    )
     client_timeout_seconds: float = Field(
         5.0, gt=0, le=300, description="Default deadline of outgoing calls."
+    )
+    replenishment_telemetry_readings_per_second: float = Field(
+        50.0,
+        gt=0,
+        le=100_000,
+        description=(
+            "Replenishment: readings one device may send per second over all its telemetry calls "
+            "and streams (a token bucket holding up to 10 s of them, at least 1000); a stream "
+            "beyond it ends with RESOURCE_EXHAUSTED."
+        ),
     )
 
     @field_validator("database_url")

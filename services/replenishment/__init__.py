@@ -17,6 +17,5 @@ each for itself). Who owns what, so that parts can be built side by side:
 - orders.py: cancellation, the PENDING -> PLACED promotion, Ship/Deliver/Reject.
 - order_feed.py: the order feed (ListOrderEvents, WatchOrderEvents; `order_events`).
 - data_subject.py: export and erasure.
-- servicer.py (ReplenishmentService) and device_api.py (DeviceService, today in
-  servicer.py): thin servicers over the modules above.
+- servicer.py (ReplenishmentService) and device_api.py (DeviceService): thin servicers over the modules above.
 """

@@ -1,7 +1,8 @@
 """najimi.privacy.v1.DataSubjectService of the replenishment service: a customer's export and erasure.
 
 What this service holds about a customer: their devices (retired ones too) with their
-slots, and the stored responses of RegisterDevice calls for them (kept for retries).
+slots, the slots' readings, the slot events of their devices, and the stored responses of
+RegisterDevice and Replenish calls for them (kept for retries).
 Device tokens are never exported: only their hashes are stored, and those are secrets
 of the device, not data about the customer. The document has one shape whether or not
 the customer is known:
@@ -12,7 +13,8 @@ the customer is known:
 An export is a read: a retry with the same request_id reads the data again rather than
 keeping a second copy of it (the document is the same while the data is unchanged).
 
-Erasure deletes the devices, their slots (their tokens with them) and those stored
+Erasure deletes the devices, their slots, readings and slot events (the devices' tokens
+with them: the next call of an erased device is UNAUTHENTICATED) and those stored
 responses in one transaction; it is idempotent by request_id (a retry returns the first
 result). The service keeps no tombstone: the customer may register devices again later.
 """
@@ -22,16 +24,19 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from google.protobuf import json_format
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from najimi.privacy.v1 import data_subject_service_pb2_grpc as privacy_grpc
+from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment.devices import Device
+from services.replenishment.orders import customer_orders
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
-from services.replenishment.store import ReplenishmentStore
+from services.replenishment.store import ReplenishmentStore, readings, slot_events
 from shared.data_subject import check_request, erase_once, rfc3339, struct_of
 from shared.db import now_micros
 from shared.idempotency import StoredReply
@@ -39,11 +44,14 @@ from shared.proto_time import duration_of_micros, timestamp_of
 
 SERVICE = "replenishment"
 # Stored responses by RPC, for the export to show them as JSON.
-STORED_RESPONSE_TYPES: dict[str, Any] = {"RegisterDevice": pb.RegisterDeviceResponse}
+STORED_RESPONSE_TYPES: dict[str, Any] = {
+    "RegisterDevice": pb.RegisterDeviceResponse,
+    "CreateSlot": pb.CreateSlotResponse,
+    "RotateDeviceToken": pb.RotateDeviceTokenResponse,
+    "Replenish": device_pb.ReplenishResponse,
+}
 NOT_HELD_YET = {
-    "telemetry": "consumption readings are not collected by this version",
-    "forecasts": "depletion forecasts are not computed by this version",
-    "orders": "replenishment orders are not placed by this version",
+    "forecasts": "depletion forecasts are computed when asked for, never stored",
 }
 
 
@@ -76,6 +84,11 @@ def slot_document(slot: Slot) -> dict[str, Any]:
             "max_spend_micros": limits.max_spend_micros,
             "currency_code": limits.currency_code,
         },
+        "expected_stock_after_delivery": settings.expected_stock_after_delivery,
+        "paused": slot.paused,
+        "level": slot.state.level,
+        "level_time": rfc3339(slot.state.level_time_us),
+        "last_refill_time": rfc3339(slot.state.last_refill_time_us),
         "create_time": rfc3339(slot.create_time_us),
         "update_time": rfc3339(slot.update_time_us),
     }
@@ -98,6 +111,8 @@ def device_document(device: Device) -> dict[str, Any]:
         "deregister_time": rfc3339(device.deregister_time_us),
         "token_create_time": rfc3339(device.token_create_time_us),
         "last_seen_time": rfc3339(device.last_seen_time_us),
+        "test": device.test,
+        "paused": device.paused,
     }
 
 
@@ -115,15 +130,68 @@ def stored_response_document(stored: StoredReply) -> dict[str, Any]:
     }
 
 
-def export_document(customer_id: str, devices: list[Device], stored: list[StoredReply]) -> dict[str, Any]:
+def export_document(
+    customer_id: str,
+    devices: list[Device],
+    stored: list[StoredReply],
+    held_readings: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "customer_id": customer_id,
         "held": {
             "devices": [device_document(device) for device in devices],
+            "readings": held_readings,
+            "slot_events": events,
             "stored_responses": [stored_response_document(s) for s in stored],
         },
         "not_held_yet": NOT_HELD_YET,
     }
+
+
+def readings_of(connection: Connection, device_ids: list[str]) -> list[dict[str, Any]]:
+    """Every stored reading of these devices, by device, slot and measure time."""
+    if not device_ids:
+        return []
+    rows = connection.execute(
+        sa.select(readings)
+        .where(readings.c.device_id.in_(device_ids))
+        .order_by(readings.c.device_id, readings.c.slot_id, readings.c.measure_time_us, readings.c.reading_id)
+    )
+    return [
+        {
+            "device_id": row.device_id,
+            "slot_id": row.slot_id,
+            "reading_id": row.reading_id,
+            "level": row.level,
+            "measure_time": rfc3339(row.measure_time_us),
+            "receive_time": rfc3339(row.receive_time_us),
+            "refill": row.refill,
+        }
+        for row in rows
+    ]
+
+
+def slot_events_of(connection: Connection, customer_id: str) -> list[dict[str, Any]]:
+    rows = connection.execute(
+        sa.select(slot_events)
+        .where(slot_events.c.customer_id == customer_id)
+        .order_by(slot_events.c.revision)
+    )
+    return [
+        {
+            "revision": row.revision,
+            "type": row.type,
+            "device_id": row.device_id,
+            "slot_id": row.slot_id,
+            "outcome": row.outcome,
+            "order_id": row.order_id,
+            "level": row.level,
+            "message": row.message,
+            "event_time": rfc3339(row.event_time_us),
+        }
+        for row in rows
+    ]
 
 
 class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
@@ -138,11 +206,20 @@ class ReplenishmentDataSubjectServicer(privacy_grpc.DataSubjectServiceServicer):
         exported_at = now_micros()
 
         def read(connection: Connection) -> dict[str, Any]:
-            return export_document(
+            devices = self.store.customer_devices(connection, customer_id)
+            document = export_document(
                 customer_id,
-                self.store.customer_devices(connection, customer_id),
+                devices,
                 self.store.stored_responses(connection, customer_id),
+                readings_of(connection, [device.device_id for device in devices]),
+                slot_events_of(connection, customer_id),
             )
+            # The customer's orders (orders.py), as the order messages of the API.
+            document["held"]["orders"] = [
+                json_format.MessageToDict(order, preserving_proto_field_name=True)
+                for order in customer_orders(connection, customer_id)
+            ]
+            return document
 
         document = await self.store.db.read(read)
         return privacy_pb.ExportCustomerDataResponse(

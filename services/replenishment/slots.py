@@ -61,20 +61,69 @@ class SlotSettings:
     service_level: float = 0.0
     fallback_reorder_level: float = 0.0
     limits: SlotLimits = field(default_factory=SlotLimits)
+    expected_stock_after_delivery: float = 0.0  # 0 means capacity
+
+
+class SlotStatus(enum.Enum):
+    NO_DATA = "NO_DATA"
+    OK = "OK"
+    LOW = "LOW"
+    EMPTY = "EMPTY"
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """What the service knows of a slot from its telemetry (telemetry.py keeps it)."""
+
+    level: float | None = None  # the latest by measure_time; None before any reading
+    level_time_us: int | None = None
+    epoch: int = 0  # the consumption epoch: a refill starts the next
+    epoch_start_time_us: int | None = None
+    last_refill_time_us: int | None = None
+    last_outcome: str | None = None  # a ReplenishOutcome name without its prefix
+
+
+@dataclass(frozen=True)
+class SlotOrders:
+    """The slot's orders as its state shows them (orders.py writes them)."""
+
+    open_order_id: str = ""
+    orders_in_period: int = 0  # non-cancelled orders in the current limit period
+    spend_in_period_micros: int = 0
 
 
 @dataclass(frozen=True)
 class Slot:
-    """A stored slot: its settings with defaults applied, and when they were set."""
+    """A stored slot: its settings with defaults applied, when they were set, and its state."""
 
     device_id: str
     settings: SlotSettings
     create_time_us: int
     update_time_us: int
+    paused: bool = False
+    state: SlotState = field(default_factory=SlotState)
+    orders: SlotOrders = field(default_factory=SlotOrders)
+
+    @property
+    def status(self) -> SlotStatus:
+        """The level against the slot's reorder level; a slot with an open order is LOW."""
+        status = slot_status(self.state.level, self.settings.fallback_reorder_level)
+        if status is SlotStatus.OK and self.orders.open_order_id:
+            return SlotStatus.LOW
+        return status
 
     @property
     def safety_z(self) -> float:
         return safety_z(self.settings.service_level)
+
+
+def slot_status(level: float | None, reorder_level: float) -> SlotStatus:
+    """A level against the reorder level: NO_DATA without one, EMPTY at 0, LOW at or below it."""
+    if level is None:
+        return SlotStatus.NO_DATA
+    if level <= 0:
+        return SlotStatus.EMPTY
+    return SlotStatus.LOW if level <= reorder_level else SlotStatus.OK
 
 
 def safety_z(service_level: float) -> float:
@@ -138,6 +187,9 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
         violations.add(f"{prefix}.fallback_reorder_level", "must be 0 to capacity (0 means 20% of capacity)")
     elif fallback == 0 and capacity_ok:
         fallback = DEFAULT_FALLBACK_SHARE * slot.capacity
+    stock = slot.expected_stock_after_delivery
+    if not math.isfinite(stock) or stock < 0 or (capacity_ok and stock > slot.capacity):
+        violations.add(f"{prefix}.expected_stock_after_delivery", "must be 0 to capacity (0 means capacity)")
     violations.require_range(
         f"{prefix}.limits.max_orders_per_period",
         limits.max_orders_per_period,
@@ -166,3 +218,51 @@ def settled_slot(violations: Violations, prefix: str, slot: SlotSettings) -> Slo
             limits, period_us=DEFAULT_LIMIT_PERIOD_US if limits.period_us is None else limits.period_us
         ),
     )
+
+
+# UpdateSlot: the paths a mask may name, each the SlotSettings field it replaces.
+UPDATABLE_SLOT_PATHS = frozenset(
+    {
+        "display_name",
+        "item_id",
+        "capacity",
+        "unit",
+        "reorder_quantity",
+        "unit_price_micros",
+        "currency_code",
+        "policy",
+        "lead_time",
+        "service_level",
+        "fallback_reorder_level",
+        "expected_stock_after_delivery",
+        "limits",
+        "limits.max_orders_per_period",
+        "limits.period",
+        "limits.max_spend_micros",
+        "limits.currency_code",
+    }
+)
+_RENAMED = {"lead_time": "lead_time_us", "period": "period_us"}
+
+
+def masked_slot(
+    violations: Violations, current: SlotSettings, given: SlotSettings, paths: list[str]
+) -> SlotSettings:
+    """`current` with the fields `paths` names taken from `given`, checked and settled (fields
+    named `slot.<field>`); an empty mask or a path not updatable is an `update_mask` violation."""
+    if not paths:
+        violations.add("update_mask", "is required: name the fields to change")
+    updated = current
+    for path in paths:
+        if path not in UPDATABLE_SLOT_PATHS:
+            violations.add("update_mask", f"{path!r} is not an updatable path of Slot")
+            continue
+        if path == "limits":
+            updated = replace(updated, limits=given.limits)
+        elif path.startswith("limits."):
+            name = _RENAMED.get(path[7:], path[7:])
+            updated = replace(updated, limits=replace(updated.limits, **{name: getattr(given.limits, name)}))
+        else:
+            name = _RENAMED.get(path, path)
+            updated = replace(updated, **{name: getattr(given, name)})
+    return settled_slot(violations, "slot", updated)

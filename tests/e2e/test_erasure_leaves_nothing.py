@@ -73,6 +73,7 @@ CATEGORIES = ("user.behavior.purchase_history", "user.behavior.browsing_history"
 # that each of them holds the documented pseudonym of the erased customer.
 AUDIT_REF = "audit"  # HMAC of the id under consent's audit key (NAJIMI_CONSENT_AUDIT_KEY)
 ERASURE_REF = "erasure"  # HMAC of the id under a subkey of profile's PII key
+ORDERS_REF = "orders"  # HMAC of the id under replenishment's pseudonym key (NAJIMI_PSEUDONYM_KEY)
 ALLOWED = {
     # consent's audit log keeps the customer's entries, chained and verifiable.
     ("consent", "audit_log", "customer_id"): ("erased:", AUDIT_REF),
@@ -84,6 +85,9 @@ ALLOWED = {
     ("consent", "data_subject_requests", "customer_ref"): ("", AUDIT_REF),
     # profile's tombstone, which refuses the erased id for good.
     ("profile", "erasures", "customer_ref"): ("", ERASURE_REF),
+    # replenishment's orders and their events, kept for accounting (README, Replenishment).
+    ("replenishment", "orders", "customer_id"): ("erased:", ORDERS_REF),
+    ("replenishment", "order_events", "customer_id"): ("erased:", ORDERS_REF),
 }
 
 
@@ -207,7 +211,13 @@ async def _replenishment(suite: Suite, storefront) -> None:
                 display_name="Kitchen coffee machine",
                 slots=[
                     repl_pb.Slot(
-                        slot_id="beans", item_id="coffee-beans", capacity=1000, unit="g", reorder_quantity=1
+                        slot_id="beans",
+                        item_id="coffee-beans",
+                        capacity=1000,
+                        unit="g",
+                        reorder_quantity=1,
+                        unit_price_micros=12_500_000,
+                        currency_code="EUR",
                     ),
                     repl_pb.Slot(
                         slot_id="descaler",
@@ -222,6 +232,15 @@ async def _replenishment(suite: Suite, storefront) -> None:
             timeout=10,
         )
         assert len(registered.device.slots) == 2
+        # An order, kept for accounting after the erasure, with the customer pseudonymised.
+        ordered = await repl_grpc.ReplenishmentServiceStub(channel).ReplenishSlot(
+            repl_pb.ReplenishSlotRequest(
+                request_id="order-1", device_id=registered.device.device_id, slot_id="beans"
+            ),
+            metadata=storefront,
+            timeout=10,
+        )
+        assert ordered.outcome == repl_pb.REPLENISH_OUTCOME_ORDER_PLACED
 
 
 async def _recommendation_copy(suite: Suite) -> None:
@@ -373,6 +392,11 @@ def _pseudonyms(data_dir: Path) -> dict[str, str]:
     return {
         AUDIT_REF: hmac.new(audit_key, CUSTOMER.encode(), hashlib.sha256).hexdigest(),
         ERASURE_REF: PiiProtector(pii_key).erasure_ref(CUSTOMER),
+        ORDERS_REF: hmac.new(
+            base64.b64decode((data_dir / "replenishment-pseudonym.key").read_text()),
+            CUSTOMER.encode(),
+            hashlib.sha256,
+        ).hexdigest(),
     }
 
 

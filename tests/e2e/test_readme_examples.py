@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import grpc
 import pytest
 from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as rec_grpc
+from najimi.replenishment.v1 import replenishment_service_pb2 as repl_pb
+from najimi.replenishment.v1 import replenishment_service_pb2_grpc as repl_grpc
 
 from shared.settings import DEFAULT_PORTS
 from tests.e2e.launcher import ROOT, Launcher
@@ -28,7 +31,7 @@ SECTION = "## Calling the services with grpcurl"
 
 # Server-streaming examples run until Ctrl-C: they pass when a first message arrives
 # without an error.
-STREAMING_RPCS = ("/WatchInteractions",)
+STREAMING_RPCS = ("/WatchInteractions", "/WatchSlotEvents")
 ASSIGNMENT = re.compile(r"^([A-Z_]+)=\$\((.*)\)$", re.DOTALL)
 # Results that are errors although the call succeeded.
 FAILED_RESULT = re.compile(r"EVENT_RESULT_STATUS_(?!ACCEPTED|DUPLICATE)[A-Z_]+")
@@ -54,7 +57,7 @@ def test_the_readme_commands_are_found_and_all_are_grpcurl_or_its_set_up():
         assignment = ASSIGNMENT.match(command)
         assert command.startswith("grpcurl ") or assignment, command
         if assignment and "grpcurl" not in assignment[2]:
-            assert "dev-tokens.json" in assignment[2], command
+            assert "dev-tokens.json" in assignment[2] or "demo-devices.json" in assignment[2], command
     # A platform team learns a method with describe: grpc-python's reflection alone cannot.
     assert any("describe najimi.consent.v1.ConsentService.ListPurposes" in c for c in commands)
 
@@ -149,6 +152,29 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
         yield launcher
     finally:
         launcher.stop()
+
+
+def test_the_simulated_demo_devices_order_by_themselves_within_minutes(launched: Launcher):
+    """Before the examples (whose Replenish places an order by hand): an AUTOMATIC order,
+    from the simulator's telemetry alone, for one of the demo devices it plays."""
+    tokens = json.loads((launched.data_dir / "dev-tokens.json").read_text())
+    devices = json.loads((launched.data_dir / "demo-devices.json").read_text())
+    simulated = [devices[name]["device_id"] for name in ("water-filter", "printer", "coffee-machine")]
+    admin = (("authorization", f"Bearer {tokens['admin']}"),)
+    deadline = time.monotonic() + 180
+    found: list[repl_pb.Order] = []
+    with grpc.insecure_channel(f"127.0.0.1:{launched.ports['replenishment']}") as channel:
+        stub = repl_grpc.ReplenishmentServiceStub(channel)
+        while not found and time.monotonic() < deadline:
+            for device_id in simulated:
+                reply = stub.ListOrders(
+                    repl_pb.ListOrdersRequest(device_id=device_id), metadata=admin, timeout=10
+                )
+                found += [o for o in reply.orders if o.trigger == repl_pb.ORDER_TRIGGER_AUTOMATIC]
+            time.sleep(0.5)
+    log = (launched.data_dir / "simulator.log").read_text()
+    assert found, f"no automatic order within 180 s:\n{launched.console()}\n{log[-3000:]}"
+    assert found[0].state == repl_pb.ORDER_STATE_PENDING and not found[0].test
 
 
 def test_every_readme_example_succeeds_in_order(launched: Launcher):

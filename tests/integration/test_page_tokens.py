@@ -31,7 +31,12 @@ from najimi.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from najimi.recommendation.v1 import recommendation_service_pb2 as recommendation_pb
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as recommendation_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as replenishment_pb
+from najimi.replenishment.v1 import replenishment_service_pb2_grpc as replenishment_grpc
 
+from services.replenishment import lifecycle
+from services.replenishment.devices import Registration, settled_registration
+from services.replenishment.slots import SlotSettings
+from shared.validation import Violations
 from tests.conftest import InProcessService, error_reason, field_violations, rpc_error
 from tests.integration.test_consent_decisions import BROWSING, PURCHASES, RECS, grant, withdraw
 
@@ -77,6 +82,8 @@ CONSENT = "najimi.consent.v1.ConsentService"
 PROFILE = "najimi.profile.v1.ProfileService"
 RECOMMENDATION = "najimi.recommendation.v1.RecommendationService"
 FEED = "interaction-feed"
+REPLENISHMENT = "najimi.replenishment.v1.ReplenishmentService"
+PAGES_DEVICE = "dev_pages"  # stored by the suite under this id, so a case can name it
 
 CASES: dict[str, Case] = {
     f"{CONSENT}/ListPurposes": Case(consent_pb.ListPurposesRequest(page_size=1)),
@@ -134,6 +141,28 @@ CASES: dict[str, Case] = {
     f"{RECOMMENDATION}/ListModels": Case(
         recommendation_pb.ListModelsRequest(page_size=1),
         recommendation_pb.ListModelsRequest(page_size=1, statuses=[recommendation_pb.MODEL_STATUS_FAILED]),
+    ),
+    f"{REPLENISHMENT}/ListDevices": Case(
+        replenishment_pb.ListDevicesRequest(page_size=1),
+        replenishment_pb.ListDevicesRequest(page_size=1, show_deregistered=True),
+    ),
+    f"{REPLENISHMENT}/ListSlots": Case(
+        replenishment_pb.ListSlotsRequest(device_id=PAGES_DEVICE, page_size=1),
+        replenishment_pb.ListSlotsRequest(device_id="dev_other", page_size=1),
+    ),
+    f"{REPLENISHMENT}/ListOrders": Case(
+        replenishment_pb.ListOrdersRequest(page_size=1),
+        replenishment_pb.ListOrdersRequest(page_size=1, customer_id="c-1"),
+    ),
+    f"{REPLENISHMENT}/ListOrderEvents": Case(
+        replenishment_pb.ListOrderEventsRequest(page_size=1),
+        replenishment_pb.ListOrderEventsRequest(page_size=1, since_revision=1),
+    ),
+    f"{REPLENISHMENT}/ListSlotEvents": Case(
+        replenishment_pb.ListSlotEventsRequest(page_size=1),
+        replenishment_pb.ListSlotEventsRequest(
+            page_size=1, types=[replenishment_pb.SLOT_EVENT_TYPE_DEVICE_REGISTERED]
+        ),
     ),
 }
 
@@ -268,6 +297,55 @@ async def suite(start_service, dev_tokens, database_url) -> Suite:
             True,
         )
         await registry.fail(queued.training_run_id, "TEST", "failed so that another run may queue")
+    # Two devices (one under a known id), two slots, two slot events.
+    devices = replenishment_grpc.ReplenishmentServiceStub(replenishment.channel)
+    store = replenishment.running.app.registrations[0].servicer.store
+    registration = settled_registration(
+        Violations(),
+        Registration(
+            "c-1",
+            "acme",
+            "ink-1",
+            "printer",
+            "SN-P",
+            slots=tuple(
+                SlotSettings(
+                    slot_id,
+                    item_id="ink",
+                    capacity=10.0,
+                    unit="ml",
+                    unit_price_micros=1_000_000,
+                    currency_code="EUR",
+                )
+                for slot_id in ("a", "b")
+            ),
+        ),
+    )
+
+    def store_device(connection: Any) -> None:
+        device = store.insert_device(connection, PAGES_DEVICE, registration, "0" * 64)
+        lifecycle.registered(connection, device, device.create_time_us)
+
+    await store.db.write(store_device)
+    await devices.RegisterDevice(
+        replenishment_pb.RegisterDeviceRequest(
+            request_id="reg-pages",
+            customer_id="c-2",
+            manufacturer="acme",
+            model="m",
+            kind="printer",
+            serial_number="S2",
+        ),
+        metadata=replenishment.auth("service:storefront"),
+    )
+    # Two orders (and so two order events).
+    for slot_id in ("a", "b"):
+        await devices.ReplenishSlot(
+            replenishment_pb.ReplenishSlotRequest(
+                request_id=f"buy-{slot_id}", device_id=PAGES_DEVICE, slot_id=slot_id
+            ),
+            metadata=replenishment.auth("service:storefront"),
+        )
     return Suite(
         {
             "consent": consent,

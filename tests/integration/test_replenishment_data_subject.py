@@ -147,7 +147,13 @@ async def test_export_lists_the_customers_devices_and_slots_without_tokens(start
 async def test_an_unknown_customer_exports_an_empty_document(start_service, database_url):
     service, _, _, data_subject = await _replenishment(start_service, database_url)
     exported = await data_subject.ExportCustomerData(_export("nobody"), metadata=service.auth())
-    assert json_format.MessageToDict(exported.document)["held"] == {"devices": [], "stored_responses": []}
+    assert json_format.MessageToDict(exported.document)["held"] == {
+        "devices": [],
+        "readings": [],
+        "slot_events": [],
+        "stored_responses": [],
+        "orders": [],
+    }
 
 
 async def test_erasure_deletes_devices_slots_and_stored_responses(start_service, database_url):
@@ -161,8 +167,11 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "devices": 2,
         "slots": 3,
         "readings": 0,
-        "slot_events": 0,
+        "slot_events": 3,  # two registrations and a deregistration
         "stored_responses": 2,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
     assert await data_subject.EraseCustomerData(_erase(), metadata=consent) == erased
     later = await data_subject.EraseCustomerData(_erase(request_id="dsr-2"), metadata=service.auth())
@@ -172,6 +181,9 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
         "readings": 0,
         "slot_events": 0,
         "stored_responses": 0,
+        "orders_cancelled": 0,
+        "orders_pseudonymised": 0,
+        "order_events_pseudonymised": 0,
     }
 
     for device in (printer.device, filter_.device):
@@ -194,7 +206,13 @@ async def test_erasure_deletes_devices_slots_and_stored_responses(start_service,
     assert kept.device == other.device
 
     exported = await data_subject.ExportCustomerData(_export(request_id="dsr-3"), metadata=consent)
-    assert json_format.MessageToDict(exported.document)["held"] == {"devices": [], "stored_responses": []}
+    assert json_format.MessageToDict(exported.document)["held"] == {
+        "devices": [],
+        "readings": [],
+        "slot_events": [],
+        "stored_responses": [],
+        "orders": [],
+    }
 
     tables = _tables(database_url)
     erased_ids = {printer.device.device_id, filter_.device.device_id}
@@ -256,3 +274,64 @@ async def test_bad_input_is_invalid_argument_naming_the_field(start_service, cus
         error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert set(field_violations(error)) == fields
+
+
+async def test_telemetry_slots_and_rotations_are_exported_and_erased_with_the_customer(
+    start_service, database_url
+):
+    from google.protobuf import duration_pb2, timestamp_pb2
+
+    service, stub, devices, data_subject = await _replenishment(start_service, database_url)
+    storefront = service.auth("service:storefront")
+    printer = await stub.RegisterDevice(
+        _registration("reg-t", "SN-T", slots=[_slot("black")]), metadata=storefront
+    )
+    device_id = printer.device.device_id
+    await stub.CreateSlot(
+        pb.CreateSlotRequest(request_id="slot-t", device_id=device_id, slot=_slot("cyan")),
+        metadata=storefront,
+    )
+    rotated = await stub.RotateDeviceToken(
+        pb.RotateDeviceTokenRequest(
+            request_id="rot-t", device_id=device_id, previous_token_grace=duration_pb2.Duration(seconds=3600)
+        ),
+        metadata=storefront,
+    )
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    await devices.ReportTelemetry(
+        device_pb.ReportTelemetryRequest(
+            device_id=device_id,
+            readings=[device_pb.Reading(reading_id="t-1", slot_id="black", level=100.0, measure_time=stamp)],
+        ),
+        metadata=(("authorization", f"Bearer {rotated.device_token}"),),
+    )
+    consent = service.auth("service:consent")
+    held = json_format.MessageToDict(
+        (await data_subject.ExportCustomerData(_export(), metadata=consent)).document
+    )["held"]
+    assert [r["reading_id"] for r in held["readings"]] == ["t-1"]
+    assert {e["type"] for e in held["slot_events"]} == {"DEVICE_REGISTERED"}
+    assert sorted(r["rpc"] for r in held["stored_responses"]) == [
+        "CreateSlot",
+        "RegisterDevice",
+        "RotateDeviceToken",
+    ]
+    exported = str(held)
+    for token in (printer.device_token, rotated.device_token):
+        assert token not in exported and hash_token(token) not in exported
+
+    erased = await data_subject.EraseCustomerData(_erase(), metadata=consent)
+    assert erased.erased_records["readings"] == 1 and erased.erased_records["stored_responses"] == 3
+    # Both tokens (the rotated one in its grace too) authenticate no more.
+    for token in (printer.device_token, rotated.device_token):
+        error = await rpc_error(
+            devices.GetForecast(
+                device_pb.GetForecastRequest(device_id=device_id, slot_id="black"),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        )
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    tables = _tables(database_url)
+    for name in ("devices", "slots", "readings", "slot_events", "idempotency"):
+        assert not [row for row in tables[name] if device_id in str(row) or CUSTOMER_ID in str(row)], name

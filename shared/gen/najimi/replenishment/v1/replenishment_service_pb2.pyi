@@ -2233,7 +2233,10 @@ class Order(_message.Message):
     slot_id: _builtins.str
     """The slot refilled."""
     customer_id: _builtins.str
-    """The customer who pays, the device's owner."""
+    """The customer who pays, the device's owner. After the customer's erasure the
+    order is kept for accounting with "erased:" and a keyed hash of the id here
+    (HMAC-SHA256 under the service's pseudonym key), never the id itself.
+    """
     item_id: _builtins.str
     """The catalog item ordered (the slot's item_id at order time)."""
     quantity: _builtins.int

@@ -106,6 +106,10 @@ class ReplenishmentServiceStub:
     global, strictly increasing int64 revision, which ListOrderEvents and
     WatchOrderEvents follow.
 
+    Erasure. An erased customer's orders and order events are kept for accounting,
+    pseudonymised (Order.customer_id); their PENDING orders are cancelled
+    (CUSTOMER_ERASED). Devices, slots, readings and slot events are deleted.
+
     Slot events. Customer apps follow a second feed, of what happens to slots (low,
     empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
     slots, pause and resume, devices registered and deregistered), with its own
@@ -478,6 +482,10 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     global, strictly increasing int64 revision, which ListOrderEvents and
     WatchOrderEvents follow.
 
+    Erasure. An erased customer's orders and order events are kept for accounting,
+    pseudonymised (Order.customer_id); their PENDING orders are cancelled
+    (CUSTOMER_ERASED). Devices, slots, readings and slot events are deleted.
+
     Slot events. Customer apps follow a second feed, of what happens to slots (low,
     empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
     slots, pause and resume, devices registered and deregistered), with its own
@@ -845,6 +853,10 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
     and are never charged. Every change of an order gets the next value of one
     global, strictly increasing int64 revision, which ListOrderEvents and
     WatchOrderEvents follow.
+
+    Erasure. An erased customer's orders and order events are kept for accounting,
+    pseudonymised (Order.customer_id); their PENDING orders are cancelled
+    (CUSTOMER_ERASED). Devices, slots, readings and slot events are deleted.
 
     Slot events. Customer apps follow a second feed, of what happens to slots (low,
     empty, refilled, order placed or skipped and why, notifications of NOTIFY_ONLY
