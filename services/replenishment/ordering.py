@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
@@ -52,6 +53,7 @@ from services.replenishment.store import orders as order_rows
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
 from shared.errors import FailedPrecondition, NotFound
+from shared.idempotency import Idempotency
 from shared.log import get_logger
 
 PURPOSE = "replenishment.automatic_ordering"
@@ -150,6 +152,54 @@ class Ordering:
         )
         await self.placed(decision)
         return decision
+
+    async def decide_once(
+        self,
+        replies: Idempotency,
+        principal: str,
+        rpc: str,
+        request: Message,
+        reply: Callable[[Connection, SlotDecision], Message],
+        *,
+        trigger: int,  # DEVICE_REQUEST (a device's Replenish) or CUSTOMER (ReplenishSlot)
+        quantity: int = 0,
+    ) -> bytes:
+        """An explicit request's first reply (serialized), once per request_id.
+
+        The decision, the order it creates and the stored reply commit in one transaction
+        (Idempotency.run): a crash leaves either all three or none, and concurrent copies of
+        the request wait on the claimed request id, then answer with the winner's reply.
+        `request` names device_id, slot_id and request_id; `reply` builds the answer from the
+        decision in the same transaction."""
+        device_id, slot_id = request.device_id, request.slot_id  # type: ignore[attr-defined]
+        made: list[SlotDecision] = []
+
+        def transaction(connection: Connection) -> bytes:
+            made.clear()  # Database.write may run it again (a concurrent copy won the key)
+            owner = connection.execute(
+                sa.select(devices.c.customer_id).where(devices.c.device_id == device_id)
+            ).scalar()
+
+            def carry_out(connection: Connection) -> bytes:
+                decision = self.decide(
+                    connection,
+                    device_id,
+                    slot_id,
+                    trigger=trigger,
+                    explicit=True,
+                    request_id=request.request_id,  # type: ignore[attr-defined]
+                    quantity=quantity,
+                )
+                made.append(decision)
+                return reply(connection, decision).SerializeToString()
+
+            stored, _ = replies.run(connection, principal, rpc, request, carry_out, owner)
+            return stored
+
+        stored = await self.db.write(transaction)
+        for decision in made:
+            await self.placed(decision)
+        return stored
 
     async def placed(self, decision: SlotDecision) -> None:
         """Call after committing a decision made with `decide`: wakes the order watchers."""
