@@ -47,7 +47,7 @@ from sqlalchemy.engine import Connection
 from services.replenishment import orders, slot_events
 from services.replenishment.devices import DeviceState
 from services.replenishment.slot_forecasts import forecast_of_slot, load_slot
-from services.replenishment.slots import DAY_US
+from services.replenishment.slots import DAY_US, reorder_point_moved
 from services.replenishment.store import devices, slots
 from services.replenishment.store import orders as order_rows
 from shared.consent_cache import ConsentCache, consent_state_stale
@@ -228,10 +228,11 @@ class Ordering:
         slot = load_slot(connection, device_id, slot_id)
         level = float(slot.level or 0.0)
         customer = trigger == pb.ORDER_TRIGGER_CUSTOMER
+        reorder_point = slot.reorder_point  # kept unless a forecast is computed below
 
         def answer(outcome: int, reason: str, due: bool, **fields: object) -> SlotDecision:
             decision = SlotDecision(device_id, slot_id, outcome, reason=reason, level=level, **fields)  # type: ignore[arg-type]
-            self._record(connection, device, slot, decision, due, now, explicit or customer)
+            self._record(connection, device, slot, decision, due, now, explicit or customer, reorder_point)
             return decision
 
         current = orders.open_order(connection, device_id, slot_id)
@@ -264,6 +265,8 @@ class Ordering:
             return answer(POLICY_OFF, "automatic ordering is off for this slot", False)
         found = forecast_of_slot(connection, slot, now)
         result = found.result
+        # The slot's status (LOW) follows the forecast's reorder point once it has a rate.
+        reorder_point = result.reorder_point if result.rate_per_day is not None else None
         if found.has_data:
             level = result.level
         due = explicit or (found.has_data and result.order_now)
@@ -375,18 +378,26 @@ class Ordering:
         due: bool,
         now: int,
         asked: bool,
+        reorder_point: float | None,
     ) -> None:
-        """Keeps the slot's latest decision; a changed one for a due slot goes on the feed."""
+        """Keeps the slot's latest decision and its forecast's reorder point; a changed decision
+        for a due slot goes on the feed."""
         # A skip that does not matter yet (paused or without consent, but not due) is kept as
         # NOT_NEEDED, so the skip is announced when the slot does become due.
         outcome = decision.outcome if due or decision.outcome not in SKIPPED else NOT_NEEDED
         name = outcome_name(outcome)
         deferred = (slot.decision_due_time_us or now) if outcome == CONSENT_REQUIRED else None
-        if name != slot.last_outcome or deferred != slot.decision_due_time_us:
+        moved = reorder_point_moved(slot.reorder_point, reorder_point, slot.capacity)
+        if name != slot.last_outcome or deferred != slot.decision_due_time_us or moved:
             connection.execute(
                 slots.update()
                 .where(slots.c.device_id == slot.device_id, slots.c.slot_id == slot.slot_id)
-                .values(last_outcome=name, last_outcome_time_us=now, decision_due_time_us=deferred)
+                .values(
+                    last_outcome=name,
+                    last_outcome_time_us=now,
+                    decision_due_time_us=deferred,
+                    reorder_point=reorder_point,
+                )
             )
         changed = name != slot.last_outcome
         if changed or asked:
