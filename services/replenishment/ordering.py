@@ -36,7 +36,7 @@ reporting again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -119,8 +119,9 @@ class Ordering:
         self.window_us = round(cancellation_window_seconds * 1_000_000)
         self.max_staleness = max_consent_staleness_seconds
         self.clock = clock
-        # Called (on the event loop) after a decision created an order: wakes order watchers.
-        self.on_order: Callable[[], object] | None = None
+        # Awaited (on the event loop) after a decision committed: wakes the watchers of the
+        # order and slot feeds (the decision, and the telemetry before it, may write to both).
+        self.on_commit: Callable[[], Awaitable[None]] | None = None
 
     def consent_of(self, customer_id: str) -> Consent:
         decision = self.consent.check_fresh(customer_id, PURPOSE, (), self.max_staleness)
@@ -202,9 +203,9 @@ class Ordering:
         return stored
 
     async def placed(self, decision: SlotDecision) -> None:
-        """Call after committing a decision made with `decide`: wakes the order watchers."""
-        if decision.outcome == ORDER_PLACED and self.on_order is not None:
-            await self.on_order()  # type: ignore[misc]
+        """Call after committing a decision made with `decide`: wakes the feeds' watchers."""
+        if self.on_commit is not None:
+            await self.on_commit()
 
     def decide(
         self,

@@ -865,6 +865,57 @@ async def test_slot_and_device_changes_cancel_pending_orders(suite):
     assert list(again.cancelled_order_ids) == []
 
 
+async def test_watchers_see_this_replicas_events_at_once_not_at_the_next_poll(suite, monkeypatch):
+    """With the cross-replica poll an hour apart and heartbeats a minute apart, only the wake
+    after this replica's commits can deliver: telemetry, pause, and an order, on both feeds."""
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    from services.replenishment import feed_follower
+
+    monkeypatch.setattr(feed_follower, "POLL_SECONDS", 3600.0)
+    s = await suite()
+    device = await s.register()
+    minute = duration_pb2.Duration(seconds=60)
+    slot_stream = aiter(
+        s.stub.WatchSlotEvents(
+            pb.WatchSlotEventsRequest(device_id=device, heartbeat_interval=minute), metadata=s.storefront
+        )
+    )
+    order_stream = aiter(
+        s.stub.WatchOrderEvents(pb.WatchOrderEventsRequest(heartbeat_interval=minute), metadata=s.fulfilment)
+    )
+
+    async def next_of(stream: Any, kind: str) -> Any:
+        """The next message of this kind (within 5 seconds, far below the poll and heartbeats)."""
+        while True:
+            message = await asyncio.wait_for(anext(stream), 5)
+            if message.WhichOneof("kind") == kind:
+                return message
+
+    await next_of(slot_stream, "heartbeat")  # the replay (DEVICE_REGISTERED) is done
+    await next_of(order_stream, "heartbeat")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(now_micros())
+    await device_grpc.DeviceServiceStub(s.service.channel).ReportTelemetry(
+        device_pb.ReportTelemetryRequest(
+            device_id=device,
+            readings=[device_pb.Reading(reading_id="low", slot_id="black", level=5.0, measure_time=stamp)],
+        ),
+        metadata=s.device_auth(device),
+    )
+    assert (await next_of(slot_stream, "event")).event.type == pb.SLOT_EVENT_TYPE_LOW
+    await s.stub.PauseSlot(pb.PauseSlotRequest(device_id=device, slot_id="black"), metadata=s.storefront)
+    seen = await next_of(slot_stream, "event")
+    while seen.event.type != pb.SLOT_EVENT_TYPE_PAUSED:  # after the decision's ORDER_SKIPPED
+        seen = await next_of(slot_stream, "event")
+    order = await _placed_order(s, device)
+    created = await next_of(order_stream, "event")
+    assert created.event.order.order_id == order.order_id
+    placed = await next_of(slot_stream, "event")
+    assert (placed.event.type, placed.event.order_id) == (pb.SLOT_EVENT_TYPE_ORDER_PLACED, order.order_id)
+
+
 async def test_order_events_past_their_retention_are_purged_and_older_positions_are_compacted(suite):
     from services.replenishment import order_feed
 
