@@ -103,10 +103,37 @@ def relative(path: Path) -> str:
         return str(path)
 
 
+# With the demo, orders are cancellable for two minutes (not a day) and placed within
+# seconds after that, so the simulated fulfilment ships them while you watch. A variable
+# set in the environment wins.
+DEMO_SETTINGS = {
+    "replenishment": {
+        "NAJIMI_REPLENISHMENT_CANCELLATION_WINDOW_SECONDS": "120",
+        "NAJIMI_REPLENISHMENT_PROMOTION_INTERVAL_SECONDS": "5",
+    }
+}
+
+
+def demo_settings(name: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The demo's settings of service `name` that the environment does not set itself."""
+    return {key: value for key, value in DEMO_SETTINGS.get(name, {}).items() if key not in environ}
+
+
+def demo_window_seconds(environ: Mapping[str, str]) -> str:
+    """The demo orders' cancellation window, as the replenishment service gets it."""
+    key = "NAJIMI_REPLENISHMENT_CANCELLATION_WINDOW_SECONDS"
+    return environ.get(key, DEMO_SETTINGS["replenishment"][key])
+
+
 def start_services(
-    data_dir: Path, addresses: Mapping[str, str], tokens: Mapping[str, str], echo: ConsoleEcho
+    data_dir: Path,
+    addresses: Mapping[str, str],
+    tokens: Mapping[str, str],
+    echo: ConsoleEcho,
+    demo: bool = False,
 ) -> dict[str, ServiceProcess]:
-    """Starts every service and returns once all are SERVING, one console line each."""
+    """Starts every service and returns once all are SERVING, one console line each (with
+    the demo's settings when `demo`)."""
     child_env = {f"NAJIMI_{name.upper()}_ADDRESS": address for name, address in addresses.items()}
     if echo.threshold == 0 and "NAJIMI_LOG_LEVEL" not in os.environ:
         child_env["NAJIMI_LOG_LEVEL"] = "debug"  # asked for debug on the console: log it too
@@ -119,6 +146,7 @@ def start_services(
                 "NAJIMI_PORT": addresses[name].rpartition(":")[2],
                 "NAJIMI_DATA_DIR": str(data_dir),
                 "NAJIMI_SERVICE_TOKEN": tokens[f"service:{name}"],
+                **(demo_settings(name, os.environ) if demo else {}),
             },
             data_dir / f"{name}.log",
             echo=echo,
@@ -223,7 +251,12 @@ def banner(
         "\nnajimi is running:\n"
         + "".join(f"  {name:<15} {child.address}\n" for name, child in children.items())
         + f"  {TRAINING_WORKER:<15} {training}\n"
-        + (f"  {SIMULATOR:<15} plays the demo devices and fulfils their orders\n" if simulating else "")
+        + (
+            f"  {SIMULATOR:<15} plays the demo devices and fulfils their orders (each PENDING,"
+            f" cancellable, for {demo_window_seconds(os.environ)} s, then PLACED)\n"
+            if simulating
+            else ""
+        )
         + f"Logs: {relative(data_dir)}/<service>.log (the console shows warnings and errors;"
         f" {CONSOLE_LEVEL_VARIABLE}=info or `make run LOG=info` shows more).\n"
         f"Development tokens (principal -> token): {tokens_file}. For example:\n"
@@ -284,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     workers: dict[str, ServiceProcess] = {}
     failed = False
     try:
-        children = start_services(data_dir, addresses, tokens, echo)
+        children = start_services(data_dir, addresses, tokens, echo, demo=not args.no_demo)
         # After the services: the recommendation service has migrated the schema it polls.
         workers[TRAINING_WORKER] = start_training_worker(
             data_dir, {name: child.address for name, child in children.items()}, tokens, echo

@@ -47,8 +47,10 @@ def build_app(settings: Settings) -> App:
         cancellation_window_seconds=settings.replenishment_cancellation_window_seconds,
         max_consent_staleness_seconds=settings.consent_max_staleness_seconds,
     )
-    feed = OrderFeed(database)
-    ordering.on_order = feed.notify
+    slot_feed = SlotFeed(database)
+    feed = OrderFeed(database, slot_feed)
+    # Every decision committed wakes the watchers of both feeds (it may have written to both).
+    ordering.on_commit = feed.notify
     worker = OrderWorker(
         database,
         ordering,
@@ -58,13 +60,13 @@ def build_app(settings: Settings) -> App:
     )
     # A withdrawal (or a grant) is acted on as soon as the cache applies it.
     consent.on_change(worker.wake)
-    slot_feed = SlotFeed(database)
     pages = PageTokens.from_settings(settings).of_service(SERVICES["ReplenishmentService"])
     servicer = ReplenishmentServicer(store, pages, slot_feed, OrderDesk(ordering, feed, pages))
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate)
         await slot_feed.start()
+        await feed.start()
         # Followed in the background: until it is fresh, ordering fails closed.
         consent.start()
         # Its first pass places every order whose window closed while the service was down.
@@ -73,6 +75,7 @@ def build_app(settings: Settings) -> App:
     async def stop() -> None:
         await worker.stop()
         await consent.stop()
+        await feed.stop()
         await slot_feed.stop()
         database.close()
 

@@ -18,8 +18,8 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from services.replenishment import telemetry
 from services.replenishment.devices import check_own_device
 from services.replenishment.ordering import Ordering, SlotDecision
-from services.replenishment.slot_forecasts import current_forecast
-from services.replenishment.store import ReplenishmentStore, active_device, load_device, slot_of
+from services.replenishment.slot_forecasts import current_forecast, load_slot
+from services.replenishment.store import ReplenishmentStore, load_device
 from shared.auth import Principal, current_principal
 from shared.db import now_micros
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -202,29 +202,18 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         violations.require_id("device_id", request.device_id, REQUEST_ID)
         violations.require_id("slot_id", request.slot_id, REQUEST_ID)
         violations.raise_if_any()
-        caller = str(principal)
-        idempotency = self.store.idempotency
-        first = await self.store.db.read(
-            lambda connection: idempotency.recall(connection, caller, "Replenish", request)
-        )
-        if first is not None:
-            return device_pb.ReplenishResponse.FromString(first)
 
-        def slot_level(connection: Any) -> tuple[str, float | None]:
-            device = active_device(connection, request.device_id)
-            return device.customer_id, slot_of(device, request.slot_id).state.level
+        def reply(connection: Any, decision: SlotDecision) -> device_pb.ReplenishResponse:
+            level = load_slot(connection, request.device_id, request.slot_id).level
+            return device_pb.ReplenishResponse(outcome=slot_outcome(decision, level))
 
-        customer_id, level = await self.store.db.read(slot_level)
-        decision = await self.ordering.consider(
-            request.device_id,
-            request.slot_id,
+        # The decision, its order and the stored reply commit together (one answer per request_id).
+        stored = await self.ordering.decide_once(
+            self.store.idempotency,
+            str(principal),
+            "Replenish",
+            request,
+            reply,
             trigger=pb.ORDER_TRIGGER_DEVICE_REQUEST,
-            explicit=True,
-            request_id=request.request_id,
-        )
-        answer = device_pb.ReplenishResponse(outcome=slot_outcome(decision, level))
-        # The first answer stored wins: a concurrent copy of this request returns it too.
-        stored, _ = await self.store.once(
-            caller, "Replenish", request, lambda connection: answer.SerializeToString(), customer_id
         )
         return device_pb.ReplenishResponse.FromString(stored)

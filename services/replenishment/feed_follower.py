@@ -1,77 +1,73 @@
-"""Follows one feed of feed_heads ('slots' or 'orders') for watch streams.
+"""Follows one feed of feed_heads ('slots' or 'orders') for its watch streams.
 
-Wakes the watchers when the feed's head revision moves: by polling it (writes of other
-replicas, and of this one: within `poll_interval`), or at once through `refresh`. Ends
-them (`close_watches`) when the server starts to stop, so callers watch again elsewhere.
+The watchers wake (shared/feed_watch.py) at once after this process commits events to the
+feed (`poke`: app.py wires the writers to it), and within POLL_SECONDS for other replicas'
+commits, which only the poll of the head reveals.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from sqlalchemy.engine import Connection
 
 from services.replenishment.store import current_revision
 from shared.db import Database
-from shared.log import get_logger
+from shared.feed_watch import FeedWatch
 
-log = get_logger("najimi.replenishment.feeds")
+PAGE = 1000
+E = TypeVar("E")
+# Only other replicas' events wait for it: this process pokes its followers after each commit.
+POLL_SECONDS = 1.0
 
 
-class FeedFollower:
-    def __init__(self, database: Database, feed: str, poll_interval: float = 0.25):
+def _page(
+    events_after: Callable[[Connection, int, int, int], Sequence[E]],
+    after: int,
+    until: int,
+    connection: Connection,
+) -> Sequence[E]:
+    return events_after(connection, after, until, PAGE)
+
+
+class FeedFollower(FeedWatch):
+    def __init__(self, database: Database, feed: str, poll_interval: float | None = None):
+        super().__init__(feed, POLL_SECONDS if poll_interval is None else poll_interval)
         self.db = database
         self.feed = feed
-        self.revision = 0
-        self.closing = False
-        self._poll_interval = poll_interval
-        self._changed = asyncio.Condition()
-        self._poller: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self.revision = await self.db.read(self.head)
-        self._poller = asyncio.create_task(self._poll())
+    async def read_head(self) -> int:
+        return await self.db.read(lambda connection: current_revision(connection, self.feed))
 
-    async def close_watches(self) -> None:
-        """Ends every watch stream (OK; callers watch again from their last revision)."""
-        self.closing = True
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def stop(self) -> None:
-        await self.close_watches()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-
-    def head(self, connection: Connection) -> int:
-        return current_revision(connection, self.feed)
-
-    async def refresh(self) -> None:
-        """Reads the feed head and wakes the watchers if it moved."""
-        revision = await self.db.read(self.head)
-        if revision > self.revision:
-            self.revision = revision
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_interval)
-            try:
-                await self.refresh()
-            except Exception as error:  # a database hiccup must not end the poller
-                log.warning("feed_poll_failed", feed=self.feed, error=type(error).__name__)
-
-    async def wait_beyond(self, revision: int, timeout: float) -> bool:
-        """Waits until the feed is past `revision` (or closing) or `timeout` seconds pass."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.revision > revision or self.closing), timeout
-                )
-            except TimeoutError:
-                return False
-        return True
+    async def stream(
+        self,
+        since_revision: int,
+        events_after: Callable[[Connection, int, int, int], Sequence[E]],
+        revision_of: Callable[[E], int],
+        heartbeat_seconds: float,
+    ) -> AsyncIterator[E | int]:
+        """A watch stream's events after `since_revision` (`events_after(connection, after,
+        until, limit)`: the wanted ones, oldest first), then live ones; an int is a heartbeat
+        (the revision reached): one after the replay, then after every `heartbeat_seconds`
+        in which nothing was sent. Ends when the server begins to stop."""
+        cursor = since_revision
+        replayed = False  # the heartbeat that ends the replay is due
+        last_sent = time.monotonic()
+        with self.watched():
+            while not self.closing:
+                # Revisions commit in order: everything up to the head read here is readable.
+                current = await self.read_head()
+                self.advance(current)
+                while cursor < current:
+                    page = await self.db.read(functools.partial(_page, events_after, cursor, current))
+                    for event in page:
+                        yield event
+                        last_sent = time.monotonic()
+                    cursor = revision_of(page[-1]) if len(page) == PAGE else current
+                if not replayed or time.monotonic() - last_sent >= heartbeat_seconds:
+                    yield cursor
+                    replayed, last_sent = True, time.monotonic()
+                await self.wait_beyond(cursor, heartbeat_seconds - (time.monotonic() - last_sent))

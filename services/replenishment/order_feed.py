@@ -8,15 +8,13 @@ every event below it, and a watcher resuming from N misses nothing.
 Test orders (of test devices) are in the feed, but service:fulfilment never sees them:
 `events_after` leaves them out for every caller but admin (`with_test`).
 
-`OrderFeed` wakes WatchOrderEvents streams: at once after a commit of this process
-(`notify`), and by polling the feed head (`POLL_SECONDS`) for other replicas' commits.
+`OrderFeed` wakes WatchOrderEvents streams (feed_follower.py): at once after a commit of
+this process (`notify`), and by polling the feed head (`POLL_SECONDS`) for other replicas'
+commits.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,13 +22,12 @@ import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
+from services.replenishment.feed_follower import PAGE, FeedFollower
 from services.replenishment.store import ORDER_FEED, current_revision, order_events
 from shared.db import Database, now_micros
 from shared.errors import OutOfRange
+from shared.feed_watch import FeedWatch
 from shared.proto_time import timestamp_of
-
-POLL_SECONDS = 0.25
-PAGE = 1000
 
 
 def append(
@@ -119,57 +116,35 @@ def events_after(
     return list(connection.execute(query.order_by(order_events.c.revision).limit(limit)).all())
 
 
-class OrderFeed:
-    """Wakes the watchers of one process when the order feed moves."""
+class OrderFeed(FeedFollower):
+    """The order feed's follower, with the watch stream of WatchOrderEvents."""
 
-    def __init__(self, database: Database):
-        self.db = database
-        self._changed = asyncio.Condition()
-        self.closing = False
+    def __init__(self, database: Database, slot_feed: FeedWatch, poll_interval: float | None = None):
+        super().__init__(database, ORDER_FEED, poll_interval)
+        self.slot_feed = slot_feed
 
     async def notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def close_watches(self) -> None:
-        self.closing = True
-        await self.notify()
-
-    async def _wait(self, timeout: float) -> None:
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass
+        """Call after a commit of this process that may have changed orders: wakes the watchers
+        of this feed and of the slot feed (order changes come with slot events, orders.py;
+        so do the decisions that call it through Ordering.placed)."""
+        self.poke()
+        self.slot_feed.poke()
 
     async def watch(
         self, since_revision: int, heartbeat_seconds: float, with_test: bool
     ) -> AsyncIterator[pb.WatchOrderEventsResponse]:
         """The replay after `since_revision`, a heartbeat, then live events, with a heartbeat
         after every `heartbeat_seconds` of silence."""
-        cursor = since_revision
         await self.db.read(lambda connection: check_since(connection, since_revision))
-        first = True
-        last_sent = time.monotonic()
-        while not self.closing:
-            current = await self.db.read(head)
-            while cursor < current:
-                found = await self.db.read(
-                    functools.partial(
-                        events_after, since_revision=cursor, limit=PAGE, with_test=with_test, until=current
-                    )
-                )
-                for row in found:
-                    yield pb.WatchOrderEventsResponse(event=event_message(row))
-                    last_sent = time.monotonic()
-                cursor = found[-1].revision if len(found) == PAGE else current
-            if first or time.monotonic() - last_sent >= heartbeat_seconds:
-                yield pb.WatchOrderEventsResponse(
-                    heartbeat=pb.OrderFeedHeartbeat(
-                        current_revision=cursor, send_time=timestamp_of(now_micros())
-                    )
-                )
-                last_sent = time.monotonic()
-                first = False
-            remaining = heartbeat_seconds - (time.monotonic() - last_sent)
-            await self._wait(max(0.0, min(POLL_SECONDS, remaining)))
+
+        def rows_after(connection: Connection, after: int, until: int, limit: int) -> list[sa.Row]:
+            return events_after(connection, after, limit, with_test, until)
+
+        async for item in self.stream(
+            since_revision, rows_after, lambda row: row.revision, heartbeat_seconds
+        ):
+            if isinstance(item, int):
+                heartbeat = pb.OrderFeedHeartbeat(current_revision=item, send_time=timestamp_of(now_micros()))
+                yield pb.WatchOrderEventsResponse(heartbeat=heartbeat)
+            else:
+                yield pb.WatchOrderEventsResponse(event=event_message(item))

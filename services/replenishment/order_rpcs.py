@@ -19,10 +19,10 @@ from sqlalchemy.engine import Connection
 
 from services.replenishment import order_feed, orders
 from services.replenishment.order_feed import OrderFeed
-from services.replenishment.ordering import Ordering
+from services.replenishment.ordering import Ordering, SlotDecision
 from services.replenishment.slot_forecasts import current_forecast
 from services.replenishment.slots import SLOT_ID
-from services.replenishment.store import ReplenishmentStore, devices
+from services.replenishment.store import ReplenishmentStore
 from services.replenishment.store import orders as order_rows
 from shared.access_policy import CUSTOMER_FACING
 from shared.auth import current_principal
@@ -130,35 +130,21 @@ class OrderRpcs:
             )
 
         _check(checks)
-        ordering = self.orders.ordering
-        principal = str(current_principal())
 
-        def transaction(connection: Connection) -> bytes:
-            owner = connection.execute(
-                sa.select(devices.c.customer_id).where(devices.c.device_id == request.device_id)
-            ).scalar()
+        def reply(connection: Connection, decision: SlotDecision) -> pb.ReplenishSlotResponse:
+            order = orders.order_message(orders.load(connection, decision.order_id))
+            return pb.ReplenishSlotResponse(outcome=decision.outcome, order=order)  # type: ignore[arg-type]
 
-            def carry_out(connection: Connection) -> bytes:
-                decision = ordering.decide(
-                    connection,
-                    request.device_id,
-                    request.slot_id,
-                    trigger=pb.ORDER_TRIGGER_CUSTOMER,
-                    explicit=True,
-                    request_id=request.request_id,
-                    quantity=request.quantity,
-                )
-                order = orders.order_message(orders.load(connection, decision.order_id))
-                return pb.ReplenishSlotResponse(outcome=decision.outcome, order=order).SerializeToString()  # type: ignore[arg-type]
-
-            stored, _ = self.store.idempotency.run(
-                connection, principal, "ReplenishSlot", request, carry_out, owner
-            )
-            return stored
-
-        response = pb.ReplenishSlotResponse.FromString(await self.store.db.write(transaction))
-        await self.orders.feed.notify()
-        return response
+        stored = await self.orders.ordering.decide_once(
+            self.store.idempotency,
+            str(current_principal()),
+            "ReplenishSlot",
+            request,
+            reply,
+            trigger=pb.ORDER_TRIGGER_CUSTOMER,
+            quantity=request.quantity,
+        )
+        return pb.ReplenishSlotResponse.FromString(stored)
 
     # -- reading orders -----------------------------------------------------------------------
 

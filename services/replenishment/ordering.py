@@ -36,22 +36,24 @@ reporting again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment import orders, slot_events
 from services.replenishment.devices import DeviceState
 from services.replenishment.slot_forecasts import forecast_of_slot, load_slot
-from services.replenishment.slots import DAY_US
+from services.replenishment.slots import DAY_US, reorder_point_moved
 from services.replenishment.store import devices, slots
 from services.replenishment.store import orders as order_rows
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
 from shared.errors import FailedPrecondition, NotFound
+from shared.idempotency import Idempotency
 from shared.log import get_logger
 
 PURPOSE = "replenishment.automatic_ordering"
@@ -117,8 +119,9 @@ class Ordering:
         self.window_us = round(cancellation_window_seconds * 1_000_000)
         self.max_staleness = max_consent_staleness_seconds
         self.clock = clock
-        # Called (on the event loop) after a decision created an order: wakes order watchers.
-        self.on_order: Callable[[], object] | None = None
+        # Awaited (on the event loop) after a decision committed: wakes the watchers of the
+        # order and slot feeds (the decision, and the telemetry before it, may write to both).
+        self.on_commit: Callable[[], Awaitable[None]] | None = None
 
     def consent_of(self, customer_id: str) -> Consent:
         decision = self.consent.check_fresh(customer_id, PURPOSE, (), self.max_staleness)
@@ -151,10 +154,58 @@ class Ordering:
         await self.placed(decision)
         return decision
 
+    async def decide_once(
+        self,
+        replies: Idempotency,
+        principal: str,
+        rpc: str,
+        request: Message,
+        reply: Callable[[Connection, SlotDecision], Message],
+        *,
+        trigger: int,  # DEVICE_REQUEST (a device's Replenish) or CUSTOMER (ReplenishSlot)
+        quantity: int = 0,
+    ) -> bytes:
+        """An explicit request's first reply (serialized), once per request_id.
+
+        The decision, the order it creates and the stored reply commit in one transaction
+        (Idempotency.run): a crash leaves either all three or none, and concurrent copies of
+        the request wait on the claimed request id, then answer with the winner's reply.
+        `request` names device_id, slot_id and request_id; `reply` builds the answer from the
+        decision in the same transaction."""
+        device_id, slot_id = request.device_id, request.slot_id  # type: ignore[attr-defined]
+        made: list[SlotDecision] = []
+
+        def transaction(connection: Connection) -> bytes:
+            made.clear()  # Database.write may run it again (a concurrent copy won the key)
+            owner = connection.execute(
+                sa.select(devices.c.customer_id).where(devices.c.device_id == device_id)
+            ).scalar()
+
+            def carry_out(connection: Connection) -> bytes:
+                decision = self.decide(
+                    connection,
+                    device_id,
+                    slot_id,
+                    trigger=trigger,
+                    explicit=True,
+                    request_id=request.request_id,  # type: ignore[attr-defined]
+                    quantity=quantity,
+                )
+                made.append(decision)
+                return reply(connection, decision).SerializeToString()
+
+            stored, _ = replies.run(connection, principal, rpc, request, carry_out, owner)
+            return stored
+
+        stored = await self.db.write(transaction)
+        for decision in made:
+            await self.placed(decision)
+        return stored
+
     async def placed(self, decision: SlotDecision) -> None:
-        """Call after committing a decision made with `decide`: wakes the order watchers."""
-        if decision.outcome == ORDER_PLACED and self.on_order is not None:
-            await self.on_order()  # type: ignore[misc]
+        """Call after committing a decision made with `decide`: wakes the feeds' watchers."""
+        if self.on_commit is not None:
+            await self.on_commit()
 
     def decide(
         self,
@@ -178,10 +229,11 @@ class Ordering:
         slot = load_slot(connection, device_id, slot_id)
         level = float(slot.level or 0.0)
         customer = trigger == pb.ORDER_TRIGGER_CUSTOMER
+        reorder_point = slot.reorder_point  # kept unless a forecast is computed below
 
         def answer(outcome: int, reason: str, due: bool, **fields: object) -> SlotDecision:
             decision = SlotDecision(device_id, slot_id, outcome, reason=reason, level=level, **fields)  # type: ignore[arg-type]
-            self._record(connection, device, slot, decision, due, now, explicit or customer)
+            self._record(connection, device, slot, decision, due, now, explicit or customer, reorder_point)
             return decision
 
         current = orders.open_order(connection, device_id, slot_id)
@@ -214,6 +266,8 @@ class Ordering:
             return answer(POLICY_OFF, "automatic ordering is off for this slot", False)
         found = forecast_of_slot(connection, slot, now)
         result = found.result
+        # The slot's status (LOW) follows the forecast's reorder point once it has a rate.
+        reorder_point = result.reorder_point if result.rate_per_day is not None else None
         if found.has_data:
             level = result.level
         due = explicit or (found.has_data and result.order_now)
@@ -325,18 +379,26 @@ class Ordering:
         due: bool,
         now: int,
         asked: bool,
+        reorder_point: float | None,
     ) -> None:
-        """Keeps the slot's latest decision; a changed one for a due slot goes on the feed."""
+        """Keeps the slot's latest decision and its forecast's reorder point; a changed decision
+        for a due slot goes on the feed."""
         # A skip that does not matter yet (paused or without consent, but not due) is kept as
         # NOT_NEEDED, so the skip is announced when the slot does become due.
         outcome = decision.outcome if due or decision.outcome not in SKIPPED else NOT_NEEDED
         name = outcome_name(outcome)
         deferred = (slot.decision_due_time_us or now) if outcome == CONSENT_REQUIRED else None
-        if name != slot.last_outcome or deferred != slot.decision_due_time_us:
+        moved = reorder_point_moved(slot.reorder_point, reorder_point, slot.capacity)
+        if name != slot.last_outcome or deferred != slot.decision_due_time_us or moved:
             connection.execute(
                 slots.update()
                 .where(slots.c.device_id == slot.device_id, slots.c.slot_id == slot.slot_id)
-                .values(last_outcome=name, last_outcome_time_us=now, decision_due_time_us=deferred)
+                .values(
+                    last_outcome=name,
+                    last_outcome_time_us=now,
+                    decision_due_time_us=deferred,
+                    reorder_point=reorder_point,
+                )
             )
         changed = name != slot.last_outcome
         if changed or asked:

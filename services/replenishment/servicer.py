@@ -238,6 +238,7 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
             register,
             customer_id=registration.customer_id,
         )
+        self.slot_feed.poke()  # DEVICE_REGISTERED
         response = pb.RegisterDeviceResponse.FromString(stored)
         if created:
             response.device_token = token
@@ -380,6 +381,7 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
         device = await self.db.write(
             lambda c: lifecycle.set_device_paused(c, device_id, paused, now_micros())
         )
+        self.slot_feed.poke()  # PAUSED or RESUMED
         return device_message(device)
 
     # Slots ----------------------------------------------------------------------------------
@@ -478,6 +480,7 @@ class ReplenishmentServicer(OrderRpcs, pb_grpc.ReplenishmentServiceServicer):
         slot = await self.db.write(
             lambda c: lifecycle.set_slot_paused(c, device_id, slot_id, paused, now_micros())
         )
+        self.slot_feed.poke()  # PAUSED or RESUMED
         return slot_message(slot)
 
     # The slot feed ----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ WatchSlotEvents read it.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
-from services.replenishment.feed_follower import FeedFollower
+from services.replenishment.feed_follower import PAGE, FeedFollower
 from services.replenishment.store import (
     SLOT_FEED,
     allocate_revision,
@@ -29,8 +28,6 @@ from services.replenishment.store import (
 )
 from shared.db import Database, now_micros
 from shared.proto_time import timestamp_of
-
-PAGE = 1000
 
 
 def append(
@@ -112,10 +109,13 @@ def _event_message(row: sa.Row) -> pb.SlotEvent:
 
 
 def events_after(
-    connection: Connection, since_revision: int, wanted: SlotFilter, limit: int
+    connection: Connection, since_revision: int, wanted: SlotFilter, limit: int, until: int | None = None
 ) -> list[pb.SlotEvent]:
-    """Up to `limit` events after `since_revision` matching `wanted`, in revision order."""
+    """Up to `limit` events after `since_revision` (up to `until`) matching `wanted`, in
+    revision order."""
     query = sa.select(slot_events).where(slot_events.c.revision > since_revision)
+    if until is not None:
+        query = query.where(slot_events.c.revision <= until)
     if wanted.customer_id:
         query = query.where(slot_events.c.customer_id == wanted.customer_id)
     if wanted.device_id:
@@ -167,7 +167,7 @@ def purge_before(connection: Connection, create_time_us: int, limit: int = PAGE)
 class SlotFeed(FeedFollower):
     """The slot feed's follower, with the watch stream of WatchSlotEvents."""
 
-    def __init__(self, database: Database, poll_interval: float = 0.25):
+    def __init__(self, database: Database, poll_interval: float | None = None):
         super().__init__(database, SLOT_FEED, poll_interval)
 
     async def watch(
@@ -175,29 +175,14 @@ class SlotFeed(FeedFollower):
     ) -> AsyncIterator[pb.WatchSlotEventsResponse]:
         """The replay after `since_revision`, a heartbeat, then live events, with a heartbeat
         after every `heartbeat_seconds` of silence; ends (OK) when the server stops."""
-        cursor = since_revision
-        first = True
-        while not self.closing:
-            # Revisions commit in order: everything up to the head read here is readable.
-            current = await self.db.read(head)
-            self.revision = max(self.revision, current)
-            sent = False
-            while True:
-                page = await self.db.read(
-                    functools.partial(events_after, since_revision=cursor, wanted=wanted, limit=PAGE)
-                )
-                for event in page:
-                    yield pb.WatchSlotEventsResponse(event=event)
-                    cursor = max(cursor, event.revision)
-                    sent = True
-                if len(page) < PAGE:
-                    break
-            cursor = max(cursor, current)
-            if first or not sent:
-                yield pb.WatchSlotEventsResponse(
-                    heartbeat=pb.SlotFeedHeartbeat(
-                        current_revision=cursor, send_time=timestamp_of(now_micros())
-                    )
-                )
-            first = False
-            await self.wait_beyond(cursor, heartbeat_seconds)
+
+        def wanted_after(connection: Connection, after: int, until: int, limit: int) -> list[pb.SlotEvent]:
+            return events_after(connection, after, wanted, limit, until)
+
+        stream = self.stream(since_revision, wanted_after, lambda event: event.revision, heartbeat_seconds)
+        async for item in stream:
+            if isinstance(item, int):
+                heartbeat = pb.SlotFeedHeartbeat(current_revision=item, send_time=timestamp_of(now_micros()))
+                yield pb.WatchSlotEventsResponse(heartbeat=heartbeat)
+            else:
+                yield pb.WatchSlotEventsResponse(event=item)

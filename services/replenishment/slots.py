@@ -25,6 +25,7 @@ LIMIT_PERIOD_RANGE_US = (HOUR_US, 366 * DAY_US)
 DEFAULT_LIMIT_PERIOD_US = 30 * DAY_US
 SERVICE_LEVEL_RANGE = (0.5, 0.999)
 DEFAULT_SERVICE_LEVEL = 0.95
+REORDER_POINT_STEP = 0.01  # of capacity: smaller moves of the stored reorder point are not written
 DEFAULT_FALLBACK_SHARE = 0.2  # of capacity, while the forecast has too few readings
 
 
@@ -81,6 +82,9 @@ class SlotState:
     epoch_start_time_us: int | None = None
     last_refill_time_us: int | None = None
     last_outcome: str | None = None  # a ReplenishOutcome name without its prefix
+    # The reorder point of the latest forecast with a rate (ordering.py keeps it); None
+    # before the forecast has enough readings, or for a slot whose policy is OFF.
+    reorder_point: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,16 @@ class Slot:
     orders: SlotOrders = field(default_factory=SlotOrders)
 
     @property
+    def reorder_level(self) -> float:
+        """The level at or below which the slot is LOW: its forecast's reorder point, or the
+        fallback reorder level while there is no forecast."""
+        point = self.state.reorder_point
+        return self.settings.fallback_reorder_level if point is None else point
+
+    @property
     def status(self) -> SlotStatus:
         """The level against the slot's reorder level; a slot with an open order is LOW."""
-        status = slot_status(self.state.level, self.settings.fallback_reorder_level)
+        status = slot_status(self.state.level, self.reorder_level)
         if status is SlotStatus.OK and self.orders.open_order_id:
             return SlotStatus.LOW
         return status
@@ -115,6 +126,14 @@ class Slot:
     @property
     def safety_z(self) -> float:
         return safety_z(self.settings.service_level)
+
+
+def reorder_point_moved(stored: float | None, current: float | None, capacity: float) -> bool:
+    """Whether a forecast's reorder point differs enough from the stored one to be written
+    (a move under REORDER_POINT_STEP of capacity is not: one UPDATE less per reading)."""
+    if stored is None or current is None:
+        return stored != current
+    return abs(current - stored) > REORDER_POINT_STEP * capacity
 
 
 def slot_status(level: float | None, reorder_level: float) -> SlotStatus:

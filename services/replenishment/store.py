@@ -84,6 +84,8 @@ slots = sa.Table(
     sa.Column("last_outcome", sa.String(32), nullable=True),
     sa.Column("last_outcome_time_us", sa.BigInteger, nullable=True),
     sa.Column("decision_due_time_us", sa.BigInteger, nullable=True),
+    # Migration 0005: the reorder point of the latest forecast with a rate (NULL: the fallback).
+    sa.Column("reorder_point", sa.Double, nullable=True),
 )
 
 # Every accepted reading; the primary key makes telemetry idempotent by reading_id.
@@ -286,6 +288,7 @@ def _slot(row: sa.Row) -> Slot:
         epoch_start_time_us=row.epoch_start_time_us,
         last_refill_time_us=row.last_refill_time_us,
         last_outcome=row.last_outcome,
+        reorder_point=row.reorder_point,
     )
     return Slot(row.device_id, settings, row.create_time_us, row.update_time_us, row.paused, state)
 

@@ -191,7 +191,7 @@ def _status_event(
     connection: Connection, device: Owner, series: _Series, before: SlotStatus, now_us: int
 ) -> None:
     settings = series.slot.settings
-    after = slot_status(series.level, settings.fallback_reorder_level)
+    after = slot_status(series.level, series.slot.reorder_level)
     name = settings.display_name or settings.slot_id
     if after is SlotStatus.EMPTY and before is not SlotStatus.EMPTY:
         _slot_event(connection, device, series, "EMPTY", now_us, f"{name} is empty")
@@ -318,7 +318,7 @@ def record(
             connection,
             device,
             series,
-            slot_status(state.level, series.slot.settings.fallback_reorder_level),
+            slot_status(state.level, series.slot.reorder_level),
             now_us,
         )
         driver_sql(

@@ -80,3 +80,14 @@ def test_the_make_switches_reach_the_launcher():
     )
     reset = planned("reset").strip()
     assert reset == "rm -rf data" and ".venv" not in reset
+
+
+def test_the_demo_shortens_the_cancellation_window_unless_the_environment_sets_it():
+    from services.__main__ import demo_settings, demo_window_seconds
+
+    window = "NAJIMI_REPLENISHMENT_CANCELLATION_WINDOW_SECONDS"
+    promotion = "NAJIMI_REPLENISHMENT_PROMOTION_INTERVAL_SECONDS"
+    assert demo_settings("replenishment", {}) == {window: "120", promotion: "5"}
+    assert demo_settings("replenishment", {window: "600"}) == {promotion: "5"}
+    assert demo_settings("consent", {}) == {}
+    assert demo_window_seconds({}) == "120" and demo_window_seconds({window: "600"}) == "600"

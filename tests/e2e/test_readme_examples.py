@@ -156,7 +156,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
 
 def test_the_simulated_demo_devices_order_by_themselves_within_minutes(launched: Launcher):
     """Before the examples (whose Replenish places an order by hand): an AUTOMATIC order,
-    from the simulator's telemetry alone, for one of the demo devices it plays."""
+    from the simulator's telemetry alone, for one of the demo devices it plays, cancellable
+    for the demo's two minutes and then PLACED (or further on, once the simulator ships it)."""
     tokens = json.loads((launched.data_dir / "dev-tokens.json").read_text())
     devices = json.loads((launched.data_dir / "demo-devices.json").read_text())
     simulated = [devices[name]["device_id"] for name in ("water-filter", "printer", "coffee-machine")]
@@ -174,7 +175,21 @@ def test_the_simulated_demo_devices_order_by_themselves_within_minutes(launched:
             time.sleep(0.5)
     log = (launched.data_dir / "simulator.log").read_text()
     assert found, f"no automatic order within 180 s:\n{launched.console()}\n{log[-3000:]}"
-    assert found[0].state == repl_pb.ORDER_STATE_PENDING and not found[0].test
+    order = found[0]
+    assert not order.test
+    window_us = order.cancel_deadline_time.ToMicroseconds() - order.create_time.ToMicroseconds()
+    assert window_us == 120_000_000  # make run's demo window, not the default day
+    deadline = time.monotonic() + 180
+    with grpc.insecure_channel(f"127.0.0.1:{launched.ports['replenishment']}") as channel:
+        stub = repl_grpc.ReplenishmentServiceStub(channel)
+        while order.state == repl_pb.ORDER_STATE_PENDING and time.monotonic() < deadline:
+            time.sleep(1.0)
+            order = stub.GetOrder(repl_pb.GetOrderRequest(order_id=order.order_id), metadata=admin).order
+    assert order.state in (
+        repl_pb.ORDER_STATE_PLACED,
+        repl_pb.ORDER_STATE_SHIPPED,
+        repl_pb.ORDER_STATE_DELIVERED,
+    ), f"order {order.order_id} is {repl_pb.OrderState.Name(order.state)} after its window"
 
 
 def test_every_readme_example_succeeds_in_order(launched: Launcher):

@@ -48,6 +48,10 @@ class Suite:
         self.storefront = replenishment.auth("service:storefront")
         self.fulfilment = replenishment.auth("service:fulfilment")
         self._grants = 0
+        self.device_tokens: dict[str, str] = {}  # device_id -> its token, shown at registration
+
+    def device_auth(self, device_id: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.device_tokens[device_id]}"),)
 
     async def register(self, serial: str = "SN-1", test: bool = False, **slot: Any) -> str:
         values: dict[str, Any] = dict(
@@ -76,6 +80,7 @@ class Suite:
             ),
             metadata=self.storefront,
         )
+        self.device_tokens[response.device.device_id] = response.device_token
         return response.device.device_id
 
     async def readings(self, device_id: str, levels: list[float], slot_id: str = "black") -> None:
@@ -374,6 +379,83 @@ async def test_concurrent_deciders_create_exactly_one_order(suite, database_url)
     assert outcomes.count(pb.REPLENISH_OUTCOME_ORDER_PLACED) == 1
     ids = {getattr(d, "order_id", "") or d.order.order_id for d in decisions}
     assert len(ids) == 1
+    count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
+    assert count == 1
+
+
+async def test_concurrent_copies_of_one_request_get_the_first_answer_and_one_order(suite, database_url):
+    """Both explicit paths (a device's Replenish, a customer's ReplenishSlot): copies of one
+    request_id from many clients at once all get the answer of the copy that ordered."""
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    s = await suite(database_url)
+    await s.grant()
+    device_id = await s.register("SN-RETRY")
+    customer_device = await s.register("SN-BUY")
+    address = f"127.0.0.1:{s.service.running.port}"
+    channels = [grpc.aio.insecure_channel(address) for _ in range(10)]
+    try:
+        replenish = device_pb.ReplenishRequest(request_id="again", device_id=device_id, slot_id="black")
+        buy = pb.ReplenishSlotRequest(request_id="again", device_id=customer_device, slot_id="black")
+        auth = s.device_auth(device_id)
+        answers = await asyncio.gather(
+            *(
+                device_grpc.DeviceServiceStub(channels[i % 10]).Replenish(replenish, metadata=auth)
+                for i in range(30)
+            ),
+            *(
+                pb_grpc.ReplenishmentServiceStub(channels[i % 10]).ReplenishSlot(buy, metadata=s.storefront)
+                for i in range(30)
+            ),
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+    device_answers, customer_answers = answers[:30], answers[30:]
+    for copies in (device_answers, customer_answers):
+        assert len({answer.SerializeToString(deterministic=True) for answer in copies}) == 1
+    assert device_answers[0].outcome.outcome == device_pb.REPLENISH_OUTCOME_ORDER_PLACED
+    assert customer_answers[0].outcome == pb.REPLENISH_OUTCOME_ORDER_PLACED
+    placed = await s.db.read(
+        lambda c: c.execute(sa.select(orders.c.device_id, orders.c.order_id, orders.c.request_id)).all()
+    )
+    assert sorted(placed) == sorted(
+        [
+            (device_id, device_answers[0].outcome.order_id, "again"),
+            (customer_device, customer_answers[0].order.order_id, "again"),
+        ]
+    )
+
+
+async def test_a_failure_before_the_reply_is_stored_leaves_no_order(suite, monkeypatch):
+    """The decision and the stored reply commit together: a failure in between (here the
+    reply cannot be built) leaves neither, and the retry orders once."""
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    from services.replenishment import device_api
+
+    s = await suite()
+    await s.grant()
+    device_id = await s.register("SN-CRASH")
+    request = device_pb.ReplenishRequest(request_id="once", device_id=device_id, slot_id="black")
+    devices = device_grpc.DeviceServiceStub(s.service.channel)
+    auth = s.device_auth(device_id)
+    real = device_api.slot_outcome
+
+    def crash(*args: Any) -> Any:
+        raise RuntimeError("crashed before the reply was stored")
+
+    monkeypatch.setattr(device_api, "slot_outcome", crash)
+    error = await rpc_error(devices.Replenish(request, metadata=auth))
+    assert error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
+    assert count == 0
+    monkeypatch.setattr(device_api, "slot_outcome", real)
+    retried = await devices.Replenish(request, metadata=auth)
+    assert retried.outcome.outcome == device_pb.REPLENISH_OUTCOME_ORDER_PLACED
+    assert await devices.Replenish(request, metadata=auth) == retried
     count = await s.db.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
     assert count == 1
 
@@ -783,6 +865,57 @@ async def test_slot_and_device_changes_cancel_pending_orders(suite):
     assert list(again.cancelled_order_ids) == []
 
 
+async def test_watchers_see_this_replicas_events_at_once_not_at_the_next_poll(suite, monkeypatch):
+    """With the cross-replica poll an hour apart and heartbeats a minute apart, only the wake
+    after this replica's commits can deliver: telemetry, pause, and an order, on both feeds."""
+    from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
+    from najimi.replenishment.device.v1 import device_service_pb2_grpc as device_grpc
+
+    from services.replenishment import feed_follower
+
+    monkeypatch.setattr(feed_follower, "POLL_SECONDS", 3600.0)
+    s = await suite()
+    device = await s.register()
+    minute = duration_pb2.Duration(seconds=60)
+    slot_stream = aiter(
+        s.stub.WatchSlotEvents(
+            pb.WatchSlotEventsRequest(device_id=device, heartbeat_interval=minute), metadata=s.storefront
+        )
+    )
+    order_stream = aiter(
+        s.stub.WatchOrderEvents(pb.WatchOrderEventsRequest(heartbeat_interval=minute), metadata=s.fulfilment)
+    )
+
+    async def next_of(stream: Any, kind: str) -> Any:
+        """The next message of this kind (within 5 seconds, far below the poll and heartbeats)."""
+        while True:
+            message = await asyncio.wait_for(anext(stream), 5)
+            if message.WhichOneof("kind") == kind:
+                return message
+
+    await next_of(slot_stream, "heartbeat")  # the replay (DEVICE_REGISTERED) is done
+    await next_of(order_stream, "heartbeat")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(now_micros())
+    await device_grpc.DeviceServiceStub(s.service.channel).ReportTelemetry(
+        device_pb.ReportTelemetryRequest(
+            device_id=device,
+            readings=[device_pb.Reading(reading_id="low", slot_id="black", level=5.0, measure_time=stamp)],
+        ),
+        metadata=s.device_auth(device),
+    )
+    assert (await next_of(slot_stream, "event")).event.type == pb.SLOT_EVENT_TYPE_LOW
+    await s.stub.PauseSlot(pb.PauseSlotRequest(device_id=device, slot_id="black"), metadata=s.storefront)
+    seen = await next_of(slot_stream, "event")
+    while seen.event.type != pb.SLOT_EVENT_TYPE_PAUSED:  # after the decision's ORDER_SKIPPED
+        seen = await next_of(slot_stream, "event")
+    order = await _placed_order(s, device)
+    created = await next_of(order_stream, "event")
+    assert created.event.order.order_id == order.order_id
+    placed = await next_of(slot_stream, "event")
+    assert (placed.event.type, placed.event.order_id) == (pb.SLOT_EVENT_TYPE_ORDER_PLACED, order.order_id)
+
+
 async def test_order_events_past_their_retention_are_purged_and_older_positions_are_compacted(suite):
     from services.replenishment import order_feed
 
@@ -817,31 +950,9 @@ async def test_a_device_is_told_consent_required_and_replenish_fails_closed_when
 
     s = await suite(consent_max_staleness_seconds=1.5)
     await s.grant()
-    registered = await s.stub.RegisterDevice(
-        pb.RegisterDeviceRequest(
-            request_id="reg-dev",
-            customer_id=CUSTOMER,
-            manufacturer="acme",
-            model="inkjet",
-            kind="printer",
-            serial_number="SN-DEV",
-            slots=[
-                pb.Slot(
-                    slot_id="black",
-                    item_id="ink",
-                    capacity=100.0,
-                    unit="ml",
-                    unit_price_micros=1_000_000,
-                    currency_code="EUR",
-                    policy=pb.SLOT_POLICY_AUTO,
-                )
-            ],
-        ),
-        metadata=s.storefront,
-    )
-    device_id = registered.device.device_id
+    device_id = await s.register("SN-DEV", unit_price_micros=1_000_000)
     devices = device_grpc.DeviceServiceStub(s.service.channel)
-    auth = (("authorization", f"Bearer {registered.device_token}"),)
+    auth = s.device_auth(device_id)
     await s.withdraw()
 
     def replenish(request_id: str) -> Any:

@@ -243,6 +243,30 @@ async def test_low_and_empty_are_slot_events_on_a_change_only(start_service):
     assert (await device.slot()).state.status == pb.SLOT_STATUS_LOW
 
 
+async def test_low_follows_the_forecasts_reorder_point_once_there_is_one(start_service):
+    """Daily readings with known use. Black (250 ml, fallback 40, lead time 2 days): 20 ml a
+    day, so the reorder point is 20 x (2 + 1 day between readings) = 60 ml and 58 ml is LOW
+    though above the fallback. Color (100 ml, fallback 20, lead time 3 days): 2 ml a day, a
+    reorder point of 2 x (3 + 1) = 8 ml, so 18 ml is OK though below the fallback."""
+    device = await _device(start_service)
+    black = [200.0 - 20.0 * day for day in range(7)]  # 200 ... 80, then 58 today
+    color = [40.0 - 2.0 * day for day in range(11)]  # 40 ... 20, then 18 today
+    for day, level in enumerate(black):
+        await device.report(_reading(f"b{day}", level, ago=(7 - day) * DAY))
+    for day, level in enumerate(color):
+        await device.report(_reading(f"c{day}", level, ago=(11 - day) * DAY, slot_id="color"))
+    assert (await device.slot("black")).state.status == pb.SLOT_STATUS_OK
+    forecast = await device.stub.GetSlotForecast(
+        pb.GetSlotForecastRequest(device_id=device.device_id, slot_id="black"), metadata=device.service.auth()
+    )
+    assert forecast.forecast.reorder_point == pytest.approx(60.0, abs=1.0)
+    await device.report(_reading("b-now", 58.0), _reading("c-now", 18.0, slot_id="color"))
+    assert (await device.slot("black")).state.status == pb.SLOT_STATUS_LOW
+    assert (await device.slot("color")).state.status == pb.SLOT_STATUS_OK
+    low = await device.events(pb.SLOT_EVENT_TYPE_LOW)
+    assert [(e.slot_id, e.level) for e in low] == [("black", 58.0)]
+
+
 def _retry_delay(error: grpc.aio.AioRpcError) -> float:
     status = rpc_status.from_call(error)
     for detail in status.details if status else []:

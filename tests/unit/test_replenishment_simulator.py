@@ -3,11 +3,17 @@ the device file. (With a real server: tests/integration/test_replenishment_simul
 
 from __future__ import annotations
 
+import importlib
 import re
 import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
+from services.replenishment import simulator
 from services.replenishment.consumption import ConsumptionModel, OfflineSpell, Sensor, UsageKind, UsageProfile
 from services.replenishment.simulator import (
     DeviceBook,
@@ -150,3 +156,18 @@ def test_each_device_goes_offline_once_early_in_the_replay():
     assert spells(water) == (spell,)  # the same for the same device
     assert T0 <= spell.start_us <= T0 + 10 * DAY_US and spell.end_us == spell.start_us + int(1.5 * DAY_US)
     assert offline_spells(clock, 0)(water) == ()
+
+
+def test_the_simulator_runs_as_a_console_script_and_as_a_module():
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["najimi-device-simulator"].partition(":")
+    assert getattr(importlib.import_module(module), function) is simulator.main
+    shown = subprocess.run(
+        [sys.executable, "-m", "services.replenishment.simulator", "--help"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "--offline-days" in shown.stdout

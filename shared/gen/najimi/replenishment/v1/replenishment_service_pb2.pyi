@@ -122,7 +122,8 @@ class _SlotStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotStatus
     """The level is above the reorder point."""
     SLOT_STATUS_LOW: _SlotStatus.ValueType  # 3
     """The level is at or below the reorder point but above zero: it is time to
-    reorder (or an order is open).
+    reorder (or an order is open). The reorder point is the forecast's, or
+    fallback_reorder_level while the forecast has too few readings for a rate.
     """
     SLOT_STATUS_EMPTY: _SlotStatus.ValueType  # 4
     """The latest reading is zero."""
@@ -138,7 +139,8 @@ SLOT_STATUS_OK: SlotStatus.ValueType  # 2
 """The level is above the reorder point."""
 SLOT_STATUS_LOW: SlotStatus.ValueType  # 3
 """The level is at or below the reorder point but above zero: it is time to
-reorder (or an order is open).
+reorder (or an order is open). The reorder point is the forecast's, or
+fallback_reorder_level while the forecast has too few readings for a rate.
 """
 SLOT_STATUS_EMPTY: SlotStatus.ValueType  # 4
 """The latest reading is zero."""
