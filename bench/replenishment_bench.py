@@ -36,7 +36,8 @@ has the last grant, and prints, in alternating rounds, the median and the range:
    (`run_forecast_accuracy`), when present.
 
 The targets are informational: the exit code is 0 unless something crashed.
-Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds.
+Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds,
+--readings-per-call, --telemetry-only.
 """
 
 from __future__ import annotations
@@ -712,7 +713,9 @@ def bench(args: argparse.Namespace) -> None:
             devices_json = data_dir / "bench-devices.json"
             devices_json.write_text(json.dumps(devices[: args.devices]))
             telemetry_rounds(args, server, metrics_port, devices_json, data_dir)
-            if why:
+            if args.telemetry_only:
+                pass
+            elif why:
                 print(f"\n2./3. Replenish and the retry storm: not measured: {why}")
             else:
                 replenish_json = data_dir / "replenish-devices.json"
@@ -735,7 +738,8 @@ def bench(args: argparse.Namespace) -> None:
                 if code != 0:
                     crashed = True
                     print(f"{process.service} exited {code}; its log ends:\n{''.join(process.lines[-30:])}")
-    forecast_accuracy()
+    if not args.telemetry_only:
+        forecast_accuracy()
     if crashed:
         sys.exit(1)
 
@@ -756,6 +760,9 @@ def main() -> None:
         type=lambda text: [int(n) for n in text.split(",")],
         default=list(READINGS_PER_CALL),
         help="telemetry batch sizes, comma-separated (default: 1,10)",
+    )
+    parser.add_argument(
+        "--telemetry-only", action="store_true", help="section 1 only (no Replenish, storms, forecast)"
     )
     bench(parser.parse_args())
 

@@ -127,7 +127,7 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
             stored = telemetry.record(connection, device_id, batch, now, by_device)
             return stored, [self._decide(connection, device_id, slot_id) for slot_id in stored.levels]
 
-        stored, decisions = await self.store.db.write(work)
+        stored, decisions = await self.store.db.write_joined(work)
         for decision in decisions:
             await self.ordering.placed(decision)
         results = [
