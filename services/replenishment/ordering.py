@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
@@ -141,7 +142,7 @@ _DECISION_ROWS = (
 
 def _decision_rows(
     connection: Connection, device_id: str, slot_id: str
-) -> tuple[_Device, sa.Row, _OpenOrder | None]:
+) -> tuple[_Device, Any, _OpenOrder | None]:
     """The active device, its slot (a row with the slots table's columns) and the slot's open
     order: NOT_FOUND for a missing device, FAILED_PRECONDITION for a retired one, then
     NOT_FOUND (SLOT_NOT_FOUND) for a missing slot, in that order."""
