@@ -322,9 +322,14 @@ class Database:
     async def lookup(self, work: Callable[[Connection], T]) -> T:
         """A short point read (one row by key). On SQLite it runs right here: the file is
         local and WAL readers never wait for writers, so the ~200 µs hop to a worker thread
-        would cost more than the read. Elsewhere it goes through the reader pool."""
+        would cost more than the read. Elsewhere it goes through the reader pool.
+
+        On SQLite no transaction is begun for it: driver SQL (the connection's DBAPI cursor)
+        runs in autocommit, each statement reading the latest commit; a SQLAlchemy statement
+        begins a read transaction as usual (rolled back at the end)."""
         if self.is_sqlite:
-            return self.transaction(work, False)
+            with self.engine.connect().execution_options(write=False) as connection:
+                return work(connection)
         return await self.read(work)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
