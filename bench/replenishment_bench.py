@@ -524,7 +524,8 @@ def telemetry_rounds(
         "received in the window / the window. The server's per-RPC counts by code are checked: every "
         "ReportTelemetry answered OK. Why not h2load: the module docstring (one body, one token for every call). "
         "'server waited ... for a CPU': seconds its threads sat runnable without a CPU per second of the round "
-        "(/proc schedstat): well above 0, other processes had its core, and the round says little."
+        "(/proc schedstat); about 1 s/s is its own threads (event loop, gRPC poller, database writer) taking "
+        "turns on its one core; several s/s means other processes had that core, and the round says little."
     )
     why = probe_telemetry(server.address, json.loads(devices_json.read_text())[0])
     if why:

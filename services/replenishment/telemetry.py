@@ -249,15 +249,15 @@ def record(
     """Checks and stores a batch of an active device's readings in the caller's transaction
     (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one)."""
     locked = _DEVICE_SLOTS + (" FOR UPDATE OF s" if connection.dialect.name == "postgresql" else "")
-    rows = driver_sql(connection, locked, (device_id,)).all()
-    if rows:
-        first = rows[0]
+    found = driver_sql(connection, locked, (device_id,)).all()
+    if found:
+        first = found[0]
         if first.device_state != DeviceState.ACTIVE.value:
             raise device_deregistered(device_id)
         device = Owner(device_id, first.device_customer_id, bool(first.device_test))
     else:
         device = _owner(connection, device_id)
-    by_slot = {row.slot_id: _slot(row) for row in rows}
+    by_slot = {row.slot_id: _slot(row) for row in found}
     capacities = {slot_id: slot.settings.capacity for slot_id, slot in by_slot.items()}
     results = [Result(reading.reading_id) for reading in batch]
     sound: dict[str, int] = {}  # reading_id -> index in batch, first copy only
