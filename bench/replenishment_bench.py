@@ -36,7 +36,8 @@ has the last grant, and prints, in alternating rounds, the median and the range:
    (`run_forecast_accuracy`), when present.
 
 The targets are informational: the exit code is 0 unless something crashed.
-Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds.
+Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds,
+--readings-per-call, --telemetry-only.
 """
 
 from __future__ import annotations
@@ -433,6 +434,22 @@ def probe_telemetry(address: str, device: dict[str, Any]) -> str:
     return ""
 
 
+def run_queue_seconds(pid: int) -> float | None:
+    """Seconds the process's threads have spent runnable but waiting for a CPU (the second
+    field of /proc/<pid>/task/*/schedstat, in ns); None where /proc does not have it."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 @dataclass
 class TelemetryFigures:
     """One batch size's rounds: readings/s, share of the same round's floor, costs."""
@@ -444,6 +461,9 @@ class TelemetryFigures:
     client_share: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
+    # Seconds the server's threads sat runnable without a CPU, per second of the round: high
+    # when other processes took the server's core (the rounds where it "answered nothing").
+    cpu_wait: list[float] = field(default_factory=list)
 
 
 def telemetry_round(
@@ -456,6 +476,7 @@ def telemetry_round(
 ) -> None:
     counts_before = rpc_counts(metrics_port)
     cpu_before = process_cpu_seconds(server.process.pid)
+    wait_before, started = run_queue_seconds(server.process.pid), time.monotonic()
     result = client(
         args,
         "telemetry",
@@ -466,6 +487,9 @@ def telemetry_round(
         readings_per_call=figures.readings_per_call,
     )
     cpu_after = process_cpu_seconds(server.process.pid)
+    wait_after = run_queue_seconds(server.process.pid)
+    if wait_before is not None and wait_after is not None:
+        figures.cpu_wait.append(max(0.0, wait_after - wait_before) / (time.monotonic() - started))
     changes = count_changes(counts_before, rpc_counts(metrics_port))
     errors = {k: n for k, n in changes.items() if k[2] != "OK"}
     if errors:
@@ -498,7 +522,10 @@ def telemetry_rounds(
         "reporting each reading as it takes it; 10: a device sending what it buffered) with that device's "
         "token, cycling over the devices, a device's calls one at a time; readings/s = ACCEPTED results "
         "received in the window / the window. The server's per-RPC counts by code are checked: every "
-        "ReportTelemetry answered OK. Why not h2load: the module docstring (one body, one token for every call)."
+        "ReportTelemetry answered OK. Why not h2load: the module docstring (one body, one token for every call). "
+        "'server waited ... for a CPU': seconds its threads sat runnable without a CPU per second of the round "
+        "(/proc schedstat); about 1 s/s is its own threads (event loop, gRPC poller, database writer) taking "
+        "turns on its one core; several s/s means other processes had that core, and the round says little."
     )
     why = probe_telemetry(server.address, json.loads(devices_json.read_text())[0])
     if why:
@@ -523,6 +550,11 @@ def telemetry_rounds(
                 line += (
                     f"; {figures.readings_per_call}/call {figures.per_second[-1]:,.0f} readings/s "
                     f"({figures.shares[-1]:.1f} %)"
+                    + (
+                        f", server waited {figures.cpu_wait[-1]:.2f} s/s for a CPU"
+                        if figures.cpu_wait
+                        else ""
+                    )
                 )
             print(line)
         ceiling = client(
@@ -712,7 +744,9 @@ def bench(args: argparse.Namespace) -> None:
             devices_json = data_dir / "bench-devices.json"
             devices_json.write_text(json.dumps(devices[: args.devices]))
             telemetry_rounds(args, server, metrics_port, devices_json, data_dir)
-            if why:
+            if args.telemetry_only:
+                pass
+            elif why:
                 print(f"\n2./3. Replenish and the retry storm: not measured: {why}")
             else:
                 replenish_json = data_dir / "replenish-devices.json"
@@ -735,7 +769,8 @@ def bench(args: argparse.Namespace) -> None:
                 if code != 0:
                     crashed = True
                     print(f"{process.service} exited {code}; its log ends:\n{''.join(process.lines[-30:])}")
-    forecast_accuracy()
+    if not args.telemetry_only:
+        forecast_accuracy()
     if crashed:
         sys.exit(1)
 
@@ -756,6 +791,9 @@ def main() -> None:
         type=lambda text: [int(n) for n in text.split(",")],
         default=list(READINGS_PER_CALL),
         help="telemetry batch sizes, comma-separated (default: 1,10)",
+    )
+    parser.add_argument(
+        "--telemetry-only", action="store_true", help="section 1 only (no Replenish, storms, forecast)"
     )
     bench(parser.parse_args())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +38,8 @@ WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 # How long Database.scrub keeps trying to empty the WAL after an erasure.
 SCRUB_SECONDS = 10.0
+# Most calls' work one joined transaction carries (Database.write_joined).
+MAX_JOINED = 128
 # SQLSTATEs of a transaction that lost a race: unique violation, serialization failure, deadlock.
 RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
@@ -185,6 +187,10 @@ class Database:
         )
         self._checkpointing = False
         self._next_checkpoint = 0.0  # time.monotonic() before which no checkpoint starts
+        # write_joined: the calls waiting for the next joined transaction, and whether one runs.
+        self._joined: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._joining = False
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced until done
 
     @property
     def is_sqlite(self) -> bool:
@@ -236,12 +242,94 @@ class Database:
                 return result
         raise Aborted("the write kept conflicting with concurrent writes; retry", reason="CONCURRENT_WRITE")
 
+    async def write_joined(self, work: Callable[[Connection], T]) -> T:
+        """Like `write`, for many small concurrent writes (group commit): the calls that
+        arrive while a joined transaction runs wait for the next one, which carries up to
+        MAX_JOINED of them, each `work` in a SAVEPOINT of its own, and commits them at once.
+        A call returns only after that commit; one whose work raises has its savepoint rolled
+        back, without sinking the others, and gets the exception (one that lost a race runs
+        again alone, through `write`). If the joined transaction itself fails, each call runs
+        again alone. One joined transaction runs at a time; `write` runs beside it.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._joined.append((work, future))
+        if not self._joining:
+            self._joining = True
+            self._spawn(self._join())
+        return await future
+
+    async def _join(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._joined:
+                batch, self._joined = self._joined[:MAX_JOINED], self._joined[MAX_JOINED:]
+                works = [work for work, _ in batch]
+                try:
+                    outcomes = await loop.run_in_executor(self._writer, self._run_joined, works)
+                except Exception as error:  # the transaction failed as a whole: each alone
+                    log.warning("joined_write_failed", error=type(error).__name__, calls=len(batch))
+                    outcomes = [(False, None)] * len(batch)
+                self._checkpoint_soon()
+                for (work, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():  # the caller went away; its work committed or not, as it went
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    elif value is None or (isinstance(value, sa.exc.DBAPIError) and _lost_a_race(value)):
+                        self._spawn(self._alone(work, future))
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._joining = False
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _alone(self, work: Callable[[Connection], T], future: asyncio.Future[T]) -> None:
+        try:
+            result = await self.write(work)
+        except Exception as error:
+            if not future.done():
+                future.set_exception(error)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+    def _run_joined(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Runs each work in its own savepoint of one transaction: (True, result) or (False, error)."""
+        outcomes: list[tuple[bool, Any]] = []
+        with self.engine.connect().execution_options(write=True) as connection, connection.begin():
+            # Plain SQL on the driver's cursor: SQLAlchemy's nested transactions cost several
+            # times the database's work for a savepoint.
+            cursor = connection.connection.cursor()
+            try:
+                for work in works:
+                    cursor.execute("SAVEPOINT joined_write")
+                    try:
+                        result = work(connection)
+                    except Exception as error:
+                        cursor.execute("ROLLBACK TO SAVEPOINT joined_write")
+                        outcomes.append((False, error))
+                    else:
+                        outcomes.append((True, result))
+                    cursor.execute("RELEASE SAVEPOINT joined_write")
+            finally:
+                cursor.close()
+        return outcomes
+
     async def lookup(self, work: Callable[[Connection], T]) -> T:
         """A short point read (one row by key). On SQLite it runs right here: the file is
         local and WAL readers never wait for writers, so the ~200 µs hop to a worker thread
-        would cost more than the read. Elsewhere it goes through the reader pool."""
+        would cost more than the read. Elsewhere it goes through the reader pool.
+
+        On SQLite no transaction is begun for it: driver SQL (the connection's DBAPI cursor)
+        runs in autocommit, each statement reading the latest commit; a SQLAlchemy statement
+        begins a read transaction as usual (rolled back at the end)."""
         if self.is_sqlite:
-            return self.transaction(work, False)
+            with self.engine.connect().execution_options(write=False) as connection:
+                return work(connection)
         return await self.read(work)
 
     async def read(self, work: Callable[[Connection], T]) -> T:

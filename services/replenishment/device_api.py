@@ -123,11 +123,13 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         by_device = principal.kind == "device"
 
         def work(connection: Any) -> tuple[telemetry.Batch, list[SlotDecision]]:
-            # One transaction: the readings and the decisions they lead to commit together.
+            # One unit: the readings and the decisions they lead to commit together, or not at
+            # all. Concurrent reports share a transaction (Database.write_joined, a savepoint
+            # each): a report is answered, and its readings ACCEPTED, once that has committed.
             stored = telemetry.record(connection, device_id, batch, now, by_device)
             return stored, [self._decide(connection, device_id, slot_id) for slot_id in stored.levels]
 
-        stored, decisions = await self.store.db.write(work)
+        stored, decisions = await self.store.db.write_joined(work)
         for decision in decisions:
             await self.ordering.placed(decision)
         results = [

@@ -72,7 +72,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy.optimize import isotonic_regression
 
 from services.replenishment.slots import DAY_US, DEFAULT_FALLBACK_SHARE, DEFAULT_SERVICE_LEVEL, safety_z
@@ -83,7 +82,9 @@ REFILL_TOLERANCE_SHARE = 0.05
 OUTLIER_FLOOR_SHARE = 0.02
 EMPTY_SHARE = 0.01  # a fitted level at or below 1 % of capacity is empty
 MIN_READINGS = 3
-REFERENCE_READINGS = 5  # a rise is measured from the median of this many previous readings
+REFERENCE_READINGS = (
+    5  # a rise is measured from the median of this many previous readings (window_medians: 5)
+)
 STALE_AFTER_US = 3 * DAY_US
 INTERMITTENT_ADI = 1.32
 TSB_ALPHA = 0.1  # smoothing of the size of a use
@@ -152,6 +153,18 @@ def _median(values: np.ndarray) -> float:
     return float(part[half - 1] + part[half]) / 2.0
 
 
+def window_medians(values: np.ndarray) -> np.ndarray:
+    """The median of each run of 5 consecutive values (len(values) - 4 of them): the same
+    numbers as np.partition over sliding_window_view(values, 5), from a min/max network on
+    whole arrays, several times faster than a partition of each row (this runs for every
+    reading received)."""
+    m = values.size
+    a, b, c, d, e = (values[i : m - 4 + i] for i in range(5))
+    low = np.maximum(np.minimum(a, b), np.minimum(c, d))
+    high = np.minimum(np.maximum(a, b), np.maximum(c, d))
+    return np.maximum(np.minimum(e, low), np.minimum(np.maximum(e, low), high))
+
+
 # Refills -------------------------------------------------------------------------------
 
 
@@ -182,10 +195,7 @@ def split_epochs(
         return [0] * min(n, 1), []
     tolerance = tolerance_share * capacity
     padded = np.concatenate((np.repeat(levels[:1], REFERENCE_READINGS - 1), levels))
-    middle = REFERENCE_READINGS // 2
-    reference = np.partition(sliding_window_view(padded, REFERENCE_READINGS)[: n - 1], middle, axis=1)[
-        :, middle
-    ]
+    reference = window_medians(padded)[: n - 1]
     candidates = np.flatnonzero(levels[1:] - reference > tolerance) + 1
     starts = [0]
     spikes: list[int] = []
@@ -256,9 +266,12 @@ def croston_sba(demand: np.ndarray, alpha: float = TSB_ALPHA) -> float:
 
 
 def _sorted_readings(readings: Iterable[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    pairs = np.array(readings if isinstance(readings, list | tuple) else list(readings), dtype=float)
-    if pairs.size == 0:
+    listed = readings if isinstance(readings, list | tuple) else list(readings)
+    if not listed:
         return np.empty(0, dtype=np.int64), np.empty(0)
+    # np.fromiter over the flattened pairs: half the time of np.array on a list of tuples.
+    flat = itertools.chain.from_iterable(listed)
+    pairs = np.fromiter(flat, dtype=float, count=2 * len(listed)).reshape(-1, 2)
     pairs = pairs[np.isfinite(pairs).all(axis=1)]  # telemetry rejects these; never trust it here
     times, levels = pairs[:, 0].astype(np.int64), pairs[:, 1]
     order = np.argsort(times, kind="stable")
@@ -281,13 +294,9 @@ def _hampel_keep(levels: np.ndarray, floor: float, keep_last: int) -> np.ndarray
     keep = np.ones(levels.size, dtype=bool)
     if levels.size < 5:
         return keep
-    neighbours = np.partition(
-        sliding_window_view(
-            np.concatenate((2 * levels[0] - levels[2:0:-1], levels, 2 * levels[-1] - levels[-2:-4:-1])), 5
-        ),
-        2,
-        axis=1,
-    )[:, 2]
+    neighbours = window_medians(
+        np.concatenate((2 * levels[0] - levels[2:0:-1], levels, 2 * levels[-1] - levels[-2:-4:-1]))
+    )
     residual = np.abs(levels - neighbours)
     scale = 1.4826 * _median(residual)
     keep[: levels.size - keep_last] = residual[: levels.size - keep_last] <= max(4.0 * scale, floor)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf.message import Message
@@ -46,13 +47,20 @@ from sqlalchemy.engine import Connection
 
 from services.replenishment import orders, slot_events
 from services.replenishment.devices import DeviceState
-from services.replenishment.slot_forecasts import forecast_of_slot, load_slot
+from services.replenishment.slot_forecasts import forecast_of_slot
 from services.replenishment.slots import DAY_US, reorder_point_moved
-from services.replenishment.store import devices, slots
+from services.replenishment.store import (
+    device_deregistered,
+    device_not_found,
+    devices,
+    driver_sql,
+    slot_not_found,
+    slots,
+)
 from services.replenishment.store import orders as order_rows
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition
 from shared.idempotency import Idempotency
 from shared.log import get_logger
 
@@ -100,6 +108,67 @@ def _money(micros: int, currency: str) -> str:
 def _days(micros: int) -> str:
     days = micros / DAY_US
     return f"{days:g} days" if days >= 1 else f"{micros / 3_600_000_000:g} hours"
+
+
+@dataclass(frozen=True)
+class _Device:
+    """What a decision needs of the device."""
+
+    device_id: str
+    customer_id: str
+    paused: bool
+    test: bool
+
+
+@dataclass(frozen=True)
+class _OpenOrder:
+    order_id: str
+    state: str
+    delivery_time_us: int | None  # the carrier's estimate, else the expected delivery
+
+
+# The device, the slot and its open order in one driver-SQL query (store.driver_sql): the
+# decision runs for every telemetry report, where three SQLAlchemy queries cost more than
+# the database's work. SQLite gives booleans as 0/1, hence bool() below.
+_DECISION_ROWS = (
+    "SELECT s.*, d.customer_id AS device_customer_id, d.state AS device_state, "
+    "d.paused AS device_paused, d.test AS device_test, o.order_id AS open_order_id, "
+    "o.state AS open_order_state, o.estimated_delivery_time_us AS open_order_estimated_us, "
+    "o.expected_delivery_time_us AS open_order_expected_us "
+    "FROM slots s JOIN devices d ON d.device_id = s.device_id "
+    "LEFT JOIN orders o ON o.device_id = s.device_id AND o.slot_id = s.slot_id "
+    "AND o.state IN ('PENDING', 'PLACED', 'SHIPPED') "
+    "WHERE s.device_id = ? AND s.slot_id = ?"
+)
+
+
+def _decision_rows(
+    connection: Connection, device_id: str, slot_id: str
+) -> tuple[_Device, Any, _OpenOrder | None]:
+    """The active device, its slot (a row with the slots table's columns) and the slot's open
+    order: NOT_FOUND for a missing device, FAILED_PRECONDITION for a retired one, then
+    NOT_FOUND (SLOT_NOT_FOUND) for a missing slot, in that order."""
+    row = driver_sql(connection, _DECISION_ROWS, (device_id, slot_id)).first()
+    if row is None:
+        state = connection.execute(
+            sa.select(devices.c.state).where(devices.c.device_id == device_id)
+        ).scalar()
+        if state is None:
+            raise device_not_found(device_id)
+        if state != DeviceState.ACTIVE.value:
+            raise device_deregistered(device_id)
+        raise slot_not_found(device_id, slot_id)
+    if row.device_state != DeviceState.ACTIVE.value:
+        raise device_deregistered(device_id)
+    device = _Device(device_id, row.device_customer_id, bool(row.device_paused), bool(row.device_test))
+    current = None
+    if row.open_order_id is not None:
+        current = _OpenOrder(
+            row.open_order_id,
+            row.open_order_state,
+            row.open_order_estimated_us or row.open_order_expected_us,
+        )
+    return device, row, current
 
 
 class Ordering:
@@ -221,12 +290,7 @@ class Ordering:
         """The decision in the caller's write transaction (e.g. inside Idempotency.run, so a
         request_id's first answer and its order commit together)."""
         now = self.clock()
-        device = connection.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
-        if device is None:
-            raise NotFound(f"device {device_id} does not exist", reason="DEVICE_NOT_FOUND")
-        if device.state != DeviceState.ACTIVE.value:
-            raise FailedPrecondition(f"device {device_id} is deregistered", reason="DEVICE_DEREGISTERED")
-        slot = load_slot(connection, device_id, slot_id)
+        device, slot, current = _decision_rows(connection, device_id, slot_id)
         level = float(slot.level or 0.0)
         customer = trigger == pb.ORDER_TRIGGER_CUSTOMER
         reorder_point = slot.reorder_point  # kept unless a forecast is computed below
@@ -236,15 +300,13 @@ class Ordering:
             self._record(connection, device, slot, decision, due, now, explicit or customer, reorder_point)
             return decision
 
-        current = orders.open_order(connection, device_id, slot_id)
         if current is not None:
             return answer(
                 ORDER_IN_PROGRESS,
                 f"order {current.order_id} is {current.state.lower()}",
                 True,
                 order_id=current.order_id,
-                expected_delivery_time_us=current.estimated_delivery_time_us
-                or current.expected_delivery_time_us,
+                expected_delivery_time_us=current.delivery_time_us,
             )
         if customer:
             return answer(
@@ -305,7 +367,7 @@ class Ordering:
     def _create(
         self,
         connection: Connection,
-        device: sa.Row,
+        device: _Device,
         slot: sa.Row,
         trigger: int,
         quantity: int,
@@ -373,7 +435,7 @@ class Ordering:
     def _record(
         self,
         connection: Connection,
-        device: sa.Row,
+        device: _Device,
         slot: sa.Row,
         decision: SlotDecision,
         due: bool,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -208,13 +210,47 @@ slot_events = sa.Table(
 )
 
 
-def driver_sql(connection: Connection, sql: str, parameters: Any) -> Any:
-    """Runs `sql` ("?" placeholders; "%s" for psycopg) as driver SQL in the caller's
-    transaction: for the telemetry hot path, where SQLAlchemy's statement building and row
-    processing cost more than the database's work. Rows still read by column name."""
+class DriverRows:
+    """The rows a driver_sql query returned, fetched at once: tuples that read by column
+    name too (named tuples, one class per column list)."""
+
+    def __init__(self, rows: list[Any]):
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def all(self) -> list[Any]:
+        return self.rows
+
+
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> Any:
+    return collections.namedtuple("DriverRow", names, rename=True)  # type: ignore[misc]
+
+
+def driver_sql(connection: Connection, sql: str, parameters: Any) -> DriverRows:
+    """Runs `sql` ("?" placeholders; "%s" for psycopg) on the driver's cursor in the caller's
+    transaction: for the telemetry hot path, where SQLAlchemy's statement and result
+    handling (even exec_driver_sql's) cost several times the database's work. A list of
+    parameter tuples runs the statement once for each (executemany)."""
     if connection.dialect.name == "postgresql":
         sql = sql.replace("?", "%s")
-    return connection.exec_driver_sql(sql, parameters)
+    cursor = connection.connection.cursor()
+    try:
+        if isinstance(parameters, list):
+            cursor.executemany(sql, parameters)
+            return DriverRows([])
+        cursor.execute(sql, parameters)
+        if cursor.description is None:
+            return DriverRows([])
+        make = _row_class(tuple(column[0] for column in cursor.description))._make
+        return DriverRows([make(row) for row in cursor.fetchall()])
+    finally:
+        cursor.close()
 
 
 def allocate_revision(connection: Connection, feed: str) -> int:

@@ -19,8 +19,8 @@ The rules (device.v1 ReportTelemetry documents them to devices):
 - **LOW and EMPTY** slot events on a change of the slot's status (slots.slot_status), not
   for every reading.
 
-`record` stores a batch in the caller's transaction: one query for the device's slots
-(locked on PostgreSQL, so concurrent batches of one device take turns), one for the
+`record` stores a batch in the caller's transaction: one query for the device and its slots
+(the slots locked on PostgreSQL, so concurrent batches of one device take turns), one for the
 reading ids already stored, one multi-row insert, one update per slot touched.
 """
 
@@ -212,7 +212,12 @@ class Owner:
 
 # The hot path's statements, as driver SQL (store.driver_sql).
 _DEVICE = "SELECT customer_id, state, test FROM devices WHERE device_id = ?"
-_SLOTS = "SELECT * FROM slots WHERE device_id = ?"
+# The device and its slots in one query; a device without slots (or none at all) gives no
+# row, and _owner tells which.
+_DEVICE_SLOTS = (
+    "SELECT s.*, d.customer_id AS device_customer_id, d.state AS device_state, d.test AS device_test "
+    "FROM slots s JOIN devices d ON d.device_id = s.device_id WHERE s.device_id = ?"
+)
 _STORED = "SELECT reading_id FROM readings WHERE device_id = ? AND reading_id IN ({})"
 _INSERT = (
     "INSERT INTO readings (device_id, reading_id, slot_id, level, measure_time_us, receive_time_us, epoch, "
@@ -243,9 +248,16 @@ def record(
 ) -> Batch:
     """Checks and stores a batch of an active device's readings in the caller's transaction
     (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one)."""
-    device = _owner(connection, device_id)
-    locked = _SLOTS + (" FOR UPDATE" if connection.dialect.name == "postgresql" else "")
-    by_slot = {row.slot_id: _slot(row) for row in driver_sql(connection, locked, (device_id,))}
+    locked = _DEVICE_SLOTS + (" FOR UPDATE OF s" if connection.dialect.name == "postgresql" else "")
+    found = driver_sql(connection, locked, (device_id,)).all()
+    if found:
+        first = found[0]
+        if first.device_state != DeviceState.ACTIVE.value:
+            raise device_deregistered(device_id)
+        device = Owner(device_id, first.device_customer_id, bool(first.device_test))
+    else:
+        device = _owner(connection, device_id)
+    by_slot = {row.slot_id: _slot(row) for row in found}
     capacities = {slot_id: slot.settings.capacity for slot_id, slot in by_slot.items()}
     results = [Result(reading.reading_id) for reading in batch]
     sound: dict[str, int] = {}  # reading_id -> index in batch, first copy only

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
 
 from services.replenishment.consumption import (
     ConsumptionModel,
@@ -27,6 +28,7 @@ from services.replenishment.forecast import (
     forecast,
     is_refill,
     tsb,
+    window_medians,
 )
 from services.replenishment.slots import DAY_US, HOUR_US
 
@@ -444,3 +446,11 @@ def test_series_are_reproducible_by_seed() -> None:
     assert a == make_series(Scenario.NOISY, seed=7, days=20)
     assert a != make_series(Scenario.NOISY, seed=8, days=20)
     assert len(make_series(Scenario.STOPPED, seed=1, days=30).readings) == 20
+
+
+@pytest.mark.parametrize("seed", range(20))
+def testwindow_medians_are_the_medians_of_five(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 4, 60).astype(float) if seed % 2 else rng.normal(size=60)
+    expected = np.partition(sliding_window_view(values, 5), 2, axis=1)[:, 2]
+    assert np.array_equal(window_medians(values), expected)
