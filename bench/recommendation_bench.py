@@ -67,7 +67,7 @@ CATEGORIES = 10
 QUERIES = 200  # distinct customers, cycled
 SECONDS_PER_SCORER = 1.0  # about, per round (the calls per round are sized from a warm-up)
 # Sections the other recommendation benches expose (a module under bench/ with run() -> lines).
-SECTIONS = ("recommendation_serving_bench", "recommendation_quality_bench")
+SECTIONS = ("recommendation_serving", "recommendation_quality")
 
 TARGET_NUMPY_RATIO = 1.3  # ours / numpy at 100k items, at most
 TARGET_PREDICT_RATIO = 2.0  # predict / ours, at least
