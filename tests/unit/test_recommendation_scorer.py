@@ -207,6 +207,31 @@ def test_the_ann_index_finds_the_exact_top_10_with_and_without_filters(
     assert recall(model, queries, categories) >= 0.95
 
 
+def test_a_filter_leaving_few_allowed_in_the_scanned_lists_is_scanned_under_the_selector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Over-fetching finds no allowed item near the query (its own category is filtered out):
+    # the lists are scanned again under the bitmap selector, and the answer is still exact.
+    model, cluster = ann_model()
+    assert model.ann is not None
+    selectors: list[int] = []
+    bitmap = ann_index._Mask.selector
+    monkeypatch.setattr(ann_index._Mask, "selector", lambda mask: selectors.append(1) or bitmap(mask))
+    customers = clustered_items(len(cluster), 32, 100).customers(40, seed=9)
+    answered = 0
+    for vector in customers:
+        query = model.query_of(vector)
+        own = cluster[exact_top_k(model, query, 1)[0][0]] % 10
+        allowed = cluster % 10 != own  # 90 % allowed, none of them in the query's region
+        found = model.ann.search(model.items, query, 10, allowed)
+        if found is not None:
+            answered += 1
+            assert allowed[found[0]].all()
+            assert list(found[0]) == brute_force(model, query, 10, allowed)
+    assert answered >= 30
+    assert selectors  # over-fetching 10 x 2 / 0.9 + 16 found fewer than 10 allowed
+
+
 def test_the_index_is_used_only_from_the_switch_size(monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = ann_model(2_000)
     assert model.ann is not None

@@ -147,9 +147,10 @@ def top_k(
     scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
     its answer."""
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
-    broad = allowed is None or not _few_allowed(allowed)
+    available = len(model.items) if allowed is None else int(np.count_nonzero(allowed))
+    broad = available * GATHER_BELOW > len(model.items)
     if model.ann is not None and len(model.items) >= ann_min_items and broad:
-        found = model.ann.search(model.items, query, k, allowed)
+        found = model.ann.search(model.items, query, k, allowed, available)
         if found is not None:
             return found
     return exact_top_k(model, query, k, allowed)
