@@ -176,9 +176,10 @@ class AnnIndex:
         bitmap selector when fewer than k of those are allowed (the lists hold few)."""
         wanted = mask.overfetch(k)
         params = faiss_any.SearchParametersIVF()
-        rows = mask.allowed_of(self._scan_lists(query, lists, wanted, params))
-        if mask.allowed is None or len(rows) >= k or len(rows) == wanted:
-            return rows[:k]
+        fetched = self._scan_lists(query, lists, wanted, params)
+        rows = mask.allowed_of(fetched)
+        if mask.allowed is None or len(rows) >= k or len(fetched) < wanted:
+            return rows[:k]  # k allowed found, or every item of the lists fetched
         params.sel = mask.selector()
         return self._scan_lists(query, lists, k, params)
 
