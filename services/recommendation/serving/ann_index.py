@@ -7,18 +7,19 @@ split into about 2·√n lists by k-means (faiss IndexIVFFlat); a search scans t
 of the NPROBE centroids nearest the query. Under a mask, a scan fetches the lists' best
 k x OVERFETCH / (share allowed) unfiltered and keeps the allowed ones: when at least k
 survive they are exactly the k best allowed in those lists, and scanning unfiltered costs
-about half what faiss's bitmap selector does. Only when fewer survive (the lists hold few
-allowed items: a category filter away from the query) are the lists scanned again under
-the bitmap selector (np.packbits of the mask, built once per search and only then). The
-rows returned are always checked against the mask: a filtered-out item is never returned.
+about half what faiss's bitmap selector does. When fewer survive (the lists hold few
+allowed items: a category filter away from the query), the lists are scanned again under
+the bitmap selector (np.packbits of the mask, built once per search and only if needed).
+The rows returned are always the mask's: a filtered-out item is never returned.
 
 A filter can leave out the query's own neighbourhood (a category filter without the
 customer's favourite region): the best allowed items then lie in lists far from the
-query's nearest centroids. So every search also scores a strided sample of the items
+query's nearest centroids. So every search first scores a strided sample of the items
 (SAMPLE_ROWS of them, exactly, through a small flat index, over-fetched and filtered the
-same way): the lists
-of its MIN_SEEDS best allowed sample items, and of every one of its SEEDS best that beats
-the k-th item found in the nearest lists, are scanned too. When even the SEEDS-th best
+same way). When none of its SPARSE_TOP best items is allowed, the nearest lists are
+scanned under the selector at once (over-fetching there would be wasted). The lists of
+its MIN_SEEDS best allowed sample items, and of every one of its SEEDS best that beats the
+k-th item found in the nearest lists, are scanned too. When even the SEEDS-th best allowed
 sample item beats the k-th result, more might have been missed: search returns None and
 the scorer answers exactly.
 
@@ -29,7 +30,7 @@ recall fell to 0.3-0.5 (hnswlib and usearch can only over-fetch and filter in Py
 faiss's in-graph filter, and graph search seeded from the sample, reached 0.4-0.86);
 inverted lists seeded from the sample keep recall@10 >= 0.95 with every filter tried
 (1M x 64 clustered items: 1.000 unfiltered and 30 % allowed at random, 0.97 with 30 %
-allowed by category), in about 0.3-0.9 ms (30 % at random: 1.2-1.5 ms under the selector
+allowed by category), in about 0.35-0.8 ms (30 % at random: about 1 ms with the selector
 alone, about 0.7 ms over-fetched).
 
 The index is built once, when a model is trained (training/pipeline.py), and stored with
@@ -55,6 +56,10 @@ TRAINING_POINTS_PER_LIST = 40  # k-means runs on a sample of the items
 # and keeps the allowed (scanning unfiltered costs half what the bitmap selector does).
 OVERFETCH = 2.0
 OVERFETCH_SLACK = 16
+# The nearest lists are scanned under the selector at once when the mask allows none of
+# the SPARSE_TOP best sample items (about the best SPARSE_TOP x stride items: over-fetching
+# from those lists would find too few allowed).
+SPARSE_TOP = 12
 
 faiss_any: Any = faiss  # its type stubs lack some of what the library has
 
@@ -151,13 +156,16 @@ class AnnIndex:
             allowed, available = None, self.size
         if k <= 0 or available is None or available < k or not self.fits(items):
             return None
-        mask = _Mask(allowed, self.size / max(1, available), self.sample_stride)
+        mask = _Mask(allowed, self.size / max(1, available))
         nearest = self.index.quantizer.search(query, self.nprobe)[1][0]
-        rows = self._scan(query, nearest[nearest >= 0], k, mask)
+        nearest = nearest[nearest >= 0]
+        # The best allowed sample items; none allowed among the best few of the sample means
+        # the filter leaves out the query's neighbourhood: its lists hold few allowed items.
+        seed_scores, seeds, sparse = self._seeds(query, mask)
+        rows = self._scan(query, nearest, k, mask, sparse)
         kth = self._kth(items, query, rows, k)
         # The lists of the allowed sample items that beat the k-th found (a filter that left
         # out the query's neighbourhood puts the best allowed items there).
-        seed_scores, seeds = self._seeds(query, mask)
         # Seeds come best first: the first min_seeds, and every one beating the k-th found.
         beating = max(self.min_seeds, int(np.count_nonzero(seed_scores > kth)))
         extra = np.setdiff1d(self.sample_lists[seeds[:beating]], nearest)
@@ -170,12 +178,18 @@ class AnnIndex:
         order = np.lexsort((rows, -scores))[:k]
         return rows[order].astype(np.int64), scores[order].astype(np.float32)
 
-    def _scan(self, query: np.ndarray, lists: np.ndarray, k: int, mask: _Mask) -> np.ndarray:
+    def _scan(
+        self, query: np.ndarray, lists: np.ndarray, k: int, mask: _Mask, sparse: bool = False
+    ) -> np.ndarray:
         """The (up to) k best allowed rows in `lists`, best first: the lists' best
         k x OVERFETCH / share scanned unfiltered, then filtered; scanned again under the
-        bitmap selector when fewer than k of those are allowed (the lists hold few)."""
+        bitmap selector when fewer than k of those are allowed (the lists hold few), or
+        under it at once when the lists are known to hold few (`sparse`)."""
         wanted = mask.overfetch(k)
         params = faiss_any.SearchParametersIVF()
+        if sparse:
+            params.sel = mask.selector()
+            return self._scan_lists(query, lists, k, params)
         fetched = self._scan_lists(query, lists, wanted, params)
         rows = mask.allowed_of(fetched)
         if mask.allowed is None or len(rows) >= k or len(fetched) < wanted:
@@ -202,23 +216,26 @@ class AnnIndex:
         )
         return labels[0][labels[0] >= 0]
 
-    def _seeds(self, query: np.ndarray, mask: _Mask) -> tuple[np.ndarray, np.ndarray]:
+    def _seeds(self, query: np.ndarray, mask: _Mask) -> tuple[np.ndarray, np.ndarray, bool]:
         """The (up to) SEEDS best allowed sample items: their scores and sample positions,
-        best first (over-fetched and filtered like _scan, under the selector when too few)."""
-        wanted = min(self.sample.ntotal, mask.overfetch(self.seeds))
+        best first (over-fetched and filtered like _scan, under the selector when too few);
+        and whether the mask allows none of the SPARSE_TOP best sample items."""
+        wanted = min(len(self.sample_lists), mask.overfetch(self.seeds))
         scores, found = self.sample.search(query, wanted)
         scores, found = scores[0], found[0]
         keep = found >= 0
-        if mask.allowed is not None:
-            keep[keep] = mask.allowed[found[keep] * self.sample_stride]
+        if mask.allowed is None:
+            return scores[keep][: self.seeds], found[keep][: self.seeds], False
+        keep[keep] = mask.allowed[found[keep] * self.sample_stride]
+        sparse = not keep[:SPARSE_TOP].any()
         scores, found = scores[keep], found[keep]
-        if mask.allowed is not None and len(found) < self.seeds and wanted < self.sample.ntotal:
+        if len(found) < self.seeds and wanted < len(self.sample_lists):
             params = faiss_any.SearchParameters()
-            params.sel = mask.sample_selector()
+            params.sel = mask.sample_selector(self.sample_stride)
             scores, found = self.sample.search(query, self.seeds, params=params)
             keep = found[0] >= 0
             scores, found = scores[0][keep], found[0][keep]
-        return scores[: self.seeds], found[: self.seeds]
+        return scores[: self.seeds], found[: self.seeds], sparse
 
     @staticmethod
     def _kth(items: np.ndarray, query: np.ndarray, rows: np.ndarray, k: int) -> float:
@@ -234,8 +251,8 @@ class _Mask:
 
     allowed: np.ndarray | None
     inverse_share: float  # items / allowed items
-    sample_stride: int
     _held: list[Any] = field(default_factory=list)  # bitmaps and selectors stay referenced
+    _selector: Any = None
 
     def overfetch(self, k: int) -> int:
         """How many to fetch unfiltered so that k of them are likely allowed."""
@@ -247,12 +264,16 @@ class _Mask:
         return rows if self.allowed is None else rows[self.allowed[rows]]
 
     def selector(self) -> Any:
+        """The bitmap selector of the mask (built once)."""
         assert self.allowed is not None
-        return self._bitmap(self.allowed)
+        if self._selector is None:
+            self._selector = self._bitmap(self.allowed)
+        return self._selector
 
-    def sample_selector(self) -> Any:
+    def sample_selector(self, stride: int) -> Any:
+        """The bitmap selector of the sample's items (every stride-th)."""
         assert self.allowed is not None
-        return self._bitmap(self.allowed[:: self.sample_stride])
+        return self._bitmap(self.allowed[::stride])
 
     def _bitmap(self, allowed: np.ndarray) -> Any:
         bits = np.packbits(allowed, bitorder="little")
