@@ -11,13 +11,18 @@ Erasure overlay: a customer erased after a model's training read its data is sti
 of that model's arrays. Erasures are recorded in the database (serving_erasures, by the
 customer's keyed hash, which names no one) and the poll reads them, so every replica masks the row (`is_erased`) — at once on the replica
 that erased, within a poll elsewhere; the next model no longer has the row at all.
+
+Items added after training: each poll (and at load) also looks at the serving catalog for
+live items the model lacks whose metadata features it knows, and swaps in the model with
+them appended (serving/new_items.py), built off the loop from the model as trained; same
+version, same one-assignment swap, so a request sees them wholly or not at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -28,6 +33,8 @@ from sqlalchemy.engine import Connection
 from services.recommendation.artefacts import ArtefactError, ModelArtefact, read_artefact
 from services.recommendation.registry import ModelRegistry
 from services.recommendation.serving.model import ServingModel
+from services.recommendation.serving.new_items import fold_key, known_features, with_new_items
+from services.recommendation.serving_catalog import ServingCatalog
 from services.recommendation.store import serving_erasures
 from services.recommendation.training.options import resolve_options
 from shared.keys import keyed_hash
@@ -52,6 +59,12 @@ class LoadedModel:
     # The behaviour categories the model learned customers' rows from: a row is used only
     # while the customer grants them all.
     identity_categories: tuple[str, ...]
+    # The serving arrays as trained (`serving` may have catalog items appended since).
+    trained: ServingModel | None = None
+
+    @property
+    def as_trained(self) -> ServingModel:
+        return self.trained or self.serving
 
 
 def load_model(model_dir: Path, version: str, sha256: str, fresh_after_us: int) -> LoadedModel:
@@ -103,8 +116,10 @@ class ActiveModel:
         model_dir: Path,
         pseudonym_key: bytes,
         poll_seconds: float = POLL_SECONDS,
+        catalog: ServingCatalog | None = None,
     ):
         self.registry = registry
+        self.catalog = catalog  # whose items added after training are folded in
         self.pseudonym_key = pseudonym_key
         self.model_dir = model_dir
         self.poll_seconds = poll_seconds
@@ -139,7 +154,7 @@ class ActiveModel:
             await self._read_erasures(held.fresh_after_us)
         active = await self.registry.active()
         if active is None or (held is not None and (held.version, held.sha256) == active):
-            return held
+            return await self.fold_new_items()
         if active == self._refused:
             return held
         version, sha256 = active
@@ -154,6 +169,28 @@ class ActiveModel:
         await self._read_erasures(loaded.fresh_after_us)
         self._current = loaded
         log.info("model_loaded", model_version=version, items=len(loaded.serving.item_ids))
+        return await self.fold_new_items()
+
+    async def fold_new_items(self) -> LoadedModel | None:
+        """Swaps in the held model with the catalog's items added since its training (those
+        whose features it knows) appended, when they differ from what it holds; returns
+        what is held."""
+        held = self._current
+        if held is None or self.catalog is None:
+            return held
+        trained = held.as_trained
+        new = [
+            (item_id, features)
+            # By the served model's catalog rows (cached per snapshot, requests use them too).
+            for item_id, features in self.catalog.snapshot().new_items(held.serving, len(trained.item_ids))
+            if known_features(trained, features)
+        ]
+        if fold_key(new) == held.serving.fold_key:
+            return held
+        serving = await asyncio.to_thread(with_new_items, trained, new, held.scheme.identity_weight)
+        if self._current is held:  # not replaced by a newer version meanwhile
+            self._current = replace(held, serving=serving, trained=trained)
+            log.info("model_items_folded_in", model_version=held.version, items=len(new))
         return self._current
 
     async def _read_erasures(self, since_us: int) -> None:

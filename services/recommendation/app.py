@@ -41,7 +41,6 @@ def build_app(settings: Settings) -> App:
     idempotency = Idempotency.from_settings(settings)
     store = RecommendationStore(database, idempotency)
     registry = ModelRegistry(database, idempotency)
-    active_model = ActiveModel(registry, settings.effective_model_dir, pseudonym_key(settings))
     # The consent state this service obeys, and the consented interaction copy it decides.
     consent = ConsentCache(
         settings.consent_address, settings.service_token, credentials=channel_credentials(settings)
@@ -49,6 +48,9 @@ def build_app(settings: Settings) -> App:
     copy = InteractionCopy(database, consent, settings)
     # Serving: the catalog, each customer's history and attributes, kept in memory.
     catalog = ServingCatalog(database)
+    active_model = ActiveModel(
+        registry, settings.effective_model_dir, pseudonym_key(settings), catalog=catalog
+    )
     history = CustomerHistory(database)
     copy.on_change.append(history.changed)
     attributes = CustomerAttributeCache(None)  # its profile client is opened on the loop, in start()
@@ -62,10 +64,11 @@ def build_app(settings: Settings) -> App:
         # Both follow their feeds in the background (and retry while the others are down).
         consent.start()
         copy.start()
-        # Serves the database's active version, and follows every later activation.
+        await catalog.start()
+        # Serves the database's active version (with the catalog's items added since its
+        # training), and follows every later activation.
         await active_model.refresh()
         active_model.start()
-        await catalog.start()
         attributes.profile, channel = client_for(
             profile_grpc.ProfileServiceStub, settings.profile_address, settings
         )

@@ -15,6 +15,14 @@ derived from consented data. An erasure masks that row in the active model
 the customer from serving's caches (their history and attributes) at once: from the next
 request they are a cold start; the next training leaves them out. An export says whether
 the active model holds such a row.
+
+The stored artefacts are not rewritten: every version trained before the erasure keeps
+the customer's id in its maps.json (customer_ids, "customer:<id>" feature names) and their
+customer rows, until its directory is deleted. Each artefact is immutable and verified
+against the checksum the registry holds while any replica on the shared model volume may
+be loading it, and several replicas may erase at once: a rewrite would have to change the
+recorded checksum and serialise its writers (README "Serving recommendations", Erasure).
+The overlay masks the row in every version, rollbacks included.
 """
 
 from __future__ import annotations

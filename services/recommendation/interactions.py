@@ -26,7 +26,7 @@ What the copy holds follows the customer:
 Listeners (`on_change`) hear of every change right after its commit, with the customers
 it touched (None: anyone's), so serving's caches (customer_history.py) never lag it.
 Each batch is applied as soon as the feed delivers it: an event ingested into profile is
-in the copy, and in serving, within tens of milliseconds (bench/recommendation_serving_bench.py).
+in the copy, and in serving, within tens of milliseconds (bench/recommendation_serving.py).
 """
 
 from __future__ import annotations

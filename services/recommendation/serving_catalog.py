@@ -25,7 +25,9 @@ from sqlalchemy.engine import Connection
 from services.recommendation.catalog import Item, category_key
 from services.recommendation.interactions import interactions
 from services.recommendation.serving.model import ServingModel
+from services.recommendation.serving.new_items import NewItem
 from services.recommendation.store import catalog_changes
+from services.recommendation.training.features import item_metadata
 from shared.db import Database, now_micros
 from shared.log import get_logger
 
@@ -46,6 +48,7 @@ class CatalogEntry:
     available: bool
     deleted: bool
     title: str = ""
+    features: tuple[str, ...] = ()  # its metadata features as training names them (item_metadata)
 
 
 @dataclass(eq=False)
@@ -60,8 +63,10 @@ class CatalogSnapshot:
     popularity: np.ndarray  # float64 [n]: interaction count
     by_popularity: np.ndarray  # int64 [n]: rows, most popular first (ties by item_id)
     _masks: dict[tuple[tuple[str, ...], bool], np.ndarray] = field(default_factory=dict)
-    _model_rows: dict[str, np.ndarray] = field(default_factory=dict)
-    _model_masks: dict[tuple[str, tuple[str, ...], bool], np.ndarray] = field(default_factory=dict)
+    _model_rows: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _model_masks: dict[tuple[tuple[str, str], tuple[str, ...], bool], np.ndarray] = field(
+        default_factory=dict
+    )
 
     def mask(self, prefixes: tuple[str, ...], include_unavailable: bool) -> np.ndarray:
         """Catalog rows a filter allows (category keys as category_key() makes them). Do not modify."""
@@ -81,21 +86,21 @@ class CatalogSnapshot:
 
     def model_rows(self, model: ServingModel) -> np.ndarray:
         """For each item row of `model`, its catalog row, or -1 when the catalog lacks it."""
-        found = self._model_rows.get(model.version)
+        found = self._model_rows.get(model.key)
         if found is None:
             found = np.fromiter(
                 (self.rows.get(item_id, -1) for item_id in model.item_ids),
                 dtype=np.int64,
                 count=len(model.item_ids),
             )
-            _bounded(self._model_rows)[model.version] = found
+            _bounded(self._model_rows)[model.key] = found
         return found
 
     def model_mask(
         self, model: ServingModel, prefixes: tuple[str, ...], include_unavailable: bool
     ) -> np.ndarray:
         """The model's item rows a filter allows (items the catalog lacks never). Do not modify."""
-        key = (model.version, prefixes, include_unavailable)
+        key = (model.key, prefixes, include_unavailable)
         found = self._model_masks.get(key)
         if found is None:
             # Row -1 (not in the catalog) picks the appended False.
@@ -103,6 +108,14 @@ class CatalogSnapshot:
             found.setflags(write=False)
             _bounded(self._model_masks)[key] = found
         return found
+
+    def new_items(self, model: ServingModel, trained_items: int) -> list[NewItem]:
+        """The live items missing from `model`'s first `trained_items` rows (those it was
+        trained with: the items added since), in item_id order, with their metadata features."""
+        rows = self.model_rows(model)[:trained_items]
+        lacking = self.live.copy()
+        lacking[rows[rows >= 0]] = False
+        return [(self.ids[row], self.entries[row].features) for row in np.flatnonzero(lacking).tolist()]
 
     def title_of(self, item_id: str) -> str:
         """The item's title, for reason texts ("" when the catalog does not have it)."""
@@ -164,7 +177,12 @@ class ServingCatalog:
         changed = False
         for item, deleted in changes:
             entry = CatalogEntry(
-                category_key(item.category_path), item.category_path, item.available, deleted, item.title
+                category_key(item.category_path),
+                item.category_path,
+                item.available,
+                deleted,
+                item.title,
+                tuple(item_metadata(item)),
             )
             if self._entries.get(item.item_id) != entry:
                 self._entries[item.item_id] = entry

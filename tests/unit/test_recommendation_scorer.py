@@ -1,10 +1,12 @@
 """The scoring engine: exact top-k against brute force, batch against one by one, the MMR
 re-rank, the ANN index (recall, filters) and its storage with the artefact."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
 from services.recommendation.artefacts import (
@@ -18,6 +20,7 @@ from services.recommendation.serving import ann_index
 from services.recommendation.serving.ann_index import AnnIndex
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
+from services.recommendation.serving.new_items import with_new_items
 from services.recommendation.serving.scorer import best_of, exact_top_k, top_k, top_k_many
 from services.recommendation.serving.synthetic_items import clustered_items, items_artefact
 from services.recommendation.training.pipeline import Progress, run_training
@@ -205,6 +208,70 @@ def test_the_ann_index_finds_the_exact_top_10_with_and_without_filters(
     # A category filter may leave out the customer's region: the sample's seeds find the rest.
     categories = [np.isin(cluster % 10, rng.choice(10, 3, replace=False)) for _ in queries]
     assert recall(model, queries, categories) >= 0.95
+
+
+def test_a_filter_leaving_few_allowed_in_the_scanned_lists_is_scanned_under_the_selector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Over-fetching finds no allowed item near the query (its own category is filtered out):
+    # the lists are scanned again under the bitmap selector, and the answer is still exact.
+    model, cluster = ann_model()
+    assert model.ann is not None
+    selectors: list[int] = []
+    bitmap = ann_index._Mask.selector
+    monkeypatch.setattr(ann_index._Mask, "selector", lambda mask: selectors.append(1) or bitmap(mask))
+    customers = clustered_items(len(cluster), 32, 100).customers(40, seed=9)
+    answered = 0
+    for vector in customers:
+        query = model.query_of(vector)
+        own = cluster[exact_top_k(model, query, 1)[0][0]] % 10
+        allowed = cluster % 10 != own  # 90 % allowed, none of them in the query's region
+        found = model.ann.search(model.items, query, 10, allowed)
+        if found is not None:
+            answered += 1
+            assert allowed[found[0]].all()
+            assert list(found[0]) == brute_force(model, query, 10, allowed)
+    assert answered >= 30
+    assert selectors  # over-fetching 10 x 2 / 0.9 + 16 found fewer than 10 allowed
+
+
+def test_items_appended_after_training_are_scored_beside_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    # new_items.py appends items by their known features; the index covers the trained rows
+    # and the appended ones are scored exactly beside it, under the same mask.
+    model, cluster = ann_model()
+    artefact = model.artefact
+    customers = clustered_items(len(cluster), 32, 100).customers(60, seed=9)
+    tags = (10.0 * customers[:5]).astype(np.float32)  # tags aimed at some customers' tastes
+    items = len(artefact.item_ids)
+    trained = ServingModel.from_artefact(
+        dataclasses.replace(
+            artefact,
+            item_feature_embeddings=np.vstack([artefact.item_feature_embeddings, tags]),
+            item_feature_biases=np.append(artefact.item_feature_biases, np.zeros(5, np.float32)),
+            item_feature_names=[*artefact.item_feature_names, *(f"tag:t{j}" for j in range(5))],
+            item_features=scipy.sparse.hstack(
+                [artefact.item_features, scipy.sparse.csr_matrix((items, 5))], format="csr", dtype=np.float32
+            ),
+        ),
+        ann=model.ann,
+    )
+    folded = with_new_items(trained, [(f"n{j}", (f"tag:t{j % 5}", f"tag:x{j}")) for j in range(40)], 0.6)
+    assert len(folded.items) == items + 40 and folded.ann is model.ann
+    assert np.allclose(folded.items[items, :-1], 0.2 * tags[0])  # 0.4 / 2 features, one unknown
+    searched: list[int] = []
+    search = model.ann.search  # type: ignore[union-attr]
+    monkeypatch.setattr(model.ann, "search", lambda *args: searched.append(1) or search(*args))
+    rng = np.random.default_rng(11)
+    found = appended = 0
+    for vector in customers:
+        query = folded.query_of(vector)
+        allowed = rng.random(len(folded.items)) < 0.5
+        rows, _ = top_k(folded, query, 10, allowed, ann_min_items=1)
+        assert allowed[rows].all()
+        appended += int(np.count_nonzero(rows >= items))
+        found += len(set(rows) & set(brute_force(folded, query, 10, allowed)))
+    assert len(searched) == len(customers)  # through the index every time
+    assert appended > 0 and found / (10 * len(customers)) >= 0.95
 
 
 def test_the_index_is_used_only_from_the_switch_size(monkeypatch: pytest.MonkeyPatch) -> None:

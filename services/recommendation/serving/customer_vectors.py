@@ -17,7 +17,7 @@ The terms:
   consented, and dropping one changes nothing else;
 - the items folded in (fresh interactions since the model was trained, or an anonymous
   visitor's session items): one term per item. The fold-in is chosen by measurement
-  (bench/recommendation_quality_bench.py, cold-start customers after 5 and 10 fresh
+  (bench/recommendation_quality.py, cold-start customers after 5 and 10 fresh
   events): `pairwise_fold_in` starts from the weighted mean of the items' representations
   and takes a few gradient steps of the pairwise (BPR) objective — the fresh items scored
   above sampled negatives — with the item representations fixed, which scored higher than

@@ -39,7 +39,14 @@ class ServingModel:
     item_feature_rows: dict[str, int]
     customer_feature_rows: dict[str, int]
     item_norms: np.ndarray  # float32 [n_items]: |item representation| (cosine, MMR)
-    ann: AnnIndex | None = field(default=None)  # the approximate index for large catalogs
+    ann: AnnIndex | None = field(default=None)  # the approximate index for large catalogs (trained rows)
+    # Items the catalog gained after training, appended by new_items.py: names which ("" none).
+    fold_key: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Names this item set: caches of per-item-row arrays are kept by it."""
+        return self.version, self.fold_key
 
     @property
     def dimensions(self) -> int:

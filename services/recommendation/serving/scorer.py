@@ -147,12 +147,40 @@ def top_k(
     scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
     its answer."""
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
-    broad = allowed is None or not _few_allowed(allowed)
+    available = len(model.items) if allowed is None else int(np.count_nonzero(allowed))
+    broad = available * GATHER_BELOW > len(model.items)
     if model.ann is not None and len(model.items) >= ann_min_items and broad:
-        found = model.ann.search(model.items, query, k, allowed)
+        found = _indexed_top_k(model, query, k, allowed, available)
         if found is not None:
             return found
     return exact_top_k(model, query, k, allowed)
+
+
+def _indexed_top_k(
+    model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None, available: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """top_k through the index over the trained rows, and the rows appended after them (items
+    added since training, new_items.py) scored exactly beside it; None when the index
+    cannot vouch for its answer."""
+    assert model.ann is not None
+    indexed = model.ann.size
+    if indexed == len(model.items):
+        return model.ann.search(model.items, query, k, allowed, available)
+    if indexed > len(model.items):
+        return None
+    head = None if allowed is None else allowed[:indexed]
+    found = model.ann.search(model.items[:indexed], query, k, head)
+    if found is None:
+        return None
+    tail_rows, tail_scores = best_of(
+        model.items[indexed:] @ np.asarray(query, dtype=np.float32),
+        k,
+        None if allowed is None else allowed[indexed:],
+    )
+    rows = np.concatenate([found[0], tail_rows + indexed])
+    scores = np.concatenate([found[1], tail_scores])
+    order = np.lexsort((rows, -scores))[:k]
+    return rows[order], scores[order]
 
 
 def top_k_many(

@@ -1,6 +1,7 @@
 """Recommendation quality bench: the training pipeline next to LightFM run directly.
 
-Run by `make bench` as `.venv/bin/python bench/recommendation_quality_bench.py`. It
+Run on its own (`.venv/bin/python bench/recommendation_quality.py`) or through
+bench/recommendation_bench.py (`make bench`), which calls `run()` and prints its lines. It
 generates a dataset with planted structure (services/recommendation/training/synthetic.py:
 about 100k interactions, 1k customers in segments that show in their attributes, 2k items
 with categories, brands, price bands and tags), then

@@ -1,7 +1,7 @@
 """Recommendation serving bench: the Recommend RPC against the gRPC floor at 10k items, and the
 fold-in delay from IngestEvents to a changed recommendation.
 
-Run on its own (`.venv/bin/python bench/recommendation_serving_bench.py`) or through
+Run on its own (`.venv/bin/python bench/recommendation_serving.py`) or through
 bench/recommendation_bench.py (`make bench`), which calls `run()` and prints its lines.
 It starts real consent, profile and recommendation processes in a temporary data
 directory (SQLite), loads a 10,000-item catalog through UpsertItems, registers a
