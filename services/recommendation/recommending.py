@@ -45,7 +45,7 @@ from services.recommendation.serving.customer_vectors import (
     fold_in_weight,
 )
 from services.recommendation.serving.diversity import rerank
-from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for
+from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for_rows
 from services.recommendation.serving.scorer import top_k, top_k_many
 from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
 from shared.consent_cache import ConsentCache
@@ -348,17 +348,17 @@ class Recommender:
         options: Options,
     ) -> list[Recommended]:
         serving = model.serving
-        chosen = (
-            rerank(serving, rows, scores, options.k, options.diversity) if options.diversity > 0 else rows
-        )
-        score_of = dict(zip(rows.tolist(), scores.tolist(), strict=True))
+        if options.diversity > 0:
+            chosen = rerank(serving, rows, scores, options.k, options.diversity)
+            score_of = dict(zip(rows.tolist(), scores.tolist(), strict=True))
+            chosen_scores = [score_of[row] for row in chosen.tolist()]
+        else:
+            chosen = rows[: options.k]
+            chosen_scores = scores[: options.k].tolist()
+        reasons = reasons_for_rows(serving, vector, chosen, options.max_reasons)
         return [
-            Recommended(
-                serving.item_ids[row],
-                score_of[row] + vector.bias,
-                tuple(reasons_for(serving, vector, row, options.max_reasons)),
-            )
-            for row in chosen[: options.k].tolist()
+            Recommended(serving.item_ids[row], score + vector.bias, found)
+            for row, score, found in zip(chosen.tolist(), chosen_scores, reasons, strict=True)
         ]
 
     def _pool(self, options: Options) -> int:

@@ -29,7 +29,9 @@ customers") are its reasons (SHARED_FEATURE), each with its exact part of that s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,67 +74,89 @@ def _item_features(model: ServingModel, row: int) -> tuple[np.ndarray, np.ndarra
     return matrix.indices[start:end], matrix.data[start:end].astype(np.float32)
 
 
-def _largest(contributions: np.ndarray, count: int) -> list[int]:
-    """Indices of the `count` largest positive contributions, largest first."""
-    positive = np.flatnonzero(contributions > 0)
-    if len(positive) > count:
-        positive = positive[np.argpartition(-contributions[positive], count - 1)[:count]]
-    return [int(i) for i in positive[np.argsort(-contributions[positive], kind="stable")]]
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated index ranges [start, start + count) of each pair."""
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    return np.repeat(starts - ends + counts, counts) + np.arange(total)
 
 
-def _customer_side(customer: CustomerVector, item: np.ndarray, count: int) -> list[ScoreReason]:
-    contributions = customer.term_representations @ item[:-1]
-    found = []
-    for index in _largest(contributions, count):
-        term = customer.terms[index]
-        feature = term.kind == FEATURE
-        found.append(
-            ScoreReason(
-                kind=FEATURE if feature else SIMILAR_ITEM,
-                feature=term.name if feature else "",
-                item_id="" if feature else term.name,
-                contribution=float(contributions[index]),
-                data_category=term.data_category,
-            )
-        )
-    return found
-
-
-def _item_side(model: ServingModel, customer: CustomerVector, row: int, count: int) -> list[ScoreReason]:
-    columns, weights = _item_features(model, row)
-    parts = weights[:, None] * model.artefact.item_feature_embeddings[columns]  # [features, d]
-    contributions = parts @ customer.query[:-1]
-    chosen = _largest(contributions, count)
-    if not chosen:
-        return []
-    # Which customer term each chosen feature's contribution rests on most: [terms, chosen].
-    cells = customer.term_representations @ parts[chosen].T
-    leading = np.argmax(cells, axis=0) if len(customer.terms) else None
+def reasons_for_rows(
+    model: ServingModel, customer: CustomerVector, rows: np.ndarray, max_reasons: int
+) -> list[tuple[ScoreReason, ...]]:
+    """For each item (at `rows`), its largest positive score terms, largest first, at most
+    max_reasons (ties: customer terms, then item features, then the bias; then the lower
+    index). Every item's terms of both sides are computed together, in a few array
+    operations, and chosen by one sort."""
+    count = len(rows)
+    if max_reasons <= 0 or count == 0:
+        return [()] * count
+    rows = np.asarray(rows, dtype=np.int64)
+    items = model.items[rows]  # [count, d + 1]
+    terms = len(customer.terms)
+    # Customer side: term i's part of item j's score, [count, terms] (item-major).
+    customer_parts = (
+        (items[:, :-1] @ customer.term_representations.T).ravel() if terms else np.empty(0, np.float32)
+    )
+    # Item side: each of the items' features, weight times its embedding, times the query.
+    matrix = model.artefact.item_features
+    starts = matrix.indptr[rows]
+    feature_counts = matrix.indptr[rows + 1] - starts
+    at = _ranges(starts, feature_counts)
+    columns = matrix.indices[at]
+    parts = matrix.data[at].astype(np.float32)[:, None] * model.artefact.item_feature_embeddings[columns]
+    feature_parts = parts @ customer.query[:-1]
+    positions = np.arange(count)
+    values = np.concatenate((customer_parts, feature_parts, items[:, -1]))
+    item_of = np.concatenate((np.repeat(positions, terms), np.repeat(positions, feature_counts), positions))
+    side = np.repeat(np.arange(3), (len(customer_parts), len(feature_parts), count))
+    index = np.concatenate((np.tile(np.arange(terms), count), np.arange(len(feature_parts)), positions))
+    positive = np.flatnonzero(values > 0)
+    order = positive[np.lexsort((index[positive], side[positive], -values[positive], item_of[positive]))]
+    ranked_items = item_of[order]
+    rank = np.arange(len(order)) - np.searchsorted(ranked_items, ranked_items)
+    chosen = order[rank < max_reasons]
+    # Which customer term each chosen item feature's part rests on most.
+    features = index[chosen][side[chosen] == 1]
+    leading = (
+        np.argmax(customer.term_representations @ parts[features].T, axis=0).tolist()
+        if terms and len(features)
+        else []
+    )
     names = model.artefact.item_feature_names
-    return [
-        ScoreReason(
-            kind=ITEM_FEATURE,
-            feature=names[columns[index]],
-            item_id="",
-            contribution=float(contributions[index]),
-            data_category="" if leading is None else customer.terms[int(leading[position])].data_category,
-        )
-        for position, index in enumerate(chosen)
-    ]
+    found: list[list[ScoreReason]] = [[] for _ in range(count)]
+    led = iter(leading)
+    for position, kind, term, value in zip(
+        item_of[chosen].tolist(),
+        side[chosen].tolist(),
+        index[chosen].tolist(),
+        values[chosen].tolist(),
+        strict=True,
+    ):
+        if kind == 0:
+            held = customer.terms[term]
+            feature = held.kind == FEATURE
+            reason = ScoreReason(
+                FEATURE if feature else SIMILAR_ITEM,
+                held.name if feature else "",
+                "" if feature else held.name,
+                value,
+                held.data_category,
+            )
+        elif kind == 1:
+            category = customer.terms[next(led)].data_category if terms else ""
+            reason = ScoreReason(ITEM_FEATURE, names[int(columns[term])], "", value, category)
+        else:
+            reason = ScoreReason(POPULAR, "", "", value, "")
+        found[position].append(reason)
+    return [tuple(reasons) for reasons in found]
 
 
 def reasons_for(
     model: ServingModel, customer: CustomerVector, row: int, max_reasons: int
 ) -> list[ScoreReason]:
     """The item's (at `row`) largest positive score terms, largest first, at most max_reasons."""
-    if max_reasons <= 0:
-        return []
-    item = model.items[row]
-    found = _customer_side(customer, item, max_reasons) + _item_side(model, customer, row, max_reasons)
-    if item[-1] > 0:
-        found.append(ScoreReason(POPULAR, "", "", float(item[-1]), ""))
-    found.sort(key=lambda reason: -reason.contribution)
-    return found[:max_reasons]
+    return list(reasons_for_rows(model, customer, np.array([row]), max_reasons)[0])
 
 
 def similar_item_reasons(model: ServingModel, row_a: int, row_b: int, max_reasons: int) -> list[ScoreReason]:
@@ -206,16 +230,21 @@ def _similar_item_text(title: str, data_category: str) -> str:
     return f"Similar to {title}, which you showed interest in."
 
 
+@functools.lru_cache(maxsize=4096)
+def _feature_reason_text(kind: str, feature: str, data_category: str) -> str:
+    if kind == FEATURE:
+        return _customer_feature_text(feature, data_category)
+    if kind in (ITEM_FEATURE, SHARED_FEATURE):
+        return _item_feature_text(feature, kind == SHARED_FEATURE)
+    return "Popular with customers."
+
+
 def reason_text(reason: ScoreReason, title_of: Callable[[str], str]) -> str:
     """A short English sentence for the reason; `title_of(item_id)` names items (the item
-    id itself when it returns "")."""
-    if reason.kind == FEATURE:
-        return _customer_feature_text(reason.feature, reason.data_category)
+    id itself when it returns ""). Texts that name no item are made once (cached)."""
     if reason.kind == SIMILAR_ITEM:
         return _similar_item_text(title_of(reason.item_id) or reason.item_id, reason.data_category)
-    if reason.kind in (ITEM_FEATURE, SHARED_FEATURE):
-        return _item_feature_text(reason.feature, reason.kind == SHARED_FEATURE)
-    return "Popular with customers."
+    return _feature_reason_text(reason.kind, reason.feature, reason.data_category)
 
 
 def reason_message(reason: ScoreReason, title_of: Callable[[str], str]) -> pb.Reason:
@@ -230,5 +259,16 @@ def reason_message(reason: ScoreReason, title_of: Callable[[str], str]) -> pb.Re
     )
 
 
-def reason_messages(reasons: Sequence[ScoreReason], title_of: Callable[[str], str]) -> list[pb.Reason]:
-    return [reason_message(reason, title_of) for reason in reasons]
+def add_reason_messages(
+    container: Any, reasons: Sequence[ScoreReason], title_of: Callable[[str], str]
+) -> None:
+    """Appends the Reason message of each reason (text included) to a repeated Reason field."""
+    for reason in reasons:
+        container.add(
+            kind=REASON_KINDS[reason.kind],
+            feature=reason.feature,
+            item_id=reason.item_id,
+            contribution=reason.contribution,
+            text=reason_text(reason, title_of),
+            data_category=reason.data_category,
+        )
