@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
