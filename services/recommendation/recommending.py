@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
+import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ from services.recommendation.serving.customer_vectors import (
     fold_in_weight,
 )
 from services.recommendation.serving.diversity import rerank
+from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for_rows
 from services.recommendation.serving.scorer import top_k, top_k_many
 from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
@@ -66,6 +68,9 @@ MAX_BATCH = 10_000
 FOLD_IN_ITEMS = 50
 # With diversity, MMR chooses among this many times k of the best candidates (at most MAX_POOL).
 POOL_FACTOR, MAX_POOL = 5, 500
+# Customers' vectors kept (VectorCache): a known customer's is small, one with 50 folded-in
+# items about 14 KB at 64 dimensions (at most ~60 MB).
+MAX_CACHED_VECTORS = 4096
 # BatchRecommend scores this many customers per matrix product.
 BATCH_CHUNK = 256
 
@@ -232,6 +237,35 @@ def _fold_weight(model: LoadedModel, entry: HistoryEntry) -> float:
     )
 
 
+class VectorCache:
+    """Customers' vectors by (model, Evidence): a vector is a pure function of the two, and
+    the Evidence holds everything it rests on (the consented row, attributes and items, each
+    under its category), so a consent change, a fold-in, an erasure or a new model makes a
+    new key and is never served from an old entry. Holds one model's vectors (cleared when
+    the served model changes) and at most MAX_CACHED_VECTORS of them, oldest used out first."""
+
+    def __init__(self, most: int = MAX_CACHED_VECTORS):
+        self.most = most
+        self._model: ServingModel | None = None
+        self._held: OrderedDict[Evidence, CustomerVector | None] = OrderedDict()
+
+    def of(self, model: ServingModel, evidence: Evidence) -> CustomerVector | None:
+        if model is not self._model:
+            self._held.clear()
+            self._model = model
+        try:
+            found = self._held[evidence]
+            self._held.move_to_end(evidence)
+            return found
+        except KeyError:
+            pass
+        found = customer_vector(model, evidence)
+        self._held[evidence] = found
+        if len(self._held) > self.most:
+            self._held.popitem(last=False)
+        return found
+
+
 class Recommender:
     def __init__(
         self,
@@ -248,6 +282,7 @@ class Recommender:
         self.history = history
         self.attributes = attributes
         self.max_staleness_seconds = max_staleness_seconds
+        self.vectors = VectorCache()
 
     # -- what may be used ---------------------------------------------------------------
 
@@ -261,7 +296,7 @@ class Recommender:
                 plan.evidence = Evidence(
                     items=tuple((item_id, weight, BROWSING) for item_id in recent[:MAX_RECENT])
                 )
-                plan.vector = customer_vector(model.serving, plan.evidence)
+                plan.vector = self.vectors.of(model.serving, plan.evidence)
             return plan
         decision = self.consent.check_fresh(customer_id, PURPOSE, (), self.max_staleness_seconds)
         if decision is None:
@@ -289,7 +324,7 @@ class Recommender:
         plan.evidence = await self._evidence(model, customer_id, granted, history, recent)
         if plan.evidence.identity_category:
             plan.row_categories = model.identity_categories
-        plan.vector = customer_vector(model.serving, plan.evidence)
+        plan.vector = self.vectors.of(model.serving, plan.evidence)
         if plan.vector is None:
             plan.fallback = pb.FALLBACK_REASON_COLD_START
         return plan
@@ -398,7 +433,7 @@ class Recommender:
             data_categories=tuple(sorted(categories)) if plan.customer_id or personalised else (),
             consent_revision=plan.consent_revision,
             serve_time_us=now_micros(),
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=os.urandom(16).hex(),  # as unique as uuid4, a fraction of its cost
         )
 
     def _answer(
