@@ -29,6 +29,7 @@ import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
@@ -180,8 +181,7 @@ def check_batch(violations: Violations, field: str, customer_ids: Sequence[str])
 # -- results ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Recommended:
+class Recommended(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass
     item_id: str
     score: float
     reasons: tuple[ScoreReason, ...]
