@@ -12,7 +12,9 @@ One request, in order:
      own category;
    - the fold-in: their consented interactions of the local copy stored since the model's
      training read its data (all of them when the row is not used), newest first, and the
-     session's recent items (user.behavior.browsing_history).
+     session's recent items (user.behavior.browsing_history);
+   - with the row, their consented purchases stored before that (what the row was learned
+     from), newest first: the row's parts along them are reasons of their own.
 4. Candidates: the catalog's mask for the filter (available, not deleted, under the
    category prefixes; cached per filter), minus exclusions and, with exclude_purchased
    and a grant of purchase history, what the customer bought.
@@ -349,20 +351,24 @@ class Recommender:
         if BROWSING in granted:
             weight = self._session_weight(model)
             items.extend((item_id, weight, BROWSING) for item_id in recent[:MAX_RECENT])
+        learned: list[tuple[str, str]] = []  # purchases the row was learned from
         for entry in history:
-            if len(items) >= FOLD_IN_ITEMS:
-                break
-            if entry.data_category in granted and (
-                not row_usable or entry.stored_at_us >= model.fresh_after_us
-            ):
-                weight = _fold_weight(model, entry)
-                if weight > 0:
+            if entry.data_category not in granted:
+                continue
+            if not row_usable or entry.stored_at_us >= model.fresh_after_us:
+                if len(items) < FOLD_IN_ITEMS and (weight := _fold_weight(model, entry)) > 0:
                     items.append((entry.item_id, weight, entry.data_category))
+            elif (
+                entry.interaction_type == profile_pb.INTERACTION_TYPE_PURCHASE
+                and len(learned) < FOLD_IN_ITEMS
+            ):
+                learned.append((entry.item_id, entry.data_category))
         return Evidence(
             customer_id=customer_id if known else "",
             identity_category=_row_category(model) if row_usable else "",
             attributes=attributes,
             items=tuple(items),
+            row_items=tuple(learned),
         )
 
     @staticmethod
