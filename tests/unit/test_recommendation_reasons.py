@@ -300,7 +300,7 @@ def test_fold_in_weights_follow_the_models_feature_scheme(trained):
 
 def test_the_rows_parts_along_earlier_purchases_are_reasons_and_change_no_score(trained):
     model, data, options = trained
-    customer = list(model.customer_rows)[0]
+    customer = next(iter(model.customer_rows))
     evidence = Evidence(customer, PURCHASES, attributes_of(data, options, customer))
     plain = customer_vector(model, evidence)
     assert plain is not None
