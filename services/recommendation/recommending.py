@@ -189,8 +189,7 @@ class Recommended(NamedTuple):  # a tuple: cheaper to make than a frozen datacla
     reasons: tuple[ScoreReason, ...]
 
 
-@dataclass(frozen=True)
-class Recommendations:
+class Recommendations(NamedTuple):
     customer_id: str
     items: list[Recommended]
     model_version: str
