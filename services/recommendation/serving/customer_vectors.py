@@ -266,7 +266,10 @@ def _row_parts(model: ServingModel, evidence: Evidence, row: np.ndarray) -> list
     if not chosen:
         return []
     items = model.items[[found for found, _ in chosen.values()], :-1]  # [m, d]
-    weights, _ = scipy.optimize.nnls(items.T.astype(np.float64), row.astype(np.float64))
+    try:
+        weights, _ = scipy.optimize.nnls(items.T.astype(np.float64), row.astype(np.float64))
+    except (RuntimeError, ValueError):  # no convergence, or a non-finite row: the row stays whole
+        return []
     return [
         (item_id, category, (weight * items[index]).astype(np.float32))
         for index, ((item_id, (_, category)), weight) in enumerate(
