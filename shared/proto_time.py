@@ -236,6 +236,13 @@ def timestamp_of(micros: int | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
+def set_timestamp(stamp: timestamp_pb2.Timestamp, micros: int) -> None:
+    """Sets a Timestamp field in place (Timestamp.FromMicroseconds is Python: twice the cost)."""
+    seconds, rest = divmod(micros, 1_000_000)
+    stamp.seconds = seconds
+    stamp.nanos = rest * 1000
+
+
 def duration_of(seconds: int | None) -> duration_pb2.Duration | None:
     if seconds is None:
         return None

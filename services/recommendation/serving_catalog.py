@@ -36,7 +36,10 @@ log = get_logger("najimi.recommendation.serving_catalog")
 POLL_SECONDS = 1.0
 POPULARITY_SECONDS = 30.0
 # A write's update_time is taken before it commits: each poll re-reads this much before
-# the newest time it saw, so a transaction that committed late is not passed over.
+# the newest time it saw, so a transaction that committed late is not passed over. It
+# need not go back further than this much before the previous poll began either (what
+# was written before that had committed then, and that poll read it): without that
+# bound, a bulk load followed by no write was read again in full on every poll.
 POLL_OVERLAP_US = 10_000_000
 MAX_CACHED_MASKS = 256
 
@@ -164,6 +167,7 @@ class ServingCatalog:
         self._entries: dict[str, CatalogEntry] = {}
         self._counts: dict[str, int] = {}
         self._seen_until_us = 0
+        self._polled_at_us = 0  # when the previous successful poll began
         self._snapshot: CatalogSnapshot | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -198,8 +202,10 @@ class ServingCatalog:
             self._snapshot = None
 
     async def refresh(self) -> None:
-        since = max(0, self._seen_until_us - POLL_OVERLAP_US)
+        started = now_micros()
+        since = max(0, max(self._seen_until_us, self._polled_at_us) - POLL_OVERLAP_US)
         self.apply(await self.db.read(lambda connection: catalog_changes(connection, since)))
+        self._polled_at_us = started
 
     async def recount(self) -> None:
         counts = await self.db.read(popularity_counts)

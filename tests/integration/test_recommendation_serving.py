@@ -425,3 +425,40 @@ async def test_a_consent_cache_staler_than_its_bound_falls_back_and_says_so(serv
     found = await until(stale, "CONSENT_STALE once consent is silent")
     assert not found.personalized and not found.data_categories_used and ids(found) == ["i0", "i1"]
     assert (await serving.recommend("", k=1)).fallback_reason == pb.FALLBACK_REASON_ANONYMOUS
+
+
+async def test_a_known_customers_earlier_purchases_are_because_you_bought_reasons(serving: Serving):
+    await serving.activate("A")
+    await serving.suite.ingest(
+        event("e-old", "c-1", profile_pb.EVENT_TYPE_PURCHASE, ("i18",), seconds_ago=60)
+    )
+
+    async def stored() -> bool:
+        return ids(await serving.recommend("c-1", k=1, exclude_purchased=True)) == ["i19"] and (
+            "i18" not in ids(await serving.recommend("c-1", k=3, exclude_purchased=True))
+        )
+
+    await until(stored, "the purchase in the interaction copy")
+    # A model trained after the purchase was stored: the purchase is what its row learned from.
+    servicer = serving.servicer
+    serving.versions["A2"] = await register(
+        servicer.registry, servicer.model_dir, model_artefact(False), "model-A2"
+    )
+    await serving.activate("A2")
+    found = await serving.recommend("c-1", k=3, max_reasons=10)
+    assert ids(found) == ["i19", "i18", "i17"]
+    # The scores are the row's alone (i / 19): explaining the row by the purchase changes none.
+    assert [item.score for item in found.items] == pytest.approx([19 / 19, 18 / 19, 17 / 19], abs=1e-5)
+    bought = [r for r in found.items[0].reasons if r.kind == pb.REASON_KIND_SIMILAR_TO_RECENT_ITEM]
+    assert [(r.item_id, r.data_category, r.text) for r in bought] == [
+        ("i18", PURCHASES, "Because you bought Item 18.")
+    ]
+    # The customer's side of the score (the row's remainder and the purchase's part) adds up to it.
+    customer_side = [r for r in found.items[0].reasons if r in bought or r.feature == "customer:c-1"]
+    assert len(customer_side) == 2
+    assert sum(r.contribution for r in customer_side) == pytest.approx(found.items[0].score, abs=1e-5)
+    # Without consent to purchase history the row is not used, nor its parts.
+    await serving.suite.withdraw("c-1", categories=(PURCHASES,))
+    await serving.consent_applied()
+    after = await serving.recommend("c-1", k=3, max_reasons=10)
+    assert not any(r.item_id == "i18" for item in after.items for r in item.reasons)

@@ -296,3 +296,34 @@ def test_fold_in_weights_follow_the_models_feature_scheme(trained):
 
     assert weight(profile_pb.INTERACTION_TYPE_PURCHASE) == 4.0
     assert weight(profile_pb.INTERACTION_TYPE_VIEW) == 1.0
+
+
+def test_the_rows_parts_along_earlier_purchases_are_reasons_and_change_no_score(trained):
+    model, data, options = trained
+    customer = next(iter(model.customer_rows))
+    evidence = Evidence(customer, PURCHASES, attributes_of(data, options, customer))
+    plain = customer_vector(model, evidence)
+    assert plain is not None
+    best, _ = top_k(model, plain.query, 3)
+    bought = tuple((model.item_ids[int(row)], PURCHASES) for row in best)
+    explained = customer_vector(model, dataclasses.replace(evidence, row_items=bought))
+    assert explained is not None
+    # The same query (so the same scores and ranking); the terms still sum to it.
+    np.testing.assert_allclose(explained.query, plain.query, atol=1e-5)
+    np.testing.assert_allclose(explained.term_representations.sum(axis=0), plain.query[:-1], atol=1e-5)
+    parts = [term for term in explained.terms if term.kind == ITEM]
+    assert parts and {term.name for term in parts} <= {item_id for item_id, _ in bought}
+    assert all(term.data_category == PURCHASES for term in parts)
+    # Each "because you bought X" reason is exactly its term's part of the score.
+    row = int(best[0])
+    similar = [r for r in reasons_for(model, explained, row, 30) if r.kind == SIMILAR_ITEM]
+    assert similar
+    for reason in similar:
+        term = next(term for term in parts if term.name == reason.item_id)
+        assert reason.contribution == pytest.approx(
+            float(term.representation @ model.items[row, :-1]), abs=TOLERANCE
+        )
+        assert reason.data_category == PURCHASES
+    # Without the learned row (not consented, or unknown) there is nothing to explain.
+    unrowed = customer_vector(model, dataclasses.replace(evidence, identity_category="", row_items=bought))
+    assert unrowed is not None and not any(term.kind == ITEM for term in unrowed.terms)

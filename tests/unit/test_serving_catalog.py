@@ -56,3 +56,34 @@ def test_a_change_builds_a_new_snapshot_and_the_model_never_gets_items_the_catal
     model = ServingModel.from_artefact(artefact_of(["tea", "unknown", "beans"], ["c"], vectors, vectors[:1]))
     mask = after.model_mask(model, (), False)
     assert list(mask) == [True, False, False]
+
+
+async def test_a_poll_rereads_late_commits_but_not_a_bulk_load_long_past(monkeypatch) -> None:
+    """Each poll reads from POLL_OVERLAP_US before the newest write seen, or before the
+    previous poll began if that is later: what was written before that had committed."""
+    from services.recommendation import serving_catalog
+
+    clock = {"now": 0}
+    asked: list[int] = []
+
+    class Database:
+        async def read(self, work):  # type: ignore[no-untyped-def]
+            return work(None)
+
+    def changes(connection, since_us):  # type: ignore[no-untyped-def]
+        asked.append(since_us)
+        return []
+
+    monkeypatch.setattr(serving_catalog, "now_micros", lambda: clock["now"])
+    monkeypatch.setattr(serving_catalog, "catalog_changes", changes)
+    found = ServingCatalog(Database())  # type: ignore[arg-type]
+    loaded_at = 100_000_000  # a bulk load's update times, then no write
+    found.apply([(Item("beans", "Beans", ("grocery",), available=True, update_time_us=loaded_at), False)])
+    overlap = serving_catalog.POLL_OVERLAP_US
+    for now in (loaded_at + 1_000_000, loaded_at + 5_000_000, loaded_at + 30_000_000, loaded_at + 31_000_000):
+        clock["now"] = now
+        await found.refresh()
+    # Within the overlap of the load, a late commit of it is still read.
+    assert asked[:2] == [loaded_at - overlap, loaded_at + 1_000_000 - overlap]
+    assert asked[2] == loaded_at + 5_000_000 - overlap
+    assert asked[3] == loaded_at + 30_000_000 - overlap > loaded_at  # the load is not read again

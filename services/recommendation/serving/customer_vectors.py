@@ -15,6 +15,11 @@ The terms:
   that changed since), a fixed weight (1 - identity_weight) / attributes in the model's
   feature scheme — fixed, so one attribute's term does not depend on which others are
   consented, and dropping one changes nothing else;
+- the learned row's parts along the customer's earlier purchases (those the model learned
+  the row from): a non-negative least-squares fit of the row by those items'
+  representations, each item's part a term of its own and the remainder the row's term.
+  The terms still sum to the row, so the score and the ranking do not change; a purchase
+  the row has nothing of (a zero weight) is no term;
 - the items folded in (fresh interactions since the model was trained, or an anonymous
   visitor's session items): one term per item. The fold-in is chosen by measurement
   (bench/recommendation_quality.py, cold-start customers after 5 and 10 fresh
@@ -35,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.optimize
 from google.protobuf import json_format
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 
@@ -80,6 +86,10 @@ class Evidence:
     identity_category: str = ""  # the learned row may be used under this category; "" = not
     attributes: tuple[tuple[str, str], ...] = ()  # (feature name, data category)
     items: tuple[tuple[str, float, str], ...] = ()  # (item id, weight, data category), newest first
+    # (item id, data category) of consented purchases the learned row was trained on (stored
+    # before the model's training read its data), newest first: the row's parts along them
+    # are terms of their own ("because you bought X"); used only with the row.
+    row_items: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -239,6 +249,36 @@ def _folded_items(model: ServingModel, evidence: Evidence) -> list[tuple[int, fl
     return list(found.values())
 
 
+def identity_first(features: list[tuple[str, float, str]]) -> bool:
+    """Whether the customer's terms begin with their learned row."""
+    return bool(features) and features[0][0].startswith(IDENTITY_PREFIX)
+
+
+def _row_parts(model: ServingModel, evidence: Evidence, row: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """(item id, data category, part) of the row's non-negative least-squares fit by the
+    representations of evidence.row_items (each known item once, at most MAX_FOLDED_ITEMS);
+    only the items with a positive weight."""
+    chosen: dict[str, tuple[int, str]] = {}
+    for item_id, category in evidence.row_items:
+        found = model.item_rows.get(item_id)
+        if found is not None and item_id not in chosen and len(chosen) < MAX_FOLDED_ITEMS:
+            chosen[item_id] = (found, category)
+    if not chosen:
+        return []
+    items = model.items[[found for found, _ in chosen.values()], :-1]  # [m, d]
+    try:
+        weights, _ = scipy.optimize.nnls(items.T.astype(np.float64), row.astype(np.float64))
+    except (RuntimeError, ValueError):  # no convergence, or a non-finite row: the row stays whole
+        return []
+    return [
+        (item_id, category, (weight * items[index]).astype(np.float32))
+        for index, ((item_id, (_, category)), weight) in enumerate(
+            zip(chosen.items(), weights.tolist(), strict=True)
+        )
+        if weight > 0
+    ]
+
+
 def customer_vector(
     model: ServingModel, evidence: Evidence, *, fold_in: FoldIn = pairwise_fold_in
 ) -> CustomerVector | None:
@@ -255,16 +295,35 @@ def customer_vector(
         column = model.customer_feature_rows[name]
         representations[index] = weight * artefact.customer_feature_embeddings[column]
         biases.append(weight * float(artefact.customer_feature_biases[column]))
+    explained = _row_parts(model, evidence, representations[0]) if identity_first(features) else []
+    if explained:
+        representations = np.concatenate(
+            (
+                representations[: len(features)],
+                np.stack([part for _, _, part in explained]),
+                representations[len(features) :],
+            )
+        )
+        representations[0] -= representations[len(features) : len(features) + len(explained)].sum(axis=0)
+        features = features + [(item_id, 0.0, category) for item_id, category, _ in explained]
+        biases.extend([0.0] * len(explained))
     base = representations[: len(features)].sum(axis=0, dtype=np.float32)
     if items:
         rows = np.array([item[0] for item in items], dtype=np.int64)
         weights = np.array([item[1] for item in items], dtype=np.float32)
-        known = bool(features) and features[0][0].startswith(IDENTITY_PREFIX)
+        known = identity_first(features)
         scale = KNOWN_CUSTOMER_FOLD_IN_SCALE if known else 1.0
         representations[len(features) :] = fold_in(model, base, rows, weights, scale)
         biases.extend([0.0] * len(items))
+    first_explained = len(features) - len(explained)
     terms = tuple(
-        Term(FEATURE, name, category, representations[index], biases[index])
+        Term(
+            FEATURE if index < first_explained else ITEM,
+            name,
+            category,
+            representations[index],
+            biases[index],
+        )
         for index, (name, _, category) in enumerate(features)
     ) + tuple(
         Term(ITEM, item_id, category, representations[len(features) + index], 0.0)
