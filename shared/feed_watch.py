@@ -6,7 +6,8 @@ has seen, and a watch stream waits until the head passes the revision it has sen
 (`wait_beyond`). The head is read again:
 - at once, after this process commits to the feed: `refresh` (awaited), or `poke` (one
   read of the head for every watcher, none while nobody watches: cheap on hot paths);
-- every `poll_interval` seconds, for what other replicas commit.
+- every `poll_interval` seconds, for what other replicas commit (only while a stream
+  watches, for a feed that keeps nothing else up to date: `poll_unwatched=False`).
 
 `close_watches` ends every stream when the server begins to stop (callers watch again,
 elsewhere, from their last revision). A subclass says how to read the head (`read_head`)
@@ -25,11 +26,12 @@ log = get_logger("najimi.feeds")
 
 
 class FeedWatch:
-    def __init__(self, name: str, poll_interval: float):
+    def __init__(self, name: str, poll_interval: float, poll_unwatched: bool = True):
         self.name = name
         self.revision = 0
         self.closing = False
         self._poll_interval = poll_interval
+        self._poll_unwatched = poll_unwatched
         self._moved = asyncio.Event()  # replaced on every move: set wakes its waiters once
         self._refreshing = asyncio.Lock()
         self._watchers = 0
@@ -126,7 +128,8 @@ class FeedWatch:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval)
-            await self._logged_refresh()
+            if self._watchers or self._poll_unwatched:
+                await self._logged_refresh()
 
     async def _logged_refresh(self) -> None:
         try:

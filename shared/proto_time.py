@@ -37,6 +37,13 @@ def _text(micros: int) -> str:
     )
 
 
+def _bounds_text(low: str | None, high: str | None, floor: str, ceiling: str) -> str:
+    """What a value out of [low, high] is told (either bound may be absent)."""
+    if low and high:
+        return f"must be from {low} to {high}"
+    return f"{floor} {low}" if low else f"{ceiling} {high}"
+
+
 def _reject(field: str, description: str, violations: Violations | None) -> None:
     if violations is None:
         raise InvalidArgument(field, description)
@@ -101,13 +108,7 @@ def micros_from(
         if bounds is None:
             low = _text(not_before) if not_before is not None else None
             high = _text(not_after) if not_after is not None else None
-            bounds = (
-                f"must be from {low} to {high}"
-                if low and high
-                else f"must not be before {low}"
-                if low
-                else f"must not be after {high}"
-            )
+            bounds = _bounds_text(low, high, "must not be before", "must not be after")
         _reject(field, bounds, violations)
         return None
     return micros
@@ -168,13 +169,7 @@ def duration_micros_from(
         if bounds is None:
             low = f"{at_least / 1_000_000:g} s" if at_least is not None else None
             high = f"{at_most / 1_000_000:g} s" if at_most is not None else None
-            bounds = (
-                f"must be from {low} to {high}"
-                if low and high
-                else f"must be at least {low}"
-                if low
-                else f"must be at most {high}"
-            )
+            bounds = _bounds_text(low, high, "must be at least", "must be at most")
         _reject(field, bounds, violations)
         return None
     return micros

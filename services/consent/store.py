@@ -210,7 +210,7 @@ def allocate_revision(connection: Connection) -> int:
     connection.execute(
         feed_head.update().where(feed_head.c.id == 1).values(revision=feed_head.c.revision + 1)
     )
-    return int(connection.execute(sa.select(feed_head.c.revision).where(feed_head.c.id == 1)).scalar_one())
+    return current_revision(connection)
 
 
 def current_revision(connection: Connection) -> int:

@@ -68,7 +68,7 @@ def build_app(settings: Settings) -> App:
     # UNIMPLEMENTED, although its type stubs declare every RPC abstract.
     servicer = ProfileServicer(store, consent, settings, ingestor)  # type: ignore[abstract]
     # Committed events wake the interaction feed's watchers at once (it also polls).
-    ingestor.on_commit(servicer.interactions.notify)
+    ingestor.on_commit(servicer.interactions.poke)
     # ... and the trait worker, which follows them into the trait aggregates (it polls too),
     # when it runs in this process; else a trait worker process does (trait_process.py).
     inline_traits = settings.profile_trait_worker == "inline"
@@ -78,6 +78,7 @@ def build_app(settings: Settings) -> App:
 
     async def start() -> None:
         await asyncio.to_thread(database.migrate, erasure_ref=protector.erasure_ref)
+        await servicer.interactions.start()
         if changes is not None:
             changes.start()
         if inline_traits:

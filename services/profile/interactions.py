@@ -21,10 +21,11 @@ past what was not served, so a later grant does not bring it back to this reader
 resync from an empty cursor would). Interaction.customer_id is the customer the event was
 recorded for when it was committed; a merge notice tells the reader to re-key.
 
-Watchers wake when ingestion commits (`notify`, called by the ingestor after each
-commit), and on a 0.5 s poll of the feed head (events committed by other replicas,
-merges); they send a heartbeat when caught up and then whenever idle for
-`heartbeat_seconds`, and end with UNAVAILABLE when the server drains (`close_watches`).
+The feed follows its head with shared/feed_watch.py: watchers wake at once when this
+replica commits events or a merge (`poke`, called after each commit), and on a 0.5 s poll
+of the head while anyone watches (what other replicas commit); they send a heartbeat when
+caught up and then whenever idle for `heartbeat_seconds`, and end with UNAVAILABLE when
+the server drains (`close_watches`).
 
 Scale: merges are found through the seq inside merges.moved (JSON, not indexed), so each
 read scans the merges table; with many merges, a seq column with an index on merges
@@ -34,7 +35,6 @@ would make that a range read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -50,11 +50,9 @@ from services.profile.store import customers, event_head, events, merges
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database
 from shared.errors import OutOfRange, Unavailable
-from shared.log import get_logger
+from shared.feed_watch import FeedWatch
 from shared.page_tokens import PageTokens, invalid_token
 from shared.proto_time import timestamp_of
-
-log = get_logger("najimi.profile.interactions")
 
 PURPOSE = "personalize.recommendations"
 MAX_WEIGHT = 10.0
@@ -277,7 +275,7 @@ class FeedPage:
     caught_up: bool  # nothing more was committed when the page was read
 
 
-class InteractionFeed:
+class InteractionFeed(FeedWatch):
     def __init__(
         self,
         database: Database,
@@ -288,17 +286,17 @@ class InteractionFeed:
         heartbeat_seconds: float = 10.0,
         poll_seconds: float = 0.5,
     ):
+        # The head is all it keeps: nobody watching, nothing to poll for.
+        super().__init__("interactions", poll_seconds, poll_unwatched=False)
         self.db = database
         self.consent = consent
         self.cursors = CursorCodec(tokens)
         self.max_staleness = max_staleness_seconds
         self.weights = dict(weights)
         self.heartbeat_seconds = heartbeat_seconds  # at most 30 (the proto's promise)
-        self.poll_seconds = poll_seconds
-        self.closing = False
-        self._wake = asyncio.Event()
-        self._watchers = 0
-        self._poller: asyncio.Task[None] | None = None
+
+    async def read_head(self) -> int:
+        return await self.db.read(_head)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -388,9 +386,7 @@ class InteractionFeed:
 
         A batch resumes from its last entry (the proto); what was passed over after it
         (not consented, no items) is skipped by the next heartbeat's cursor."""
-        self._watchers += 1
-        self._ensure_poller()
-        try:
+        with self.watched():
             position = since
             caught_up_before = False
             last_sent, last_read = time.monotonic(), 0.0
@@ -400,7 +396,6 @@ class InteractionFeed:
                         "the server is shutting down: watch again from the last resume_cursor",
                         reason="SERVER_SHUTTING_DOWN",
                     )
-                wake = self._wake  # taken before reading, so a commit during the read wakes us
                 pause = MIN_READ_INTERVAL_SECONDS - (time.monotonic() - last_read)
                 if pause > 0:
                     await asyncio.sleep(pause)
@@ -418,52 +413,10 @@ class InteractionFeed:
                     last_sent = time.monotonic()
                     idle = 0.0
                 caught_up_before = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.heartbeat_seconds - idle)
-        finally:
-            self._watchers -= 1
-            if self._watchers == 0 and self._poller is not None:
-                self._poller.cancel()  # nobody to wake; the next watcher starts it again
-                self._poller = None
-
-    def notify(self) -> None:
-        """Wakes every watcher: something may have been committed. Call it on the event loop
-        after a commit of events (the ingestor does)."""
-        self._wake.set()
-        self._wake = asyncio.Event()
-
-    async def close_watches(self) -> None:
-        """Ends every watch stream with UNAVAILABLE (the server is draining); callers resume
-        from their last resume_cursor, elsewhere."""
-        self.closing = True
-        self.notify()
-
-    async def stop(self) -> None:
-        await self._stop_poller()
-
-    def _ensure_poller(self) -> None:
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
-
-    async def _stop_poller(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-
-    async def _poll(self) -> None:
-        """Wakes watchers when the feed moved without a local commit (another replica, a merge)."""
-        last: int | None = None
-        while True:
-            try:
-                head = await self.db.read(_head)
-                if last is not None and head != last:
-                    self.notify()
-                last = head
-            except Exception as error:  # a database hiccup must not end the poller
-                log.warning("interaction_poll_failed", error=type(error).__name__)
-            await asyncio.sleep(self.poll_seconds)
+                # Caught up, the position is the head read: a commit since then (poked, or
+                # found by the poll) moves the feed past it.
+                self.advance(position.seq)
+                await self.wait_beyond(position.seq, self.heartbeat_seconds - idle)
 
 
 def _merge_step(row: _MergeRow) -> _Step:

@@ -613,4 +613,5 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             target_id=request.target_customer_id,
             render=lambda outcome: merge_response(outcome, reveal).SerializeToString(),
         )
+        self.interactions.poke()  # the merge notice is in the interaction feed
         return pb.MergeCustomersResponse.FromString(response)

@@ -36,7 +36,7 @@ from services.recommendation.serving.reasons import add_reason_messages
 from services.recommendation.serving_catalog import ServingCatalog
 from services.recommendation.similar_items import SimilarFinder, item_not_found
 from services.recommendation.store import RecommendationStore
-from services.recommendation.training_options import check_training_options
+from services.recommendation.training.options import check_training_options
 from shared.auth import current_principal
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.page_tokens import PageTokens

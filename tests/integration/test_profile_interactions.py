@@ -397,7 +397,7 @@ async def test_a_merge_appears_as_a_notice_in_commit_order(consented_profile, da
         pb.MergeCustomersRequest(request_id="m-1", source_customer_id="c-3", target_customer_id="c-1"),
         metadata=suite.profile.auth("service:crm"),
     )
-    live, _ = await read_entries(stream)  # found by the feed's poll of the head
+    live, _ = await read_entries(stream)  # the merge wakes the watcher (it pokes the feed)
     assert summary(live) == [("merge", "c-3", "c-1")]
     assert live[0].customer_merge.merge_time == merged.merge_time
     await suite.ingest(view("e-3", customer="c-3", item="k"))  # the old id reaches c-1

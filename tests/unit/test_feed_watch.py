@@ -9,8 +9,9 @@ from shared.feed_watch import FeedWatch
 
 
 class CountedFeed(FeedWatch):
-    def __init__(self) -> None:
-        super().__init__("test", poll_interval=3600.0)  # only pokes and refreshes read the head
+    def __init__(self, poll_interval: float = 3600.0, poll_unwatched: bool = True) -> None:
+        # By default only pokes and refreshes read the head.
+        super().__init__("test", poll_interval, poll_unwatched)
         self.head = 0
         self.reads = 0
 
@@ -59,5 +60,20 @@ async def test_waiting_times_out_and_closing_ends_the_wait():
         await asyncio.sleep(0)
         await feed.close_watches()
         assert await asyncio.wait_for(waiter, 5) is True
+    finally:
+        await feed.stop()
+
+
+async def test_a_feed_polled_only_while_watched_reads_nothing_unwatched():
+    feed = CountedFeed(poll_interval=0.005, poll_unwatched=False)
+    await feed.start()
+    try:
+        reads = feed.reads
+        feed.head = 2
+        await asyncio.sleep(0.1)  # twenty poll intervals with nobody watching
+        assert feed.reads == reads and feed.revision == 0
+        with feed.watched():  # the poll (no poke) finds what another replica committed
+            assert await feed.wait_beyond(0, 5) is True
+        assert feed.revision == 2
     finally:
         await feed.stop()

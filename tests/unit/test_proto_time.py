@@ -78,6 +78,8 @@ def test_bounds_are_inclusive_and_described():
         micros_from(at, "t", not_after=999_999_999)
     with pytest.raises(InvalidArgument, match="must be in the future"):
         micros_from(at, "t", not_before=2_000_000_000, bounds="must be in the future")
+    with pytest.raises(InvalidArgument, match="must be from 1970-01-01T00:16:41Z to 1970-01-01T00:16:42Z"):
+        micros_from(at, "t", not_before=1_001_000_000, not_after=1_002_000_000)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +126,7 @@ def test_duration_bounds():
         violations = Violations()
         assert seconds_from(outside, "d", at_least=1, at_most=60, violations=violations) is None
         assert violations.found[0].description == "must be from 1 s to 60 s"
+    with pytest.raises(InvalidArgument, match="must be at least 1 s"):
+        seconds_from(duration(0), "d", at_least=1)
+    with pytest.raises(InvalidArgument, match="must be at most 60 s"):
+        seconds_from(duration(61), "d", at_most=60)
