@@ -452,7 +452,10 @@ class Recommender:
             model.serving.item_rows,
             blocked,
         )
-        rows, scores = top_k(model.serving, plan.vector.query, self._pool(options), allowed)
+        candidates = snapshot.model_candidates(model.serving, options.prefixes, options.include_unavailable)
+        rows, scores = top_k(
+            model.serving, plan.vector.query, self._pool(options), allowed, candidates=candidates
+        )
         return self._result(plan, model, self._ranked(model, plan.vector, rows, scores, options), True)
 
     # -- the RPCs' domain ---------------------------------------------------------------

@@ -11,12 +11,19 @@ allowed scores gives a threshold that about CANDIDATES allowed items pass, one v
 comparison finds them, and only those are ordered; when too few pass (an unlucky sample),
 the threshold is the exact k-th best allowed score. The scores go into a per-thread
 scratch buffer, so a request allocates nothing the size of the catalog.
+
+A filter that keeps part of the catalog (a few categories, say) need not cost the whole
+product: given the filter's Candidates (its rows and a contiguous copy of their vectors,
+which the serving catalog keeps per filter), exact scoring multiplies only those. Each
+score is the same dot product of the same row either way, so scores and ranking do not
+change (ties still go to the lower row: the candidates' rows are in ascending order).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,11 +34,11 @@ from services.recommendation.serving.model import ServingModel
 # about as fast. Chosen by bench/recommendation_bench.py (README "Scoring and large catalogs").
 ANN_MIN_ITEMS = 200_000
 # Below this many scores, the exact k-th best is found directly (no sample).
-SAMPLED_FROM = 8_192
+SAMPLED_FROM = 2_048
 # The sample's threshold aims at about this many candidates, with SAMPLE_RANK sampled
 # scores above it (so the count passing rarely falls under k).
 CANDIDATES_PER_K = 8
-MIN_CANDIDATES = 1_024
+MIN_CANDIDATES = 256
 SAMPLE_RANK = 32
 # A mask allowing at most 1 item in this many: score only the allowed rows (gathered).
 GATHER_BELOW = 16
@@ -89,11 +96,9 @@ def _ordered(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, 
     """The k best of `rows` (ascending) by score, best first, ties by the lower row."""
     values = scores[rows]
     if len(rows) > 4 * k:
-        kth = values[np.argpartition(values, len(values) - k)[len(values) - k]]
-        above = values > kth
-        ties = np.flatnonzero(values == kth)[: k - int(np.count_nonzero(above))]
-        above[ties] = True
-        rows, values = rows[above], values[above]
+        kth = np.partition(values, len(values) - k)[len(values) - k]
+        kept = values >= kth  # the k best and any ties with the k-th (the order below settles them)
+        rows, values = rows[kept], values[kept]
     order = np.lexsort((rows, -values))[:k]
     return rows[order].astype(np.int64, copy=False), values[order].astype(np.float32, copy=False)
 
@@ -115,21 +120,69 @@ def best_of(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tu
     return _ordered(scores, rows, k)
 
 
+def _best_of_scratch(
+    scores: np.ndarray, k: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """best_of for a scratch score array, which it may overwrite: the rows the mask leaves
+    out score -inf, so the selection needs no mask (cheaper when it leaves out a few). An
+    allowed row scoring -inf itself would tie with them: then the masked selection decides."""
+    if allowed is None:
+        return best_of(scores, k)
+    blocked = ~allowed
+    available = len(scores) - int(np.count_nonzero(blocked))
+    if available == len(scores):
+        return best_of(scores, k)
+    scores[blocked] = -np.inf
+    rows, values = best_of(scores, min(k, available))
+    if len(values) and values[-1] == -np.inf:
+        return best_of(scores, k, allowed)
+    return rows, values
+
+
 def _few_allowed(allowed: np.ndarray) -> bool:
     return int(np.count_nonzero(allowed)) * GATHER_BELOW <= len(allowed)
 
 
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Some of a model's item rows (ascending) and their rows of model.items, copied into one
+    contiguous matrix: scoring them costs what they hold, not what the catalog holds."""
+
+    rows: np.ndarray  # int64 [m], ascending
+    items: np.ndarray  # float32 C-contiguous [m, d + 1]
+
+    @classmethod
+    def of(cls, model: ServingModel, mask: np.ndarray) -> Candidates:
+        rows = np.flatnonzero(mask)
+        return cls(rows, np.ascontiguousarray(model.items[rows]))
+
+
+def scored_exactly(model: ServingModel, ann_min_items: int = ANN_MIN_ITEMS) -> bool:
+    """Whether top_k scores this model's items one by one (no index): what Candidates serve."""
+    return model.ann is None or len(model.items) < ann_min_items
+
+
 def exact_top_k(
-    model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None = None
+    model: ServingModel,
+    query: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None = None,
+    candidates: Candidates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """top_k by scoring every allowed item (no index): the whole catalog in one product, or
-    only the allowed rows when the mask leaves few (at most 1 in GATHER_BELOW)."""
+    """top_k by scoring every allowed item (no index): the whole catalog in one product, only
+    `candidates` (rows that include every allowed one) when given, or only the allowed rows
+    when the mask leaves few (at most 1 in GATHER_BELOW)."""
     query = np.asarray(query, dtype=np.float32)
     if allowed is not None and _few_allowed(allowed):
         rows = np.flatnonzero(allowed)
         best, scores = best_of(model.items[rows] @ query, k)
         return rows[best].astype(np.int64, copy=False), scores
-    scores = np.dot(model.items, query, out=_buffer("scores", (len(model.items),)))
+    if candidates is not None:
+        scores = np.matmul(candidates.items, query, out=_buffer("scores", (len(candidates.rows),)))
+        kept = None if allowed is None else allowed[candidates.rows]
+        best, values = _best_of_scratch(scores, k, kept)
+        return candidates.rows[best], values
+    scores = np.matmul(model.items, query, out=_buffer("scores", (len(model.items),)))
     return best_of(scores, k, allowed)
 
 
@@ -140,21 +193,22 @@ def top_k(
     allowed: np.ndarray | None = None,
     *,
     ann_min_items: int = ANN_MIN_ITEMS,
+    candidates: Candidates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for one query [d + 1] (model.query_of), best first, and their scores.
 
     Through the model's ANN index when it has one and holds at least `ann_min_items` items
     (approximate: recall@10 about 0.95 or better) unless the mask allows few items (those are
     scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
-    its answer."""
+    its answer. `candidates`, rows including every allowed one, narrow the exact product."""
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     available = len(model.items) if allowed is None else int(np.count_nonzero(allowed))
     broad = available * GATHER_BELOW > len(model.items)
-    if model.ann is not None and len(model.items) >= ann_min_items and broad:
+    if not scored_exactly(model, ann_min_items) and broad:
         found = _indexed_top_k(model, query, k, allowed, available)
         if found is not None:
             return found
-    return exact_top_k(model, query, k, allowed)
+    return exact_top_k(model, query, k, allowed, candidates)
 
 
 def _indexed_top_k(
