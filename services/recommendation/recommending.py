@@ -51,8 +51,8 @@ from services.recommendation.serving.customer_vectors import (
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for_rows
-from services.recommendation.serving.scorer import top_k, top_k_many
-from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
+from services.recommendation.serving.scorer import top_k, top_k_among, top_k_many
+from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, rows_of, without
 from shared.consent_cache import ConsentCache
 from shared.db import now_micros
 from shared.validation import Violations, is_valid_id
@@ -447,15 +447,19 @@ class Recommender:
         blocked = options.excluded | plan.purchased
         if model is None or plan.vector is None:
             return self._result(plan, model, self._popular(snapshot, options, blocked), False)
-        allowed = without(
-            snapshot.model_mask(model.serving, options.prefixes, options.include_unavailable),
-            model.serving.item_rows,
-            blocked,
-        )
-        candidates = snapshot.model_candidates(model.serving, options.prefixes, options.include_unavailable)
-        rows, scores = top_k(
-            model.serving, plan.vector.query, self._pool(options), allowed, candidates=candidates
-        )
+        serving, pool = model.serving, self._pool(options)
+        candidates = snapshot.model_candidates(serving, options.prefixes, options.include_unavailable)
+        if candidates is not None:  # the filter's rows alone, less the blocked ones
+            rows, scores = top_k_among(
+                candidates, plan.vector.query, pool, rows_of(serving.item_rows, blocked)
+            )
+        else:
+            allowed = without(
+                snapshot.model_mask(serving, options.prefixes, options.include_unavailable),
+                serving.item_rows,
+                blocked,
+            )
+            rows, scores = top_k(serving, plan.vector.query, pool, allowed)
         return self._result(plan, model, self._ranked(model, plan.vector, rows, scores, options), True)
 
     # -- the RPCs' domain ---------------------------------------------------------------

@@ -164,9 +164,14 @@ class CatalogSnapshot:
         return ordered[:k]
 
 
+def rows_of(rows: dict[str, int], item_ids: Iterable[str]) -> list[int]:
+    """The rows of `item_ids` (by `rows`; unknown ids left out)."""
+    return [row for item_id in item_ids if (row := rows.get(item_id)) is not None]
+
+
 def without(allowed: np.ndarray, rows: dict[str, int], item_ids: Iterable[str]) -> np.ndarray:
     """`allowed` (not modified) with the rows of `item_ids` (by `rows`; unknown ids ignored) False."""
-    found = [row for item_id in item_ids if (row := rows.get(item_id)) is not None]
+    found = rows_of(rows, item_ids)
     if not found:
         return allowed
     allowed = allowed.copy()

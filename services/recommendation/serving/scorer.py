@@ -13,16 +13,18 @@ the threshold is the exact k-th best allowed score. The scores go into a per-thr
 scratch buffer, so a request allocates nothing the size of the catalog.
 
 A filter that keeps part of the catalog (a few categories, say) need not cost the whole
-product: given the filter's Candidates (its rows and a contiguous copy of their vectors,
-which the serving catalog keeps per filter), exact scoring multiplies only those. Each
-score is the same dot product of the same row either way, so scores and ranking do not
-change (ties still go to the lower row: the candidates' rows are in ascending order).
+product: top_k_among scores the filter's Candidates (its rows and a contiguous copy of
+their vectors, which the serving catalog keeps per filter), less a few blocked rows
+(exclusions, purchases). Each score is the same dot product of the same row either way,
+so scores and ranking do not change (ties still go to the lower row: the candidates' rows
+are in ascending order).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,23 +122,28 @@ def best_of(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tu
     return _ordered(scores, rows, k)
 
 
-def _best_of_scratch(
-    scores: np.ndarray, k: int, allowed: np.ndarray | None
+def top_k_among(
+    candidates: Candidates, query: np.ndarray, k: int, blocked: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """best_of for a scratch score array, which it may overwrite: the rows the mask leaves
-    out score -inf, so the selection needs no mask (cheaper when it leaves out a few). An
-    allowed row scoring -inf itself would tie with them: then the masked selection decides."""
-    if allowed is None:
-        return best_of(scores, k)
-    blocked = ~allowed
-    available = len(scores) - int(np.count_nonzero(blocked))
-    if available == len(scores):
-        return best_of(scores, k)
-    scores[blocked] = -np.inf
-    rows, values = best_of(scores, min(k, available))
+    """exact_top_k over the candidates but the `blocked` rows (distinct model rows; those not
+    among the candidates are ignored): the blocked score -inf in the scratch scores, so the
+    selection needs no mask of the catalog's size. An allowed row scoring -inf itself would
+    tie with them: then a mask decides."""
+    scores = np.matmul(
+        candidates.items, np.asarray(query, dtype=np.float32), out=_buffer("scores", (len(candidates.rows),))
+    )
+    at = EMPTY_ROWS
+    if blocked and len(scores):
+        wanted = np.fromiter(blocked, dtype=np.int64, count=len(blocked))
+        at = np.searchsorted(candidates.rows, wanted)
+        at = at[candidates.rows.take(at, mode="clip") == wanted]
+        scores[at] = -np.inf
+    found, values = best_of(scores, min(k, len(scores) - len(at)))
     if len(values) and values[-1] == -np.inf:
-        return best_of(scores, k, allowed)
-    return rows, values
+        allowed = np.ones(len(scores), dtype=bool)
+        allowed[at] = False
+        found, values = best_of(scores, k, allowed)
+    return candidates.rows[found], values
 
 
 def _few_allowed(allowed: np.ndarray) -> bool:
@@ -163,25 +170,15 @@ def scored_exactly(model: ServingModel, ann_min_items: int = ANN_MIN_ITEMS) -> b
 
 
 def exact_top_k(
-    model: ServingModel,
-    query: np.ndarray,
-    k: int,
-    allowed: np.ndarray | None = None,
-    candidates: Candidates | None = None,
+    model: ServingModel, query: np.ndarray, k: int, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """top_k by scoring every allowed item (no index): the whole catalog in one product, only
-    `candidates` (rows that include every allowed one) when given, or only the allowed rows
-    when the mask leaves few (at most 1 in GATHER_BELOW)."""
+    """top_k by scoring every allowed item (no index): the whole catalog in one product, or
+    only the allowed rows when the mask leaves few (at most 1 in GATHER_BELOW)."""
     query = np.asarray(query, dtype=np.float32)
     if allowed is not None and _few_allowed(allowed):
         rows = np.flatnonzero(allowed)
         best, scores = best_of(model.items[rows] @ query, k)
         return rows[best].astype(np.int64, copy=False), scores
-    if candidates is not None:
-        scores = np.matmul(candidates.items, query, out=_buffer("scores", (len(candidates.rows),)))
-        kept = None if allowed is None else allowed[candidates.rows]
-        best, values = _best_of_scratch(scores, k, kept)
-        return candidates.rows[best], values
     scores = np.matmul(model.items, query, out=_buffer("scores", (len(model.items),)))
     return best_of(scores, k, allowed)
 
@@ -193,14 +190,13 @@ def top_k(
     allowed: np.ndarray | None = None,
     *,
     ann_min_items: int = ANN_MIN_ITEMS,
-    candidates: Candidates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for one query [d + 1] (model.query_of), best first, and their scores.
 
     Through the model's ANN index when it has one and holds at least `ann_min_items` items
     (approximate: recall@10 about 0.95 or better) unless the mask allows few items (those are
     scored exactly, and faster); exact otherwise, and whenever the index cannot vouch for
-    its answer. `candidates`, rows including every allowed one, narrow the exact product."""
+    its answer."""
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
     available = len(model.items) if allowed is None else int(np.count_nonzero(allowed))
     broad = available * GATHER_BELOW > len(model.items)
@@ -208,7 +204,7 @@ def top_k(
         found = _indexed_top_k(model, query, k, allowed, available)
         if found is not None:
             return found
-    return exact_top_k(model, query, k, allowed, candidates)
+    return exact_top_k(model, query, k, allowed)
 
 
 def _indexed_top_k(
