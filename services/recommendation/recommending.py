@@ -81,8 +81,7 @@ BATCH_CHUNK = 256
 # -- options ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):  # a tuple: made every request, at a third of a frozen dataclass's cost
     k: int = DEFAULT_K
     prefixes: tuple[str, ...] = ()  # category keys, "grocery/coffee/"
     excluded: frozenset[str] = frozenset()
@@ -149,20 +148,23 @@ def filter_of(
 
 def options_of(violations: Violations, field: str, message: pb.RecommendOptions) -> Options:
     """The options as sent, checked (each fault named); defaults resolved."""
-    k = check_k(violations, f"{field}.k", message.k)
-    prefixes, excluded = filter_of(violations, f"{field}.filter", message.filter)
-    diversity = message.diversity
-    if not (math.isfinite(diversity) and 0 <= diversity <= 1):
-        violations.add(f"{field}.diversity", "must be a finite number from 0 to 1")
-    max_reasons = check_max_reasons(violations, f"{field}.max_reasons", message.max_reasons)
+    k, diversity, max_reasons, item_filter = message.k, message.diversity, message.max_reasons, message.filter
+    if 0 <= k <= MAX_K and 0 <= max_reasons <= MAX_REASONS and 0 <= diversity <= 1:  # NaN fails
+        prefixes, excluded = filter_of(violations, f"{field}.filter", item_filter)
+    else:  # each fault named, in field order
+        check_k(violations, f"{field}.k", k)
+        prefixes, excluded = filter_of(violations, f"{field}.filter", item_filter)
+        if not (math.isfinite(diversity) and 0 <= diversity <= 1):
+            violations.add(f"{field}.diversity", "must be a finite number from 0 to 1")
+        check_max_reasons(violations, f"{field}.max_reasons", max_reasons)
     return Options(
-        k=k,
-        prefixes=prefixes,
-        excluded=excluded,
-        include_unavailable=message.filter.include_unavailable,
-        exclude_purchased=message.exclude_purchased,
-        diversity=diversity,
-        max_reasons=max_reasons,
+        k or DEFAULT_K,
+        prefixes,
+        excluded,
+        item_filter.include_unavailable,
+        message.exclude_purchased,
+        diversity,
+        max_reasons or DEFAULT_REASONS,
     )
 
 
@@ -187,6 +189,9 @@ class Recommended(NamedTuple):  # a tuple: cheaper to make than a frozen datacla
     item_id: str
     score: float
     reasons: tuple[ScoreReason, ...]
+
+
+_new = tuple.__new__
 
 
 class Recommendations(NamedTuple):
@@ -396,8 +401,9 @@ class Recommender:
             chosen = rows[: options.k]
             chosen_scores = scores[: options.k].tolist()
         reasons = reasons_for_rows(serving, vector, chosen, options.max_reasons)
+        ids, bias = serving.item_ids, vector.bias
         return [
-            Recommended(serving.item_ids[row], score + vector.bias, found)
+            _new(Recommended, (ids[row], score + bias, found))  # Recommended(...) at a third of the cost
             for row, score, found in zip(chosen.tolist(), chosen_scores, reasons, strict=True)
         ]
 

@@ -37,10 +37,12 @@ from services.recommendation.serving.model import ServingModel
 ANN_MIN_ITEMS = 200_000
 # Below this many scores, the exact k-th best is found directly (no sample).
 SAMPLED_FROM = 2_048
-# The sample's threshold aims at about this many candidates, with SAMPLE_RANK sampled
-# scores above it (so the count passing rarely falls under k).
+# The sample's threshold aims at about this many candidates per k, and at least
+# sqrt(SAMPLE_RANK x allowed): the sample and the candidates it lets through are then
+# about the same size, which measured fastest from 5,000 to 1M scores (k 10; against a
+# fixed 1,024: 2.2x faster at 5,000, level at 100k, 1.3x faster at 1M). SAMPLE_RANK
+# sampled scores lie above the threshold (so the count passing rarely falls under k).
 CANDIDATES_PER_K = 8
-MIN_CANDIDATES = 256
 SAMPLE_RANK = 32
 # A mask allowing at most 1 item in this many: score only the allowed rows (gathered).
 GATHER_BELOW = 16
@@ -73,9 +75,10 @@ def _rows_at_least(scores: np.ndarray, threshold: float, allowed: np.ndarray | N
 def _sampled_threshold(
     scores: np.ndarray, k: int, allowed: np.ndarray | None, available: int
 ) -> float | None:
-    """A score that about max(CANDIDATES_PER_K * k, MIN_CANDIDATES) allowed items reach, from
-    a strided sample; None when the catalog or the allowed set is too small to sample."""
-    wanted = max(CANDIDATES_PER_K * k, MIN_CANDIDATES)
+    """A score that about max(CANDIDATES_PER_K * k, sqrt(SAMPLE_RANK * available)) allowed
+    items reach, from a strided sample; None when the catalog or the allowed set is too
+    small to sample."""
+    wanted = max(CANDIDATES_PER_K * k, math.isqrt(SAMPLE_RANK * available))
     if len(scores) < SAMPLED_FROM or available < 4 * wanted:
         return None
     stride = max(1, wanted // SAMPLE_RANK)
