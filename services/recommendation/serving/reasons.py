@@ -112,7 +112,7 @@ def reasons_for_rows(
         np.matmul(items[:, :-1], customer.term_representations.T, out=layout[:, :terms])
     np.multiply(weights, embeddings[columns] @ customer.query[:-1], out=layout[:, terms:-1])
     layout[:, -1] = items[:, -1]
-    order = np.argsort(-layout, axis=1, kind="stable")[:, :max_reasons]
+    order = (-layout).argsort(axis=1, kind="stable")[:, :max_reasons]
     values = layout[np.arange(count)[:, None], order].tolist()
     bias = terms + width
     chosen: list[tuple[int, int, float]] = []  # (item, column of the layout, value)

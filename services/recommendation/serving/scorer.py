@@ -69,7 +69,7 @@ def _rows_at_least(scores: np.ndarray, threshold: float, allowed: np.ndarray | N
     passing = scores >= threshold
     if allowed is not None:
         passing &= allowed
-    return np.flatnonzero(passing)
+    return passing.nonzero()[0]  # np.flatnonzero, less its Python wrapper
 
 
 def _sampled_threshold(
@@ -138,7 +138,7 @@ def top_k_among(
     at = EMPTY_ROWS
     if blocked and len(scores):
         wanted = np.fromiter(blocked, dtype=np.int64, count=len(blocked))
-        at = np.searchsorted(candidates.rows, wanted)
+        at = candidates.rows.searchsorted(wanted)
         at = at[candidates.rows.take(at, mode="clip") == wanted]
         scores[at] = -np.inf
     found, values = best_of(scores, min(k, len(scores) - len(at)))
