@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,11 +44,15 @@ POPULARITY_SECONDS = 30.0
 # bound, a bulk load followed by no write was read again in full on every poll.
 POLL_OVERLAP_US = 10_000_000
 MAX_CACHED_MASKS = 256
-# A filter keeping at most this share of the model's items has its Candidates (its rows'
-# vectors, copied contiguous) kept, so a request multiplies only those; at most
-# MAX_CANDIDATE_BYTES of them per snapshot (10,000 items at 64 dimensions: 1.3 MB for half).
+# A filter keeping at most this share of the model's items, asked for a second time, has
+# its Candidates (its rows' vectors, copied contiguous) kept, so a request multiplies only
+# those. At most MAX_CANDIDATE_BYTES of them per snapshot, the least recently used let go
+# first, and none larger than a sixteenth of that (10,000 items at 64 dimensions: 1.3 MB
+# for half of them; 8 MB is about 31,000 items). A copy costs a few products of its rows:
+# one asked once is never made, and filters that keep evicting each other cost at most that.
 CANDIDATES_BELOW_SHARE = 0.75
-MAX_CANDIDATE_BYTES = 64 << 20
+MAX_CANDIDATE_BYTES = 128 << 20
+CANDIDATE_BUDGET_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,10 @@ class CatalogSnapshot:
     _model_masks: dict[tuple[tuple[str, str], tuple[str, ...], bool], np.ndarray] = field(
         default_factory=dict
     )
-    _candidates: dict[tuple[tuple[str, str], tuple[str, ...], bool], Candidates | None] = field(
-        default_factory=dict
+    _candidates: OrderedDict[tuple[tuple[str, str], tuple[str, ...], bool], Candidates | None] = field(
+        default_factory=OrderedDict
     )
+    _asked: set[tuple[tuple[str, str], tuple[str, ...], bool]] = field(default_factory=set)
     _candidate_bytes: int = 0
 
     def mask(self, prefixes: tuple[str, ...], include_unavailable: bool) -> np.ndarray:
@@ -125,23 +131,38 @@ class CatalogSnapshot:
     def model_candidates(
         self, model: ServingModel, prefixes: tuple[str, ...], include_unavailable: bool
     ) -> Candidates | None:
-        """The Candidates of model_mask (scorer.py), when the model is scored exactly and the
-        filter keeps at most CANDIDATES_BELOW_SHARE of its items; None otherwise. Kept per
-        filter, at most MAX_CANDIDATE_BYTES of them (then they start over)."""
+        """The Candidates of model_mask (scorer.py), from the filter's second request on, when
+        the model is scored exactly and the filter keeps at most CANDIDATES_BELOW_SHARE of its
+        items (within MAX_CANDIDATE_BYTES / CANDIDATE_BUDGET_PARTS); None otherwise."""
         key = (model.key, prefixes, include_unavailable)
+        held = self._candidates
         try:
-            return self._candidates[key]
+            found = held[key]
+            held.move_to_end(key)
+            return found
         except KeyError:
             pass
+        if key not in self._asked:  # a filter asked for once is not worth the copy
+            if len(self._asked) >= MAX_CACHED_MASKS:
+                self._asked.clear()
+            self._asked.add(key)
+            return None
         mask = self.model_mask(model, prefixes, include_unavailable)
         found = None
-        if scored_exactly(model) and np.count_nonzero(mask) <= CANDIDATES_BELOW_SHARE * len(mask):
+        kept = int(np.count_nonzero(mask))
+        size = kept * model.items.shape[1] * model.items.itemsize
+        if (
+            scored_exactly(model)
+            and kept <= CANDIDATES_BELOW_SHARE * len(mask)
+            and size * CANDIDATE_BUDGET_PARTS <= MAX_CANDIDATE_BYTES
+        ):
             found = Candidates.of(model, mask)
-        size = 0 if found is None else found.items.nbytes
-        if len(self._candidates) >= MAX_CACHED_MASKS or self._candidate_bytes + size > MAX_CANDIDATE_BYTES:
-            self._candidates.clear()
-            self._candidate_bytes = 0
-        self._candidates[key] = found
+        else:
+            size = 0
+        while held and (len(held) >= MAX_CACHED_MASKS or self._candidate_bytes + size > MAX_CANDIDATE_BYTES):
+            _, dropped = held.popitem(last=False)  # the least recently used
+            self._candidate_bytes -= 0 if dropped is None else dropped.items.nbytes
+        held[key] = found
         self._candidate_bytes += size
         return found
 
