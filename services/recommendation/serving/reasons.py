@@ -93,12 +93,13 @@ def reasons_for_rows(
     terms = len(customer.terms)
     matrix = model.artefact.item_features
     starts = matrix.indptr[rows]
-    features = matrix.indptr[rows + 1] - starts
-    width = int(np.maximum.reduce(features))
+    counts, uniform = model.item_feature_counts
+    features = counts[rows]
+    width = int(features[0]) if uniform else int(np.maximum.reduce(features))
     # The items' features as [count, width] (entries past an item's own count weigh 0).
     places = np.arange(width)
     at = starts[:, None] + places
-    if np.minimum.reduce(features) == width:  # as many each: no padding
+    if uniform:  # as many each: no padding
         columns = matrix.indices[at]
         weights = matrix.data[at].astype(np.float32, copy=False)
     else:
