@@ -65,6 +65,14 @@ def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return held[:size].reshape(shape)
 
 
+def _largest(values: np.ndarray, rank: int) -> float:
+    """The rank-th largest of `values` (not modified; np.partition less its Python wrapper)."""
+    part = values.copy()
+    at = len(part) - rank
+    part.partition(at)
+    return float(part[at])
+
+
 def _rows_at_least(scores: np.ndarray, threshold: float, allowed: np.ndarray | None) -> np.ndarray:
     passing = scores >= threshold
     if allowed is not None:
@@ -88,20 +96,20 @@ def _sampled_threshold(
     rank = min(len(sample), round(wanted * len(sample) / available))
     if rank < SAMPLE_RANK // 2:
         return None
-    return float(np.partition(sample, len(sample) - rank)[len(sample) - rank])
+    return _largest(sample, rank)
 
 
 def _exact_threshold(scores: np.ndarray, k: int, allowed: np.ndarray | None) -> float:
     """The k-th best allowed score (k at most the number allowed)."""
     values = scores if allowed is None else scores[allowed]
-    return float(np.partition(values, len(values) - k)[len(values) - k])
+    return _largest(values, k)
 
 
 def _ordered(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of `rows` (ascending) by score, best first, ties by the lower row."""
     values = scores[rows]
     if len(rows) > 4 * k:
-        kth = np.partition(values, len(values) - k)[len(values) - k]
+        kth = _largest(values, k)
         kept = values >= kth  # the k best and any ties with the k-th (the order below settles them)
         rows, values = rows[kept], values[kept]
     order = np.lexsort((rows, -values))[:k]
