@@ -17,7 +17,9 @@ One request, in order:
      from), newest first: the row's parts along them are reasons of their own.
 4. Candidates: the catalog's mask for the filter (available, not deleted, under the
    category prefixes; cached per filter), minus exclusions and, with exclude_purchased
-   and a grant of purchase history, what the customer bought.
+   and a grant of purchase history, what the customer bought. A filter asked for again
+   has its rows' vectors kept contiguous (serving_catalog.model_candidates): only those
+   are scored, the blocked ones set aside (scorer.top_k_among).
 5. Personalised: exact top-k (scorer), the diversity re-rank, reasons per item.
    Otherwise popular items within the same candidates, and the fallback reason, the first
    of ANONYMOUS, CONSENT_STALE, NO_CONSENT, NO_MODEL, COLD_START that applies.

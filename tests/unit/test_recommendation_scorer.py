@@ -21,7 +21,14 @@ from services.recommendation.serving.ann_index import AnnIndex
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.new_items import with_new_items
-from services.recommendation.serving.scorer import Candidates, best_of, exact_top_k, top_k, top_k_among, top_k_many
+from services.recommendation.serving.scorer import (
+    Candidates,
+    best_of,
+    exact_top_k,
+    top_k,
+    top_k_among,
+    top_k_many,
+)
 from services.recommendation.serving.synthetic_items import clustered_items, items_artefact
 from services.recommendation.training.pipeline import Progress, run_training
 from services.recommendation.training.synthetic import Shape, StaticSource, generate
