@@ -17,7 +17,9 @@ One request, in order:
      from), newest first: the row's parts along them are reasons of their own.
 4. Candidates: the catalog's mask for the filter (available, not deleted, under the
    category prefixes; cached per filter), minus exclusions and, with exclude_purchased
-   and a grant of purchase history, what the customer bought.
+   and a grant of purchase history, what the customer bought. A filter asked for again
+   has its rows' vectors kept contiguous (serving_catalog.model_candidates): only those
+   are scored, the blocked ones set aside (scorer.top_k_among).
 5. Personalised: exact top-k (scorer), the diversity re-rank, reasons per item.
    Otherwise popular items within the same candidates, and the fallback reason, the first
    of ANONYMOUS, CONSENT_STALE, NO_CONSENT, NO_MODEL, COLD_START that applies.
@@ -51,8 +53,8 @@ from services.recommendation.serving.customer_vectors import (
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.reasons import POPULAR, ScoreReason, reasons_for_rows
-from services.recommendation.serving.scorer import top_k, top_k_many
-from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, without
+from services.recommendation.serving.scorer import top_k, top_k_among, top_k_many
+from services.recommendation.serving_catalog import CatalogSnapshot, ServingCatalog, rows_of, without
 from shared.consent_cache import ConsentCache
 from shared.db import now_micros
 from shared.validation import Violations, is_valid_id
@@ -81,8 +83,7 @@ BATCH_CHUNK = 256
 # -- options ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):  # a tuple: made every request, at a third of a frozen dataclass's cost
     k: int = DEFAULT_K
     prefixes: tuple[str, ...] = ()  # category keys, "grocery/coffee/"
     excluded: frozenset[str] = frozenset()
@@ -149,20 +150,23 @@ def filter_of(
 
 def options_of(violations: Violations, field: str, message: pb.RecommendOptions) -> Options:
     """The options as sent, checked (each fault named); defaults resolved."""
-    k = check_k(violations, f"{field}.k", message.k)
-    prefixes, excluded = filter_of(violations, f"{field}.filter", message.filter)
-    diversity = message.diversity
-    if not (math.isfinite(diversity) and 0 <= diversity <= 1):
-        violations.add(f"{field}.diversity", "must be a finite number from 0 to 1")
-    max_reasons = check_max_reasons(violations, f"{field}.max_reasons", message.max_reasons)
+    k, diversity, max_reasons, item_filter = message.k, message.diversity, message.max_reasons, message.filter
+    if 0 <= k <= MAX_K and 0 <= max_reasons <= MAX_REASONS and 0 <= diversity <= 1:  # NaN fails
+        prefixes, excluded = filter_of(violations, f"{field}.filter", item_filter)
+    else:  # each fault named, in field order
+        check_k(violations, f"{field}.k", k)
+        prefixes, excluded = filter_of(violations, f"{field}.filter", item_filter)
+        if not (math.isfinite(diversity) and 0 <= diversity <= 1):
+            violations.add(f"{field}.diversity", "must be a finite number from 0 to 1")
+        check_max_reasons(violations, f"{field}.max_reasons", max_reasons)
     return Options(
-        k=k,
-        prefixes=prefixes,
-        excluded=excluded,
-        include_unavailable=message.filter.include_unavailable,
-        exclude_purchased=message.exclude_purchased,
-        diversity=diversity,
-        max_reasons=max_reasons,
+        k or DEFAULT_K,
+        prefixes,
+        excluded,
+        item_filter.include_unavailable,
+        message.exclude_purchased,
+        diversity,
+        max_reasons or DEFAULT_REASONS,
     )
 
 
@@ -187,6 +191,9 @@ class Recommended(NamedTuple):  # a tuple: cheaper to make than a frozen datacla
     item_id: str
     score: float
     reasons: tuple[ScoreReason, ...]
+
+
+_new = tuple.__new__
 
 
 class Recommendations(NamedTuple):
@@ -396,8 +403,9 @@ class Recommender:
             chosen = rows[: options.k]
             chosen_scores = scores[: options.k].tolist()
         reasons = reasons_for_rows(serving, vector, chosen, options.max_reasons)
+        ids, bias = serving.item_ids, vector.bias
         return [
-            Recommended(serving.item_ids[row], score + vector.bias, found)
+            _new(Recommended, (ids[row], score + bias, found))  # Recommended(...) at a third of the cost
             for row, score, found in zip(chosen.tolist(), chosen_scores, reasons, strict=True)
         ]
 
@@ -447,12 +455,19 @@ class Recommender:
         blocked = options.excluded | plan.purchased
         if model is None or plan.vector is None:
             return self._result(plan, model, self._popular(snapshot, options, blocked), False)
-        allowed = without(
-            snapshot.model_mask(model.serving, options.prefixes, options.include_unavailable),
-            model.serving.item_rows,
-            blocked,
-        )
-        rows, scores = top_k(model.serving, plan.vector.query, self._pool(options), allowed)
+        serving, pool = model.serving, self._pool(options)
+        candidates = snapshot.model_candidates(serving, options.prefixes, options.include_unavailable)
+        if candidates is not None:  # the filter's rows alone, less the blocked ones
+            rows, scores = top_k_among(
+                candidates, plan.vector.query, pool, rows_of(serving.item_rows, blocked)
+            )
+        else:
+            allowed = without(
+                snapshot.model_mask(serving, options.prefixes, options.include_unavailable),
+                serving.item_rows,
+                blocked,
+            )
+            rows, scores = top_k(serving, plan.vector.query, pool, allowed)
         return self._result(plan, model, self._ranked(model, plan.vector, rows, scores, options), True)
 
     # -- the RPCs' domain ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from services.recommendation.catalog import Item, category_key
 from services.recommendation.interactions import interactions
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.new_items import NewItem
+from services.recommendation.serving.scorer import Candidates, scored_exactly
 from services.recommendation.store import catalog_changes
 from services.recommendation.training.features import item_metadata
 from shared.db import Database, now_micros
@@ -42,6 +44,15 @@ POPULARITY_SECONDS = 30.0
 # bound, a bulk load followed by no write was read again in full on every poll.
 POLL_OVERLAP_US = 10_000_000
 MAX_CACHED_MASKS = 256
+# A filter keeping at most this share of the model's items, asked for a second time, has
+# its Candidates (its rows' vectors, copied contiguous) kept, so a request multiplies only
+# those. At most MAX_CANDIDATE_BYTES of them per snapshot, the least recently used let go
+# first, and none larger than a sixteenth of that (10,000 items at 64 dimensions: 1.3 MB
+# for half of them; 8 MB is about 31,000 items). A copy costs a few products of its rows:
+# one asked once is never made, and filters that keep evicting each other cost at most that.
+CANDIDATES_BELOW_SHARE = 0.75
+MAX_CANDIDATE_BYTES = 128 << 20
+CANDIDATE_BUDGET_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,11 @@ class CatalogSnapshot:
     _model_masks: dict[tuple[tuple[str, str], tuple[str, ...], bool], np.ndarray] = field(
         default_factory=dict
     )
+    _candidates: OrderedDict[tuple[tuple[str, str], tuple[str, ...], bool], Candidates | None] = field(
+        default_factory=OrderedDict
+    )
+    _asked: set[tuple[tuple[str, str], tuple[str, ...], bool]] = field(default_factory=set)
+    _candidate_bytes: int = 0
 
     def mask(self, prefixes: tuple[str, ...], include_unavailable: bool) -> np.ndarray:
         """Catalog rows a filter allows (category keys as category_key() makes them). Do not modify."""
@@ -112,6 +128,44 @@ class CatalogSnapshot:
             _bounded(self._model_masks)[key] = found
         return found
 
+    def model_candidates(
+        self, model: ServingModel, prefixes: tuple[str, ...], include_unavailable: bool
+    ) -> Candidates | None:
+        """The Candidates of model_mask (scorer.py), from the filter's second request on, when
+        the model is scored exactly and the filter keeps at most CANDIDATES_BELOW_SHARE of its
+        items (within MAX_CANDIDATE_BYTES / CANDIDATE_BUDGET_PARTS); None otherwise."""
+        key = (model.key, prefixes, include_unavailable)
+        held = self._candidates
+        try:
+            found = held[key]
+            held.move_to_end(key)
+            return found
+        except KeyError:
+            pass
+        if key not in self._asked:  # a filter asked for once is not worth the copy
+            if len(self._asked) >= MAX_CACHED_MASKS:
+                self._asked.clear()
+            self._asked.add(key)
+            return None
+        mask = self.model_mask(model, prefixes, include_unavailable)
+        found = None
+        kept = int(np.count_nonzero(mask))
+        size = kept * model.items.shape[1] * model.items.itemsize
+        if (
+            scored_exactly(model)
+            and kept <= CANDIDATES_BELOW_SHARE * len(mask)
+            and size * CANDIDATE_BUDGET_PARTS <= MAX_CANDIDATE_BYTES
+        ):
+            found = Candidates.of(model, mask)
+        else:
+            size = 0
+        while held and (len(held) >= MAX_CACHED_MASKS or self._candidate_bytes + size > MAX_CANDIDATE_BYTES):
+            _, dropped = held.popitem(last=False)  # the least recently used
+            self._candidate_bytes -= 0 if dropped is None else dropped.items.nbytes
+        held[key] = found
+        self._candidate_bytes += size
+        return found
+
     def new_items(self, model: ServingModel, trained_items: int) -> list[NewItem]:
         """The live items missing from `model`'s first `trained_items` rows (those it was
         trained with: the items added since), in item_id order, with their metadata features."""
@@ -131,9 +185,14 @@ class CatalogSnapshot:
         return ordered[:k]
 
 
+def rows_of(rows: dict[str, int], item_ids: Iterable[str]) -> list[int]:
+    """The rows of `item_ids` (by `rows`; unknown ids left out)."""
+    return [row for item_id in item_ids if (row := rows.get(item_id)) is not None]
+
+
 def without(allowed: np.ndarray, rows: dict[str, int], item_ids: Iterable[str]) -> np.ndarray:
     """`allowed` (not modified) with the rows of `item_ids` (by `rows`; unknown ids ignored) False."""
-    found = [row for item_id in item_ids if (row := rows.get(item_id)) is not None]
+    found = rows_of(rows, item_ids)
     if not found:
         return allowed
     allowed = allowed.copy()

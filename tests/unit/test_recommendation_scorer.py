@@ -21,7 +21,14 @@ from services.recommendation.serving.ann_index import AnnIndex
 from services.recommendation.serving.diversity import rerank
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.new_items import with_new_items
-from services.recommendation.serving.scorer import best_of, exact_top_k, top_k, top_k_many
+from services.recommendation.serving.scorer import (
+    Candidates,
+    best_of,
+    exact_top_k,
+    top_k,
+    top_k_among,
+    top_k_many,
+)
 from services.recommendation.serving.synthetic_items import clustered_items, items_artefact
 from services.recommendation.training.pipeline import Progress, run_training
 from services.recommendation.training.synthetic import Shape, StaticSource, generate
@@ -68,6 +75,38 @@ def test_exact_top_k_equals_brute_force_with_and_without_a_mask(n: int, rounded:
             assert list(rows) == brute_force(model, query, k, allowed)
             assert np.allclose(scores, model.items[rows] @ query, atol=1e-5)
             assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("n", [7, 500, 20_000])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_the_filter_candidates_less_blocked_rows_give_the_top_k_of_the_whole_catalog(
+    n: int, rounded: bool
+) -> None:
+    model = random_model(n, seed=n, rounded=rounded)
+    rng = np.random.default_rng(n)
+    for trial in range(6):
+        query = query_for(model, trial)
+        kept = rng.random(n) < rng.choice([0.05, 0.5, 0.75])
+        candidates = Candidates.of(model, kept)
+        # Blocked: some candidates and some rows the filter already leaves out.
+        blocked = sorted(set(rng.integers(0, n, size=rng.integers(0, 12)).tolist()))
+        allowed = kept.copy()
+        allowed[blocked] = False
+        for k in (1, 10, 100):
+            rows, scores = top_k_among(candidates, query, k, blocked)
+            expected, expected_scores = exact_top_k(model, query, k, allowed)
+            assert list(rows) == list(expected) == brute_force(model, query, k, allowed)
+            assert np.array_equal(scores, expected_scores)  # the same products, bit for bit
+            assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_an_allowed_candidate_scoring_minus_infinity_is_not_mistaken_for_a_blocked_one() -> None:
+    model = ServingModel.from_artefact(items_artefact(np.ones((10, D)), np.ones(10)))
+    query = model.query_of(np.zeros(D, np.float32))
+    query[-1] = -np.inf  # every score -inf (a bias of 1 times -inf)
+    candidates = Candidates.of(model, np.ones(10, dtype=bool))
+    rows, scores = top_k_among(candidates, query, 5, [0, 2])
+    assert list(rows) == [1, 3, 4, 5, 6] and np.all(scores == -np.inf)
 
 
 def test_ties_are_broken_by_the_lower_row() -> None:

@@ -58,6 +58,45 @@ def test_a_change_builds_a_new_snapshot_and_the_model_never_gets_items_the_catal
     assert list(mask) == [True, False, False]
 
 
+def test_a_filters_candidates_are_its_rows_from_its_second_request_within_the_budget(monkeypatch) -> None:
+    from services.recommendation import serving_catalog
+
+    snapshot = catalog().snapshot()
+    ids = ["beans", "filter", "machine", "tea", "unknown"]
+    vectors = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    model = ServingModel.from_artefact(artefact_of(ids, ["c"], vectors, vectors[:1]))
+    coffee = (category_key(("grocery", "coffee")),)
+    assert snapshot.model_candidates(model, coffee, True) is None  # asked once: not worth a copy
+    found = snapshot.model_candidates(model, coffee, True)
+    assert found is not None and list(found.rows) == [0, 1]  # beans, filter
+    assert np.array_equal(found.items, model.items[[0, 1]]) and found.items.flags["C_CONTIGUOUS"]
+    assert snapshot.model_candidates(model, coffee, True) is found
+    # A filter keeping more than CANDIDATES_BELOW_SHARE of the items gains nothing by a copy.
+    for _ in range(2):
+        assert snapshot.model_candidates(model, (), True) is None
+    row = model.items[0].nbytes
+    tea = (category_key(("grocery", "tea")),)
+    machine = (category_key(("grocery", "coffee-machines")),)
+
+    def twice(prefixes: tuple[str, ...], include_unavailable: bool = False) -> list[bool]:
+        return [snapshot.model_candidates(model, prefixes, include_unavailable) is not None for _ in range(2)]
+
+    # None is larger than MAX_CANDIDATE_BYTES / CANDIDATE_BUDGET_PARTS ...
+    monkeypatch.setattr(serving_catalog, "MAX_CANDIDATE_BYTES", 16 * row - 1)
+    assert twice(tea) == [False, False]
+    # ... and past the budget the least recently used are let go.
+    snapshot = catalog().snapshot()
+    monkeypatch.setattr(serving_catalog, "CANDIDATE_BUDGET_PARTS", 1)
+    monkeypatch.setattr(serving_catalog, "MAX_CANDIDATE_BYTES", 2 * row)
+    assert twice(coffee, True) == twice(tea) == twice(machine) == [False, True]
+    assert {key[1:] for key in snapshot._candidates} == {(tea, False), (machine, False)}
+    assert snapshot._candidate_bytes == 2 * row
+    assert snapshot.model_candidates(model, tea, False) is not None  # used: machine is now the oldest
+    assert twice(coffee) == [False, True]  # beans alone
+    assert {key[1:] for key in snapshot._candidates} == {(tea, False), (coffee, False)}
+    assert snapshot._candidate_bytes == 2 * row
+
+
 async def test_a_poll_rereads_late_commits_but_not_a_bulk_load_long_past(monkeypatch) -> None:
     """Each poll reads from POLL_OVERLAP_US before the newest write seen, or before the
     previous poll began if that is later: what was written before that had committed."""

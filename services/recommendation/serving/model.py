@@ -8,6 +8,7 @@ float32 matrix [n_items, d + 1]: the representation, then the item bias; a query
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,13 @@ class ServingModel:
     def key(self) -> tuple[str, str]:
         """Names this item set: caches of per-item-row arrays are kept by it."""
         return self.version, self.fold_key
+
+    @functools.cached_property
+    def item_feature_counts(self) -> tuple[np.ndarray, bool]:
+        """How many features each item row has in the item feature matrix (int64 [n_items]),
+        and whether every row has as many (reasons lay them out without padding then)."""
+        counts = np.diff(self.artefact.item_features.indptr).astype(np.int64)
+        return counts, bool(len(counts) == 0 or counts.min() == counts.max())
 
     @property
     def dimensions(self) -> int:
