@@ -19,6 +19,9 @@ all show as a revision this process does not hold, and the next forecast reads t
 readings again. A series read from the database is kept only when its times are already
 distinct and finite (sorted_readings changed nothing but the order).
 
+A series neither read nor extended for KEEP_SECONDS is dropped (checked every SWEEP_EVERY
+look-ups): the readings of a slot deleted or erased, here or on another replica, leave
+memory within that.
 Not kept: the device's token (deregistration holds at the next call on every replica).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +47,7 @@ class Series:
     revision: int
     times: np.ndarray  # int64 µs, strictly increasing
     levels: np.ndarray  # float64
+    used: float = 0.0  # time.monotonic() when kept or last extended
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -54,15 +59,21 @@ class EpochSeries:
     """Per process: slot -> its current epoch's series (see the module docstring)."""
 
     MAX_SLOTS = 200_000  # slots kept; beyond it every series is forgotten (re-read on demand)
+    KEEP_SECONDS = 600.0
+    SWEEP_EVERY = 4096
 
     def __init__(self) -> None:
         self._kept: dict[tuple[str, str], Series] = {}
         self._lock = threading.Lock()  # the writer thread and readers' threads both use it
         self.hits = 0
         self.misses = 0
+        self._until_sweep = self.SWEEP_EVERY
 
     def get(self, device_id: str, slot_id: str, epoch: int, revision: int | None) -> Series | None:
         """The kept series when it is the slot's at `revision` and `epoch`, else None."""
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self.sweep()
         found = self._kept.get((device_id, slot_id))
         if found is None or revision is None or found.revision != revision or found.epoch != epoch:
             self.misses += 1
@@ -86,7 +97,9 @@ class EpochSeries:
             return
         if times.size > 1 and not bool((times[1:] > times[:-1]).all()):
             return
-        self._put((device_id, slot_id), Series(epoch, revision, _frozen(times), _frozen(levels)))
+        self._put(
+            (device_id, slot_id), Series(epoch, revision, _frozen(times), _frozen(levels), time.monotonic())
+        )
 
     def append(
         self,
@@ -123,7 +136,9 @@ class EpochSeries:
         new_times = np.fromiter((float(t) for t in times), dtype=float, count=len(times)).astype(np.int64)
         grown_times = np.concatenate((found.times, new_times))[-MAX_READINGS:]
         grown_levels = np.concatenate((found.levels, np.asarray(levels, dtype=float)))[-MAX_READINGS:]
-        self._put(key, Series(epoch_after, after, _frozen(grown_times), _frozen(grown_levels)))
+        self._put(
+            key, Series(epoch_after, after, _frozen(grown_times), _frozen(grown_levels), time.monotonic())
+        )
 
     def forget(self, device_id: str, slot_id: str) -> None:
         with self._lock:
@@ -134,3 +149,11 @@ class EpochSeries:
             if len(self._kept) >= self.MAX_SLOTS and key not in self._kept:
                 self._kept.clear()
             self._kept[key] = series
+
+    def sweep(self) -> None:
+        """Drops the series older than KEEP_SECONDS."""
+        self._until_sweep = self.SWEEP_EVERY
+        oldest = time.monotonic() - self.KEEP_SECONDS
+        with self._lock:
+            for key in [key for key, series in self._kept.items() if series.used < oldest]:
+                del self._kept[key]

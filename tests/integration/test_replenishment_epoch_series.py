@@ -144,3 +144,16 @@ def test_a_long_series_is_kept_past_the_forecasts_window_and_used(database):
     # the report before extended.
     assert writer.kept.misses <= 2
     assert writer.kept.hits >= forecast.MAX_READINGS + 18
+
+
+def test_a_series_left_alone_is_dropped():
+    kept = EpochSeries()
+    times, levels = forecast.sorted_readings([(1, 5.0), (2, 4.0)])
+    kept.keep_read("d", "s", 0, 7, 2, times, levels)
+    assert kept.get("d", "s", 0, 7) is not None
+    assert kept.get("d", "s", 0, 8) is None and kept.get("d", "s", 1, 7) is None  # another revision, epoch
+    kept.sweep()
+    assert kept.get("d", "s", 0, 7) is not None  # kept just now
+    kept.KEEP_SECONDS = -1.0  # anything kept before now is too old
+    kept.sweep()
+    assert kept.get("d", "s", 0, 7) is None
