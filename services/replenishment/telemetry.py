@@ -27,7 +27,7 @@ reading ids already stored, one multi-row insert, one update per slot touched.
 from __future__ import annotations
 
 import math
-import secrets
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +47,9 @@ MAX_AGE_US = 30 * DAY_US
 CAPACITY_TOLERANCE = 0.01  # a level up to 1 % above capacity is sensor noise
 REFILL_SHARE = 0.10  # of capacity: a rise above it is a refill
 MAX_READINGS = 1000  # per request message
+# slots.readings_revision: random, seeded from the OS (os.urandom) in each process; a
+# collision of two revisions of one slot has a chance of 2**-63 per write.
+_REVISIONS = random.Random()
 
 
 def is_refill(previous_level: float, level: float, capacity: float) -> bool:
@@ -343,7 +346,7 @@ def record(
         driver_sql(connection, _INSERT, rows)
     for slot_id, series in series_of.items():
         state = series.slot.state
-        revision = secrets.randbits(63)  # epoch_series.py: new at every write of the readings
+        revision = _REVISIONS.getrandbits(63)  # epoch_series.py: new at every write of the readings
         _status_event(
             connection,
             device,
