@@ -4,7 +4,9 @@
 delivery starts the next; at most forecast.MAX_READINGS, newest first) and runs the pure
 forecast. While the level comes from a delivery (no reading since), the delivered level
 at the delivery time is the epoch's first point. The decision (ordering.py),
-GetSlotForecast and the device's GetForecast all use it, so they agree.
+GetSlotForecast and the device's GetForecast all use it, so they agree. The decision passes
+its process's EpochSeries (epoch_series.py): the epoch's readings kept from the last
+decision and extended by telemetry.record, exactly what the read would give, or read again.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ The rules (device.v1 ReportTelemetry documents them to devices):
 
 `record` stores a batch in the caller's transaction: one query for the device and its slots
 (the slots locked on PostgreSQL, so concurrent batches of one device take turns), one for the
-reading ids already stored, one multi-row insert, one update per slot touched.
+reading ids already stored (a batch of one reading asks in the first query), one multi-row
+insert, one update per slot touched (with a new random readings_revision, which tells each
+replica's kept epoch series, epoch_series.py, whether it is still the slot's), and one of
+the device's last_seen_time when the device itself called.
 """
 
 from __future__ import annotations
