@@ -560,6 +560,8 @@ class StreamRounds:
             device = self.devices[self.next_device % len(self.devices)]
             self.next_device += 1
             body = self.data_dir / f"stream-{n}.grpc"
+            log_file = self.data_dir / f"stream-{n}.log"
+            log_file.unlink(missing_ok=True)  # h2load appends to it
             body.write_bytes(
                 stream_body(device, f"s{self.next_device}-{uuid.uuid4().hex[:6]}", messages, now_us)
             )
@@ -578,19 +580,28 @@ class StreamRounds:
                     "--header=content-type: application/grpc",
                     "--header=te: trailers",
                     f"--header=authorization: Bearer {device['token']}",
+                    f"--log-file={log_file}",
                     f"http://{server.address}{STREAM_PATH}",
                 ]
             )
         counts_before = rpc_counts(metrics_port)
         stored_before = stored_readings(self.data_dir)
         cpu_before = process_cpu_seconds(server.process.pid)
-        started = time.monotonic()
+        wait_before, started = run_queue_seconds(server.process.pid), time.monotonic()
         running = [
             subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands
         ]
         outputs = [process.communicate(timeout=600)[0] for process in running]
-        seconds = time.monotonic() - started
         cpu_after = process_cpu_seconds(server.process.pid)
+        wait_after, elapsed = run_queue_seconds(server.process.pid), time.monotonic() - started
+        # The window from the first stream's start to the last one's end (h2load's logs, µs since
+        # the epoch), without the time the processes took to start before it.
+        spans = [
+            (int(start), int(start) + int(took))
+            for n in range(calls)
+            for start, _status, took, *_ in [(self.data_dir / f"stream-{n}.log").read_text().split("\t")]
+        ]
+        seconds = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e6
         changes = count_changes(counts_before, rpc_counts(metrics_port))
         stored = stored_readings(self.data_dir) - stored_before
         failed = [
@@ -606,6 +617,8 @@ class StreamRounds:
         if stored != calls * messages:
             raise BenchFailure(f"StreamTelemetry: {stored} readings stored, {calls * messages} sent")
         figures = self.figures
+        if wait_before is not None and wait_after is not None:
+            figures.cpu_wait.append(max(0.0, wait_after - wait_before) / elapsed)
         figures.per_second.append(stored / seconds)
         figures.shares.append(100 * stored / seconds / floor)
         if cpu_before is not None and cpu_after is not None:
@@ -667,6 +680,8 @@ def telemetry_rounds(
             if streams is not None:
                 streams.run(args, server, metrics_port, floor.per_second)
                 line += f"; stream {streams.figures.per_second[-1]:,.0f} readings/s ({streams.figures.shares[-1]:.1f} %)"
+                if streams.figures.cpu_wait:
+                    line += f", server waited {streams.figures.cpu_wait[-1]:.2f} s/s"
             print(line)
         ceiling = client(
             args, "health", server.address, devices_json, args.round_seconds, in_flight=args.in_flight
