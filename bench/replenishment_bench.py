@@ -25,6 +25,10 @@ has the last grant, and prints, in alternating rounds, the median and the range:
    sending each device's readings in order. The same client also measures its own
    ceiling (health Check as fast as it can) so the figure shows whether it, rather than
    the server, set the pace; the server's CPU per call is printed beside it.
+   In the same rounds, StreamTelemetry (a chatty device) from h2load: one h2load request is
+   one stream of STREAM_MESSAGES gRPC-framed messages of one reading each for one device,
+   with its token; one h2load process per stream (STREAM_CALLS a round, each a different
+   device), for the reason above; every reading is counted in the database afterwards.
 2. Replenish p50/p99: a device asking to re-order its slot (a fresh request_id each, 16
    in flight over 200 devices): the first call of a slot places an order, the next ones
    find it in progress (the decision path: open order, consent, limits).
@@ -37,7 +41,7 @@ has the last grant, and prints, in alternating rounds, the median and the range:
 
 The targets are informational: the exit code is 0 unless something crashed.
 Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds,
---readings-per-call, --telemetry-only.
+--readings-per-call, --stream-calls, --stream-messages, --telemetry-only.
 """
 
 from __future__ import annotations
