@@ -108,7 +108,7 @@ DEVICE_SERVICE = "/najimi.replenishment.device.v1.DeviceService"
 REPORT_PATH = f"{DEVICE_SERVICE}/ReportTelemetry"
 STREAM_PATH = f"{DEVICE_SERVICE}/StreamTelemetry"
 STREAM_MESSAGES = 100  # per StreamTelemetry stream (one reading a message): a chatty device
-STREAM_CALLS = 128  # streams a round, one device each, all of them in flight at once
+STREAM_CALLS = 256  # streams a round, one device each, all started at once (256 in flight, as h2load keeps)
 REPLENISH_PATH = f"{DEVICE_SERVICE}/Replenish"
 HEALTH_PATH = "/grpc.health.v1.Health/Check"
 

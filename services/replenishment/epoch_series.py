@@ -1,8 +1,9 @@
 """The readings of each slot's current epoch, kept in process between decisions.
 
 The decision (ordering.py) runs a slot's forecast after every telemetry report. Reading
-the epoch's readings back (up to forecast.MAX_READINGS) and sorting them cost about as much
-as the forecast's arithmetic, for a series that only grew by the reading just stored. So
+the epoch's readings back (up to forecast.MAX_READINGS) and sorting them cost, at a few
+hundred readings, about as much as the forecast's arithmetic, for a series that only grew
+by the reading just stored (bench/replenishment_writer_bench.py). So
 each process keeps, per slot, the series the forecast takes (forecast.sorted_readings'
 form: times strictly increasing, their levels) and appends a report's readings to it.
 
@@ -19,7 +20,7 @@ all show as a revision this process does not hold, and the next forecast reads t
 readings again. A series read from the database is kept only when its times are already
 distinct and finite (sorted_readings changed nothing but the order).
 
-A series neither read nor extended for KEEP_SECONDS is dropped (checked every SWEEP_EVERY
+A series neither read from the database nor extended for KEEP_SECONDS is dropped (checked every SWEEP_EVERY
 look-ups): the readings of a slot deleted or erased, here or on another replica, leave
 memory within that.
 Not kept: the device's token (deregistration holds at the next call on every replica).
