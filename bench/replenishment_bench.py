@@ -25,6 +25,10 @@ has the last grant, and prints, in alternating rounds, the median and the range:
    sending each device's readings in order. The same client also measures its own
    ceiling (health Check as fast as it can) so the figure shows whether it, rather than
    the server, set the pace; the server's CPU per call is printed beside it.
+   In the same rounds, StreamTelemetry (a chatty device) from h2load: one h2load request is
+   one stream of STREAM_MESSAGES gRPC-framed messages of one reading each for one device,
+   with its token; one h2load process per stream (STREAM_CALLS a round, each a different
+   device), for the reason above; every reading is counted in the database afterwards.
 2. Replenish p50/p99: a device asking to re-order its slot (a fresh request_id each, 16
    in flight over 200 devices): the first call of a slot places an order, the next ones
    find it in progress (the decision path: open order, consent, limits).
@@ -37,7 +41,7 @@ has the last grant, and prints, in alternating rounds, the median and the range:
 
 The targets are informational: the exit code is 0 unless something crashed.
 Options: --no-pin, --devices, --rounds, --round-seconds, --in-flight, --storm-seconds,
---readings-per-call, --telemetry-only.
+--readings-per-call, --stream-calls, --stream-messages, --telemetry-only.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import asyncio
 import importlib
 import json
 import random
+import sqlite3
 import statistics
 import struct
 import subprocess
@@ -66,6 +71,7 @@ from measure import (
     Spread,
     count_changes,
     cpu_split,
+    grpc_frame,
     health_kind,
     load_average,
     percentile,
@@ -100,6 +106,9 @@ CONSENT_WAIT_SECONDS = 60.0
 
 DEVICE_SERVICE = "/najimi.replenishment.device.v1.DeviceService"
 REPORT_PATH = f"{DEVICE_SERVICE}/ReportTelemetry"
+STREAM_PATH = f"{DEVICE_SERVICE}/StreamTelemetry"
+STREAM_MESSAGES = 100  # per StreamTelemetry stream (one reading a message): a chatty device
+STREAM_CALLS = 256  # streams a round, one device each, all started at once (256 in flight, as h2load keeps)
 REPLENISH_PATH = f"{DEVICE_SERVICE}/Replenish"
 HEALTH_PATH = "/grpc.health.v1.Health/Check"
 
@@ -509,6 +518,117 @@ def telemetry_round(
         )
 
 
+def stream_body(device: dict[str, Any], prefix: str, messages: int, now_us: int) -> bytes:
+    """One StreamTelemetry call's request body: `messages` gRPC-framed messages of one
+    reading each for one device (each naming it), a millisecond apart and ending now."""
+    return b"".join(
+        grpc_frame(
+            report_bytes(
+                device["device_id"],
+                device["slot_id"],
+                f"{prefix}-{k}",
+                90.0,
+                now_us - (messages - 1 - k) * 1000,
+            )
+        )
+        for k in range(messages)
+    )
+
+
+def stored_readings(data_dir: Path) -> int:
+    """Readings committed in the replenishment service's SQLite database (read-only)."""
+    database = sqlite3.connect(f"file:{data_dir / 'replenishment.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(database.execute("SELECT COUNT(*) FROM readings").fetchone()[0])
+    finally:
+        database.close()
+
+
+@dataclass
+class StreamRounds:
+    """StreamTelemetry from h2load: one h2load process per stream, since h2load sends one body
+    and one token for every call (the module docstring), and a body sent again would be
+    DUPLICATE readings and one token one device."""
+
+    h2load: str
+    devices: list[dict[str, Any]]
+    data_dir: Path
+    next_device: int = 0
+    figures: TelemetryFigures = field(default_factory=lambda: TelemetryFigures(1))
+
+    def run(self, args: argparse.Namespace, server: Any, metrics_port: int, floor: float) -> None:
+        calls, messages = args.stream_calls, args.stream_messages
+        now_us = time.time_ns() // 1000
+        commands = []
+        for n in range(calls):
+            device = self.devices[self.next_device % len(self.devices)]
+            self.next_device += 1
+            body = self.data_dir / f"stream-{n}.grpc"
+            log_file = self.data_dir / f"stream-{n}.log"
+            log_file.unlink(missing_ok=True)  # h2load appends to it
+            body.write_bytes(
+                stream_body(device, f"s{self.next_device}-{uuid.uuid4().hex[:6]}", messages, now_us)
+            )
+            commands.append(
+                [
+                    *(
+                        ["taskset", "-c", ",".join(map(str, sorted(args.client_cores)))]
+                        if args.client_cores
+                        else []
+                    ),
+                    self.h2load,
+                    "--requests=1",
+                    "--clients=1",
+                    "--threads=1",
+                    f"--data={body}",
+                    "--header=content-type: application/grpc",
+                    "--header=te: trailers",
+                    f"--header=authorization: Bearer {device['token']}",
+                    f"--log-file={log_file}",
+                    f"http://{server.address}{STREAM_PATH}",
+                ]
+            )
+        counts_before = rpc_counts(metrics_port)
+        stored_before = stored_readings(self.data_dir)
+        cpu_before = process_cpu_seconds(server.process.pid)
+        wait_before, started = run_queue_seconds(server.process.pid), time.monotonic()
+        running = [
+            subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands
+        ]
+        outputs = [process.communicate(timeout=600)[0] for process in running]
+        cpu_after = process_cpu_seconds(server.process.pid)
+        wait_after, elapsed = run_queue_seconds(server.process.pid), time.monotonic() - started
+        # The window from the first stream's start to the last one's end (h2load's logs, µs since
+        # the epoch), without the time the processes took to start before it.
+        spans = [
+            (int(start), int(start) + int(took))
+            for n in range(calls)
+            for start, _status, took, *_ in [(self.data_dir / f"stream-{n}.log").read_text().split("\t")]
+        ]
+        seconds = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e6
+        changes = count_changes(counts_before, rpc_counts(metrics_port))
+        stored = stored_readings(self.data_dir) - stored_before
+        failed = [
+            o for p, o in zip(running, outputs, strict=True) if p.returncode != 0 or "1 succeeded" not in o
+        ]
+        if failed:
+            raise BenchFailure(f"StreamTelemetry: {len(failed)} h2load runs failed:\n{failed[0][-2000:]}")
+        errors = {k: n for k, n in changes.items() if k[2] != "OK"}
+        ok = changes.get(("replenishment", "StreamTelemetry", "OK"), 0)
+        if errors or ok != calls:
+            raise BenchFailure(f"StreamTelemetry: {ok} streams OK of {calls}, errors {errors}")
+        # Durable: every reading of every stream is in the database (none DUPLICATE or REJECTED).
+        if stored != calls * messages:
+            raise BenchFailure(f"StreamTelemetry: {stored} readings stored, {calls * messages} sent")
+        figures = self.figures
+        if wait_before is not None and wait_after is not None:
+            figures.cpu_wait.append(max(0.0, wait_after - wait_before) / elapsed)
+        figures.per_second.append(stored / seconds)
+        figures.shares.append(100 * stored / seconds / floor)
+        if cpu_before is not None and cpu_after is not None:
+            figures.cpu_per_reading_us.append(1e6 * (cpu_after - cpu_before) / stored)
+
+
 def telemetry_rounds(
     args: argparse.Namespace, server: Any, metrics_port: int, devices_json: Path, workdir: Path
 ) -> None:
@@ -539,6 +659,11 @@ def telemetry_rounds(
         size = max(256, round(warm.per_second * args.round_seconds))
         floors, floor_cpu = [], []
         batches = [TelemetryFigures(n) for n in args.readings_per_call]
+        streams = (
+            StreamRounds(generator.h2load, json.loads(devices_json.read_text()), workdir)
+            if args.stream_calls
+            else None
+        )
         for _ in range(args.rounds):
             floor = generator.run(floor_kind, size)
             floors.append(floor.per_second)
@@ -556,6 +681,11 @@ def telemetry_rounds(
                         else ""
                     )
                 )
+            if streams is not None:
+                streams.run(args, server, metrics_port, floor.per_second)
+                line += f"; stream {streams.figures.per_second[-1]:,.0f} readings/s ({streams.figures.shares[-1]:.1f} %)"
+                if streams.figures.cpu_wait:
+                    line += f", server waited {streams.figures.cpu_wait[-1]:.2f} s/s"
             print(line)
         ceiling = client(
             args, "health", server.address, devices_json, args.round_seconds, in_flight=args.in_flight
@@ -577,6 +707,20 @@ def telemetry_rounds(
                 else ""
             )
             + f"load client {Spread.of(figures.client_share).text('.0f', ' %')} of its core"
+        )
+    if streams is not None:
+        share = Spread.of(streams.figures.shares)
+        print(
+            f"   StreamTelemetry, 1 reading a message, {args.stream_messages} messages a stream, "
+            f"{args.stream_calls} streams (devices) a round all in flight, one h2load process each: "
+            f"{Spread.of(streams.figures.per_second).text()} readings/s, each stored (counted in the database)\n"
+            f"      = {share.text('.1f', ' %')} of the floor — target ≥ {TARGET_TELEMETRY_SHARE:.0f} %: "
+            f"{verdict(share.median >= TARGET_TELEMETRY_SHARE)}; "
+            + (
+                f"server CPU {Spread.of(streams.figures.cpu_per_reading_us).text('.0f', ' µs')} per reading"
+                if streams.figures.cpu_per_reading_us
+                else ""
+            )
         )
     print(
         f"   the load client's own ceiling (health Check from the same client): {ceiling['per_second']:,.0f} "
@@ -792,6 +936,13 @@ def main() -> None:
         default=list(READINGS_PER_CALL),
         help="telemetry batch sizes, comma-separated (default: 1,10)",
     )
+    parser.add_argument(
+        "--stream-calls",
+        type=int,
+        default=STREAM_CALLS,
+        help="StreamTelemetry streams (h2load) a round; 0 leaves the streaming variant out",
+    )
+    parser.add_argument("--stream-messages", type=int, default=STREAM_MESSAGES, help="messages a stream")
     parser.add_argument(
         "--telemetry-only", action="store_true", help="section 1 only (no Replenish, storms, forecast)"
     )

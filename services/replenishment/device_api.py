@@ -126,7 +126,7 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
             # One unit: the readings and the decisions they lead to commit together, or not at
             # all. Concurrent reports share a transaction (Database.write_joined, a savepoint
             # each): a report is answered, and its readings ACCEPTED, once that has committed.
-            stored = telemetry.record(connection, device_id, batch, now, by_device)
+            stored = telemetry.record(connection, device_id, batch, now, by_device, self.ordering.series)
             return stored, [self._decide(connection, device_id, slot_id) for slot_id in stored.levels]
 
         stored, decisions = await self.store.db.write_joined(work)

@@ -217,7 +217,7 @@ def detect_refills(
     readings: Iterable[tuple[int, float]], capacity: float, tolerance_share: float = REFILL_TOLERANCE_SHARE
 ) -> list[int]:
     """The measure times of the readings that are refills (start a new epoch), any order in."""
-    times, levels = _sorted_readings(readings)
+    times, levels = sorted_readings(readings)
     starts, _ = split_epochs(levels, capacity, tolerance_share)
     return [int(times[i]) for i in starts[1:]]
 
@@ -265,7 +265,10 @@ def croston_sba(demand: np.ndarray, alpha: float = TSB_ALPHA) -> float:
 # The forecast ------------------------------------------------------------------------------
 
 
-def _sorted_readings(readings: Iterable[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+def sorted_readings(readings: Iterable[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(times, levels) of readings in any order: finite ones only, sorted by time, the same
+    time twice counted once (the later one received). Times are int64 µs taken through a
+    float64 (exact below 2**53 µs, the year 2255), levels float64."""
     listed = readings if isinstance(readings, list | tuple) else list(readings)
     if not listed:
         return np.empty(0, dtype=np.int64), np.empty(0)
@@ -390,6 +393,11 @@ def _fmt_days(days: float) -> str:
     return f"about {days:.0f} day{'s' if round(days) != 1 else ''}"
 
 
+def _check_capacity(capacity: float) -> None:
+    if not (math.isfinite(capacity) and capacity > 0):
+        raise ValueError("capacity must be a finite number greater than 0")
+
+
 def forecast(
     readings: Iterable[tuple[int, float]],
     *,
@@ -409,9 +417,36 @@ def forecast(
     `review_us` is how long until the decision is taken again: by default the device's
     usual interval between readings (pass 0 when the caller re-evaluates continuously).
     """
-    if not (math.isfinite(capacity) and capacity > 0):
-        raise ValueError("capacity must be a finite number greater than 0")
-    times, levels = _sorted_readings(readings)
+    _check_capacity(capacity)
+    times, levels = sorted_readings(readings)
+    return forecast_of_series(
+        times,
+        levels,
+        capacity=capacity,
+        lead_time_us=lead_time_us,
+        now_us=now_us,
+        z=z,
+        fallback_reorder_level=fallback_reorder_level,
+        stale_after_us=stale_after_us,
+        review_us=review_us,
+    )
+
+
+def forecast_of_series(
+    times: np.ndarray,
+    levels: np.ndarray,
+    *,
+    capacity: float,
+    lead_time_us: int,
+    now_us: int,
+    z: float = DEFAULT_Z,
+    fallback_reorder_level: float | None = None,
+    stale_after_us: int = STALE_AFTER_US,
+    review_us: int | None = None,
+) -> Forecast:
+    """`forecast` of readings already in `sorted_readings`' form: times strictly increasing
+    (int64 µs), their levels (float64) beside them. Neither array is changed."""
+    _check_capacity(capacity)
     lead_days = max(lead_time_us, 0) / DAY_US
     fallback = DEFAULT_FALLBACK_SHARE * capacity if fallback_reorder_level is None else fallback_reorder_level
     if times.size:

@@ -47,6 +47,7 @@ from sqlalchemy.engine import Connection
 
 from services.replenishment import orders, slot_events
 from services.replenishment.devices import DeviceState
+from services.replenishment.epoch_series import EpochSeries
 from services.replenishment.slot_forecasts import forecast_of_slot
 from services.replenishment.slots import DAY_US, reorder_point_moved
 from services.replenishment.store import (
@@ -188,6 +189,9 @@ class Ordering:
         self.window_us = round(cancellation_window_seconds * 1_000_000)
         self.max_staleness = max_consent_staleness_seconds
         self.clock = clock
+        # Each slot's current epoch readings, kept between decisions (epoch_series.py);
+        # telemetry.record extends them.
+        self.series = EpochSeries()
         # Awaited (on the event loop) after a decision committed: wakes the watchers of the
         # order and slot feeds (the decision, and the telemetry before it, may write to both).
         self.on_commit: Callable[[], Awaitable[None]] | None = None
@@ -326,7 +330,7 @@ class Ordering:
             )
         if slot.policy == "OFF":
             return answer(POLICY_OFF, "automatic ordering is off for this slot", False)
-        found = forecast_of_slot(connection, slot, now)
+        found = forecast_of_slot(connection, slot, now, self.series)
         result = found.result
         # The slot's status (LOW) follows the forecast's reorder point once it has a rate.
         reorder_point = result.reorder_point if result.rate_per_day is not None else None

@@ -4,7 +4,9 @@
 delivery starts the next; at most forecast.MAX_READINGS, newest first) and runs the pure
 forecast. While the level comes from a delivery (no reading since), the delivered level
 at the delivery time is the epoch's first point. The decision (ordering.py),
-GetSlotForecast and the device's GetForecast all use it, so they agree.
+GetSlotForecast and the device's GetForecast all use it, so they agree. The decision passes
+its process's EpochSeries (epoch_series.py): the epoch's readings kept from the last
+decision and extended by telemetry.record, exactly what the read would give, or read again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from sqlalchemy.engine import Connection
 
 from services.replenishment import forecast, orders
+from services.replenishment.epoch_series import EpochSeries
 from services.replenishment.slots import safety_z
 from services.replenishment.store import slots
 from shared.errors import NotFound
@@ -62,9 +65,9 @@ _EPOCH_READINGS = (
 )
 
 
-def forecast_of_slot(connection: Connection, slot: sa.Row, now_us: int) -> SlotForecast:
-    # A raw DBAPI cursor in the caller's transaction: up to MAX_READINGS rows for every
-    # decision (each telemetry batch), where SQLAlchemy's row objects cost several ms.
+def _epoch_readings(connection: Connection, slot: sa.Row) -> list[tuple[int, float]]:
+    # A raw DBAPI cursor in the caller's transaction: up to MAX_READINGS rows, where
+    # SQLAlchemy's row objects cost several ms.
     cursor = connection.connection.cursor()
     try:
         cursor.execute(
@@ -73,13 +76,39 @@ def forecast_of_slot(connection: Connection, slot: sa.Row, now_us: int) -> SlotF
             else _EPOCH_READINGS,
             (slot.device_id, slot.slot_id, slot.epoch, forecast.MAX_READINGS),
         )
-        points: list[tuple[int, float]] = list(cursor.fetchall())
+        return list(cursor.fetchall())
     finally:
         cursor.close()
-    if slot.level_source == "DELIVERY" and slot.level is not None and slot.level_time_us is not None:
-        points.append((int(slot.level_time_us), float(slot.level)))
-    result = forecast.forecast(
-        points,
+
+
+def forecast_of_slot(
+    connection: Connection, slot: sa.Row, now_us: int, kept: EpochSeries | None = None
+) -> SlotForecast:
+    """The slot's forecast now; with `kept`, from the epoch's series kept in process when it
+    is the slot's current one (epoch_series.py), else read, and kept for the next time."""
+    delivered = slot.level_source == "DELIVERY" and slot.level is not None and slot.level_time_us is not None
+    series = (
+        None
+        if kept is None or delivered
+        else kept.get(slot.device_id, slot.slot_id, slot.epoch, slot.readings_revision)
+    )
+    if series is not None:
+        times, levels = series.times, series.levels
+        has_data = bool(times.size)  # kept only when no row was dropped
+    else:
+        points = _epoch_readings(connection, slot)
+        rows = len(points)
+        if delivered:
+            points.append((int(slot.level_time_us), float(slot.level)))
+        has_data = bool(points)
+        times, levels = forecast.sorted_readings(points)
+        if kept is not None and not delivered:
+            kept.keep_read(
+                slot.device_id, slot.slot_id, slot.epoch, slot.readings_revision, rows, times, levels
+            )
+    result = forecast.forecast_of_series(
+        times,
+        levels,
         capacity=slot.capacity,
         lead_time_us=slot.lead_time_us,
         now_us=now_us,
@@ -87,7 +116,13 @@ def forecast_of_slot(connection: Connection, slot: sa.Row, now_us: int) -> SlotF
         fallback_reorder_level=slot.fallback_reorder_level,
     )
     return SlotForecast(
-        slot.device_id, slot.slot_id, slot.unit, slot.service_level, slot.lead_time_us, bool(points), result
+        slot.device_id,
+        slot.slot_id,
+        slot.unit,
+        slot.service_level,
+        slot.lead_time_us,
+        has_data,
+        result,
     )
 
 

@@ -88,6 +88,8 @@ slots = sa.Table(
     sa.Column("decision_due_time_us", sa.BigInteger, nullable=True),
     # Migration 0005: the reorder point of the latest forecast with a rate (NULL: the fallback).
     sa.Column("reorder_point", sa.Double, nullable=True),
+    # Migration 0006: random, new at every write of the slot's readings (epoch_series.py).
+    sa.Column("readings_revision", sa.BigInteger, nullable=True),
 )
 
 # Every accepted reading; the primary key makes telemetry idempotent by reading_id.

@@ -21,14 +21,18 @@ The rules (device.v1 ReportTelemetry documents them to devices):
 
 `record` stores a batch in the caller's transaction: one query for the device and its slots
 (the slots locked on PostgreSQL, so concurrent batches of one device take turns), one for the
-reading ids already stored, one multi-row insert, one update per slot touched.
+reading ids already stored (a batch of one reading asks in the first query), one multi-row
+insert, one update per slot touched (with a new random readings_revision, which tells each
+replica's kept epoch series, epoch_series.py, whether it is still the slot's), and one of
+the device's last_seen_time when the device itself called.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -36,6 +40,7 @@ from sqlalchemy.engine import Connection
 
 from services.replenishment import slot_events
 from services.replenishment.devices import DeviceState
+from services.replenishment.epoch_series import EpochSeries
 from services.replenishment.slots import DAY_US, SLOT_ID, Slot, SlotStatus, slot_status
 from services.replenishment.store import _slot, device_deregistered, device_not_found, driver_sql, readings
 from shared.validation import REQUEST_ID, is_valid_id
@@ -45,6 +50,9 @@ MAX_AGE_US = 30 * DAY_US
 CAPACITY_TOLERANCE = 0.01  # a level up to 1 % above capacity is sensor noise
 REFILL_SHARE = 0.10  # of capacity: a rise above it is a refill
 MAX_READINGS = 1000  # per request message
+# slots.readings_revision: random, seeded from the OS (os.urandom) in each process; a
+# collision of two revisions of one slot has a chance of 2**-63 per write.
+_REVISIONS = random.Random()
 
 
 def is_refill(previous_level: float, level: float, capacity: float) -> bool:
@@ -121,6 +129,8 @@ class _Series:
     epoch_start_time_us: int | None
     last_refill_time_us: int | None
     last_batch: tuple[int, float, int] | None = None  # (time, level, epoch) of the batch's latest so far
+    added: list[tuple[int, float]] = field(default_factory=list)  # the batch's (time, level), in order
+    in_order: bool = True  # every reading of the batch came after the slot's latest
 
 
 def _neighbour(
@@ -215,9 +225,12 @@ _DEVICE = "SELECT customer_id, state, test FROM devices WHERE device_id = ?"
 # The device and its slots in one query; a device without slots (or none at all) gives no
 # row, and _owner tells which.
 _DEVICE_SLOTS = (
-    "SELECT s.*, d.customer_id AS device_customer_id, d.state AS device_state, d.test AS device_test "
+    "SELECT s.*, d.customer_id AS device_customer_id, d.state AS device_state, d.test AS device_test{} "
     "FROM slots s JOIN devices d ON d.device_id = s.device_id WHERE s.device_id = ?"
 )
+# A batch of one reading (a device reporting each reading as it takes it) learns whether it
+# is stored already in the same query: one statement less.
+_ONE_STORED = ", EXISTS (SELECT 1 FROM readings r WHERE r.device_id = s.device_id AND r.reading_id = ?) AS reading_stored"
 _STORED = "SELECT reading_id FROM readings WHERE device_id = ? AND reading_id IN ({})"
 _INSERT = (
     "INSERT INTO readings (device_id, reading_id, slot_id, level, measure_time_us, receive_time_us, epoch, "
@@ -225,7 +238,7 @@ _INSERT = (
 )
 _UPDATE_SLOT = (
     "UPDATE slots SET level = ?, level_time_us = ?, level_source = 'READING', epoch = ?, "
-    "epoch_start_time_us = ?, last_refill_time_us = ? WHERE device_id = ? AND slot_id = ?"
+    "epoch_start_time_us = ?, last_refill_time_us = ?, readings_revision = ? WHERE device_id = ? AND slot_id = ?"
 )
 _SEEN = "UPDATE devices SET last_seen_time_us = ? WHERE device_id = ?"
 
@@ -245,11 +258,15 @@ def record(
     batch: Sequence[Reading],
     now_us: int,
     seen_by_device: bool,
+    kept: EpochSeries | None = None,
 ) -> Batch:
     """Checks and stores a batch of an active device's readings in the caller's transaction
-    (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one)."""
-    locked = _DEVICE_SLOTS + (" FOR UPDATE OF s" if connection.dialect.name == "postgresql" else "")
-    found = driver_sql(connection, locked, (device_id,)).all()
+    (NOT_FOUND for an unknown device, FAILED_PRECONDITION for a retired one). Each slot
+    written gets a new readings_revision; `kept` (the decisions' epoch series) follows."""
+    one = batch[0].reading_id if len(batch) == 1 else None
+    query = _DEVICE_SLOTS.format(_ONE_STORED if one is not None else "")
+    locked = query + (" FOR UPDATE OF s" if connection.dialect.name == "postgresql" else "")
+    found = driver_sql(connection, locked, (one, device_id) if one is not None else (device_id,)).all()
     if found:
         first = found[0]
         if first.device_state != DeviceState.ACTIVE.value:
@@ -258,6 +275,7 @@ def record(
     else:
         device = _owner(connection, device_id)
     by_slot = {row.slot_id: _slot(row) for row in found}
+    revisions = {row.slot_id: row.readings_revision for row in found}
     capacities = {slot_id: slot.settings.capacity for slot_id, slot in by_slot.items()}
     results = [Result(reading.reading_id) for reading in batch]
     sound: dict[str, int] = {}  # reading_id -> index in batch, first copy only
@@ -273,9 +291,12 @@ def record(
             sound[reading.reading_id] = index
     touched: set[str] = set()
     if sound:
-        ids = list(sound)
-        stored = driver_sql(connection, _STORED.format(", ".join("?" * len(ids))), (device_id, *ids))
-        for (reading_id,) in stored:
+        if one is not None:
+            stored_ids: Iterable[tuple[str]] = [(one,)] if found[0].reading_stored else []
+        else:
+            ids = list(sound)
+            stored_ids = driver_sql(connection, _STORED.format(", ".join("?" * len(ids))), (device_id, *ids))
+        for (reading_id,) in stored_ids:
             index = sound.pop(reading_id)
             results[index].status = "DUPLICATE"
             touched.add(batch[index].slot_id)
@@ -315,17 +336,20 @@ def record(
                 name = series.slot.settings.display_name or slot_id
                 _slot_event(connection, device, series, "REFILLED", now_us, f"{name} was refilled")
         else:
+            series.in_order = False
             epoch, refill = _place_late(connection, device_id, series, reading, capacity)
             start = series.epoch_start_time_us
             if epoch == series.epoch and (start is None or measured < start):
                 series.epoch_start_time_us = measured  # the epoch's first reading came late
         series.last_batch = (measured, reading.level, epoch)
+        series.added.append((measured, reading.level))
         rows.append((device_id, reading.reading_id, slot_id, reading.level, measured, now_us, epoch, refill))
         results[sound[reading.reading_id]].refill = refill
     if rows:
         driver_sql(connection, _INSERT, rows)
     for slot_id, series in series_of.items():
         state = series.slot.state
+        revision = _REVISIONS.getrandbits(63)  # epoch_series.py: new at every write of the readings
         _status_event(
             connection,
             device,
@@ -342,10 +366,22 @@ def record(
                 series.epoch,
                 series.epoch_start_time_us,
                 series.last_refill_time_us,
+                revision,
                 device_id,
                 slot_id,
             ),
         )
+        if kept is not None:
+            kept.append(
+                device_id,
+                slot_id,
+                before=revisions[slot_id],
+                after=revision,
+                epoch_before=state.epoch,
+                epoch_after=series.epoch,
+                added=series.added,
+                in_order=series.in_order,
+            )
         touched.add(slot_id)
     if seen_by_device:
         driver_sql(connection, _SEEN, (now_us, device_id))

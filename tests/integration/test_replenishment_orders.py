@@ -23,7 +23,7 @@ from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
 from services.replenishment.store import order_events as order_events_table
 from services.replenishment.store import orders, readings, slot_events, slots
-from shared.db import now_micros
+from shared.db import Database, now_micros
 from tests.conftest import error_reason, field_violations, rpc_error
 
 HOUR_US = 3_600_000_000
@@ -692,7 +692,7 @@ async def test_promotion_survives_a_restart(start_service, dev_tokens, database_
     settings = dict(
         consent_address=f"127.0.0.1:{consent.running.port}",
         service_token=dev_tokens["service:replenishment"],
-        replenishment_cancellation_window_seconds=0.5,
+        replenishment_cancellation_window_seconds=1.0,  # the first service's start pass is long over by then
         replenishment_promotion_interval_seconds=3600,  # no pass but the first, at start
     )
     first = await start_service("replenishment", database_url, **settings)
@@ -700,7 +700,17 @@ async def test_promotion_survives_a_restart(start_service, dev_tokens, database_
     device = await s.register()
     order = await _placed_order(s, device)
     await first.running.stop(0)
-    await asyncio.sleep(0.6)  # the window closes while the service is down
+    # The window closes while the service is down (its worker's only pass was at its start).
+    deadline_us = order.cancel_deadline_time.ToMicroseconds()
+    await until(lambda: now_micros() > deadline_us)
+    pending = Database(database_url, "replenishment")
+    try:
+        state = pending.transaction(
+            lambda c: c.execute(sa.select(orders.c.state).where(orders.c.order_id == order.order_id)).scalar()
+        )
+    finally:
+        pending.close()
+    assert state == "PENDING"
     second = await start_service("replenishment", database_url, **settings)
     s2 = Suite(second, consent)
     await until(lambda: _state_is(s2, order.order_id, pb.ORDER_STATE_PLACED))
