@@ -142,7 +142,8 @@ class ConsentCache:
     async def wait_synced(self, timeout: float) -> bool:
         """Waits until the first full list has been applied; False on timeout."""
         try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                await self._synced.wait()
         except TimeoutError:
             return False
         return True
@@ -151,9 +152,8 @@ class ConsentCache:
         """Waits until the cache has applied `revision` (e.g. a write's own); False on timeout."""
         async with self._changed:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.index.revision >= revision), timeout
-                )
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._changed.wait_for(lambda: self.index.revision >= revision)
             except TimeoutError:
                 return False
         return True

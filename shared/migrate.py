@@ -41,7 +41,8 @@ async def wait_for_schema(database: Database, migrations: Path, stop: asyncio.Ev
             return True
         log.info("waiting_for_schema", schema=database.schema, revision=newest)
         try:
-            await asyncio.wait_for(stop.wait(), SCHEMA_POLL_SECONDS)
+            async with asyncio.timeout(SCHEMA_POLL_SECONDS):  # not wait_for (3.11 cancel swallow)
+                await stop.wait()
         except TimeoutError:
             pass
     return False

@@ -355,7 +355,8 @@ class DataSubjectRequests:
             except Exception as error:  # keep running; the parts stay due and are retried
                 log.error("data_subject_runner_failed", error=type(error).__name__, exc_info=error)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+                async with asyncio.timeout(0.5):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _carry_out_due_parts(self) -> None:

@@ -163,7 +163,8 @@ class TrainingWorker:
                 ran = None
             if ran is None:
                 try:
-                    await asyncio.wait_for(stop.wait(), poll_seconds)
+                    async with asyncio.timeout(poll_seconds):  # not wait_for (3.11 cancel swallow)
+                        await stop.wait()
                 except TimeoutError:
                     pass
 

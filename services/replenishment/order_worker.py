@@ -82,7 +82,10 @@ class OrderWorker:
             except Exception as error:  # a database hiccup must not end the worker
                 log.warning("order_worker_failed", error=type(error).__name__, detail=str(error)[:200])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                # Not asyncio.wait_for: on 3.11 a cancel arriving as the wake-up completes is
+                # swallowed (gh-86296) and stop() would wait for this loop for ever.
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
 
     async def run_once(self) -> dict[str, int]:
         """One pass; returns how many orders it cancelled and placed and slots it decided."""

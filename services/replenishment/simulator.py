@@ -636,7 +636,8 @@ class Simulation:
                     min(2.0, self.clock.real_seconds_for(self.options.reading_interval_us)),
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
+                    async with asyncio.timeout(wait):  # not wait_for: it can swallow a cancel (3.11)
+                        await stop.wait()
         finally:
             if stream is not None:
                 stream.cancel()

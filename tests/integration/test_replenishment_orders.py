@@ -21,6 +21,7 @@ from najimi.consent.v1 import consent_service_pb2_grpc as consent_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as pb_grpc
 
+from services.replenishment.order_worker import OrderWorker
 from services.replenishment.store import order_events as order_events_table
 from services.replenishment.store import orders, readings, slot_events, slots
 from shared.db import Database, now_micros
@@ -1022,3 +1023,27 @@ async def test_replenish_slot_needs_a_price_and_an_active_device(suite):
         )
     )
     assert unknown.code() == grpc.StatusCode.NOT_FOUND and error_reason(unknown) == "DEVICE_NOT_FOUND"
+
+
+# -- stopping the order worker --------------------------------------------------------------------
+
+
+async def test_a_worker_woken_as_it_is_stopped_still_stops(suite):
+    """A wake-up landing in the same loop iteration as stop()'s cancel must not swallow the
+    cancel (asyncio.wait_for does on 3.11), or stop() waits for the next pass, an hour away."""
+    s = await suite()
+    worker = OrderWorker(s.db, s.ordering, interval_seconds=3600)
+    passes: list[dict[str, int]] = []
+    run_once = worker.run_once
+
+    async def counted() -> dict[str, int]:
+        result = await run_once()
+        passes.append(result)  # the loop goes on to wait in the same step
+        return result
+
+    worker.run_once = counted  # type: ignore[method-assign]
+    worker.start()
+    await until(lambda: passes)
+    worker.wake()
+    await asyncio.wait_for(worker.stop(), 5)
+    assert len(passes) == 1
