@@ -62,6 +62,7 @@ from najimi.profile.v1 import profile_service_pb2 as profile_pb  # noqa: E402
 from najimi.profile.v1 import profile_service_pb2_grpc as profile_grpc  # noqa: E402
 from najimi.recommendation.v1 import recommendation_service_pb2 as pb  # noqa: E402
 from najimi.recommendation.v1 import recommendation_service_pb2_grpc as pb_grpc  # noqa: E402
+from profile_bench import start_service  # noqa: E402
 
 from services.recommendation.registry import ModelRegistry  # noqa: E402
 from shared.db import Database  # noqa: E402
@@ -101,30 +102,6 @@ def catalog(items: int) -> list[pb.Item]:
         )
         for n in range(items)
     ]
-
-
-def start(
-    name: str, data_dir: Path, tokens: dict[str, str], cores: set[int] | None, extra: dict[str, str]
-) -> ServiceProcess:
-    import os
-
-    env = {
-        "NAJIMI_DATA_DIR": str(data_dir),
-        "NAJIMI_PORT": "0",
-        "NAJIMI_METRICS_PORT": "0",
-        "NAJIMI_ACCESS_LOG": "false",
-        "NAJIMI_SERVICE_TOKEN": tokens[f"service:{name}"],
-        **extra,
-    }
-    own = os.sched_getaffinity(0)
-    if cores is not None:
-        os.sched_setaffinity(0, cores)  # the child inherits it at fork
-    try:
-        server = ServiceProcess(name, env, data_dir / f"{name}-{uuid.uuid4().hex[:6]}.log")
-    finally:
-        os.sched_setaffinity(0, own)
-    server.wait_serving()
-    return server
 
 
 async def grant(consent: consent_grpc.ConsentServiceStub, auth: Any, customer: str) -> int:
@@ -329,12 +306,14 @@ def run(
         others = split[1] if split else None
         servers: list[ServiceProcess] = []
         try:
-            consent = start("consent", data_dir, tokens, others, {})
+            consent = start_service("consent", data_dir, tokens, others, {})
             servers.append(consent)
-            profile = start("profile", data_dir, tokens, others, {"NAJIMI_CONSENT_ADDRESS": consent.address})
+            profile = start_service(
+                "profile", data_dir, tokens, others, {"NAJIMI_CONSENT_ADDRESS": consent.address}
+            )
             servers.append(profile)
             metrics_port = free_port()
-            recommendation = start(
+            recommendation = start_service(
                 "recommendation",
                 data_dir,
                 tokens,

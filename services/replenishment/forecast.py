@@ -417,9 +417,8 @@ def forecast(
     `review_us` is how long until the decision is taken again: by default the device's
     usual interval between readings (pass 0 when the caller re-evaluates continuously).
     """
-    _check_capacity(capacity)
     times, levels = sorted_readings(readings)
-    return forecast_of_series(
+    return forecast_of_series(  # checks the capacity
         times,
         levels,
         capacity=capacity,
