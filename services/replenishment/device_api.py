@@ -7,8 +7,9 @@ another is PERMISSION_DENIED before anything else.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
@@ -22,8 +23,9 @@ from services.replenishment.slot_forecasts import current_forecast, load_slot
 from services.replenishment.store import ReplenishmentStore, load_device
 from shared.auth import Principal, current_principal
 from shared.db import now_micros
-from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
+from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable
 from shared.proto_time import timestamp_micros, timestamp_of
+from shared.request_groups import arrived_together
 from shared.validation import REQUEST_ID, Violations
 
 STATUSES = {
@@ -33,6 +35,9 @@ STATUSES = {
 }
 MIN_BURST = float(telemetry.MAX_READINGS)  # a full batch always fits an idle device's bucket
 BURST_SECONDS = 10.0
+R = TypeVar("R", device_pb.ReportTelemetryResponse, device_pb.StreamTelemetryResponse)
+# StreamTelemetry reads at most this many messages ahead of those being stored.
+STREAM_READ_AHEAD = 16
 
 
 def _checked_device_id(device_id: str) -> str:
@@ -117,33 +122,56 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
             )
 
     async def _report(
-        self, principal: Principal, device_id: str, batch: list[telemetry.Reading]
-    ) -> tuple[list[device_pb.ReadingResult], list[device_pb.SlotOutcome]]:
+        self, principal: Principal, device_id: str, batches: list[list[telemetry.Reading]], answer: type[R]
+    ) -> list[R] | None:
+        """One `answer` (ReportTelemetryResponse or StreamTelemetryResponse) per batch: the
+        batches stored in order in one transaction, each by itself (its results as if it came
+        alone), and their slots decided once, after the last; each answer shows its slots'
+        levels after it with that decision. None when storing or deciding raised a DomainError
+        for several batches: the caller then reports them one by one, so that the batches
+        before the failing one are stored and answered."""
         now = now_micros()
         by_device = principal.kind == "device"
 
-        def work(connection: Any) -> tuple[telemetry.Batch, list[SlotDecision]]:
+        def work(connection: Any) -> tuple[list[telemetry.Batch], list[SlotDecision]]:
             # One unit: the readings and the decisions they lead to commit together, or not at
             # all. Concurrent reports share a transaction (Database.write_joined, a savepoint
             # each): a report is answered, and its readings ACCEPTED, once that has committed.
-            stored = telemetry.record(connection, device_id, batch, now, by_device, self.ordering.series)
-            return stored, [self._decide(connection, device_id, slot_id) for slot_id in stored.levels]
+            stored = [
+                telemetry.record(connection, device_id, batch, now, by_device, self.ordering.series)
+                for batch in batches
+            ]
+            slots = dict.fromkeys(slot_id for found in stored for slot_id in found.levels)
+            return stored, [self._decide(connection, device_id, slot_id) for slot_id in slots]
 
-        stored, decisions = await self.store.db.write_joined(work)
+        try:
+            stored, decisions = await self.store.db.write_joined(work)
+        except DomainError:
+            if len(batches) == 1:
+                raise
+            return None
         for decision in decisions:
             await self.ordering.placed(decision)
-        results = [
-            device_pb.ReadingResult(
-                reading_id=r.reading_id,
-                status=STATUSES[r.status],  # type: ignore[arg-type]
-                field=r.field,
-                reason=r.reason,
-                description=r.description,
-                refill_detected=r.refill,
+        decided = {decision.slot_id: decision for decision in decisions}
+        return [
+            answer(
+                results=[
+                    device_pb.ReadingResult(
+                        reading_id=r.reading_id,
+                        status=STATUSES[r.status],  # type: ignore[arg-type]
+                        field=r.field,
+                        reason=r.reason,
+                        description=r.description,
+                        refill_detected=r.refill,
+                    )
+                    for r in found.results
+                ],
+                slot_outcomes=[
+                    slot_outcome(decided[slot_id], level) for slot_id, level in found.levels.items()
+                ],
             )
-            for r in stored.results
+            for found in stored
         ]
-        return results, [slot_outcome(d, stored.levels[d.slot_id]) for d in decisions]
 
     async def ReportTelemetry(
         self, request: device_pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext
@@ -153,32 +181,75 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         device_id = _checked_device_id(request.device_id)
         batch = _readings_of(request.readings)
         self.limiter.take(device_id, len(batch), refuse=False)  # counts toward the streams' limit
-        results, outcomes = await self._report(principal, device_id, batch)
-        return device_pb.ReportTelemetryResponse(results=results, slot_outcomes=outcomes)
+        answers = await self._report(principal, device_id, [batch], device_pb.ReportTelemetryResponse)
+        assert answers is not None  # one batch: its error is raised
+        return answers[0]
+
+    def _stream_batch(
+        self, principal: Principal, device_id: str, request: device_pb.StreamTelemetryRequest
+    ) -> tuple[str, list[telemetry.Reading]]:
+        """(the stream's device, the message's readings), or the error that ends the stream."""
+        if not device_id:
+            check_own_device(principal, request.device_id)  # the first message names it
+            device_id = _checked_device_id(request.device_id)
+        elif request.device_id and request.device_id != device_id:
+            raise InvalidArgument("device_id", "must be empty or the first message's device_id")
+        batch = _readings_of(request.readings)
+        wait = self.limiter.take(device_id, len(batch))
+        if wait:
+            raise ResourceExhausted(
+                f"device {device_id} sends more than {self.limiter.rate:g} readings a second",
+                reason="TELEMETRY_RATE_EXCEEDED",
+                retry_after=wait,
+            )
+        return device_id, batch
 
     async def StreamTelemetry(
         self,
         request_iterator: AsyncIterator[device_pb.StreamTelemetryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[device_pb.StreamTelemetryResponse]:
+        """Each message answered in order. The messages that arrived while earlier ones were
+        stored are stored together (up to MAX_READINGS readings a transaction) and their slots
+        decided once, after the last of them (shared/request_groups.py)."""
         principal = current_principal()
         device_id = ""
-        async for request in request_iterator:
-            if not device_id:
-                check_own_device(principal, request.device_id)  # the first message names it
-                device_id = _checked_device_id(request.device_id)
-            elif request.device_id and request.device_id != device_id:
-                raise InvalidArgument("device_id", "must be empty or the first message's device_id")
-            batch = _readings_of(request.readings)
-            wait = self.limiter.take(device_id, len(batch))
-            if wait:
-                raise ResourceExhausted(
-                    f"device {device_id} sends more than {self.limiter.rate:g} readings a second",
-                    reason="TELEMETRY_RATE_EXCEEDED",
-                    retry_after=wait,
-                )
-            results, outcomes = await self._report(principal, device_id, batch)
-            yield device_pb.StreamTelemetryResponse(results=results, slot_outcomes=outcomes)
+        async with contextlib.aclosing(arrived_together(request_iterator, STREAM_READ_AHEAD)) as groups:
+            async for group in groups:
+                batches: list[list[telemetry.Reading]] = []
+                readings = 0
+                failure: DomainError | None = None
+                for request in group:
+                    try:
+                        device_id, batch = self._stream_batch(principal, device_id, request)
+                    except DomainError as error:  # raised once the messages before it are answered
+                        failure = error
+                        break
+                    if batches and readings + len(batch) > telemetry.MAX_READINGS:
+                        async for reply in self._stream_replies(principal, device_id, batches):
+                            yield reply
+                        batches, readings = [], 0
+                    batches.append(batch)
+                    readings += len(batch)
+                if batches:
+                    async for reply in self._stream_replies(principal, device_id, batches):
+                        yield reply
+                if failure is not None:
+                    raise failure
+
+    async def _stream_replies(
+        self, principal: Principal, device_id: str, batches: list[list[telemetry.Reading]]
+    ) -> AsyncIterator[device_pb.StreamTelemetryResponse]:
+        reply = device_pb.StreamTelemetryResponse
+        answers = await self._report(principal, device_id, batches, reply)
+        if answers is None:  # one of them failed: one by one, each answered before the failure
+            for batch in batches:
+                answers = await self._report(principal, device_id, [batch], reply)
+                assert answers is not None
+                yield answers[0]
+            return
+        for answer in answers:
+            yield answer
 
     async def GetForecast(
         self, request: device_pb.GetForecastRequest, context: grpc.aio.ServicerContext

@@ -354,6 +354,81 @@ async def test_the_stream_checks_the_device_of_each_message(start_service):
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and error_reason(error) == "DEVICE_MISMATCH"
 
 
+def _sent_ahead_then_lockstep(device_id: str, tag: str) -> list[device_pb.StreamTelemetryRequest]:
+    """Messages whose answers depend on the ones before them: a repeat of an earlier
+    message's reading, a repeat within one message, a refill, a rejection; the last names
+    another device and ends the stream."""
+    return [
+        device_pb.StreamTelemetryRequest(device_id=device_id, readings=[_reading(f"{tag}1", 200.0, ago=50)]),
+        device_pb.StreamTelemetryRequest(
+            readings=[_reading(f"{tag}1", 200.0, ago=50), _reading(f"{tag}2", 190.0, ago=40)]
+        ),
+        device_pb.StreamTelemetryRequest(
+            readings=[_reading(f"{tag}3", 30.0, ago=30), _reading(f"{tag}3", 30.0, ago=30)]
+        ),
+        device_pb.StreamTelemetryRequest(readings=[_reading(f"{tag}4", 240.0, ago=20)]),
+        device_pb.StreamTelemetryRequest(
+            device_id=device_id, readings=[_reading(f"{tag}5", 150.0, ago=10, slot_id="color")]
+        ),
+        device_pb.StreamTelemetryRequest(readings=[_reading(f"{tag}6", 230.0, ago=5)]),
+        device_pb.StreamTelemetryRequest(device_id="someone-else", readings=[_reading(f"{tag}7", 220.0)]),
+    ]
+
+
+def _seen(answer: device_pb.StreamTelemetryResponse) -> tuple[object, ...]:
+    return (
+        [(r.status, r.field, r.reason, r.refill_detected) for r in answer.results],
+        [(o.slot_id, o.outcome, o.level) for o in answer.slot_outcomes],
+    )
+
+
+async def test_a_stream_sent_ahead_is_answered_as_the_same_messages_one_at_a_time(
+    start_service, database_url
+):
+    """Messages waiting when the server turns to a stream are stored together; each answer,
+    and what is stored, is what the messages sent one at a time get."""
+    ahead = await _device(start_service, database_url)
+    stub = ahead.stub
+    other = await stub.RegisterDevice(
+        _registration(request_id="reg-lockstep", serial="SN-LOCKSTEP"),
+        metadata=ahead.service.auth("service:storefront"),
+    )
+    lockstep_id, lockstep_auth = other.device.device_id, _device_auth(other.device_token)
+
+    async def all_at_once() -> Any:
+        for message in _sent_ahead_then_lockstep(ahead.device_id, "a"):
+            yield message
+
+    sent_ahead = []
+    call = ahead.devices.StreamTelemetry(all_at_once(), metadata=ahead.auth)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for answer in call:
+            sent_ahead.append(_seen(answer))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "device_id" in field_violations(caught.value)
+
+    one_at_a_time = []
+    call = ahead.devices.StreamTelemetry(metadata=lockstep_auth)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        for message in _sent_ahead_then_lockstep(lockstep_id, "a"):
+            await call.write(message)
+            one_at_a_time.append(_seen(await call.read()))  # the answer before the next message
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert len(sent_ahead) == 6 and sent_ahead == one_at_a_time
+    assert [statuses for statuses, _ in sent_ahead[:3]] == [
+        [(ACCEPTED, "", "", False)],
+        [(DUPLICATE, "", "", False), (ACCEPTED, "", "", False)],
+        [(ACCEPTED, "", "", False), (REJECTED, "reading_id", "DUPLICATE_IN_BATCH", False)],
+    ]
+    assert sent_ahead[3][0] == [(ACCEPTED, "", "", True)]  # the refill
+    assert sent_ahead[4][0] == [(REJECTED, "level", "LEVEL_ABOVE_CAPACITY", False)]
+    stored = _stored_readings(database_url, ahead.device_id)
+    assert [r[1:] for r in stored] == [r[1:] for r in _stored_readings(database_url, lockstep_id)]
+    assert [r[0] for r in stored] == ["a1", "a2", "a3", "a4", "a6"]
+    assert (await ahead.slot()).state.level == 230.0
+
+
 async def test_admin_reports_for_any_device_but_not_an_unknown_or_retired_one(start_service):
     device = await _device(start_service)
     admin = device.service.auth()

@@ -162,8 +162,13 @@ class DeviceServiceServicer:
         for chatty devices. The device sends batches; the server answers every
         request message with exactly one response message, in the same order, with
         the same per-reading results and per-slot outcomes as ReportTelemetry. The
-        server may end the stream at any time (OK or UNAVAILABLE); readings without a
-        result are then sent again, and reading_id makes that safe.
+        messages that arrive while the server is still storing earlier ones are
+        stored together, each as if it came alone, and their slots decided once,
+        after the last of them: each answer's slot outcomes carry the level after its
+        own message and that decision. A device that sends ahead, without waiting
+        for answers, is served with fewer transactions and decisions. The server may
+        end the stream at any time (OK or UNAVAILABLE); readings without a result
+        are then sent again, and reading_id makes that safe.
         Rate limit: each device may send at most a configured number of readings per
         second over all its streams and calls (a token bucket per device); beyond it
         the stream ends with RESOURCE_EXHAUSTED (reason TELEMETRY_RATE_EXCEEDED) with
