@@ -14,7 +14,6 @@ staleness bound and get no decision when the cache is older than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from shared.consent_index import ConsentIndex, Decision
 from shared.db import now_micros
 from shared.errors import Unavailable
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.consent_cache")
 LIST_PAGE = 1000
@@ -164,10 +164,7 @@ class ConsentCache:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._channel is not None:
             await self._channel.close()
 

@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Iterator
 
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.feeds")
 
@@ -58,11 +59,7 @@ class FeedWatch:
 
     async def stop(self) -> None:
         await self.close_watches()
-        for task in (self._poller, self._refresher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._poller, self._refresher)
 
     async def close_watches(self) -> None:
         """Ends every watch stream (they return; callers watch again from their last revision)."""

@@ -8,7 +8,6 @@ change that a consent ran out, shortly after it did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import sqlalchemy as sa
@@ -21,6 +20,7 @@ from services.consent.store import allocate_revision, consents, insert_change
 from shared.db import Database, now_micros
 from shared.log import get_logger
 from shared.proto_time import timestamp_of
+from shared.tasks import cancel_and_wait
 
 BATCH = 500
 log = get_logger("najimi.consent.expiry")
@@ -85,10 +85,7 @@ class ExpiryPublisher:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -36,6 +36,7 @@ from shared.idempotency import Idempotency
 from shared.log import get_logger
 from shared.proto_time import timestamp_of
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 PENDING = pb.DATA_SUBJECT_REQUEST_STATE_PENDING
 IN_PROGRESS = pb.DATA_SUBJECT_REQUEST_STATE_IN_PROGRESS
@@ -341,10 +342,7 @@ class DataSubjectRequests:
         self._runner = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        await cancel_and_wait(self._runner)
         for _, channel in self._clients.values():
             await channel.close()
 

@@ -11,7 +11,6 @@ or DUPLICATE only once it is committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import re
@@ -34,6 +33,7 @@ from services.profile.traits import StoredEvent
 from shared.consent_cache import ConsentCache, consent_state_stale
 from shared.db import Database, now_micros
 from shared.proto_time import INVALID_TIMESTAMP, timestamp_micros
+from shared.tasks import cancel_and_wait
 from shared.validation import MAX_MONEY_MICROS, MONEY_RANGE, Violations
 
 MAX_ITEMS = 500
@@ -361,9 +361,7 @@ class EventIngestor:
                 room.release()
                 yield results
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait(reader)
             while not taken.empty():  # not answered: whatever they commit is not acknowledged
                 left = taken.get_nowait()
                 if isinstance(left, asyncio.Future):

@@ -35,6 +35,7 @@ from collections import deque
 from services.profile import trait_store
 from shared.db import Database
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.profile.traits")
 
@@ -77,9 +78,7 @@ class TraitWorker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     def notify(self) -> None:

@@ -39,6 +39,7 @@ from services.recommendation.store import serving_erasures
 from services.recommendation.training.options import resolve_options
 from shared.keys import keyed_hash
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.recommendation.active_model")
 
@@ -208,10 +209,7 @@ class ActiveModel:
         self._task = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _poll(self) -> None:
         while True:

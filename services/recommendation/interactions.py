@@ -32,7 +32,6 @@ in the copy, and in serving, within tens of milliseconds (bench/recommendation_s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +50,7 @@ from shared.consent_cache import ConsentCache
 from shared.db import Database, now_micros
 from shared.log import get_logger
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.recommendation.interactions")
 
@@ -258,11 +258,7 @@ class InteractionCopy:
         self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._sweep())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     async def cursor(self) -> str:

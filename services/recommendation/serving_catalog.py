@@ -13,7 +13,6 @@ A snapshot is immutable: a request works on the one it took, while changes build
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from services.recommendation.store import catalog_changes
 from services.recommendation.training.features import item_metadata
 from shared.db import Database, now_micros
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.recommendation.serving_catalog")
 
@@ -294,10 +294,7 @@ class ServingCatalog:
         self._task = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _follow(self) -> None:
         counted_at = now_micros()

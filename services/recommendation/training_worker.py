@@ -11,7 +11,6 @@ readable reason and message, and leaves the active model as it was.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -30,6 +29,7 @@ from najimi.recommendation.v1 import recommendation_service_pb2 as pb
 from services.recommendation.artefacts import write_artefact
 from services.recommendation.registry import Finished, Model, ModelRegistry, TrainingRun
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 log = get_logger("najimi.recommendation.training_worker")
 
@@ -152,9 +152,7 @@ class TrainingWorker:
             await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
             if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+                await cancel_and_wait(work)
                 return
             try:
                 ran = work.result()

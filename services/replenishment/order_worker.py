@@ -37,6 +37,7 @@ from services.replenishment.ordering import Consent, Ordering
 from services.replenishment.store import devices, slots
 from shared.db import Database
 from shared.log import get_logger
+from shared.tasks import cancel_and_wait
 
 BATCH = 200
 PURGE_INTERVAL_US = 60 * 1_000_000
@@ -69,10 +70,7 @@ class OrderWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:
