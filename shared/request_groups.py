@@ -10,9 +10,10 @@ gets larger groups, and the handler's answers stay one per message, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, TypeVar
+
+from shared.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -62,6 +63,4 @@ async def arrived_together(messages: AsyncIterator[T], read_ahead: int) -> Async
                     raise item.error
                 return
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await cancel_and_wait(reader)
