@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from najimi.replenishment.device.v1 import device_service_pb2 as device_pb
 from najimi.replenishment.v1 import replenishment_service_pb2 as pb
 
+from shared import metrics
 from shared.db import Database
 from tests.conftest import error_reason, field_violations, rpc_error
 from tests.integration.test_replenishment_devices import _device_auth, _registration
@@ -427,6 +428,44 @@ async def test_a_stream_sent_ahead_is_answered_as_the_same_messages_one_at_a_tim
     assert [r[1:] for r in stored] == [r[1:] for r in _stored_readings(database_url, lockstep_id)]
     assert [r[0] for r in stored] == ["a1", "a2", "a3", "a4", "a6"]
     assert (await ahead.slot()).state.level == 230.0
+
+
+def _stream_readers() -> list[asyncio.Task[Any]]:
+    """The running StreamTelemetry stream readers (shared/request_groups.py) of this process."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") == "arrived_together.<locals>.read"
+    ]
+
+
+async def test_a_stream_its_device_cancels_ends_and_leaves_no_reader(start_service):
+    device = await _device(start_service)
+    stats = metrics.RPC_METRICS.stats("replenishment", "StreamTelemetry")
+    before = dict(stats.codes)
+    call = device.devices.StreamTelemetry(metadata=device.auth)
+    await call.write(
+        device_pb.StreamTelemetryRequest(device_id=device.device_id, readings=[_reading("c1", 200.0)])
+    )
+    assert [r.status for r in (await call.read()).results] == [ACCEPTED]
+    assert len(_stream_readers()) == 1  # waiting for the next message
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while sum(stats.codes.values()) == sum(before.values()) or _stream_readers():
+        assert time.monotonic() < deadline, f"the stream did not end: {stats.codes}, {_stream_readers()}"
+        await asyncio.sleep(0.01)
+    # gRPC either cancels the handler or ends its request stream first (then it ends OK).
+    ended = {code: n - before.get(code, 0) for code, n in stats.codes.items() if n != before.get(code, 0)}
+    assert ended in ({"CANCELLED": 1}, {"OK": 1})
+    # The answered reading is stored, and the device streams again.
+    assert (await device.slot()).state.level == 200.0
+    again = device.devices.StreamTelemetry(metadata=device.auth)
+    await again.write(
+        device_pb.StreamTelemetryRequest(device_id=device.device_id, readings=[_reading("c2", 190.0)])
+    )
+    assert [r.status for r in (await again.read()).results] == [ACCEPTED]
+    await again.done_writing()
+    assert await again.code() == grpc.StatusCode.OK
 
 
 async def test_admin_reports_for_any_device_but_not_an_unknown_or_retired_one(start_service):
