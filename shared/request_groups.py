@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from shared.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
 
-class _End(Generic[T]):
+class _End:
     """The stream ended: cleanly (error None) or with the error its iterator raised."""
 
     def __init__(self, error: BaseException | None):
@@ -30,7 +30,7 @@ async def arrived_together(messages: AsyncIterator[T], read_ahead: int) -> Async
     already read. A reader task reads at most `read_ahead` messages beyond those handed out
     (the stream's flow control holds the rest). An error of the stream is raised after the
     messages before it have been handed out. Close it (contextlib.aclosing) to stop the reader."""
-    arrived: asyncio.Queue[T | _End[T]] = asyncio.Queue()
+    arrived: asyncio.Queue[T | _End] = asyncio.Queue()
     room = asyncio.Semaphore(read_ahead)
 
     async def read() -> None:

@@ -216,7 +216,7 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
         device_id = ""
         async with contextlib.aclosing(arrived_together(request_iterator, STREAM_READ_AHEAD)) as groups:
             async for group in groups:
-                batches: list[list[telemetry.Reading]] = []
+                units: list[list[list[telemetry.Reading]]] = [[]]  # each at most MAX_READINGS readings
                 readings = 0
                 failure: DomainError | None = None
                 for request in group:
@@ -225,15 +225,15 @@ class DeviceServicer(device_grpc.DeviceServiceServicer):
                     except DomainError as error:  # raised once the messages before it are answered
                         failure = error
                         break
-                    if batches and readings + len(batch) > telemetry.MAX_READINGS:
+                    if units[-1] and readings + len(batch) > telemetry.MAX_READINGS:
+                        units.append([])
+                        readings = 0
+                    units[-1].append(batch)
+                    readings += len(batch)
+                for batches in units:
+                    if batches:
                         async for reply in self._stream_replies(principal, device_id, batches):
                             yield reply
-                        batches, readings = [], 0
-                    batches.append(batch)
-                    readings += len(batch)
-                if batches:
-                    async for reply in self._stream_replies(principal, device_id, batches):
-                        yield reply
                 if failure is not None:
                     raise failure
 
