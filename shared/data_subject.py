@@ -6,17 +6,17 @@ Only the consent service (carrying out data-subject requests) and admin may call
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from najimi.privacy.v1 import data_subject_service_pb2, data_subject_service_pb2_grpc
 from najimi.privacy.v1 import data_subject_service_pb2 as privacy_pb
 from sqlalchemy.engine import Connection
 
 from shared.auth import current_principal
 from shared.db import Database, now_micros
-from shared.idempotency import Idempotency
+from shared.idempotency import Idempotency, StoredReply
 from shared.proto_time import timestamp_of
 from shared.server import Registration
 from shared.validation import Violations
@@ -68,6 +68,23 @@ def struct_of(document: dict[str, Any]) -> struct_pb2.Struct:
 def rfc3339(micros: int | None) -> str | None:
     stamp = timestamp_of(micros)
     return stamp.ToJsonString() if stamp is not None else None
+
+
+def stored_response_document(stored: StoredReply, response_types: Mapping[str, Any]) -> dict[str, Any]:
+    """A reply kept for retries (shared/idempotency.py) as an export shows it: its RPC,
+    request id, caller and time, and the response as the proto's JSON where
+    `response_types` (RPC name -> response message class) knows the RPC, else null."""
+    message_type = response_types.get(stored.rpc)
+    response: Any = None
+    if message_type is not None:
+        response = json_format.MessageToDict(message_type.FromString(stored.response))
+    return {
+        "rpc": stored.rpc,
+        "request_id": stored.request_id,
+        "caller": stored.principal,
+        "stored_at": rfc3339(stored.created_at_us),
+        "response": response,
+    }
 
 
 # What a service erases: (connection, customer_id, request_id, erased_at_us) -> count per kind.

@@ -40,9 +40,14 @@ from services.profile.identity import Identity
 from services.profile.servicer import GENDER_VALUES, IDENTIFIER_TYPES
 from services.profile.store import HeldData, ProfileStore
 from services.profile.trait_rpcs import traits_message
-from shared.data_subject import check_request, erase_once, rfc3339, struct_of
+from shared.data_subject import (
+    check_request,
+    erase_once,
+    rfc3339,
+    stored_response_document,
+    struct_of,
+)
 from shared.db import now_micros
-from shared.idempotency import StoredReply
 from shared.proto_time import timestamp_of
 
 SERVICE = "profile"
@@ -94,20 +99,6 @@ def identity_document(identity: Identity) -> dict[str, Any]:
     }
 
 
-def stored_response_document(stored: StoredReply) -> dict[str, Any]:
-    message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
-    response: Any = None
-    if message_type is not None:
-        response = json_format.MessageToDict(message_type.FromString(stored.response))
-    return {
-        "rpc": stored.rpc,
-        "request_id": stored.request_id,
-        "caller": stored.principal,
-        "stored_at": rfc3339(stored.created_at_us),
-        "response": response,
-    }
-
-
 def event_document(payload: bytes) -> dict[str, Any]:
     """One stored event as the proto's JSON (field names as in the proto, 64-bit integers as
     strings), with what the service added: resolved_customer_id, data_category, receive_time."""
@@ -134,7 +125,9 @@ def export_document(
         "held": {
             "customer": customer_document(held.customer) if held.customer is not None else None,
             "identities": [identity_document(identity) for identity in held.identities],
-            "stored_responses": [stored_response_document(s) for s in held.stored_responses],
+            "stored_responses": [
+                stored_response_document(s, STORED_RESPONSE_TYPES) for s in held.stored_responses
+            ],
             # In commit order; events moved here from customers merged into this one included.
             "events": [event_document(payload) for payload in held.events],
             "traits": held_traits,

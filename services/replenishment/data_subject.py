@@ -37,7 +37,13 @@ from services.replenishment.orders import customer_orders
 from services.replenishment.servicer import DEVICE_STATES, POLICY_VALUES
 from services.replenishment.slots import Slot
 from services.replenishment.store import ReplenishmentStore, readings, slot_events
-from shared.data_subject import check_request, erase_once, rfc3339, struct_of
+from shared.data_subject import (
+    check_request,
+    erase_once,
+    rfc3339,
+    stored_response_document,
+    struct_of,
+)
 from shared.db import now_micros
 from shared.idempotency import StoredReply
 from shared.proto_time import duration_of_micros, timestamp_of
@@ -116,20 +122,6 @@ def device_document(device: Device) -> dict[str, Any]:
     }
 
 
-def stored_response_document(stored: StoredReply) -> dict[str, Any]:
-    message_type = STORED_RESPONSE_TYPES.get(stored.rpc)
-    response: Any = None
-    if message_type is not None:
-        response = json_format.MessageToDict(message_type.FromString(stored.response))
-    return {
-        "rpc": stored.rpc,
-        "request_id": stored.request_id,
-        "caller": stored.principal,
-        "stored_at": rfc3339(stored.created_at_us),
-        "response": response,
-    }
-
-
 def export_document(
     customer_id: str,
     devices: list[Device],
@@ -143,7 +135,7 @@ def export_document(
             "devices": [device_document(device) for device in devices],
             "readings": held_readings,
             "slot_events": events,
-            "stored_responses": [stored_response_document(s) for s in stored],
+            "stored_responses": [stored_response_document(s, STORED_RESPONSE_TYPES) for s in stored],
         },
         "not_held_yet": NOT_HELD_YET,
     }
