@@ -12,6 +12,14 @@ has seen, and a watch stream waits until the head passes the revision it has sen
 `close_watches` ends every stream when the server begins to stop (callers watch again,
 elsewhere, from their last revision). A subclass says how to read the head (`read_head`)
 and may keep more than the revision up to date (`load`, `follow`: e.g. consent's index).
+
+A head never goes back, except when the database is restored to an earlier state while the
+process runs. A refresh that reads a head below the revision it knew (as the poll does
+within a poll interval, and every refresh after a commit) loads the feed again (`load`:
+consent rebuilds its index, so no check answers from the undone state, and the changes
+committed after the restore, which reuse the undone revisions, are not skipped), and a
+watch stream that has sent a revision beyond the restored head ends with OUT_OF_RANGE
+(`check_watch`): its caller holds events that no longer exist and must start over.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+from shared.errors import OutOfRange
 from shared.log import get_logger
 from shared.tasks import cancel_and_wait
 
@@ -39,6 +48,7 @@ class FeedWatch:
         self._poked = False
         self._poller: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self.restored_heads: list[int] = []  # the head loaded each time the feed went back
 
     async def read_head(self) -> int:
         """The revision of the feed's latest committed event."""
@@ -73,11 +83,45 @@ class FeedWatch:
             self._wake()
 
     async def refresh(self) -> None:
-        """Reads the head (and catches up with it) now, waking the watchers if it moved."""
+        """Reads the head (and catches up with it) now, waking the watchers if it moved; a
+        head below the revision known before the read means the feed went back."""
         async with self._refreshing:
+            known = self.revision  # a head read after it is at least it, unless restored
             head = await self.read_head()
-            if head > self.revision:
+            if head < known:
+                await self._went_back(known, head)
+            elif head > self.revision:
                 self.advance(await self.follow(head))
+
+    async def read_and_advance(self) -> int:
+        """The head, read now (everything up to it is committed), recorded as `advance`
+        does; a head that went back is handled as `refresh` does."""
+        known = self.revision
+        head = await self.read_head()
+        if head < known:
+            await self.refresh()
+        else:
+            self.advance(head)
+        return head
+
+    async def _went_back(self, known: int, head: int) -> None:
+        log.warning("feed_went_back", feed=self.name, known_revision=known, head=head)
+        self.revision = await self.load()
+        self.restored_heads.append(self.revision)
+        self._wake()
+
+    def check_watch(self, sent: int, restores_seen: int, reason: str, advice: str) -> int:
+        """For a watch stream that has sent up to revision `sent` and knew of the feed's first
+        `restores_seen` restores: OUT_OF_RANGE (`reason`; the message ends with `advice`) if
+        the feed has since gone back below `sent`; else the restores it knows of now."""
+        for head in self.restored_heads[restores_seen:]:
+            if sent > head:
+                raise OutOfRange(
+                    f"the feed went back to revision {head} (its database was restored), "
+                    f"behind revision {sent} that this stream sent: {advice}",
+                    reason=reason,
+                )
+        return self.restores
 
     def poke(self) -> None:
         """Call after this process committed to the feed: the watchers see it at once. One
@@ -97,12 +141,18 @@ class FeedWatch:
         finally:
             self._watchers -= 1
 
+    @property
+    def restores(self) -> int:
+        """How many times the feed has gone back since the process started."""
+        return len(self.restored_heads)
+
     async def wait_beyond(self, revision: int, timeout: float) -> bool:
-        """Waits until the feed is past `revision` (or closing), or `timeout` seconds pass;
-        True unless the time ran out."""
+        """Waits until the feed is past `revision` (or closing, or gone back), or `timeout`
+        seconds pass; True unless the time ran out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.revision <= revision and not self.closing:
+        restores = self.restores
+        while self.revision <= revision and not self.closing and self.restores == restores:
             moved = self._moved
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -842,7 +842,10 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         )
         cursor = request.since_revision
         first = True
+        restores = self.feed.restores
         while True:
+            # A database restored behind what this stream sent: the caller rebuilds from 0.
+            restores = self.feed.check_watch(cursor, restores, "REVISION_AHEAD", "rebuild from revision 0")
             # Everything up to the feed's revision is committed; send what matches, then a heartbeat.
             head = self.feed.revision
             sent = False

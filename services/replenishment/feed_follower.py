@@ -2,7 +2,9 @@
 
 The watchers wake (shared/feed_watch.py) at once after this process commits events to the
 feed (`poke`: app.py wires the writers to it), and within POLL_SECONDS for other replicas'
-commits, which only the poll of the head reveals.
+commits, which only the poll of the head reveals. A stream that has sent a revision a
+restored database undid ends with OUT_OF_RANGE (REVISION_AHEAD), like a watch that starts
+ahead of the feed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ PAGE = 1000
 E = TypeVar("E")
 # Only other replicas' events wait for it: this process pokes its followers after each commit.
 POLL_SECONDS = 1.0
+# What a watcher whose revision a restored database undid must do (OUT_OF_RANGE, REVISION_AHEAD).
+RESTART = "resynchronise (ListOrders, or the list RPC from revision 0) and watch from its revision"
 
 
 def _page(
@@ -56,11 +60,12 @@ class FeedFollower(FeedWatch):
         cursor = since_revision
         replayed = False  # the heartbeat that ends the replay is due
         last_sent = time.monotonic()
+        restores = self.restores
         with self.watched():
             while not self.closing:
                 # Revisions commit in order: everything up to the head read here is readable.
-                current = await self.read_head()
-                self.advance(current)
+                current = await self.read_and_advance()
+                restores = self.check_watch(cursor, restores, "REVISION_AHEAD", RESTART)
                 while cursor < current:
                     page = await self.db.read(functools.partial(_page, events_after, cursor, current))
                     for event in page:

@@ -518,7 +518,8 @@ class ConsentServiceServicer:
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
-        REVISION_AHEAD).
+        REVISION_AHEAD), also mid-stream when the database was restored to a point
+        before a revision this stream sent: the caller rebuilds from 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

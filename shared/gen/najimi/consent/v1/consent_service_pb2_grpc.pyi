@@ -272,7 +272,8 @@ class ConsentServiceStub:
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
-    REVISION_AHEAD).
+    REVISION_AHEAD), also mid-stream when the database was restored to a point
+    before a revision this stream sent: the caller rebuilds from 0.
     """
     ExplainDataUse: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ExplainDataUseRequest, _consent_service_pb2.ExplainDataUseResponse]
     """ExplainDataUse tells a customer, per purpose, whether their data may be used,
@@ -555,7 +556,8 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
     filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
     OUT_OF_RANGE when since_revision is ahead of the current revision (reason
-    REVISION_AHEAD).
+    REVISION_AHEAD), also mid-stream when the database was restored to a point
+    before a revision this stream sent: the caller rebuilds from 0.
     """
     ExplainDataUse: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ExplainDataUseRequest, _consent_service_pb2.ExplainDataUseResponse]  # type: ignore[assignment]
     """ExplainDataUse tells a customer, per purpose, whether their data may be used,
@@ -955,7 +957,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT for a negative since_revision, an unknown purpose in the
         filter (reason UNKNOWN_PURPOSE) or a heartbeat_interval out of range;
         OUT_OF_RANGE when since_revision is ahead of the current revision (reason
-        REVISION_AHEAD).
+        REVISION_AHEAD), also mid-stream when the database was restored to a point
+        before a revision this stream sent: the caller rebuilds from 0.
         """
 
     @_abc_1.abstractmethod

@@ -392,8 +392,9 @@ class ProfileServiceServicer:
         reconnect with the last resume_cursor received and nothing is lost or repeated.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
-        feed did not issue.
+        feed's retention, or beyond the feed (also mid-stream) when the database was
+        restored to an earlier point: start again from an empty cursor;
+        INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this feed did not issue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -220,8 +220,9 @@ class ProfileServiceStub:
     reconnect with the last resume_cursor received and nothing is lost or repeated.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
-    feed did not issue.
+    feed's retention, or beyond the feed (also mid-stream) when the database was
+    restored to an earlier point: start again from an empty cursor;
+    INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this feed did not issue.
     """
 
 @_typing.type_check_only
@@ -416,8 +417,9 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     reconnect with the last resume_cursor received and nothing is lost or repeated.
     Callers: admin, service:recommendation.
     Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-    feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
-    feed did not issue.
+    feed's retention, or beyond the feed (also mid-stream) when the database was
+    restored to an earlier point: start again from an empty cursor;
+    INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this feed did not issue.
     """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -699,8 +701,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         reconnect with the last resume_cursor received and nothing is lost or repeated.
         Callers: admin, service:recommendation.
         Returns OUT_OF_RANGE (reason CURSOR_EXPIRED) when the cursor is older than the
-        feed's retention, INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this
-        feed did not issue.
+        feed's retention, or beyond the feed (also mid-stream) when the database was
+        restored to an earlier point: start again from an empty cursor;
+        INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a cursor this feed did not issue.
         """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -712,7 +712,8 @@ class ReplenishmentServiceServicer:
         Callers: admin, service:fulfilment.
         INVALID_ARGUMENT for a negative since_revision or a heartbeat_interval out of
         range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
-        ListOrderEvents.
+        ListOrderEvents, and REVISION_AHEAD mid-stream when the database was restored
+        to a point before a revision this stream sent: resynchronise with ListOrders.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -742,7 +743,9 @@ class ReplenishmentServiceServicer:
         received.
         Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
-        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD; REVISION_AHEAD also
+        mid-stream when the database was restored to a point before a revision this
+        stream sent: list again from revision 0).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -376,7 +376,8 @@ class ReplenishmentServiceStub:
     Callers: admin, service:fulfilment.
     INVALID_ARGUMENT for a negative since_revision or a heartbeat_interval out of
     range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
-    ListOrderEvents.
+    ListOrderEvents, and REVISION_AHEAD mid-stream when the database was restored
+    to a point before a revision this stream sent: resynchronise with ListOrders.
     """
     ListSlotEvents: _grpc.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotEventsRequest, _replenishment_service_pb2.ListSlotEventsResponse]
     """ListSlotEvents returns slot events after since_revision in ascending revision
@@ -398,7 +399,9 @@ class ReplenishmentServiceStub:
     received.
     Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
-    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD; REVISION_AHEAD also
+    mid-stream when the database was restored to a point before a revision this
+    stream sent: list again from revision 0).
     """
 
 @_typing.type_check_only
@@ -749,7 +752,8 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     Callers: admin, service:fulfilment.
     INVALID_ARGUMENT for a negative since_revision or a heartbeat_interval out of
     range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
-    ListOrderEvents.
+    ListOrderEvents, and REVISION_AHEAD mid-stream when the database was restored
+    to a point before a revision this stream sent: resynchronise with ListOrders.
     """
     ListSlotEvents: _aio.UnaryUnaryMultiCallable[_replenishment_service_pb2.ListSlotEventsRequest, _replenishment_service_pb2.ListSlotEventsResponse]  # type: ignore[assignment]
     """ListSlotEvents returns slot events after since_revision in ascending revision
@@ -771,7 +775,9 @@ class ReplenishmentServiceAsyncStub(ReplenishmentServiceStub):
     received.
     Callers: admin, service:storefront, service:store, service:crm.
     INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
-    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+    OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD; REVISION_AHEAD also
+    mid-stream when the database was restored to a point before a revision this
+    stream sent: list again from revision 0).
     """
 
 class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1269,7 +1275,8 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: admin, service:fulfilment.
         INVALID_ARGUMENT for a negative since_revision or a heartbeat_interval out of
         range; OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD) as for
-        ListOrderEvents.
+        ListOrderEvents, and REVISION_AHEAD mid-stream when the database was restored
+        to a point before a revision this stream sent: resynchronise with ListOrders.
         """
 
     @_abc_1.abstractmethod
@@ -1303,7 +1310,9 @@ class ReplenishmentServiceServicer(metaclass=_abc_1.ABCMeta):
         received.
         Callers: admin, service:storefront, service:store, service:crm.
         INVALID_ARGUMENT as for ListSlotEvents, or a heartbeat_interval out of range;
-        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD).
+        OUT_OF_RANGE (reason REVISION_COMPACTED or REVISION_AHEAD; REVISION_AHEAD also
+        mid-stream when the database was restored to a point before a revision this
+        stream sent: list again from revision 0).
         """
 
 def add_ReplenishmentServiceServicer_to_server(servicer: ReplenishmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
