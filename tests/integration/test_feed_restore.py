@@ -3,7 +3,8 @@
 The feeds' heads go back. Consent must reload its index, so that checks answer from the
 restored state and the changes committed after the restore (which reuse the undone
 revisions) are not skipped; a watch stream that had sent an undone revision must end with
-OUT_OF_RANGE (REVISION_AHEAD), so its caller rebuilds instead of silently missing events.
+OUT_OF_RANGE (REVISION_AHEAD; CURSOR_EXPIRED on profile's interaction feed), so its caller
+rebuilds instead of silently missing events.
 
 The restore is logical, the same on SQLite and PostgreSQL: every table's rows are copied
 at one point and put back later in one transaction.
@@ -18,15 +19,20 @@ import grpc
 import sqlalchemy as sa
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
+from najimi.profile.v1 import profile_service_pb2 as profile_pb
 from najimi.replenishment.v1 import replenishment_service_pb2 as rp_pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as rp_grpc
 
 from shared.db import create_engine
 from tests.conftest import error_reason
 from tests.integration.test_consent_decisions import PURCHASES, RECS, grant, withdraw
+from tests.integration.test_profile_interactions import read_until_heartbeat, start_suite, view
 from tests.integration.test_replenishment_devices import _registration
 
 WAIT_SECONDS = 10.0  # polls notice a restore within a second; this is only the deadline
+# The interaction feed's watcher would also end at its next heartbeat (10 s) without noticing
+# the restore: a deadline well inside that tells the two apart.
+INTERACTION_WAIT_SECONDS = 5.0
 
 
 class Snapshot:
@@ -52,7 +58,7 @@ class Snapshot:
         self.engine.dispose()
 
 
-async def _ended_with(stream: Any) -> grpc.aio.AioRpcError:
+async def _ended_with(stream: Any, seconds: float = WAIT_SECONDS) -> grpc.aio.AioRpcError:
     """The error a watch stream ends with, reading (and dropping) what it sends until then."""
 
     async def drain() -> grpc.aio.AioRpcError:
@@ -63,7 +69,7 @@ async def _ended_with(stream: Any) -> grpc.aio.AioRpcError:
             return error
         raise AssertionError("the watch ended without an error")
 
-    return await asyncio.wait_for(drain(), WAIT_SECONDS)
+    return await asyncio.wait_for(drain(), seconds)
 
 
 async def test_consent_follows_a_restored_database(start_service, database_url):
@@ -135,3 +141,22 @@ async def test_a_slot_event_watch_beyond_a_restored_database_ends(start_service,
     replay = await stub.ListSlotEvents(rp_pb.ListSlotEventsRequest(customer_id="cus_42"), metadata=admin)
     devices = [event.device_id for event in replay.events]
     assert third.device.device_id in devices and len(set(devices)) == 2  # the undone device is gone
+
+
+async def test_an_interaction_watch_beyond_a_restored_database_ends(consented_profile, database_url):
+    suite = await start_suite(consented_profile, database_url)
+    await suite.grant("c-1")
+    await suite.ingest(view("e-1"))
+    snapshot = Snapshot(suite.database_url, "profile")
+    await suite.ingest(view("e-2"))
+    watch = suite.stub.WatchInteractions(profile_pb.WatchInteractionsRequest(), metadata=suite.recommender)
+    replayed, _ = await read_until_heartbeat(watch)
+    assert [entry.interaction.event_id for entry in replayed] == ["e-1", "e-2"]
+
+    await asyncio.to_thread(snapshot.restore)
+    ended = await _ended_with(watch, INTERACTION_WAIT_SECONDS)
+    assert ended.code() == grpc.StatusCode.OUT_OF_RANGE and error_reason(ended) == "CURSOR_EXPIRED"
+    again = suite.stub.WatchInteractions(profile_pb.WatchInteractionsRequest(), metadata=suite.recommender)
+    replayed, _ = await read_until_heartbeat(again)
+    assert [entry.interaction.event_id for entry in replayed] == ["e-1"]
+    again.cancel()
