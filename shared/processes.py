@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class ServiceProcess:
         self.service = service
         self.log_path = log_path
         self.lines: list[str] = []
+        self._line_read = threading.Condition()  # notified for every line, and at the end
+        self._log_ended = False
         self._listening = threading.Event()
         self._echo = echo
         self.port = 0
@@ -64,7 +67,9 @@ class ServiceProcess:
         assert self.process.stderr is not None
         with self.log_path.open("a") as log_file:
             for line in self.process.stderr:
-                self.lines.append(line)
+                with self._line_read:
+                    self.lines.append(line)
+                    self._line_read.notify_all()
                 log_file.write(line)
                 log_file.flush()
                 if self._echo is not None:
@@ -73,6 +78,26 @@ class ServiceProcess:
                     self.port = int(json.loads(line)["port"])
                     self._listening.set()
         self._listening.set()  # the process ended: wake anyone waiting
+        with self._line_read:
+            self._log_ended = True
+            self._line_read.notify_all()
+
+    def wait_for_line(self, wanted: Callable[[str], bool], timeout: float = 10.0) -> str | None:
+        """The first log line (from the start) for which `wanted` is true, waiting up to
+        `timeout` seconds for it to be read: a line the child has written may not have been
+        read yet when a call to it returns. None if the time ran out or the log ended."""
+        deadline = time.monotonic() + timeout
+        checked = 0
+        with self._line_read:
+            while True:
+                for line in self.lines[checked:]:
+                    if wanted(line):
+                        return line
+                checked = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self._log_ended or remaining <= 0:
+                    return None
+                self._line_read.wait(remaining)
 
     @property
     def address(self) -> str:

@@ -76,7 +76,10 @@ def test_access_log_is_json_and_carries_no_token(suite: Suite):
         consent_grpc.ConsentServiceStub(channel).ListDataCategories(
             consent_pb.ListDataCategoriesRequest(), metadata=suite.auth("service:profile"), timeout=5
         )
-    lines = suite.processes["consent"].lines
+    process = suite.processes["consent"]
+    # The call has returned, but its access-log line may not have been read from the child yet.
+    assert process.wait_for_line(lambda line: '"rpc"' in line and "/ListDataCategories" in line)
+    lines = process.lines
     entries = [json.loads(line) for line in lines if line.startswith("{")]
     assert entries and len(entries) == len([line for line in lines if line.strip()])
     calls = [e for e in entries if e.get("event") == "rpc" and e["method"].endswith("/ListDataCategories")]
