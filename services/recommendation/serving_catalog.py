@@ -4,7 +4,10 @@ popularity, in arrays, with the candidate masks of each filter cached.
 Every replica holds one, loaded at start and then following the items table by
 update_time_us (every POLL_SECONDS; DeleteItem and UpsertItems also apply their own
 changes at once, so the replica that took a write masks a deleted or unavailable item
-from its very next request). Popularity is each item's interaction count in the local
+from its very next request). Items are never removed from the table, so its newest
+update_time_us is never below that of an item already applied, unless the database was
+restored to an earlier point (or a replica with a slower clock rewrote the newest item):
+a poll that finds it lower loads the whole catalog again, which is right in either case. Popularity is each item's interaction count in the local
 consented copy, recounted every POPULARITY_SECONDS: what non-personalised results rank by.
 
 A snapshot is immutable: a request works on the one it took, while changes build the next.
@@ -17,6 +20,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import sqlalchemy as sa
@@ -27,7 +31,7 @@ from services.recommendation.interactions import interactions
 from services.recommendation.serving.model import ServingModel
 from services.recommendation.serving.new_items import NewItem
 from services.recommendation.serving.scorer import Candidates, scored_exactly
-from services.recommendation.store import catalog_changes
+from services.recommendation.store import catalog_changes, newest_item_update_us
 from services.recommendation.training.features import item_metadata
 from shared.db import Database, now_micros
 from shared.log import get_logger
@@ -206,6 +210,11 @@ def _bounded(cache: dict) -> dict:  # type: ignore[type-arg]
     return cache
 
 
+def changes_and_newest(connection: Connection, since_us: int) -> tuple[list[tuple[Item, bool]], int]:
+    """The items changed at or after `since_us`, and the table's newest update_time_us."""
+    return catalog_changes(connection, since_us), newest_item_update_us(connection)
+
+
 def popularity_counts(connection: Connection) -> dict[str, int]:
     rows = connection.execute(
         sa.select(interactions.c.item_id, sa.func.count()).group_by(interactions.c.item_id)
@@ -262,9 +271,26 @@ class ServingCatalog:
 
     async def refresh(self) -> None:
         started = now_micros()
-        since = max(0, max(self._seen_until_us, self._polled_at_us) - POLL_OVERLAP_US)
-        self.apply(await self.db.read(lambda connection: catalog_changes(connection, since)))
+        # Everything applied so far had committed before this read: the table holds it.
+        known = self._seen_until_us
+        since = max(0, max(known, self._polled_at_us) - POLL_OVERLAP_US)
+        changes, newest = await self.db.read(partial(changes_and_newest, since_us=since))
+        if newest < known:
+            log.warning("catalog_went_back", newest_update_us=newest, known_update_us=known)
+            await self._reload(started)
+            return
+        self.apply(changes)
         self._polled_at_us = started
+
+    async def _reload(self, started: int) -> None:
+        """Forgets what is held and reads the whole table again (a restored database)."""
+        changes = await self.db.read(partial(catalog_changes, since_us=0))
+        self._entries = {}
+        self._seen_until_us = 0
+        self._snapshot = None
+        self.apply(changes)
+        self._polled_at_us = started
+        await self.recount()
 
     async def recount(self) -> None:
         counts = await self.db.read(popularity_counts)

@@ -204,6 +204,11 @@ def catalog_changes(connection: Connection, since_us: int) -> list[tuple[Item, b
     return [(_item(row), row.delete_time_us is not None) for row in rows]
 
 
+def newest_item_update_us(connection: Connection) -> int:
+    """The latest update_time_us in the items table (0 when empty; items_by_update_time)."""
+    return int(connection.execute(sa.select(sa.func.max(items.c.update_time_us))).scalar() or 0)
+
+
 def _locked_items(connection: Connection, item_ids: Sequence[str]) -> tuple[dict[str, Item], dict[str, bool]]:
     """The stored items among `item_ids` (and whether each is deleted), locked for this
     transaction (PostgreSQL) in id order."""

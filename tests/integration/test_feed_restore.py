@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from najimi.consent.v1 import consent_service_pb2 as pb
 from najimi.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from najimi.profile.v1 import profile_service_pb2 as profile_pb
+from najimi.recommendation.v1 import recommendation_service_pb2 as rec_pb
+from najimi.recommendation.v1 import recommendation_service_pb2_grpc as rec_grpc
 from najimi.replenishment.v1 import replenishment_service_pb2 as rp_pb
 from najimi.replenishment.v1 import replenishment_service_pb2_grpc as rp_grpc
 
@@ -160,3 +162,36 @@ async def test_an_interaction_watch_beyond_a_restored_database_ends(consented_pr
     replayed, _ = await read_until_heartbeat(again)
     assert [entry.interaction.event_id for entry in replayed] == ["e-1"]
     again.cancel()
+
+
+async def test_the_serving_catalog_follows_a_restored_database(start_service, database_url):
+    service = await start_service("recommendation", database_url)
+    stub = rec_grpc.RecommendationServiceStub(service.channel)
+    catalog = service.auth("service:catalog")
+
+    def coffee(item_id: str) -> rec_pb.Item:
+        return rec_pb.Item(
+            item_id=item_id, title=item_id, category_path=["grocery", "coffee"], available=True
+        )
+
+    async def similar_to_beans() -> list[str]:
+        found = await stub.SimilarItems(
+            rec_pb.SimilarItemsRequest(item_id="beans"), metadata=service.auth("service:storefront")
+        )
+        return [item.item_id for item in found.items]
+
+    await stub.UpsertItems(
+        rec_pb.UpsertItemsRequest(request_id="u-1", items=[coffee("beans"), coffee("filter")]),
+        metadata=catalog,
+    )
+    snapshot = Snapshot(database_url, "recommendation")
+    await stub.UpsertItems(
+        rec_pb.UpsertItemsRequest(request_id="u-2", items=[coffee("grinder")]), metadata=catalog
+    )
+    assert sorted(await similar_to_beans()) == ["filter", "grinder"]  # served from the catalog held
+
+    await asyncio.to_thread(snapshot.restore)
+    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+    while (found := await similar_to_beans()) != ["filter"]:  # the undone item leaves serving
+        assert asyncio.get_running_loop().time() < deadline, found
+        await asyncio.sleep(0.02)
