@@ -113,10 +113,11 @@ async def test_a_poll_rereads_late_commits_but_not_a_bulk_load_long_past(monkeyp
         asked.append(since_us)
         return []
 
+    loaded_at = 100_000_000  # a bulk load's update times, then no write
     monkeypatch.setattr(serving_catalog, "now_micros", lambda: clock["now"])
     monkeypatch.setattr(serving_catalog, "catalog_changes", changes)
+    monkeypatch.setattr(serving_catalog, "newest_item_update_us", lambda connection: loaded_at)
     found = ServingCatalog(Database())  # type: ignore[arg-type]
-    loaded_at = 100_000_000  # a bulk load's update times, then no write
     found.apply([(Item("beans", "Beans", ("grocery",), available=True, update_time_us=loaded_at), False)])
     overlap = serving_catalog.POLL_OVERLAP_US
     for now in (loaded_at + 1_000_000, loaded_at + 5_000_000, loaded_at + 30_000_000, loaded_at + 31_000_000):
@@ -126,3 +127,35 @@ async def test_a_poll_rereads_late_commits_but_not_a_bulk_load_long_past(monkeyp
     assert asked[:2] == [loaded_at - overlap, loaded_at + 1_000_000 - overlap]
     assert asked[2] == loaded_at + 5_000_000 - overlap
     assert asked[3] == loaded_at + 30_000_000 - overlap > loaded_at  # the load is not read again
+
+
+async def test_a_poll_that_finds_the_table_went_back_loads_it_all_again(monkeypatch) -> None:
+    """A restored database: the table's newest update time is below an item already held."""
+    from services.recommendation import serving_catalog
+
+    table = {
+        item_id: Item(item_id, item_id, ("grocery", "coffee"), available=True, update_time_us=time_us)
+        for item_id, time_us in (("beans", 100), ("filter", 150), ("grinder", 200))
+    }
+
+    class Database:
+        async def read(self, work):  # type: ignore[no-untyped-def]
+            return work(None)
+
+    def changes(connection, since_us):  # type: ignore[no-untyped-def]
+        return [(item, False) for item in table.values() if item.update_time_us >= since_us]
+
+    def newest(connection):  # type: ignore[no-untyped-def]
+        return max((item.update_time_us for item in table.values()), default=0)
+
+    monkeypatch.setattr(serving_catalog, "catalog_changes", changes)
+    monkeypatch.setattr(serving_catalog, "newest_item_update_us", newest)
+    reloads: list[int] = []  # a reload recounts popularity; a plain poll does not
+    monkeypatch.setattr(serving_catalog, "popularity_counts", lambda connection: reloads.append(1) or {})
+    found = ServingCatalog(Database())  # type: ignore[arg-type]
+    await found.refresh()
+    await found.refresh()
+    assert found.snapshot().ids == ["beans", "filter", "grinder"] and reloads == []
+    del table["grinder"]  # restored to before it was written
+    await found.refresh()
+    assert found.snapshot().ids == ["beans", "filter"] and reloads == [1]
