@@ -7,8 +7,9 @@ changes at once, so the replica that took a write masks a deleted or unavailable
 from its very next request). Items are never removed from the table, so its newest
 update_time_us is never below that of an item already applied, unless the database was
 restored to an earlier point (or a replica with a slower clock rewrote the newest item):
-a poll that finds it lower loads the whole catalog again, which is right in either case. Popularity is each item's interaction count in the local
-consented copy, recounted every POPULARITY_SECONDS: what non-personalised results rank by.
+a poll that finds it lower loads the whole catalog again, which is right in either case.
+Popularity is each item's interaction count in the local consented copy, recounted every
+POPULARITY_SECONDS: what non-personalised results rank by.
 
 A snapshot is immutable: a request works on the one it took, while changes build the next.
 """
@@ -283,7 +284,8 @@ class ServingCatalog:
         self._polled_at_us = started
 
     async def _reload(self, started: int) -> None:
-        """Forgets what is held and reads the whole table again (a restored database)."""
+        """Forgets what is held and reads the whole table again (a restored database). The
+        read comes first: no await between forgetting and applying, so no request sees none."""
         changes = await self.db.read(partial(catalog_changes, since_us=0))
         self._entries = {}
         self._seen_until_us = 0
